@@ -1,0 +1,65 @@
+"""Shape-generic replacements for the two ModelScope functions that freeze shapes when traced.
+
+``MSDeformAttnTransformerEncoderOnly.forward`` builds the level shapes with
+``torch.as_tensor([(h, w), ...])`` and ``get_reference_points`` loops over them with
+``torch.linspace``; under ``torch.jit.trace`` both become constants of the example input, so the
+exported graph would only accept that one size. The versions here compute the same values from
+traced shapes. They are patched in only while exporting (:func:`shape_generic_encoder`); the
+export check compares the result against ModelScope's unpatched forward.
+
+Both assume what M2FP inference always has: no padding masks (``valid_ratios`` are exactly 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def _encoder_only_forward(self: Any, srcs: list[torch.Tensor], masks: Any, pos_embeds: list[torch.Tensor]) -> Any:
+    src_flatten, pos_flatten, shapes = [], [], []
+    for lvl, (src, pos_embed) in enumerate(zip(srcs, pos_embeds)):
+        shapes.append(torch._shape_as_tensor(src)[2:])
+        src_flatten.append(src.flatten(2).transpose(1, 2))
+        pos_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+    src_flat = torch.cat(src_flatten, 1)
+    pos_flat = torch.cat(pos_flatten, 1)
+    spatial_shapes = torch.stack(shapes).to(torch.long)
+    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    valid_ratios = src_flat.new_ones((src_flat.shape[0], len(srcs), 2))
+    memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, None)
+    return memory, spatial_shapes, level_start_index
+
+
+def _reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor, device: Any) -> torch.Tensor:
+    refs = []
+    for lvl in range(spatial_shapes.shape[0]):
+        h_l, w_l = spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]
+        # linspace(0.5, n - 0.5, n) has step exactly 1, so it equals arange(n) + 0.5.
+        ys = torch.arange(h_l, device=device).to(torch.float32) + 0.5
+        xs = torch.arange(w_l, device=device).to(torch.float32) + 0.5
+        ref_y, ref_x = torch.meshgrid(ys / h_l.to(torch.float32), xs / w_l.to(torch.float32), indexing="ij")
+        refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1)[None])
+    points = torch.cat(refs, 1).expand(valid_ratios.shape[0], -1, -1)
+    return points[:, :, None] * valid_ratios[:, None]
+
+
+@contextlib.contextmanager
+def shape_generic_encoder() -> Iterator[None]:
+    """Patches ModelScope's MSDeformAttn encoder for tracing, restoring it afterwards."""
+    from modelscope.models.cv.image_instance_segmentation.maskdino import maskdino_encoder as enc
+
+    only_cls = enc.MSDeformAttnTransformerEncoderOnly
+    encoder_cls = enc.MSDeformAttnTransformerEncoder
+    saved_forward = only_cls.forward
+    saved_refs = encoder_cls.__dict__["get_reference_points"]
+    only_cls.forward = _encoder_only_forward  # type: ignore[method-assign]
+    encoder_cls.get_reference_points = staticmethod(_reference_points)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        only_cls.forward = saved_forward  # type: ignore[method-assign]
+        encoder_cls.get_reference_points = saved_refs  # type: ignore[method-assign]

@@ -1,0 +1,3 @@
+"""m2fp-service: multi-person human parsing on ONNX Runtime."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""All configuration, from environment variables prefixed ``M2FP_`` (or a .env file).
+
+Nothing else in the package reads the environment: code takes a ``Settings`` explicitly,
+so tests build their own.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = Path("models/m2fp.onnx")
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is documented in the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="M2FP_", env_file=".env", extra="ignore")
+
+    model: Path = Field(DEFAULT_MODEL, description="Path of the exported ONNX model")
+    host: str = Field("127.0.0.1", description="Address `m2fp serve` binds")
+    port: int = Field(8000, ge=1, le=65535, description="Port `m2fp serve` binds")
+    workers: int = Field(1, ge=1, le=64, description="Inference workers (concurrent ONNX Runtime runs)")
+    intra_op_threads: int = Field(0, ge=0, le=256,
+                                  description="ONNX Runtime intra-op threads per run; 0 = cores / workers")
+    queue_size: int = Field(4, ge=0, le=10_000,
+                            description="Requests allowed to wait for a worker; beyond it: 503 + Retry-After")
+    request_timeout_s: float = Field(60.0, gt=0, description="Per-request limit (queue wait + inference); 504 after")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted upload (413 beyond)")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, width x height (413 beyond)")
+    max_side: int = Field(16384, ge=32, description="Longest accepted image side in pixels (413 beyond)")
+    mask_resolution: Literal["exact", "fast"] = Field(
+        "fast", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
+                            "input resolution, upsampled at the end ('fast')")
+    api_key: str | None = Field(None, description="If set, /api/* requires header X-API-Key with this value")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    log_json: bool = Field(True, description="Structured JSON logs (one object per line)")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def threads_per_worker(self) -> int:
+        """intra-op threads for each worker's session run."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

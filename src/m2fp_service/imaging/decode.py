@@ -1,0 +1,232 @@
+"""Turn uploaded bytes into an RGB array, safely.
+
+Only JPEG, PNG, WebP and BMP are accepted. The format is identified from the leading bytes and
+the matching Pillow plugin class parses the header directly, so the size limits are checked
+*before* any pixel data is decoded. Going to the plugin class (instead of ``Image.open``) also
+means Pillow's global decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) never runs: it can
+neither raise ``DecompressionBombError``/``DecompressionBombWarning`` past us nor reject an image
+that our own, per-call ``max_pixels`` allows. No global Pillow state is read or changed, and
+``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone, so truncated files fail.
+
+Error mapping (see ``m2fp_service.errors``):
+
+* ``InvalidImage`` (422): empty upload; bytes that are no recognisable image (random data, plain
+  text, HTML, JSON, ...); an accepted format whose header or pixel data is corrupt or truncated.
+* ``UnsupportedMediaType`` (415): a recognisable file of a type we do not accept: GIF, TIFF,
+  ICO/CUR, PSD, ICNS, DDS, QOI, JPEG 2000, JPEG XL, HEIC/HEIF, AVIF, and the vector/document
+  formats SVG, PDF and PostScript/EPS. The fix for all of them is the same: convert to one of
+  the accepted formats.
+* ``ImageTooLarge`` (413): more than ``max_pixels`` pixels or a side longer than ``max_side``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from m2fp_service.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+
+# JPEG uses JpegImageFile, not Pillow's jpeg_factory: a multi-picture (MPO) camera file then
+# opens as its first picture, which is the photo, and MPO's own bomb check is never reached.
+_OPENERS: dict[str, type[ImageFile.ImageFile]] = {
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+}
+ACCEPTED_FORMATS: frozenset[str] = frozenset(_OPENERS)
+_ACCEPTED_TEXT = "JPEG, PNG, WebP or BMP"
+
+_UNSUPPORTED_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"icns", "ICNS"),
+    (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"%PDF-", "PDF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+)
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """A decoded upload.
+
+    Attributes:
+        rgb: (H, W, 3) uint8 RGB array, C-contiguous and read-only, EXIF orientation applied.
+        format: Pillow format name of the upload, one of ``ACCEPTED_FORMATS`` (e.g. ``"JPEG"``).
+        original_mode: Pillow mode before conversion to RGB (e.g. ``"P"``, ``"I;16"``, ``"CMYK"``).
+    """
+
+    rgb: np.ndarray
+    format: str
+    original_mode: str
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> DecodedImage:
+    """Decode an uploaded JPEG, PNG, WebP or BMP into an RGB array.
+
+    Width and height come from the file header and are checked before pixel data is decoded.
+    EXIF rotation swaps width and height but changes neither the pixel count nor the longest
+    side, so the header values are checked as they are. Animated PNG/WebP give their first
+    frame. Conversion to RGB:
+
+    * anything with transparency (RGBA, LA, PA, P with a transparent palette or ``tRNS``
+      colour key, L/RGB with a colour key) is composited over a WHITE background, the way
+      viewers and browsers show it on a page;
+    * 16-bit greyscale (``I;16*``, and ``I`` as PNG produces it) keeps the high byte
+      (``v >> 8``) instead of clipping at 255; ``I`` values outside 0..65535 are clipped;
+    * ``1``, ``L``, ``P``, ``CMYK`` (Adobe-inverted JPEG included), ``YCbCr``, ``F`` go through
+      Pillow's ``convert("RGB")``. Embedded ICC profiles are not applied.
+
+    Args:
+        data: The uploaded bytes.
+        max_pixels: Largest allowed width * height.
+        max_side: Largest allowed width or height.
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        InvalidImage: Empty, not an image, or a corrupt/truncated JPEG/PNG/WebP/BMP.
+        UnsupportedMediaType: A recognised file type that is not accepted (GIF, TIFF, SVG, ...).
+        ImageTooLarge: More than ``max_pixels`` pixels or a side longer than ``max_side``.
+    """
+    if not data:
+        raise InvalidImage(f"empty upload: received 0 bytes; send a {_ACCEPTED_TEXT} image")
+    fmt = _sniff_accepted(data)
+    if fmt is None:
+        other = _sniff_unsupported(data)
+        if other is not None:
+            raise UnsupportedMediaType(
+                f"received a {other} file, which is not accepted; convert it to {_ACCEPTED_TEXT}"
+            )
+        raise InvalidImage(
+            f"the upload ({len(data):,} bytes) is not a recognisable image; send a {_ACCEPTED_TEXT} image"
+        )
+    try:
+        im = _OPENERS[fmt](io.BytesIO(data))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"the {fmt} header is corrupt or incomplete ({_reason(exc)})") from exc
+    with im:
+        _check_size(im.size, max_pixels=max_pixels, max_side=max_side)
+        try:
+            im.load()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise InvalidImage(
+                f"the {fmt} image is truncated or corrupt ({_reason(exc)}); re-export it and upload again"
+            ) from exc
+        original_mode = im.mode
+        try:
+            ImageOps.exif_transpose(im, in_place=True)
+        except MemoryError:
+            raise
+        except Exception:  # unreadable EXIF: keep the pixels as stored
+            pass
+        try:
+            rgb = _to_rgb(im)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise InvalidImage(f"the {fmt} image (mode {original_mode}) could not be converted to RGB") from exc
+    rgb.flags.writeable = False
+    return DecodedImage(rgb=rgb, format=fmt, original_mode=original_mode)
+
+
+def _sniff_accepted(data: bytes) -> str | None:
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+def _sniff_unsupported(data: bytes) -> str | None:
+    for magic, name in _UNSUPPORTED_SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":  # ISO-BMFF: major brand at 8..12, compatible brands up to the box end
+        box = data[8 : max(12, min(int.from_bytes(data[:4], "big"), 256))]
+        if box[:4] in _AVIF_BRANDS or (box[:4] in _HEIF_BRANDS and b"avif" in box):
+            return "AVIF"
+        if box[:4] in _HEIF_BRANDS:
+            return "HEIC/HEIF"
+    text = data[:4096].removeprefix(b"\xef\xbb\xbf").decode("utf-8", "ignore").lstrip().lower()
+    if text.startswith("<") and "<svg" in text and "<html" not in text:
+        return "SVG"
+    return None
+
+
+def _check_size(size: tuple[int, int], *, max_pixels: int, max_side: int) -> None:
+    width, height = size
+    pixels = width * height
+    if pixels > max_pixels:
+        got, limit = _megapixels(pixels), _megapixels(max_pixels)
+        if got == limit:
+            got, limit = f"{pixels:,} pixels", f"{max_pixels:,} pixels"
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {got}; the limit is {limit}; downscale it and upload again"
+        )
+    if max(width, height) > max_side:
+        raise ImageTooLarge(
+            f"image is {width}x{height}; the longest side allowed is {max_side} pixels; "
+            "downscale it and upload again"
+        )
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels:,} pixels"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return _wide_grey_to_rgb(im)
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        rgb_im = canvas.convert("RGB")
+    else:
+        rgb_im = im if im.mode == "RGB" else im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb_im, dtype=np.uint8))
+
+
+def _wide_grey_to_rgb(im: Image.Image) -> np.ndarray:
+    values = np.asarray(im)
+    if im.mode == "I":
+        values = np.clip(values, 0, 0xFFFF)
+    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    key = im.info.get("transparency")
+    if isinstance(key, int):  # tRNS colour key on 16-bit grey: fully transparent -> white
+        grey[np.asarray(im) == key] = 255
+    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))

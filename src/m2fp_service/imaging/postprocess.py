@@ -1,0 +1,172 @@
+"""Raw model outputs -> ``ParsingResult``, reproducing ModelScope's multi-person parsing.
+
+Reference: ``M2FP.postprocess`` with ``parsing_on`` (mask logits upsampled to the padded
+input, cropped to the resized image, resized to the original size, all bilinear with
+``align_corners=False``), then ``instance_parsing_inference`` and
+``paste_instance_to_semseg_probs``; the label map is the argmax of the pasted class
+probabilities.
+
+Two exact shortcuts keep it fast without changing any result:
+- a (query, class) pair whose class score is below every threshold (parts 0.1, people 0.1,
+  paste 0.5) cannot pass after multiplying by a mask score <= 1, so its mask is never upsampled;
+- a query's mask and mask score do not depend on the class, so each is computed once.
+
+``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or the
+resized model-input size (``fast``) with the label map then resized by nearest neighbour and
+person masks thresholded after a bilinear resize of their logits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from m2fp_service.imaging.preprocess import PreprocessMeta
+from m2fp_service.modelcard import InferenceSettings
+from m2fp_service.result import ParsingResult, PartInstance
+
+Mode = Literal["exact", "fast"]
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)  # type: ignore[no-any-return]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
+
+
+def resize_bilinear(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a (H, W) float32 map, half-pixel centres (= torch align_corners=False)."""
+    if img.shape == hw:
+        return img
+    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)  # type: ignore[no-any-return]
+
+
+def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tuple[int, int]) -> np.ndarray:
+    """One query's (h/4, w/4) mask logits -> (work_hw) logits, as ModelScope upsamples them."""
+    padded = resize_bilinear(mask_logits_q, meta.padded_hw)
+    cropped = np.ascontiguousarray(padded[: meta.resized_hw[0], : meta.resized_hw[1]])
+    return resize_bilinear(cropped, work_hw)
+
+
+def mask_score(logits: np.ndarray) -> float:
+    """Mean sigmoid over the mask's positive pixels (ModelScope's mask_scores_per_image)."""
+    positive = logits > 0
+    return float((sigmoid(logits[positive])).sum() / (positive.sum() + 1e-6))
+
+
+def top_pairs(class_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k (query, class) pairs by softmax score, 'no object' column dropped.
+
+    Returns ``(scores, queries, labels)``, each (k,).
+    """
+    scores = softmax(class_logits.astype(np.float32), -1)[:, :-1]
+    num_classes = scores.shape[1]
+    flat = scores.ravel()
+    k = min(k, flat.size)
+    idx = np.argpartition(-flat, k - 1)[:k]
+    return flat[idx], idx // num_classes, idx % num_classes
+
+
+def work_hw_for(meta: PreprocessMeta, mode: Mode) -> tuple[int, int]:
+    """Where per-pixel work happens: the original size, or (fast) the model-input size when smaller."""
+    if mode == "exact" or meta.resized_hw[0] * meta.resized_hw[1] >= meta.orig_hw[0] * meta.orig_hw[1]:
+        return meta.orig_hw
+    return meta.resized_hw
+
+
+def argmax_label_map(class_probs: dict[int, np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
+    """Per-pixel argmax over class probability maps, resized bilinearly to ``out_hw`` first.
+
+    Classes absent from ``class_probs`` have probability 0; ties go to the lower class id and a
+    pixel where every class is 0 is background (0), as ``torch.argmax`` over all classes gives.
+    Runs class by class so memory stays at a few ``out_hw`` buffers whatever the class count.
+    """
+    best = np.zeros(out_hw, np.float32)
+    label_map = np.zeros(out_hw, np.uint8)
+    for c in sorted(class_probs):
+        prob = resize_bilinear(class_probs[c], out_hw)
+        better = prob > best
+        best[better] = prob[better]
+        label_map[better] = c
+    return label_map
+
+
+def to_result(
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    meta: PreprocessMeta,
+    settings: InferenceSettings,
+    classes: list[str],
+    mode: Mode = "fast",
+    trained: bool = True,
+) -> ParsingResult:
+    """Turns one image's raw outputs into a ParsingResult at the original resolution.
+
+    Args:
+        class_logits: (Q, C+1) float32.
+        mask_logits: (Q, Hp/4, Wp/4) float32, on the padded input.
+        meta: geometry from ``preprocess.prepare``.
+        settings: the model card's inference settings.
+        classes: the model card's class names (parsing classes first).
+        mode: ``exact`` (per-pixel work at the original size) or ``fast`` (at model-input size).
+        trained: copied to the result.
+    """
+    if class_logits.ndim != 2 or mask_logits.ndim != 3 or class_logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(f"expected (Q, C+1) and (Q, h, w), got {class_logits.shape} and {mask_logits.shape}")
+    num_parsing, human = settings.num_parsing, settings.human_class_index
+    work_hw = work_hw_for(meta, mode)
+    floor = min(settings.part_score_thr, settings.human_score_thr, settings.parsing_ins_score_thr)
+
+    scores, queries, labels = top_pairs(class_logits, settings.test_topk_per_image)
+    live = scores >= floor  # pairs that can still pass some threshold after the mask score
+    logits_by_query: dict[int, np.ndarray] = {}
+    mscore_by_query: dict[int, float] = {}
+    for q in np.unique(queries[live]):
+        logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
+        logits_by_query[int(q)] = logits
+        mscore_by_query[int(q)] = mask_score(logits)
+
+    probs: dict[int, np.ndarray] = {}
+    counts: dict[int, np.ndarray] = {}
+    people: list[tuple[float, int]] = []
+    parts: list[PartInstance] = []
+    for score, q, label in zip(scores[live], queries[live], labels[live], strict=True):
+        q, label = int(q), int(label)
+        final = float(score) * mscore_by_query[q]
+        if label == human:
+            if final > settings.human_score_thr:
+                people.append((final, q))
+            continue
+        if label != 0 and final >= settings.part_score_thr:
+            parts.append(PartInstance(label, final))
+        if final < settings.parsing_ins_score_thr or label >= num_parsing:
+            continue
+        weighted = sigmoid(logits_by_query[q]) * np.float32(final)
+        hit = weighted > 0.5
+        if label not in probs:
+            probs[label] = np.zeros(work_hw, np.float32)
+            counts[label] = np.zeros(work_hw, np.float32)
+        probs[label] += np.where(hit, weighted, 0.0).astype(np.float32)
+        counts[label] += hit
+
+    label_map = argmax_label_map({c: probs[c] / np.maximum(counts[c], 1.0) for c in probs}, meta.orig_hw)
+
+    people.sort(key=lambda p: -p[0])
+    masks = np.zeros((len(people), *meta.orig_hw), bool)
+    for i, (_, q) in enumerate(people):
+        masks[i] = resize_bilinear(logits_by_query[q], meta.orig_hw) > 0
+    parts.sort(key=lambda p: -p.score)
+    return ParsingResult(
+        label_map=label_map,
+        classes=classes[:num_parsing],
+        person_masks=masks,
+        person_scores=np.asarray([p[0] for p in people], np.float32),
+        parts=parts,
+        trained=trained,
+    )

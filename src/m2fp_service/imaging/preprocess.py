@@ -1,0 +1,65 @@
+"""Image -> model input, exactly as ModelScope's multi-person pipeline prepares it.
+
+Reference (``ImageHumanParsingPipeline.preprocess``): scale so the short edge is 640 unless the
+long edge would pass 1333, round half up, resize with PIL bilinear (antialiased, via
+torchvision's ``Resize`` on a PIL image), then the model pads bottom/right to a multiple of 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from m2fp_service.modelcard import InputPolicy
+
+
+@dataclass(frozen=True)
+class PreprocessMeta:
+    """Geometry of one prepared image, all as (height, width) in pixels."""
+
+    orig_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+
+
+def resized_hw(orig_hw: tuple[int, int], short_edge: int, max_long_edge: int) -> tuple[int, int]:
+    """ModelScope's ``_get_preprocess_shape``: the resized (height, width)."""
+    h, w = orig_hw
+    scale = short_edge * 1.0 / min(h, w)
+    new_h, new_w = (short_edge * 1.0, scale * w) if h < w else (scale * h, short_edge * 1.0)
+    if max(new_h, new_w) > max_long_edge:
+        scale = max_long_edge * 1.0 / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def padded_hw(hw: tuple[int, int], divisibility: int) -> tuple[int, int]:
+    return -(-hw[0] // divisibility) * divisibility, -(-hw[1] // divisibility) * divisibility
+
+
+def prepare(image_rgb: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, PreprocessMeta]:
+    """Resizes and pads an image for the model.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB.
+        policy: the model card's input policy.
+
+    Returns:
+        ``(tensor, meta)``: tensor is (1, 3, Hp, Wp) float32 RGB in 0..255, padded with the
+        policy's pad colour (the normalisation mean, i.e. zero after the graph normalises).
+    """
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
+    orig = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+    new_hw = resized_hw(orig, policy.short_edge, policy.max_long_edge)
+    if new_hw == orig:
+        resized = image_rgb
+    else:
+        resized = np.asarray(Image.fromarray(image_rgb).resize((new_hw[1], new_hw[0]), Image.Resampling.BILINEAR))
+    pad_hw = padded_hw(new_hw, policy.size_divisibility)
+    tensor = np.empty((1, 3, *pad_hw), np.float32)
+    tensor[0] = np.asarray(policy.pad_rgb, np.float32)[:, None, None]
+    tensor[0, :, : new_hw[0], : new_hw[1]] = resized.transpose(2, 0, 1)
+    return tensor, PreprocessMeta(orig, new_hw, pad_hw)

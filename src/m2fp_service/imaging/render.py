@@ -1,0 +1,74 @@
+"""ParsingResult -> pictures: colour map, overlay, label PNG, per-class masks, RGBA cutout.
+
+Colouring is one palette lookup (``palette[label_map]``), never a loop over classes.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+
+
+def palette_lut(palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """(256, 3) uint8 lookup table; ids past the palette are black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)[:256]
+    return lut
+
+
+def colorize(label_map: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """(H, W) uint8 labels -> (H, W, 3) uint8 RGB colour map."""
+    return palette_lut(palette)[label_map]  # type: ignore[no-any-return]
+
+
+def overlay(image_rgb: np.ndarray, label_map: np.ndarray, palette: list[tuple[int, int, int]],
+            alpha: float = 0.5) -> np.ndarray:
+    """Blends the colour map over the image where the label is not background.
+
+    Args:
+        image_rgb: (H, W, 3) uint8.
+        label_map: (H, W) uint8.
+        alpha: weight of the colour map on labelled pixels, 0..1.
+    """
+    colored = colorize(label_map, palette)
+    blended = cv2.addWeighted(image_rgb, 1.0 - alpha, colored, alpha, 0.0)
+    return np.where((label_map > 0)[..., None], blended, image_rgb)
+
+
+def present_classes(label_map: np.ndarray) -> list[int]:
+    """Class ids present in the label map, ascending."""
+    counts = np.bincount(label_map.ravel(), minlength=256)
+    return [int(i) for i in np.flatnonzero(counts)]
+
+
+def class_mask(label_map: np.ndarray, class_id: int) -> np.ndarray:
+    """(H, W) uint8 binary mask (0 / 255) of one class."""
+    return (label_map == class_id).astype(np.uint8) * 255  # type: ignore[no-any-return]
+
+
+def cutout(image_rgb: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """(H, W, 4) RGBA: the image with alpha 255 on ``foreground`` (H, W) bool, 0 elsewhere."""
+    alpha = foreground.astype(np.uint8) * 255
+    return np.dstack([image_rgb, alpha])
+
+
+def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
+    """PNG bytes of an (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array.
+
+    Compression level 1: masks and colour maps are flat and compress well even at the
+    fastest level, and encoding is on every request's critical path.
+    """
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:  # pragma: no cover - imencode fails only on unsupported dtypes/shapes
+        raise ValueError(f"cannot encode array {image.shape} {image.dtype} as PNG")
+    return buf.tobytes()
+
+
+def b64_png(image: np.ndarray) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
