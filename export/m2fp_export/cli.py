@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 from . import configs
-from .convert import ExportOptions, export_model
-from .errors import ExportError
-from .source import from_checkpoint, from_hub, random_init
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .convert import ExportOptions, export_model
+    from .errors import ExportError
+    from .source import from_checkpoint, from_hub, random_init
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.confident and not args.random_init:
         print("error: --confident only applies to --random-init", file=sys.stderr)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, width x height (413 beyond)")
     max_side: int = Field(16384, ge=32, description="Longest accepted image side in pixels (413 beyond)")
     mask_resolution: Literal["exact", "fast"] = Field(
-        "fast", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
+        "exact", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
                             "input resolution, upsampled at the end ('fast')")
     api_key: str | None = Field(None, description="If set, /api/* requires header X-API-Key with this value")
     cors_origins: Annotated[list[str], NoDecode] = Field(

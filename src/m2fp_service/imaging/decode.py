@@ -149,7 +149,9 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> Deco
         except MemoryError:
             raise
         except Exception as exc:
-            raise InvalidImage(f"the {fmt} image (mode {original_mode}) could not be converted to RGB") from exc
+            raise InvalidImage(
+                f"the {fmt} image (mode {original_mode}) could not be converted to RGB"
+            ) from exc
     rgb.flags.writeable = False
     return DecodedImage(rgb=rgb, format=fmt, original_mode=original_mode)
 
@@ -211,6 +213,8 @@ def _reason(exc: BaseException) -> str:
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I;16") or im.mode == "I":
         return _wide_grey_to_rgb(im)
+    if im.mode == "La":  # premultiplied; Pillow converts it to nothing but LA
+        im = im.convert("LA")
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

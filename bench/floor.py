@@ -1,0 +1,372 @@
+"""The arithmetic floor of one 720p inference: graph FLOPs / this machine's sustained GEMM rate.
+
+FLOPs are counted on the exported graph at the padded input size of the benchmark photo
+(1280x720 -> 1138x640 resized -> 1152x640 padded): 2 * MACs of every Conv, MatMul, Gemm and
+Einsum (the mask-embedding product). Tensor shapes come from ONNX shape inference with the
+input fixed to (1, 3, 640, 1152); the shapes it leaves symbolic (the batch/query dimensions
+behind data-dependent Reshapes in the transformer) are taken from the shapes ONNX Runtime
+records in its profile of one run of the unoptimised graph at that size. GridSample
+(deformable attention), Softmax, normalisation and element-wise ops are not counted; their
+element counts are reported so the reader can see what the floor leaves out.
+
+The rate is float32 GEMM with 2 threads, measured two ways on shapes like the network's
+largest convolutions (im2col) and a square one: numpy ``matmul`` (OpenBLAS) and an ONNX
+Runtime graph holding a single MatMul (MLAS, the kernels ORT's Conv uses). The best sustained
+rate is the machine's rate; floor = FLOPs / rate. Our inference time is measured here with
+``ParsingEngine`` (2 intra-op threads) on the same padded tensor, and the per-op-type split of
+that time comes from an ONNX Runtime profile of the optimised session.
+
+Usage::
+
+    python bench/floor.py --model models/m2fp-bench.onnx [--repeat 3] [--out bench/results/floor.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+THREADS = 2
+# OpenBLAS reads its thread count when numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import datetime as dt  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import helper, shape_inference  # noqa: E402
+
+PADDED_HW = (640, 1152)  # 1280x720 photo -> short edge 640 -> 640x1138 -> padded to /32
+COUNTED = ("Conv", "MatMul", "Gemm", "Einsum")
+NOTED = ("GridSample", "Softmax", "LayerNormalization", "InstanceNormalization", "Resize")
+# (M, K, N) for the rate: a res4 3x3 conv as im2col (40x72 output pixels at 1/16 of the padded
+# input, 3x3x256 -> 256), a 1/8-scale 3x3x128 -> 128 conv, and a square 2048 GEMM.
+GEMM_SHAPES = ((2880, 2304, 256), (11520, 1152, 128), (2048, 2048, 2048))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int] | None:
+    dims = value_info.type.tensor_type.shape.dim
+    out = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    return out if out and all(v > 0 for v in out) else None
+
+
+def shapes_from_onnx(model: onnx.ModelProto, hw: tuple[int, int]) -> dict[str, list[int]]:
+    """Fully known tensor shapes from ONNX shape inference with a fixed (1, 3, H, W) input."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, (1, 3, *hw), strict=True):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    g = inferred.graph
+    shapes = {i.name: list(i.dims) for i in g.initializer}
+    for vi in (*g.input, *g.value_info, *g.output):
+        d = _dims(vi)
+        if d is not None:
+            shapes[vi.name] = d
+    return shapes
+
+
+def shapes_from_ort_profile(model_path: Path, hw: tuple[int, int]) -> dict[str, list[list[int]]]:
+    """Per node: the input and output shapes ONNX Runtime saw in one unoptimised run.
+
+    Returns:
+        node name -> [input shapes..., output shapes...] as recorded (empty inputs skipped).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"m2fp-floor-{os.getpid()}")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: np.zeros((1, 3, *hw), np.float32)})
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink(missing_ok=True)
+    out = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            args = e["args"]
+            shapes = [next(iter(s.values())) for s in (*args.get("input_type_shape", []),
+                                                        *args.get("output_type_shape", []))]
+            out[e["name"][: -len("_kernel_time")]] = shapes
+    return out
+
+
+def _from_profile(node: onnx.NodeProto, inputs: list[str], recorded: list[list[int]],
+                  static: dict[str, list[int]], initializers: set[str]) -> list[list[int]]:
+    """[input shapes..., first output shape] of a node from its ORT profile entry.
+
+    The profile lists the inputs ORT still held, then the outputs; weights that ORT pre-packed
+    (MatMul's B) may be missing from the inputs, and their shapes come from the initializers.
+    """
+    recorded_inputs, outputs = recorded[: len(recorded) - len(node.output)], recorded[-len(node.output):]
+    if len(recorded_inputs) == len(inputs):
+        shapes = list(recorded_inputs)
+    else:
+        dynamic = [n for n in inputs if n not in initializers]
+        if len(recorded_inputs) != len(dynamic):
+            raise RuntimeError(f"cannot match the profiled inputs of {node.name}: {recorded}")
+        it = iter(recorded_inputs)
+        shapes = [static[n] if n in initializers else next(it) for n in inputs]
+    return [*shapes, outputs[0]]
+
+
+def node_macs(node: onnx.NodeProto, ins: list[list[int]], out: list[int]) -> int:
+    """Multiply-accumulates of one Conv / MatMul / Gemm / Einsum from its input and output shapes."""
+    if node.op_type == "Conv":
+        weight = ins[1]  # (Cout, Cin/groups, kh, kw)
+        return int(np.prod(out, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+    if node.op_type == "MatMul":
+        return int(np.prod(out, dtype=np.int64) * ins[0][-1])
+    if node.op_type == "Gemm":
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        k = ins[0][0] if trans_a else ins[0][1]
+        return int(np.prod(out, dtype=np.int64) * k)
+    if node.op_type == "Einsum":
+        equation = next(a.s.decode() for a in node.attribute if a.name == "equation").replace(" ", "")
+        terms = equation.split("->")[0].split(",")
+        sizes: dict[str, int] = {}
+        for term, shape in zip(terms, ins, strict=True):
+            for letter, size in zip(term, shape, strict=True):
+                sizes[letter] = max(sizes.get(letter, 1), size)
+        return int(np.prod(list(sizes.values()), dtype=np.int64))
+    raise ValueError(node.op_type)
+
+
+def count_flops(model_path: Path, hw: tuple[int, int]) -> dict[str, Any]:
+    """2 * MACs per counted op type at input size ``hw``, and the element counts of the rest.
+
+    Returns:
+        A dict with ``flops`` (total), ``by_op`` (flops and node count per op type), ``noted``
+        (output elements of GridSample and other uncounted heavy ops), and how many counted
+        nodes had their shapes from ONNX shape inference vs the ORT profile.
+    """
+    model = onnx.load(str(model_path))
+    static = shapes_from_onnx(model, hw)
+    profiled: dict[str, list[list[int]]] | None = None
+    by_op: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"flops": 0.0, "nodes": 0})
+    noted: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"output_elements": 0.0, "nodes": 0})
+    source: collections.Counter[str] = collections.Counter()
+    initializers = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in COUNTED + NOTED:
+            continue
+        inputs = [n for n in node.input if n]
+        shapes = [static.get(n) for n in (*inputs, node.output[0])]
+        if all(s is not None for s in shapes):
+            source["onnx_shape_inference"] += 1
+        else:
+            if profiled is None:
+                profiled = shapes_from_ort_profile(model_path, hw)
+            if node.name not in profiled:
+                raise RuntimeError(f"no shapes for {node.op_type} node {node.name}")
+            shapes = _from_profile(node, inputs, profiled[node.name], static, initializers)
+            source["ort_profile"] += 1
+        if node.op_type in COUNTED:
+            by_op[node.op_type]["flops"] += 2.0 * node_macs(node, shapes[:-1], shapes[-1])
+            by_op[node.op_type]["nodes"] += 1
+        else:
+            noted[node.op_type]["output_elements"] += float(np.prod(shapes[-1], dtype=np.int64))
+            noted[node.op_type]["nodes"] += 1
+    total = sum(v["flops"] for v in by_op.values())
+    return {"input_hw": list(hw), "flops": total, "by_op": dict(by_op), "noted_not_counted": dict(noted),
+            "shapes_from": dict(source)}
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM rate
+# --------------------------------------------------------------------------------------------
+
+
+def _sustained(run: Any, flops: float, seconds: float) -> dict[str, float]:
+    """Calls ``run`` (one warm-up) until ``seconds`` have passed; median and best GFLOP/s."""
+    run()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9,
+            "calls": len(times)}
+
+
+def gemm_rates(seconds: float) -> list[dict[str, Any]]:
+    """float32 GEMM rate, 2 threads: numpy (OpenBLAS) and ORT's MatMul (MLAS), per shape."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k, n in GEMM_SHAPES:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        flops = 2.0 * m * k * n
+        c = np.empty((m, n), np.float32)
+        rows.append({"engine": "numpy", "mkn": [m, k, n], **_sustained(lambda: np.matmul(a, b, out=c), flops,
+                                                                       seconds)})
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("C", onnx.TensorProto.FLOAT, [m, n])],
+            [onnx.numpy_helper.from_array(b, "B")],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        rows.append({"engine": "onnxruntime", "mkn": [m, k, n],
+                     **_sustained(lambda s=session: s.run(["C"], {"A": a}), flops, seconds)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Our inference time and where it goes
+# --------------------------------------------------------------------------------------------
+
+
+def benchmark_photo_tensor(policy: Any) -> np.ndarray:
+    """The benchmark photo (see reference_vs_ours.py) prepared exactly as the service does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_vs_ours import make_photo
+
+    from m2fp_service.imaging import preprocess
+
+    tensor, meta = preprocess.prepare(make_photo(), policy)
+    if tuple(meta.padded_hw) != PADDED_HW:
+        raise RuntimeError(f"photo pads to {meta.padded_hw}, expected {PADDED_HW}")
+    return tensor
+
+
+def our_inference(model_path: Path, repeat: int) -> dict[str, Any]:
+    """Median ``ParsingEngine.run`` time on the photo, and a per-op-type split from an ORT profile."""
+    from m2fp_service.engine import ParsingEngine
+
+    engine = ParsingEngine(model_path, intra_op_threads=THREADS)
+    tensor = benchmark_photo_tensor(engine.card.input_policy)
+    engine.run(tensor)  # warm-up at this size
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        engine.run(tensor)
+        times.append(time.perf_counter() - t)
+    del engine
+
+    # Same options as the engine, plus profiling, for the split (one extra run after a warm-up).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"image": tensor})
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"m2fp-floor-opt-{os.getpid()}")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"image": tensor})
+    session.run(None, {"image": tensor})
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink(missing_ok=True)
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    last_start = runs[-1]["ts"]
+    split: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_start:
+            split[e["args"]["op_name"]] += e["dur"] / 1e6
+    total = sum(split.values())
+    top = sorted(split.items(), key=lambda kv: -kv[1])
+    return {"infer_s_median": statistics.median(times), "infer_s_runs": times,
+            "profiled_run_s": runs[-1]["dur"] / 1e6,
+            "by_op_type_s": {k: round(v, 4) for k, v in top}, "kernel_total_s": total}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    f, ours = report["flops"], report["ours"]
+    rate = report["rate_gflops"]
+    lines = [
+        f"Input {f['input_hw'][0]}x{f['input_hw'][1]} (padded), {THREADS} threads; {report['date']}.",
+        "",
+        "| what | value |",
+        "|---|---:|",
+        f"| graph FLOPs (2 x MACs of Conv, MatMul, Gemm, Einsum) | {f['flops'] / 1e9:.1f} GFLOP |",
+    ]
+    lines += [f"| &nbsp;&nbsp;{op} ({v['nodes']} nodes) | {v['flops'] / 1e9:.1f} GFLOP |"
+              for op, v in sorted(f["by_op"].items(), key=lambda kv: -kv[1]["flops"])]
+    lines += [
+        f"| machine fp32 GEMM rate, best sustained (median) | {rate:.1f} GFLOP/s ({report['rate_source']}) |",
+        f"| floor = FLOPs / rate | {report['floor_s']:.3f} s |",
+        f"| ours: ParsingEngine.run, median of {len(ours['infer_s_runs'])} | {ours['infer_s_median']:.3f} s |",
+        f"| **ours / floor** | **{report['ours_over_floor']:.2f}x** |",
+        f"| ours achieved rate on counted FLOPs | {f['flops'] / ours['infer_s_median'] / 1e9:.1f} GFLOP/s |",
+        "",
+        "GEMM rate runs (GFLOP/s, median of calls over the sampling window):",
+        "",
+        "| engine | M x K x N | median | best |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {r['engine']} | {'x'.join(map(str, r['mkn']))} | {r['gflops_median']:.1f} | {r['gflops_best']:.1f} |"
+              for r in report["gemm"]]
+    total = ours["kernel_total_s"]
+    lines += ["", f"Where ORT's time goes (one profiled run, kernels sum to {total:.3f} s):", "",
+              "| op type | s | share |", "|---|---:|---:|"]
+    lines += [f"| {op} | {s:.3f} | {s / total:.0%} |" for op, s in list(ours["by_op_type_s"].items())[:10]]
+    lines += ["", "Not in the FLOP count (output elements at this size): " + ", ".join(
+        f"{op} x{v['nodes']}: {v['output_elements'] / 1e6:.1f} M" for op, v in f["noted_not_counted"].items()) + "."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="ONNX file written by `m2fp export`")
+    parser.add_argument("--repeat", type=int, default=3, help="timed inference runs (after one warm-up)")
+    parser.add_argument("--gemm-seconds", type=float, default=3.0, help="sampling window per GEMM shape")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+
+    print("counting FLOPs ...", file=sys.stderr, flush=True)
+    flops = count_flops(args.model, PADDED_HW)
+    print("measuring GEMM rate ...", file=sys.stderr, flush=True)
+    gemm = gemm_rates(args.gemm_seconds)
+    best = max(gemm, key=lambda r: r["gflops_median"])
+    print("timing our inference ...", file=sys.stderr, flush=True)
+    ours = our_inference(args.model, args.repeat)
+    rate = best["gflops_median"]
+    floor = flops["flops"] / (rate * 1e9)
+    report = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model": str(args.model), "threads": THREADS, "loadavg_1min": os.getloadavg()[0],
+        "flops": flops, "gemm": gemm, "rate_gflops": rate,
+        "rate_source": f"{best['engine']} {'x'.join(map(str, best['mkn']))}",
+        "floor_s": floor, "ours": ours, "ours_over_floor": ours["infer_s_median"] / floor,
+    }
+    table = markdown(report)
+    report["markdown"] = table
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""ParsingEngine: loading, model-card errors, runs on the real (tiny) graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from m2fp_service.engine import ParsingEngine, read_card
+from m2fp_service.errors import ModelLoadError
+from m2fp_service.imaging.preprocess import prepare
+from m2fp_service.modelcard import CARD_KEY
+from m2fp_service.pipeline import Timings, parse_array, parse_image
+
+
+def test_engine_loads_and_warms(engine: ParsingEngine) -> None:
+    assert engine.warm and engine.card.trained is False
+    assert engine.load_seconds > 0
+
+
+def test_run_shapes(engine: ParsingEngine, photo: np.ndarray) -> None:
+    tensor, meta = prepare(photo, engine.card.input_policy)
+    raw = engine.run(tensor)
+    assert raw.class_logits.shape == (100, 22)
+    assert raw.mask_logits.shape == (100, meta.padded_hw[0] // 4, meta.padded_hw[1] // 4)
+
+
+def test_parse_photo_is_non_trivial(engine: ParsingEngine, photo: np.ndarray) -> None:
+    timings = Timings()
+    result = parse_array(engine, photo, timings=timings)
+    assert result.hw == photo.shape[:2]
+    assert len(result.class_areas()) >= 5
+    assert result.num_people >= 2
+    assert result.person_masks.any(axis=(1, 2)).all()
+    assert set(timings.seconds) == {"preprocess", "infer", "postprocess"}
+
+
+def test_parse_image_decodes(engine: ParsingEngine, photo_jpeg: bytes) -> None:
+    timings = Timings()
+    image, result = parse_image(engine, photo_jpeg, max_pixels=10**7, max_side=4096, timings=timings)
+    assert image.shape == (512, 1024, 3) and result.hw == (512, 1024)
+    assert "decode" in timings.seconds
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "absent.onnx", "not found; export one with `m2fp export"),
+        (lambda p: (p / "junk.onnx").write_bytes(b"junk") and p / "junk.onnx", "cannot load"),
+    ],
+)
+def test_load_errors(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelLoadError, match=message):
+        ParsingEngine(make(tmp_path))
+
+
+def test_model_without_card_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
+    proto = onnx.load(str(tiny_model_path))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ModelLoadError, match="no m2fp model card"):
+        read_card(bare)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, '{"format": 1}'
+    onnx.save(proto, str(bare))
+    with pytest.raises(ModelLoadError, match="missing or has a malformed field"):
+        ParsingEngine(bare)
+
+
+def test_engine_is_thread_safe(engine: ParsingEngine, photo: np.ndarray) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = parse_array(engine, photo).label_map
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: parse_array(engine, photo).label_map, range(3)))
+    assert all(np.array_equal(r, expected) for r in results)
