@@ -50,7 +50,6 @@ def _compare(engine: ParsingEngine, pipe, image: np.ndarray) -> dict[str, float]
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from m2fp_export.source import random_init
-
     from tests.conftest import TINY_SEED, reference_pipeline
 
     return reference_pipeline(random_init("tiny", seed=TINY_SEED, confident=True), tmp_path_factory.mktemp("ref"))
@@ -90,7 +89,6 @@ def test_fast_mode_agreement_with_exact(engine: ParsingEngine, photo: np.ndarray
 def test_full_size_matches_modelscope_pipeline(full_model_path: Path, photo: np.ndarray,
                                                tmp_path: Path) -> None:
     from m2fp_export.source import random_init
-
     from tests.conftest import TINY_SEED, reference_pipeline
 
     pipe = reference_pipeline(random_init("cihp-r101", seed=TINY_SEED, confident=True), tmp_path)

@@ -201,6 +201,9 @@ def export_model(loaded: LoadedModel, output: Path, opts: ExportOptions | None =
         report("[3/3] writing model card and file...")
         card = build_card(loaded, opts, parity)
         write_card(tmp, card)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp made it private; a model file is meant to be shared
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)

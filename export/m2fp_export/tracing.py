@@ -21,7 +21,7 @@ import torch
 
 def _encoder_only_forward(self: Any, srcs: list[torch.Tensor], masks: Any, pos_embeds: list[torch.Tensor]) -> Any:
     src_flatten, pos_flatten, shapes = [], [], []
-    for lvl, (src, pos_embed) in enumerate(zip(srcs, pos_embeds)):
+    for lvl, (src, pos_embed) in enumerate(zip(srcs, pos_embeds, strict=True)):
         shapes.append(torch._shape_as_tensor(src)[2:])
         src_flatten.append(src.flatten(2).transpose(1, 2))
         pos_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

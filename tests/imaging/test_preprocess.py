@@ -76,7 +76,10 @@ RESIZED = [
 
 @pytest.mark.parametrize(("orig", "short", "longest", "expected"), RESIZED)
 def test_resized_hw_table(
-    orig: tuple[int, int], short: int, longest: int, expected: tuple[int, int],
+    orig: tuple[int, int],
+    short: int,
+    longest: int,
+    expected: tuple[int, int],
     get_preprocess_shape: Callable[[int, int, int, int], tuple[int, int]],
 ) -> None:
     got = resized_hw(orig, short, longest)
@@ -114,7 +117,12 @@ def test_resized_hw_matches_modelscope_with_random_policies(
         h, w = (int(v) for v in rng.integers(1, 4000, size=2))
         short = int(rng.integers(1, 1200))
         longest = int(rng.integers(short, 2500))
-        assert resized_hw((h, w), short, longest) == get_preprocess_shape(h, w, short, longest), (h, w, short, longest)
+        assert resized_hw((h, w), short, longest) == get_preprocess_shape(h, w, short, longest), (
+            h,
+            w,
+            short,
+            longest,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +145,9 @@ PADDED = [
 
 
 @pytest.mark.parametrize(("hw", "div", "expected", "raises"), PADDED)
-def test_padded_hw(hw: tuple[int, int], div: int, expected: tuple[int, int] | None,
-                   raises: type[Exception] | None) -> None:
+def test_padded_hw(
+    hw: tuple[int, int], div: int, expected: tuple[int, int] | None, raises: type[Exception] | None
+) -> None:
     with pytest.raises(raises) if raises else contextlib.nullcontext():
         assert padded_hw(hw, div) == expected
 
@@ -146,6 +155,7 @@ def test_padded_hw(hw: tuple[int, int], div: int, expected: tuple[int, int] | No
 # ---------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------
+
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """Smooth gradients plus noise: content a resize cannot get right by accident."""
@@ -254,8 +264,11 @@ def test_prepare_error_message_names_shape_and_dtype() -> None:
         prepare(np.zeros((8, 8, 3), np.float32), POLICY)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty (0, W, 3) image raises ZeroDivisionError in "
-                   "resized_hw (short_edge / min(h, w)) instead of prepare's ValueError")
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: an empty (0, W, 3) image raises ZeroDivisionError in "
+    "resized_hw (short_edge / min(h, w)) instead of prepare's ValueError",
+)
 @pytest.mark.parametrize("shape", [(0, 5, 3), (5, 0, 3)])
 def test_prepare_rejects_empty_image_with_value_error(shape: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError):

@@ -1,0 +1,263 @@
+"""Tests for ``m2fp_service.imaging.render`` on hand-written 2x2 .. 4x4 arrays."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2fp_service.imaging.render import (
+    b64_png,
+    class_mask,
+    colorize,
+    cutout,
+    encode_png,
+    overlay,
+    palette_lut,
+    present_classes,
+)
+from m2fp_service.labels import pascal_palette
+
+PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (10, 20, 30)]
+
+LABELS_4X4 = np.array(
+    [
+        [0, 0, 1, 1],
+        [0, 2, 2, 1],
+        [3, 3, 0, 0],
+        [3, 9, 200, 255],  # 9, 200, 255 are past the palette
+    ],
+    np.uint8,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# palette_lut, colorize
+# ---------------------------------------------------------------------------------------------
+
+LUTS = [
+    # (palette, rows to check {id: rgb}, raises)
+    pytest.param(
+        PALETTE,
+        {0: (0, 0, 0), 1: (255, 0, 0), 3: (10, 20, 30), 4: (0, 0, 0), 255: (0, 0, 0)},
+        None,
+        id="short-palette-rest-black",
+    ),
+    pytest.param([(1, 2, 3)] * 256, {0: (1, 2, 3), 255: (1, 2, 3)}, None, id="full-palette"),
+    pytest.param([(1, 2, 3)] * 300, {255: (1, 2, 3)}, None, id="longer-than-256-truncated"),
+    pytest.param([(256, 0, 0)], {}, OverflowError, id="component-over-255"),
+]
+
+
+@pytest.mark.parametrize(("palette", "rows", "raises"), LUTS)
+def test_palette_lut(
+    palette: list[tuple[int, int, int]], rows: dict[int, tuple[int, int, int]], raises: type[Exception] | None
+) -> None:
+    with pytest.raises(raises) if raises else contextlib.nullcontext():
+        lut = palette_lut(palette)
+        assert lut.shape == (256, 3) and lut.dtype == np.uint8
+        for i, rgb in rows.items():
+            assert tuple(lut[i]) == rgb, i
+
+
+def test_colorize_hand_4x4() -> None:
+    got = colorize(LABELS_4X4, PALETTE)
+    assert got.shape == (4, 4, 3) and got.dtype == np.uint8
+    expected = np.zeros((4, 4, 3), np.uint8)
+    expected[0, 2:] = expected[1, 3] = (255, 0, 0)
+    expected[1, 1:3] = (0, 255, 0)
+    expected[2, :2] = expected[3, 0] = (10, 20, 30)
+    # ids 9, 200 and 255 are beyond the palette: black
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_colorize_matches_per_pixel_lookup_with_real_palette() -> None:
+    palette = pascal_palette(20)
+    labels = np.random.default_rng(0).integers(0, 25, (13, 17)).astype(np.uint8)
+    got = colorize(labels, palette)
+    for (y, x), label in np.ndenumerate(labels):
+        expected = palette[label] if label < len(palette) else (0, 0, 0)
+        assert tuple(got[y, x]) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# overlay
+# ---------------------------------------------------------------------------------------------
+
+
+def test_overlay_hand_2x2() -> None:
+    image = np.array([[[100, 100, 100], [101, 100, 100]], [[0, 51, 200], [7, 7, 7]]], np.uint8)
+    labels = np.array([[0, 1], [2, 0]], np.uint8)
+    got = overlay(image, labels, PALETTE, alpha=0.5)
+    assert got.shape == image.shape and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[0, 0], image[0, 0])  # background untouched
+    np.testing.assert_array_equal(got[1, 1], image[1, 1])
+    np.testing.assert_array_equal(got[0, 1], [178, 50, 50])  # red: ((101, 100, 100) + (255, 0, 0)) / 2
+    np.testing.assert_array_equal(got[1, 0], [0, 153, 100])  # green: ((0, 51, 200) + (0, 255, 0)) / 2
+
+
+ALPHAS = [
+    # (alpha, labelled pixel expected as a function of image and colour)
+    pytest.param(0.0, "image", id="alpha-0-keeps-image"),
+    pytest.param(1.0, "colour", id="alpha-1-paints-colour"),
+    pytest.param(0.25, "blend", id="alpha-quarter"),
+    pytest.param(0.5, "blend", id="alpha-half"),
+]
+
+
+@pytest.mark.parametrize(("alpha", "expect"), ALPHAS)
+def test_overlay_blends_only_labelled_pixels(alpha: float, expect: str) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    labels = LABELS_4X4.copy()
+    before = image.copy()
+    got = overlay(image, labels, PALETTE, alpha=alpha)
+    np.testing.assert_array_equal(image, before)  # input untouched
+    colour = colorize(labels, PALETTE).astype(np.float64)
+    background = labels == 0
+    np.testing.assert_array_equal(got[background], image[background])
+    if expect == "image":
+        wanted = image.astype(np.float64)
+    elif expect == "colour":
+        wanted = colour
+    else:
+        wanted = image * (1 - alpha) + colour * alpha
+    diff = np.abs(got[~background].astype(np.float64) - wanted[~background])
+    assert diff.max() <= 0.5 + 1e-9  # rounded to the nearest integer
+
+
+def test_overlay_changes_labelled_pixels() -> None:
+    image = np.full((4, 4, 3), 128, np.uint8)
+    got = overlay(image, LABELS_4X4, PALETTE, alpha=0.5)
+    in_palette = np.arange(256) < len(PALETTE)
+    labelled = (LABELS_4X4 > 0) & in_palette[LABELS_4X4]
+    assert np.all(np.any(got[labelled] != 128, axis=-1))
+    # Past-palette ids are labelled too: blended with black.
+    np.testing.assert_array_equal(got[3, 1], [64, 64, 64])
+
+
+# ---------------------------------------------------------------------------------------------
+# present_classes, class_mask, cutout
+# ---------------------------------------------------------------------------------------------
+
+PRESENT = [
+    # (label_map, expected)
+    pytest.param(LABELS_4X4, [0, 1, 2, 3, 9, 200, 255], id="4x4"),
+    pytest.param(np.zeros((3, 3), np.uint8), [0], id="all-background"),
+    pytest.param(np.full((2, 2), 7, np.uint8), [7], id="single-class-no-background"),
+    pytest.param(np.zeros((0, 5), np.uint8), [], id="empty"),
+]
+
+
+@pytest.mark.parametrize(("labels", "expected"), PRESENT)
+def test_present_classes(labels: np.ndarray, expected: list[int]) -> None:
+    got = present_classes(labels)
+    assert got == expected
+    assert all(type(c) is int for c in got)
+
+
+CLASS_MASKS = [
+    # (class_id, expected)
+    pytest.param(0, [[255, 255, 0, 0], [255, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 0]], id="background"),
+    pytest.param(1, [[0, 0, 255, 255], [0, 0, 0, 255], [0, 0, 0, 0], [0, 0, 0, 0]], id="class-1"),
+    pytest.param(255, [[0] * 4, [0] * 4, [0] * 4, [0, 0, 0, 255]], id="class-255"),
+    pytest.param(5, [[0] * 4] * 4, id="absent"),
+]
+
+
+@pytest.mark.parametrize(("class_id", "expected"), CLASS_MASKS)
+def test_class_mask(class_id: int, expected: list[list[int]]) -> None:
+    got = class_mask(LABELS_4X4, class_id)
+    assert got.dtype == np.uint8 and got.shape == (4, 4)
+    assert set(np.unique(got).tolist()) <= {0, 255}
+    np.testing.assert_array_equal(got, np.array(expected, np.uint8))
+
+
+def test_cutout() -> None:
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    fg = np.array([[True, False, True], [False, False, True]])
+    got = cutout(image, fg)
+    assert got.shape == (2, 3, 4) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., :3], image)
+    np.testing.assert_array_equal(got[..., 3], [[255, 0, 255], [0, 0, 255]])
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_png, b64_png
+# ---------------------------------------------------------------------------------------------
+
+
+def _grey() -> np.ndarray:
+    return np.array([[0, 1, 2], [128, 254, 255]], np.uint8)
+
+
+def _rgb() -> np.ndarray:
+    # Pure red / green / blue pixels: any channel swap shows.
+    return np.array(
+        [[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[1, 2, 3], [250, 100, 5], [0, 0, 0]]], np.uint8
+    )
+
+
+def _rgba() -> np.ndarray:
+    return np.dstack([_rgb(), np.array([[0, 64, 128], [255, 1, 200]], np.uint8)])
+
+
+PNGS = [
+    # (make, pil_mode, cv2 conversion of the decoded BGR(A) back to RGB(A))
+    pytest.param(_grey, "L", None, id="grey"),
+    pytest.param(_rgb, "RGB", cv2.COLOR_BGR2RGB, id="rgb"),
+    pytest.param(_rgba, "RGBA", cv2.COLOR_BGRA2RGBA, id="rgba"),
+]
+
+
+@pytest.mark.parametrize(("make", "mode", "to_rgb"), PNGS)
+@pytest.mark.parametrize("compression", [0, 1, 9])
+def test_encode_png_round_trips(make: object, mode: str, to_rgb: int | None, compression: int) -> None:
+    image = make()  # type: ignore[operator]
+    data = encode_png(image, compression=compression)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == mode
+        np.testing.assert_array_equal(np.asarray(im), image)  # Pillow decodes RGB(A) in RGB order
+
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if to_rgb is not None:
+        decoded = cv2.cvtColor(decoded, to_rgb)
+    np.testing.assert_array_equal(decoded, image)
+
+
+def test_encode_png_does_not_touch_input() -> None:
+    image = _rgb()
+    before = image.copy()
+    encode_png(image)
+    np.testing.assert_array_equal(image, before)
+
+
+def test_encode_png_of_real_render_outputs() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    for out in (
+        colorize(LABELS_4X4, PALETTE),
+        overlay(image, LABELS_4X4, PALETTE),
+        class_mask(LABELS_4X4, 1),
+        cutout(image, LABELS_4X4 > 0),
+        LABELS_4X4,
+    ):
+        with Image.open(io.BytesIO(encode_png(out))) as im:
+            np.testing.assert_array_equal(np.asarray(im), out)
+
+
+@pytest.mark.parametrize("make", [_grey, _rgb, _rgba])
+def test_b64_png_decodes_to_the_same_png(make: object) -> None:
+    image = make()  # type: ignore[operator]
+    text = b64_png(image)
+    assert isinstance(text, str) and text.isascii()
+    data = base64.b64decode(text, validate=True)
+    assert data == encode_png(image)
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(np.asarray(im), image)
