@@ -337,16 +337,17 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"| &nbsp;&nbsp;{op} ({v['nodes']} nodes) | {v['flops'] / 1e9:.1f} GFLOP |"
               for op, v in sorted(f["by_op"].items(), key=lambda kv: -kv[1]["flops"])]
-    for key, label in (("measured_2_threads", "2 threads as measured"),
-                       ("twice_1_thread", "2 x the 1-thread rate (both cores uncontended)")):
+    for key, label in (("measured_2_threads", "2 threads, best call of any probe"),
+                       ("twice_1_thread", "2 x the best 1-thread call (both cores uncontended)")):
         lines += [
             f"| fp32 rate, {label} | {report['rates'][key]['gflops']:.0f} GFLOP/s "
             f"({report['rates'][key]['probe']}) |",
             f"| floor at that rate | {report['floor_s'][key]:.3f} s |",
         ]
     lines += [
-        f"| ours: ParsingEngine.run, median of {len(ours['infer_s_runs'])} | {ours['infer_s_median']:.3f} s |",
-        f"| **ours / floor** (2-thread rate as measured; uncontended) | "
+        f"| ours: ParsingEngine.run, median of {len(ours['infer_s_runs'])} (best) | {ours['infer_s_median']:.3f} s "
+        f"({min(ours['infer_s_runs']):.3f} s) |",
+        f"| **ours (median) / floor** (2-thread rate; 2 x 1-thread rate) | "
         f"**{report['ours_over_floor']['measured_2_threads']:.2f}x**; "
         f"**{report['ours_over_floor']['twice_1_thread']:.2f}x** |",
         f"| ours achieved rate on counted FLOPs | {f['flops'] / ours['infer_s_median'] / 1e9:.1f} GFLOP/s |",
@@ -379,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     flops = count_flops(args.model, PADDED_HW)
     print("measuring GEMM rate ...", file=sys.stderr, flush=True)
     gemm = gemm_rates(args.gemm_seconds)
-    two = max((r for r in gemm if r["threads"] == THREADS), key=lambda r: r["gflops_median"])
-    one = max((r for r in gemm if r["threads"] == 1), key=lambda r: r["gflops_median"])
+    # The floor is a bound, so it takes the best call of any probe: the rate this machine
+    # demonstrably sustained for a whole GEMM/Conv call, least disturbed by other processes.
+    two = max((r for r in gemm if r["threads"] == THREADS), key=lambda r: r["gflops_best"])
+    one = max((r for r in gemm if r["threads"] == 1), key=lambda r: r["gflops_best"])
     print("timing our inference ...", file=sys.stderr, flush=True)
     ours = our_inference(args.model, args.repeat)
     rates = {
-        "measured_2_threads": {"gflops": two["gflops_median"], "probe": f"{two['probe']} {two['shape']}"},
-        "twice_1_thread": {"gflops": 2 * one["gflops_median"], "probe": f"{one['probe']} {one['shape']}"},
+        "measured_2_threads": {"gflops": two["gflops_best"], "probe": f"{two['probe']} {two['shape']}"},
+        "twice_1_thread": {"gflops": 2 * one["gflops_best"], "probe": f"{one['probe']} {one['shape']}"},
     }
     floors = {k: flops["flops"] / (v["gflops"] * 1e9) for k, v in rates.items()}
     report = {

@@ -271,6 +271,18 @@ def child_ours(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_child(kind: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """Runs one measurement in a fresh interpreter and returns its JSON result."""
     out = scratch / f"{kind}.json"
@@ -280,14 +292,18 @@ def run_child(kind: str, args: argparse.Namespace, scratch: Path) -> dict[str, A
            "--photo-jpeg", str(scratch / "photo.jpg"), "--child-out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONWARNINGS="ignore")
     load_before = os.getloadavg()[0]
+    busy0, mine0 = busy_cpu_seconds(), children_cpu_seconds()
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - mine0)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{kind} child failed with exit code {proc.returncode}")
     result = json.loads(out.read_text())
     result["child_wall_s"] = wall
+    # Average number of cores other processes kept busy while this child ran (noise indicator).
+    result["other_processes_cores"] = max(others, 0.0) / wall
     result["loadavg_1min_before"] = load_before
     result["loadavg_1min_after"] = os.getloadavg()[0]
     return result
@@ -341,6 +357,30 @@ def compare_outputs(scratch: Path) -> dict[str, Any]:
     return out
 
 
+def pool(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Merges the rounds per path: medians over all timed runs, the highest peak of any round.
+
+    Args:
+        rounds: one ``{kind: child result}`` per round.
+
+    Returns:
+        ``{kind: result}`` shaped like one child's result.
+    """
+    pooled = {}
+    for kind in CHILD_KINDS:
+        per_round = [r[kind] for r in rounds]
+        runs = [run for r in per_round for run in r["runs"]]
+        worst = max(per_round, key=lambda r: r["memory"]["peak_rss_mb"])
+        pooled[kind] = {
+            **per_round[-1],
+            "runs": runs,
+            "median": {k: median([run[k] for run in runs]) for k in runs[0]},
+            "memory": worst["memory"],
+            "other_processes_cores": statistics.fmean(r["other_processes_cores"] for r in per_round),
+        }
+    return pooled
+
+
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ratios against the reference, all from this run."""
     ref = results["reference"]
@@ -352,6 +392,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "speedup_end_to_end_with_decode": ref["median"]["end_to_end_s"]
             / ours["median"]["end_to_end_with_decode_s"],
             "speedup_network": ref["median"]["network_s"] / ours["median"]["infer_s"],
+            # CPU seconds per run: less sensitive to other processes than wall time (both use 2 threads).
+            "cpu_seconds_ratio": ref["median"]["cpu_s"] / ours["median"]["cpu_s"],
             "peak_rss_fraction": ours["memory"]["peak_rss_mb"] / ref["memory"]["peak_rss_mb"],
             "peak_minus_baseline_fraction": ours["memory"]["peak_minus_baseline_mb"]
             / ref["memory"]["peak_minus_baseline_mb"],
@@ -368,10 +410,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Photo {PHOTO_WH[0]}x{PHOTO_WH[1]} (model input {report['padded_input_hw'][0]}x"
         f"{report['padded_input_hw'][1]} padded), config `{report['config']}`, {THREADS} threads, "
-        f"median of {report['repeat']} runs after 1 warm-up; {report['date']}.",
+        f"{report['rounds_run']} round(s) x {report['repeat']} timed runs per path (each child warms up once), "
+        f"medians over all timed runs, peak = highest of the rounds; {report['date']}.",
         "",
         "| path | end to end (s) | speed-up vs ref | peak RSS (MB) | peak vs ref | "
-        "peak − baseline (MB) | vs ref | baseline RSS (MB) | load avg before |",
+        "peak − baseline (MB) | vs ref | baseline RSS (MB) | other processes (cores busy) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -379,7 +422,7 @@ def markdown(report: dict[str, Any]) -> str:
         m = r["memory"]
         return (f"| {name} | {r['median']['end_to_end_s']:.3f} | {speed} | {m['peak_rss_mb']:.0f} | {peak_frac} | "
                 f"{m['peak_minus_baseline_mb']:.0f} | {delta_frac} | {m['baseline_rss_mb']:.0f} | "
-                f"{r['loadavg_1min_before']:.2f} |")
+                f"{r['other_processes_cores']:.2f} |")
 
     lines.append(row("reference: PyTorch eager + ModelScope pipeline", ref, "1.00x", "1.00", "1.00"))
     for kind in ("ours-exact", "ours-fast"):
@@ -403,6 +446,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {m['preprocess_s']:.3f} | {m['infer_s']:.3f} | {m['postprocess_s']:.3f} | "
                      f"{m['render_s']:.3f} | {m['end_to_end_s']:.3f} | {m['decode_s']:.3f} | "
                      f"{m['end_to_end_with_decode_s']:.3f} | {m['cpu_s']:.2f} |")
+    lines += ["", "Per round (end to end s; speed-up; peak RSS MB; other processes' cores busy):", "",
+              "| round | reference | ours exact | ours fast | CPU-s ratio exact / fast |", "|---|---|---|---|---:|"]
+    for n, rnd in enumerate(report["rounds"], 1):
+        r, sm = rnd["results"], rnd["summary"]
+        cells = [f"{r['reference']['median']['end_to_end_s']:.2f} s; 1.00x; "
+                 f"{r['reference']['memory']['peak_rss_mb']:.0f}; {r['reference']['other_processes_cores']:.2f}"]
+        cells += [f"{r[k]['median']['end_to_end_s']:.2f} s; {sm[k]['speedup_end_to_end']:.2f}x; "
+                  f"{r[k]['memory']['peak_rss_mb']:.0f}; {r[k]['other_processes_cores']:.2f}"
+                  for k in ("ours-exact", "ours-fast")]
+        lines.append(f"| {n} | {' | '.join(cells)} | {sm['ours-exact']['cpu_seconds_ratio']:.2f}x / "
+                     f"{sm['ours-fast']['cpu_seconds_ratio']:.2f}x |")
     c = report["checks"]
     lines += [
         "",
@@ -415,7 +469,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"reference {ref['checks']['people']}, exact {res['ours-exact']['checks']['people']}, "
         f"fast {res['ours-fast']['checks']['people']}.",
         "Peak RSS is the child process's VmHWM as is; baseline is its RSS right after imports + model "
-        "build (the reference: weights + ModelScope pipeline; ours: ORT session incl. its small warm-up run).",
+        "build (the reference: weights + ModelScope pipeline; ours: ORT session incl. its small warm-up run). "
+        "'other processes' is the average number of this box's cores other processes kept busy during "
+        "that path's whole child run (from /proc/stat), a measure of how noisy its numbers are.",
     ]
     return "\n".join(lines)
 
@@ -433,10 +489,14 @@ def parent(args: argparse.Namespace) -> int:
         buf = io.BytesIO()
         Image.fromarray(photo).save(buf, format="JPEG", quality=90)
         (scratch / "photo.jpg").write_bytes(buf.getvalue())
-        results = {}
-        for kind in CHILD_KINDS:
-            print(f"running {kind} ({args.repeat} timed runs + 1 warm-up) ...", file=sys.stderr, flush=True)
-            results[kind] = run_child(kind, args, scratch)
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for n in range(args.rounds):
+            rounds.append({})
+            for kind in CHILD_KINDS:
+                print(f"round {n + 1}/{args.rounds}: {kind} ({args.repeat} timed runs + 1 warm-up) ...",
+                      file=sys.stderr, flush=True)
+                rounds[-1][kind] = run_child(kind, args, scratch)
+        results = pool(rounds)
         check_same_weights("the reference's random_init", results["reference"]["source"], args.config, args.seed)
         if results["reference"]["source"] != card.source:
             raise SystemExit(f"reference source {results['reference']['source']} != card source {card.source}")
@@ -453,8 +513,10 @@ def parent(args: argparse.Namespace) -> int:
         "threads": THREADS,
         "machine": machine(),
         "card_source": card.source,
+        "rounds_run": args.rounds,
         "results": results,
         "summary": summarize(results),
+        "rounds": [{"results": r, "summary": summarize(r)} for r in rounds],
         "checks": checks,
     }
     table = markdown(report)
@@ -474,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cihp-r101", help="built-in configuration the model was exported from")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed the model was exported with")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per path (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the three paths this many times in turn (reference, exact, fast, reference, "
+                        "...); the headline pools all timed runs, a second table shows each round")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     # Internal: one measurement in a child process.
     parser.add_argument("--child", choices=CHILD_KINDS, help=argparse.SUPPRESS)
@@ -482,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo-jpeg", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.rounds < 1:
+        parser.error("--repeat and --rounds must be >= 1")
     if args.child is None:
         return parent(args)
     result = child_reference(args) if args.child == "reference" else child_ours(args, args.child.split("-")[1])

@@ -48,12 +48,8 @@ LABEL_MAPS = [
     pytest.param(LABELS, 4, None, None, id="ok"),
     pytest.param(np.zeros((0, 0), np.uint8), 1, None, None, id="empty-ok"),
     pytest.param(np.full((2, 2), 3, np.uint8), 4, None, None, id="max-class-ok"),
-    pytest.param(
-        np.full((2, 2), 4, np.uint8), 4, ValueError, r"holds class 4, expected < 4", id="class-too-high"
-    ),
-    pytest.param(
-        np.full((2, 2), 255, np.uint8), 20, ValueError, r"holds class 255, expected < 20", id="class-255"
-    ),
+    pytest.param(np.full((2, 2), 4, np.uint8), 4, ValueError, r"holds class 4, expected < 4", id="class-too-high"),
+    pytest.param(np.full((2, 2), 255, np.uint8), 20, ValueError, r"holds class 255, expected < 20", id="class-255"),
     pytest.param(LABELS.astype(np.int64), 4, ValueError, r"\(H, W\) uint8, got \(4, 4\) int64", id="int64"),
     pytest.param(LABELS.astype(bool), 4, ValueError, r"got \(4, 4\) bool", id="bool"),
     pytest.param(LABELS[None], 4, ValueError, r"got \(1, 4, 4\) uint8", id="3d"),
@@ -81,13 +77,9 @@ MASK_CASES = [
         r"person_masks must be \(2, 4, 4\) bool, got \(3, 4, 4\) bool",
         id="count-mismatch",
     ),
-    pytest.param(
-        MASKS, (4, 5), 3, ValueError, r"must be \(3, 4, 5\) bool, got \(3, 4, 4\) bool", id="hw-mismatch"
-    ),
+    pytest.param(MASKS, (4, 5), 3, ValueError, r"must be \(3, 4, 5\) bool, got \(3, 4, 4\) bool", id="hw-mismatch"),
     pytest.param(MASKS.astype(np.uint8), (4, 4), 3, ValueError, r"got \(3, 4, 4\) uint8", id="uint8"),
-    pytest.param(
-        MASKS[0], (4, 4), 1, ValueError, r"must be \(1, 4, 4\) bool, got \(4, 4\) bool", id="missing-axis"
-    ),
+    pytest.param(MASKS[0], (4, 4), 1, ValueError, r"must be \(1, 4, 4\) bool, got \(4, 4\) bool", id="missing-axis"),
 ]
 
 
@@ -112,9 +104,7 @@ CONSTRUCT = [
         r"label_map must be \(H, W\) uint8",
         id="int32-map",
     ),
-    pytest.param(
-        {"classes": CLASSES[:3]}, ValueError, r"label_map holds class 3, expected < 3", id="too-few-classes"
-    ),
+    pytest.param({"classes": CLASSES[:3]}, ValueError, r"label_map holds class 3, expected < 3", id="too-few-classes"),
     pytest.param(
         {"person_masks": MASKS[:2]},
         ValueError,
@@ -133,9 +123,7 @@ CONSTRUCT = [
         r"must be \(3, 4, 4\) bool, got \(3, 4, 5\)",
         id="mask-size-differs-from-map",
     ),
-    pytest.param(
-        {"person_masks": MASKS.astype(np.float32)}, ValueError, r"got \(3, 4, 4\) float32", id="float-masks"
-    ),
+    pytest.param({"person_masks": MASKS.astype(np.float32)}, ValueError, r"got \(3, 4, 4\) float32", id="float-masks"),
     pytest.param(
         {"person_masks": np.zeros((0, 4, 4), bool), "person_scores": np.zeros(0, np.float32)},
         None,
@@ -154,11 +142,6 @@ def test_parsing_result_validates_on_construction(
         assert result.hw == (4, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: person_scores' shape is not validated; a (1, 3) array passes "
-    "len() == 1 against one mask, so num_people=1 while three scores are held",
-)
 def test_parsing_result_rejects_two_dimensional_scores() -> None:
     with pytest.raises(ValueError):
         _result(person_masks=MASKS[:1], person_scores=np.array([[0.9, 0.5, 0.2]], np.float32))

@@ -50,6 +50,8 @@ class ParsingResult:
 
     def __post_init__(self) -> None:
         validate_label_map(self.label_map, len(self.classes))
+        if self.person_scores.ndim != 1:
+            raise ValueError(f"person_scores must be (P,), got {self.person_scores.shape}")
         validate_masks(self.person_masks, self.hw, len(self.person_scores), "person_masks")
 
     @property

@@ -48,8 +48,8 @@ def _torch_resize(img: np.ndarray, hw: tuple[int, int], dtype: type = np.float64
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()  # type: ignore[no-any-return]
 
 
-def _meta(orig: tuple[int, int]) -> PreprocessMeta:
-    new = resized_hw(orig, 640, 1333)
+def _meta(orig: tuple[int, int], short_edge: int = 640, max_long_edge: int = 1333) -> PreprocessMeta:
+    new = resized_hw(orig, short_edge, max_long_edge)
     return PreprocessMeta(orig, new, padded_hw(new, 32))
 
 
@@ -70,9 +70,7 @@ def test_softmax_matches_torch_and_survives_large_logits() -> None:
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(got, torch.softmax(torch.from_numpy(logits), -1).numpy(), atol=1e-6)
-    np.testing.assert_allclose(
-        softmax(logits, axis=0), torch.softmax(torch.from_numpy(logits), 0).numpy(), atol=1e-6
-    )
+    np.testing.assert_allclose(softmax(logits, axis=0), torch.softmax(torch.from_numpy(logits), 0).numpy(), atol=1e-6)
 
 
 def test_sigmoid_matches_torch() -> None:
@@ -127,11 +125,7 @@ def test_resize_bilinear_hand_values() -> None:
 @pytest.mark.parametrize("orig", [(150, 200), (333, 517), (720, 720), (300, 100)])
 def test_query_logits_at_matches_modelscope_chain(orig: tuple[int, int]) -> None:
     meta = _meta(orig)
-    q = (
-        np.random.default_rng(0)
-        .normal(0, 5, (meta.padded_hw[0] // 4, meta.padded_hw[1] // 4))
-        .astype(np.float32)
-    )
+    q = np.random.default_rng(0).normal(0, 5, (meta.padded_hw[0] // 4, meta.padded_hw[1] // 4)).astype(np.float32)
     padded = _torch_resize(q, meta.padded_hw)
     expected = _torch_resize(padded[: meta.resized_hw[0], : meta.resized_hw[1]], meta.orig_hw)
     got = query_logits_at(q, meta, meta.orig_hw)
@@ -159,9 +153,7 @@ def test_top_pairs_k_larger_than_pairs_returns_all() -> None:
     logits = np.zeros((2, 4), np.float32)
     scores, queries, labels = top_pairs(logits, 100)
     assert scores.shape == queries.shape == labels.shape == (6,)
-    assert sorted(zip(queries.tolist(), labels.tolist(), strict=True)) == [
-        (q, c) for q in range(2) for c in range(3)
-    ]
+    assert sorted(zip(queries.tolist(), labels.tolist(), strict=True)) == [(q, c) for q in range(2) for c in range(3)]
 
 
 @pytest.mark.parametrize(("num_queries", "num_classes", "k"), [(100, 21, 100), (10, 5, 7), (30, 21, 1)])
@@ -222,9 +214,7 @@ ARGMAX = [
         id="all-zero-pixels-are-background",
     ),
     pytest.param({1: _a([[0.5, 0.2]]), 2: _a([[0.5, 0.3]])}, (1, 2), [[1, 2]], id="tie-goes-to-lower-id"),
-    pytest.param(
-        {2: _a([[0.5, 0.3]]), 1: _a([[0.5, 0.2]])}, (1, 2), [[1, 2]], id="tie-independent-of-dict-order"
-    ),
+    pytest.param({2: _a([[0.5, 0.3]]), 1: _a([[0.5, 0.2]])}, (1, 2), [[1, 2]], id="tie-independent-of-dict-order"),
     pytest.param({0: _a([[0.6, 0.2]]), 3: _a([[0.6, 0.4]])}, (1, 2), [[0, 3]], id="tie-with-background-is-0"),
     pytest.param({7: _a([[0.1, 0.0]]), 19: _a([[0.0, 0.2]])}, (1, 2), [[7, 19]], id="absent-classes-skipped"),
     pytest.param(
@@ -244,9 +234,7 @@ ARGMAX = [
 
 
 @pytest.mark.parametrize(("probs", "out_hw", "expected"), ARGMAX)
-def test_argmax_label_map(
-    probs: dict[int, np.ndarray], out_hw: tuple[int, int], expected: list[list[int]]
-) -> None:
+def test_argmax_label_map(probs: dict[int, np.ndarray], out_hw: tuple[int, int], expected: list[list[int]]) -> None:
     got = argmax_label_map(probs, out_hw)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.array(expected, np.uint8))
@@ -278,9 +266,7 @@ WORK_HW = [
 
 
 @pytest.mark.parametrize(("orig", "resized", "mode", "expected"), WORK_HW)
-def test_work_hw_for(
-    orig: tuple[int, int], resized: tuple[int, int], mode: Any, expected: tuple[int, int]
-) -> None:
+def test_work_hw_for(orig: tuple[int, int], resized: tuple[int, int], mode: Any, expected: tuple[int, int]) -> None:
     meta = PreprocessMeta(orig, resized, padded_hw(resized, 32))
     assert work_hw_for(meta, mode) == expected
 
@@ -372,9 +358,7 @@ def test_to_result_checks_shapes(
     cls_shape: tuple[int, ...], mask_shape: tuple[int, ...], raises: type[Exception] | None
 ) -> None:
     with pytest.raises(raises, match=r"expected \(Q, C\+1\)") if raises else contextlib.nullcontext():
-        to_result(
-            np.zeros(cls_shape, np.float32), np.zeros(mask_shape, np.float32), TINY_META, TINY, TINY_CLASSES
-        )
+        to_result(np.zeros(cls_shape, np.float32), np.zeros(mask_shape, np.float32), TINY_META, TINY, TINY_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +415,13 @@ def modelscope_parsing(
         "batched_inputs": [{"height": meta.orig_hw[0], "width": meta.orig_hw[1]}],
         "images": images,
     }
-    with torch.no_grad():
-        out = model.postprocess(inputs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier than OpenMP threads on a busy CI box; restored below
+    try:
+        with torch.no_grad():
+            out = model.postprocess(inputs)
+    finally:
+        torch.set_num_threads(threads)
     return out["eval_result"][0]["parsing"]  # type: ignore[no-any-return]
 
 
@@ -474,16 +463,18 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 GEOMETRIES = [
-    pytest.param((150, 200), id="orig-smaller-than-input"),
-    pytest.param((333, 517), id="non-multiple-of-32"),
-    pytest.param((720, 720), id="orig-larger-than-input"),
-    pytest.param((300, 100), id="long-edge-capped"),
+    # (orig_hw, short_edge): the smaller short edges keep ModelScope's (Q, H, W) tensors small
+    # while the original image is larger than the model input.
+    pytest.param((150, 200), 640, id="orig-smaller-640x853-pad-to-864"),
+    pytest.param((300, 100), 640, id="orig-smaller-long-edge-capped-1333x444"),
+    pytest.param((520, 700), 384, id="orig-larger-384x517-pad-to-544"),
+    pytest.param((333, 517), 256, id="orig-larger-256x397-pad-to-416"),
 ]
 
 
-@pytest.mark.parametrize("orig", GEOMETRIES)
-def test_to_result_exact_matches_modelscope(orig: tuple[int, int], m2fp_class: type) -> None:
-    meta = _meta(orig)
+@pytest.mark.parametrize(("orig", "short_edge"), GEOMETRIES)
+def test_to_result_exact_matches_modelscope(orig: tuple[int, int], short_edge: int, m2fp_class: type) -> None:
+    meta = _meta(orig, short_edge)
     class_logits, mask_logits = synthetic_outputs(meta, seed=sum(orig))
     ref = modelscope_parsing(m2fp_class, class_logits, mask_logits, meta)
     ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode="exact")
@@ -508,6 +499,13 @@ def test_to_result_exact_matches_modelscope(orig: tuple[int, int], m2fp_class: t
     assert sorted(p.class_id for p in ours.parts) == sorted(c for _, c in ref_parts)
     np.testing.assert_allclose([p.score for p in ours.parts], [s for s, _ in ref_parts], rtol=1e-4)
 
+    if work_hw_for(meta, "fast") != orig:  # report how far the fast shortcut is from the reference
+        fast = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode="fast")
+        print(
+            f"fast vs ModelScope {orig} -> work {meta.resized_hw}: label agreement "
+            f"{float((fast.label_map == ref_map).mean()):.5f}, people {fast.num_people}/{len(humans)}"
+        )
+
 
 @pytest.mark.parametrize("orig", [(150, 200), (333, 517), (300, 100)])
 def test_to_result_fast_is_exact_when_image_smaller_than_input(orig: tuple[int, int]) -> None:
@@ -522,7 +520,7 @@ def test_to_result_fast_is_exact_when_image_smaller_than_input(orig: tuple[int, 
 
 
 @pytest.mark.parametrize("orig", [(720, 720), (1000, 1000), (700, 1100)])
-def test_to_result_fast_close_to_exact_when_image_larger(orig: tuple[int, int], m2fp_class: type) -> None:
+def test_to_result_fast_close_to_exact_when_image_larger(orig: tuple[int, int]) -> None:
     meta = _meta(orig)
     assert work_hw_for(meta, "fast") == meta.resized_hw != orig
     class_logits, mask_logits = synthetic_outputs(meta, seed=sum(orig))
@@ -535,14 +533,6 @@ def test_to_result_fast_close_to_exact_when_image_larger(orig: tuple[int, int], 
         f"people {fast.num_people}/{exact.num_people}, person IoU min {min(ious, default=1.0):.4f}, "
         f"parts {len(fast.parts)}/{len(exact.parts)}"
     )
-    if orig == (720, 720):  # also against ModelScope itself
-        ref_map = modelscope_parsing(m2fp_class, class_logits, mask_logits, meta)["semantic_outputs"].argmax(
-            0
-        )
-        print(
-            f"fast vs ModelScope {orig}: label agreement "
-            f"{float((fast.label_map == ref_map.numpy()).mean()):.5f}"
-        )
     assert fast.label_map.shape == exact.label_map.shape == orig
     assert agreement >= 0.98
     assert fast.num_people == exact.num_people >= 2

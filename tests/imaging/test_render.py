@@ -198,9 +198,7 @@ def _grey() -> np.ndarray:
 
 def _rgb() -> np.ndarray:
     # Pure red / green / blue pixels: any channel swap shows.
-    return np.array(
-        [[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[1, 2, 3], [250, 100, 5], [0, 0, 0]]], np.uint8
-    )
+    return np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[1, 2, 3], [250, 100, 5], [0, 0, 0]]], np.uint8)
 
 
 def _rgba() -> np.ndarray:
@@ -261,3 +259,20 @@ def test_b64_png_decodes_to_the_same_png(make: object) -> None:
     assert data == encode_png(image)
     with Image.open(io.BytesIO(data)) as im:
         np.testing.assert_array_equal(np.asarray(im), image)
+
+
+VIEWS = [
+    # (make a non-contiguous view of a test image)
+    pytest.param(lambda: _grey()[:, ::-1], id="grey-flipped"),
+    pytest.param(lambda: _grey().T, id="grey-transposed"),
+    pytest.param(lambda: _rgb()[:, ::-1], id="rgb-flipped"),
+    pytest.param(lambda: _rgb()[..., ::-1], id="rgb-channels-reversed-view"),
+    pytest.param(lambda: _rgba().transpose(1, 0, 2), id="rgba-transposed"),
+]
+
+
+@pytest.mark.parametrize("make", VIEWS)
+def test_encode_png_of_non_contiguous_views(make: object) -> None:
+    view = make()  # type: ignore[operator]
+    with Image.open(io.BytesIO(encode_png(view))) as im:
+        np.testing.assert_array_equal(np.asarray(im), view)

@@ -11,9 +11,10 @@ Two exact shortcuts keep it fast without changing any result:
   paste 0.5) cannot pass after multiplying by a mask score <= 1, so its mask is never upsampled;
 - a query's mask and mask score do not depend on the class, so each is computed once.
 
-``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or the
-resized model-input size (``fast``) with the label map then resized by nearest neighbour and
-person masks thresholded after a bilinear resize of their logits.
+``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or (``fast``)
+the resized model-input size when that is smaller, with each class's probability map then
+resized bilinearly before the argmax and person masks thresholded after a bilinear resize of
+their logits.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
+    with np.errstate(over="ignore"):  # exp overflows to inf for logits < -88: sigmoid is then 0, as it should be
+        return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
 
 
 def resize_bilinear(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -25,14 +25,20 @@ class PreprocessMeta:
 
 
 def resized_hw(orig_hw: tuple[int, int], short_edge: int, max_long_edge: int) -> tuple[int, int]:
-    """ModelScope's ``_get_preprocess_shape``: the resized (height, width)."""
+    """ModelScope's ``_get_preprocess_shape``: the resized (height, width).
+
+    One difference: a side that would round to 0 (images thinner than about 1:1300, which make
+    ModelScope's resize fail) is kept at 1 pixel.
+    """
     h, w = orig_hw
+    if h < 1 or w < 1:
+        raise ValueError(f"image has no pixels: {h}x{w}")
     scale = short_edge * 1.0 / min(h, w)
     new_h, new_w = (short_edge * 1.0, scale * w) if h < w else (scale * h, short_edge * 1.0)
     if max(new_h, new_w) > max_long_edge:
         scale = max_long_edge * 1.0 / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def padded_hw(hw: tuple[int, int], divisibility: int) -> tuple[int, int]:
@@ -50,7 +56,7 @@ def prepare(image_rgb: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, Pre
         ``(tensor, meta)``: tensor is (1, 3, Hp, Wp) float32 RGB in 0..255, padded with the
         policy's pad colour (the normalisation mean, i.e. zero after the graph normalises).
     """
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8 or 0 in image_rgb.shape:
         raise ValueError(f"expected (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
     orig = (int(image_rgb.shape[0]), int(image_rgb.shape[1]))
     new_hw = resized_hw(orig, policy.short_edge, policy.max_long_edge)
