@@ -56,6 +56,16 @@ def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tu
     return resize_bilinear(cropped, work_hw)
 
 
+def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``sigmoid(x)`` written into ``out`` (same shape, float32) without temporaries."""
+    with np.errstate(over="ignore"):
+        np.negative(x, out=out)
+        np.exp(out, out=out)
+        out += 1.0
+        np.reciprocal(out, out=out)
+    return out
+
+
 def mask_score(logits: np.ndarray) -> float:
     """Mean sigmoid over the mask's positive pixels (ModelScope's mask_scores_per_image)."""
     positive = logits > 0
@@ -127,42 +137,47 @@ def to_result(
 
     scores, queries, labels = top_pairs(class_logits, settings.test_topk_per_image)
     live = scores >= floor  # pairs that can still pass some threshold after the mask score
-    logits_by_query: dict[int, np.ndarray] = {}
-    mscore_by_query: dict[int, float] = {}
-    for q in np.unique(queries[live]):
-        logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
-        logits_by_query[int(q)] = logits
-        mscore_by_query[int(q)] = mask_score(logits)
-
     probs: dict[int, np.ndarray] = {}
     counts: dict[int, np.ndarray] = {}
-    people: list[tuple[float, int]] = []
+    people: list[tuple[float, np.ndarray]] = []  # (score, (H, W) bool mask at the original size)
     parts: list[PartInstance] = []
-    for score, q, label in zip(scores[live], queries[live], labels[live], strict=True):
-        q, label = int(q), int(label)
-        final = float(score) * mscore_by_query[q]
-        if label == human:
-            if final > settings.human_score_thr:
-                people.append((final, q))
-            continue
-        if label != 0 and final >= settings.part_score_thr:
-            parts.append(PartInstance(label, final))
-        if final < settings.parsing_ins_score_thr or label >= num_parsing:
-            continue
-        weighted = sigmoid(logits_by_query[q]) * np.float32(final)
-        hit = weighted > 0.5
-        if label not in probs:
-            probs[label] = np.zeros(work_hw, np.float32)
-            counts[label] = np.zeros(work_hw, np.float32)
-        probs[label] += np.where(hit, weighted, 0.0).astype(np.float32)
-        counts[label] += hit
+    sig = np.empty(work_hw, np.float32)
+    # One query at a time: its mask is upsampled, squashed and scored once for all of its
+    # (query, class) pairs, and only a few work-size buffers are alive at any moment.
+    for q in np.unique(queries[live]):
+        logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
+        positive = logits > 0
+        sigmoid_into(logits, sig)
+        mscore = float(sig.sum(where=positive, dtype=np.float64) / (np.count_nonzero(positive) + 1e-6))
+        pairs = live & (queries == q)
+        for score, label in zip(scores[pairs], labels[pairs], strict=True):
+            label = int(label)
+            final = np.float32(score) * np.float32(mscore)
+            if label == human:
+                if final > settings.human_score_thr:
+                    mask = positive if work_hw == meta.orig_hw else resize_bilinear(logits, meta.orig_hw) > 0
+                    people.append((float(final), mask))
+                continue
+            if label != 0 and final >= settings.part_score_thr:
+                parts.append(PartInstance(label, float(final)))
+            if final < settings.parsing_ins_score_thr or label >= num_parsing:
+                continue
+            weighted = sig * final
+            hit = weighted > 0.5
+            if label not in probs:
+                probs[label] = np.zeros(work_hw, np.float32)
+                counts[label] = np.zeros(work_hw, np.float32)
+            np.add(probs[label], weighted, out=probs[label], where=hit)
+            counts[label] += hit
 
-    label_map = argmax_label_map({c: probs[c] / np.maximum(counts[c], 1.0) for c in probs}, meta.orig_hw)
+    for c in probs:
+        probs[c] /= np.maximum(counts[c], 1.0)
+    label_map = argmax_label_map(probs, meta.orig_hw)
 
     people.sort(key=lambda p: -p[0])
     masks = np.zeros((len(people), *meta.orig_hw), bool)
-    for i, (_, q) in enumerate(people):
-        masks[i] = resize_bilinear(logits_by_query[q], meta.orig_hw) > 0
+    for i, (_, mask) in enumerate(people):
+        masks[i] = mask
     parts.sort(key=lambda p: -p.score)
     return ParsingResult(
         label_map=label_map,
