@@ -9,12 +9,15 @@ records in its profile of one run of the unoptimised graph at that size. GridSam
 (deformable attention), Softmax, normalisation and element-wise ops are not counted; their
 element counts are reported so the reader can see what the floor leaves out.
 
-The rate is float32 GEMM with 2 threads, measured two ways on shapes like the network's
-largest convolutions (im2col) and a square one: numpy ``matmul`` (OpenBLAS) and an ONNX
-Runtime graph holding a single MatMul (MLAS, the kernels ORT's Conv uses). The best sustained
-rate is the machine's rate; floor = FLOPs / rate. Our inference time is measured here with
-``ParsingEngine`` (2 intra-op threads) on the same padded tensor, and the per-op-type split of
-that time comes from an ONNX Runtime profile of the optimised session.
+The rate is float32 with 2 threads, probed three ways on shapes like the network's (3x3 convs
+as im2col GEMMs, and a square GEMM): numpy ``matmul`` (OpenBLAS), an ONNX Runtime graph holding
+a single MatMul (MLAS), and one holding a single 3x3 Conv (ORT's NCHWc kernels, which run faster
+than its MatMul on this CPU; most of the network's FLOPs are convolutions). The floor is a
+bound, so it takes the best call of any probe; the ORT probes also run on 1 thread, and twice
+that rate is reported too, as what both cores give when no other process is using them.
+floor = FLOPs / rate. Our inference time is measured here with ``ParsingEngine`` (2 intra-op
+threads) on the same padded tensor, and the per-op-type split of that time comes from an ONNX
+Runtime profile of a session set up like the engine's.
 
 Usage::
 
@@ -217,7 +220,9 @@ def _ort_session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _single_op_model(node: onnx.NodeProto, x_shape: list[int], y_shape: list[int], weight: np.ndarray) -> onnx.ModelProto:
+def _single_op_model(
+    node: onnx.NodeProto, x_shape: list[int], y_shape: list[int], weight: np.ndarray
+) -> onnx.ModelProto:
     graph = helper.make_graph(
         [node], "probe",
         [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, x_shape)],
@@ -243,14 +248,14 @@ def gemm_rates(seconds: float) -> list[dict[str, Any]]:
         flops = 2.0 * m * k * n
         c = np.empty((m, n), np.float32)
         rows.append({"probe": "numpy matmul", "shape": f"{m}x{k}x{n}", "threads": THREADS,
-                     **_sustained(lambda: np.matmul(a, b, out=c), flops, seconds)})
+                     **_sustained(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), flops, seconds)})
         proto = _single_op_model(helper.make_node("MatMul", ["X", "W"], ["Y"]), [m, k], [m, n], b)
         for threads in (THREADS, 1):
             session = _ort_session(proto, threads)
             rows.append({"probe": "ORT MatMul", "shape": f"{m}x{k}x{n}", "threads": threads,
-                         **_sustained(lambda s=session: s.run(["Y"], {"X": a}), flops, seconds)})
+                         **_sustained(lambda s=session, a=a: s.run(["Y"], {"X": a}), flops, seconds)})
     for channels, (h, w) in CONV_PROBES:
-        weight = (rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.01)
+        weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.01
         x = rng.standard_normal((1, channels, h, w), dtype=np.float32)
         node = helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])
         proto = _single_op_model(node, [1, channels, h, w], [1, channels, h, w], weight)
@@ -294,14 +299,12 @@ def our_inference(model_path: Path, repeat: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     del engine
 
-    # Same options as the engine, plus profiling, for the split (one extra run after a warm-up).
+    # Same options as the engine, plus profiling, for the split: a warm-up run, then the one used.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    session.run(None, {"image": tensor})
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"m2fp-floor-opt-{os.getpid()}")
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -44,6 +44,8 @@ from PIL import Image
 THREADS = 2
 PHOTO_WH = (1280, 720)
 CHILD_KINDS = ("reference", "ours-exact", "ours-fast")
+# A round where other processes kept more than this many cores busy on average is flagged noisy.
+NOISY_CORES = 0.2
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ def child_reference(args: argparse.Namespace) -> dict[str, Any]:
     from modelscope.pipelines.cv.image_human_parsing_pipeline import ImageHumanParsingPipeline
 
     model = loaded.model
-    model_dir = Path(tempfile.mkdtemp(prefix="m2fp-bench-ref-"))
+    model_dir = Path(args.scratch) / "reference-model-dir"  # the parent removes scratch afterwards
+    model_dir.mkdir(exist_ok=True)
     config = {"framework": "pytorch", "task": "image-segmentation", "pipeline": {"type": "image-human-parsing"},
               "model": loaded.model_cfg}
     (model_dir / "configuration.json").write_text(json.dumps(config))
@@ -221,7 +224,7 @@ def child_ours(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     runs: list[dict[str, float]] = []
     label_map = None
-    people = 0
+    people = parts = 0
     for i in range(args.repeat + 1):
         t = time.perf_counter()
         decoded = decode_image(jpeg, max_pixels=50_000_000, max_side=16384).rgb
@@ -389,6 +392,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ours = results[kind]
         summary[kind] = {
             "speedup_end_to_end": ref["median"]["end_to_end_s"] / ours["median"]["end_to_end_s"],
+            # Other processes only ever add time, so the fastest run is the least disturbed one.
+            "speedup_end_to_end_best_runs": min(r["end_to_end_s"] for r in ref["runs"])
+            / min(r["end_to_end_s"] for r in ours["runs"]),
             "speedup_end_to_end_with_decode": ref["median"]["end_to_end_s"]
             / ours["median"]["end_to_end_with_decode_s"],
             "speedup_network": ref["median"]["network_s"] / ours["median"]["infer_s"],
@@ -413,23 +419,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['rounds_run']} round(s) x {report['repeat']} timed runs per path (each child warms up once), "
         f"medians over all timed runs, peak = highest of the rounds; {report['date']}.",
         "",
-        "| path | end to end (s) | speed-up vs ref | peak RSS (MB) | peak vs ref | "
-        "peak − baseline (MB) | vs ref | baseline RSS (MB) | other processes (cores busy) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | end to end, median (s) | speed-up vs ref | best run (s) | speed-up, best runs | "
+        "peak RSS (MB) | peak vs ref | peak − baseline (MB) | vs ref | baseline RSS (MB) | "
+        "other processes (cores busy) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def row(name: str, r: dict[str, Any], speed: str, peak_frac: str, delta_frac: str) -> str:
+    def row(name: str, r: dict[str, Any], cells: tuple[str, str, str, str]) -> str:
         m = r["memory"]
-        return (f"| {name} | {r['median']['end_to_end_s']:.3f} | {speed} | {m['peak_rss_mb']:.0f} | {peak_frac} | "
-                f"{m['peak_minus_baseline_mb']:.0f} | {delta_frac} | {m['baseline_rss_mb']:.0f} | "
-                f"{r['other_processes_cores']:.2f} |")
+        speed, best_speed, peak_frac, delta_frac = cells
+        best = min(run["end_to_end_s"] for run in r["runs"])
+        return (f"| {name} | {r['median']['end_to_end_s']:.3f} | {speed} | {best:.3f} | {best_speed} | "
+                f"{m['peak_rss_mb']:.0f} | {peak_frac} | {m['peak_minus_baseline_mb']:.0f} | {delta_frac} | "
+                f"{m['baseline_rss_mb']:.0f} | {r['other_processes_cores']:.2f} |")
 
-    lines.append(row("reference: PyTorch eager + ModelScope pipeline", ref, "1.00x", "1.00", "1.00"))
+    lines.append(row("reference: PyTorch eager + ModelScope pipeline", ref, ("1.00x", "1.00x", "1.00", "1.00")))
     for kind in ("ours-exact", "ours-fast"):
         s = summ[kind]
         lines.append(row(f"ours, `{kind.split('-')[1]}` post-processing", res[kind],
-                         f"**{s['speedup_end_to_end']:.2f}x**", f"**{s['peak_rss_fraction']:.2f}**",
-                         f"{s['peak_minus_baseline_fraction']:.2f}"))
+                         (f"**{s['speedup_end_to_end']:.2f}x**", f"{s['speedup_end_to_end_best_runs']:.2f}x",
+                          f"**{s['peak_rss_fraction']:.2f}**", f"{s['peak_minus_baseline_fraction']:.2f}")))
     lines += [
         "",
         "Where the time goes (medians, s):",
@@ -455,8 +464,9 @@ def markdown(report: dict[str, Any]) -> str:
         cells += [f"{r[k]['median']['end_to_end_s']:.2f} s; {sm[k]['speedup_end_to_end']:.2f}x; "
                   f"{r[k]['memory']['peak_rss_mb']:.0f}; {r[k]['other_processes_cores']:.2f}"
                   for k in ("ours-exact", "ours-fast")]
-        lines.append(f"| {n} | {' | '.join(cells)} | {sm['ours-exact']['cpu_seconds_ratio']:.2f}x / "
-                     f"{sm['ours-fast']['cpu_seconds_ratio']:.2f}x |")
+        noisy = max(r[k]["other_processes_cores"] for k in CHILD_KINDS) > NOISY_CORES
+        lines.append(f"| {n}{' (noisy)' if noisy else ''} | {' | '.join(cells)} | "
+                     f"{sm['ours-exact']['cpu_seconds_ratio']:.2f}x / {sm['ours-fast']['cpu_seconds_ratio']:.2f}x |")
     c = report["checks"]
     lines += [
         "",
