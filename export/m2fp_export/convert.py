@@ -27,7 +27,7 @@ from m2fp_service.modelcard import CARD_KEY, InferenceSettings, InputPolicy, Mod
 from . import __version__
 from .errors import ParityError
 from .source import LoadedModel, sha256_file
-from .tracing import shape_generic_encoder
+from .tracing import export_patches
 
 log = logging.getLogger("m2fp_export")
 
@@ -92,7 +92,7 @@ def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> Non
     """Traces the wrapper with dynamic H/W and writes a plain ONNX file to ``path``."""
     wrapper = M2FPOnnxWrapper(model).eval()
     example = torch.from_numpy(_to_input(synthetic_image(opts.trace_hw), InputPolicy().pad_rgb))
-    with warnings.catch_warnings(), shape_generic_encoder(), torch.no_grad():
+    with warnings.catch_warnings(), export_patches(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about ModelScope's Python-side asserts
         torch.onnx.export(
             wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),

@@ -1,13 +1,22 @@
-"""Shape-generic replacements for the two ModelScope functions that freeze shapes when traced.
+"""Export-time replacements for three ModelScope functions, patched in only while tracing.
+
+Two of them freeze shapes when traced; the third does work the exported graph does not need.
 
 ``MSDeformAttnTransformerEncoderOnly.forward`` builds the level shapes with
 ``torch.as_tensor([(h, w), ...])`` and ``get_reference_points`` loops over them with
 ``torch.linspace``; under ``torch.jit.trace`` both become constants of the example input, so the
 exported graph would only accept that one size. The versions here compute the same values from
-traced shapes. They are patched in only while exporting (:func:`shape_generic_encoder`); the
+traced shapes. They are patched in only while exporting (:func:`export_patches`); the
 export check compares the result against ModelScope's unpatched forward.
 
 Both assume what M2FP inference always has: no padding masks (``valid_ratios`` are exactly 1).
+
+``MultiScaleMaskedTransformerDecoder.forward_prediction_heads`` computes every decoder layer's
+full quarter-resolution masks (100 x 256 x H/4 x W/4 multiply-adds each) and then shrinks them
+bilinearly to build the next layer's attention mask. Bilinear resizing is linear per channel, so
+``resize(einsum(E, F)) == einsum(E, resize(F))``: resizing the mask features instead gives the
+same attention masks from a far smaller product, and the graph keeps the full-size product only
+where it is an output (the last layer); tracing drops the rest. Equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def _encoder_only_forward(self: Any, srcs: list[torch.Tensor], masks: Any, pos_embeds: list[torch.Tensor]) -> Any:
@@ -47,19 +57,32 @@ def _reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor, 
     return points[:, :, None] * valid_ratios[:, None]
 
 
+def _prediction_heads(self: Any, output: torch.Tensor, mask_features: torch.Tensor,
+                      attn_mask_target_size: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    decoder_output = self.decoder_norm(output).transpose(0, 1)
+    outputs_class = self.class_embed(decoder_output)
+    mask_embed = self.mask_embed(decoder_output)
+    outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+    small_features = F.interpolate(mask_features, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+    attn_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, small_features)
+    attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+    return outputs_class, outputs_mask, attn_mask.bool().detach()
+
+
 @contextlib.contextmanager
-def shape_generic_encoder() -> Iterator[None]:
-    """Patches ModelScope's MSDeformAttn encoder for tracing, restoring it afterwards."""
+def export_patches() -> Iterator[None]:
+    """Patches ModelScope's encoder and decoder for tracing, restoring them afterwards."""
+    from modelscope.models.cv.image_human_parsing.m2fp import m2fp_decoder as dec
     from modelscope.models.cv.image_instance_segmentation.maskdino import maskdino_encoder as enc
 
     only_cls = enc.MSDeformAttnTransformerEncoderOnly
     encoder_cls = enc.MSDeformAttnTransformerEncoder
-    saved_forward = only_cls.forward
-    saved_refs = encoder_cls.__dict__["get_reference_points"]
+    decoder_cls = dec.MultiScaleMaskedTransformerDecoder
+    saved = (only_cls.forward, encoder_cls.__dict__["get_reference_points"], decoder_cls.forward_prediction_heads)
     only_cls.forward = _encoder_only_forward  # type: ignore[method-assign]
     encoder_cls.get_reference_points = staticmethod(_reference_points)  # type: ignore[method-assign]
+    decoder_cls.forward_prediction_heads = _prediction_heads  # type: ignore[method-assign]
     try:
         yield
     finally:
-        only_cls.forward = saved_forward  # type: ignore[method-assign]
-        encoder_cls.get_reference_points = saved_refs  # type: ignore[method-assign]
+        only_cls.forward, encoder_cls.get_reference_points, decoder_cls.forward_prediction_heads = saved
