@@ -89,6 +89,41 @@ def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_parse)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from m2fp_service.api.serve import serve
+    from m2fp_service.config import Settings
+
+    overrides = {k: v for k, v in (("model", args.model), ("host", args.host), ("port", args.port)) if v is not None}
+    return serve(Settings(**overrides))
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (REST API, WebUI, /docs)",
+                       description="Serve the REST API, the WebUI at / and the docs at /docs. Settings come "
+                                   "from M2FP_* environment variables (README); these options override them. "
+                                   "SIGTERM/Ctrl-C: stop accepting, finish in-flight requests, exit 0.")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH.onnx",
+                   help="ONNX model (default: $M2FP_MODEL or models/m2fp.onnx)")
+    p.add_argument("--host", default=None, help="bind address (default: $M2FP_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: $M2FP_PORT or 8000)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from m2fp_service.api.serve import write_openapi
+
+    return write_openapi(args.output, check=args.check)
+
+
+def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("openapi", help="write the OpenAPI document (openapi/openapi.json)",
+                       description="Write the OpenAPI document the service serves, or --check that it is current.")
+    p.add_argument("-o", "--output", type=Path, default=Path("openapi/openapi.json"),
+                   help="where to write it (default: openapi/openapi.json)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs instead of writing it")
+    p.set_defaults(func=_cmd_openapi)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2fp", description="Multi-person human parsing (M2FP) on ONNX Runtime")
     from m2fp_service import __version__
@@ -97,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_parse(sub)
+    _add_serve(sub)
+    _add_openapi(sub)
     return parser
 
 

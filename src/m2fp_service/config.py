@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     mask_resolution: Literal["exact", "fast"] = Field(
         "exact", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
                             "input resolution, upsampled at the end ('fast')")
-    api_key: str | None = Field(None, description="If set, /api/* requires header X-API-Key with this value")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
+    api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")

@@ -72,3 +72,17 @@ class ModelLoadError(ServiceError):
     """The model file is missing, unreadable or has no usable model card."""
 
     code, status = 1012, 500
+
+
+class NotFound(ServiceError):
+    code, status = 1013, 404
+
+
+class MethodNotAllowed(ServiceError):
+    code, status = 1014, 405
+
+
+class UploadTimeout(ServiceError):
+    """The client did not finish sending its upload in time."""
+
+    code, status = 1015, 408

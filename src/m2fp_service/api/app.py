@@ -1,0 +1,151 @@
+"""``create_app(settings)``: the FastAPI application.
+
+The lifespan starts loading the model on a background thread and returns at once, so the
+server answers ``/healthz`` (and ``/readyz`` 503) while a big model loads and warms up. If
+loading fails the app keeps running: ``/readyz`` stays 503 and ``/api/parse`` answers
+``ModelNotReady`` with the reason and how to get a model. On shutdown the worker pool drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+
+from m2fp_service import __version__
+from m2fp_service.api.deps import ModelSlot
+from m2fp_service.api.errors import internal_error_response, register_error_handlers
+from m2fp_service.api.logging import RequestContextMiddleware
+from m2fp_service.api.metrics import Metrics
+from m2fp_service.api.routes import health, info, parse
+from m2fp_service.api.routes.info import UNTRAINED_WARNING
+from m2fp_service.api.workers import WorkerPool
+from m2fp_service.config import Settings
+from m2fp_service.engine import ParsingEngine
+from m2fp_service.errors import ServiceError
+
+log = logging.getLogger("m2fp.api")
+
+DESCRIPTION = """\
+Multi-person human parsing (M2FP) on ONNX Runtime, on the CPU.
+
+`POST /api/parse` takes a photo (multipart field `image`) and labels every pixel with a body part
+or clothing class, keeping the seed service's JSON envelope. Extra outputs (label map, overlay,
+people, areas, RGBA cutout) are opt-in with `outputs`. Errors use the same envelope with a
+non-zero `code` and a real HTTP status. Every response carries `X-Request-ID`.
+
+The M2FP weights are licensed **CC BY-NC 4.0** (non-commercial). `GET /api/info` says whether the
+loaded model is trained; an untrained demo model returns meaningless parts.
+"""
+
+TAGS = [
+    {"name": "parse", "description": "Human parsing"},
+    {"name": "info", "description": "Model card and limits"},
+    {"name": "ops", "description": "Health, readiness and metrics"},
+]
+
+
+def operation_id(route: APIRoute) -> str:
+    """Stable operation ids (``parse``, ``get_info``...) so diffs of openapi.json stay readable."""
+    return route.name
+
+
+def _webui_dir() -> str:
+    return str(resources.files("m2fp_service") / "webui")
+
+
+def _load(settings: Settings) -> ParsingEngine:
+    return ParsingEngine(settings.model, settings.threads_per_worker())
+
+
+async def _load_model(app: FastAPI, settings: Settings) -> None:
+    slot: ModelSlot = app.state.model
+    metrics: Metrics = app.state.metrics
+    log.info("loading model %s (%d worker(s), %d thread(s) each)", settings.model, settings.workers,
+             settings.threads_per_worker())
+    try:
+        engine = await asyncio.to_thread(_load, settings)
+    except ServiceError as exc:
+        slot.status, slot.detail = "failed", exc.message
+        log.error("MODEL NOT LOADED, /api/parse answers 503 until it is fixed: %s", exc.message)
+        return
+    except Exception as exc:  # a model that breaks warm-up: report it instead of dying
+        slot.status, slot.detail = "failed", f"{type(exc).__name__}: {exc}"
+        log.exception("MODEL NOT LOADED: unexpected error")
+        return
+    slot.engine, slot.status, slot.detail = engine, "ready", None
+    metrics.model_ready.set(1)
+    metrics.model_trained.set(1 if engine.card.trained else 0)
+    log.info("model ready in %.2f s: %s, %d classes, trained=%s, licence %s", engine.load_seconds,
+             settings.model.name, len(engine.card.parsing_classes), engine.card.trained, engine.card.license)
+    if not engine.card.trained:
+        for line in ("!" * 78, UNTRAINED_WARNING, "!" * 78):
+            log.warning(line)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    pool = WorkerPool(settings.workers, settings.queue_size)
+    app.state.pool = pool
+    app.state.metrics.bind_pool(lambda: pool.waiting, lambda: pool.running)
+    loader = asyncio.create_task(_load_model(app, settings))
+    try:
+        yield
+    finally:
+        if not loader.done():
+            await asyncio.wait([loader], timeout=settings.shutdown_timeout_s)
+        log.info("draining the worker pool")
+        await asyncio.to_thread(pool.shutdown)
+        app.state.model.status, app.state.model.detail = "failed", "server shut down"
+        app.state.metrics.model_ready.set(0)
+        log.info("worker pool drained")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application for ``settings``; nothing is read from the environment here."""
+    app = FastAPIOffline(
+        title="m2fp-service",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        license_info={"name": "Service: Apache-2.0; M2FP weights: CC BY-NC 4.0",
+                      "url": "https://creativecommons.org/licenses/by-nc/4.0/"},
+        generate_unique_id_function=operation_id,
+        # No validator badge: it would make the browser call validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True},
+        lifespan=_lifespan,
+        favicon_url=None,
+    )
+    app.state.settings = settings
+    app.state.model = ModelSlot()
+    app.state.metrics = Metrics()
+    register_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
+        )
+    app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
+    app.include_router(parse.router)
+    app.include_router(info.router)
+    app.include_router(health.router)
+
+    webui = _webui_dir()
+    app.mount("/webui", StaticFiles(directory=webui), name="webui")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(f"{webui}/index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,74 @@
+"""Dependencies of the routes: typed ``Annotated`` aliases over ``app.state``."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from m2fp_service.api.metrics import Metrics
+from m2fp_service.api.workers import WorkerPool
+from m2fp_service.config import Settings
+from m2fp_service.engine import ParsingEngine
+from m2fp_service.errors import ModelNotReady, Unauthorized
+
+
+@dataclass
+class ModelSlot:
+    """The engine once loaded and warm, or why it is not there (yet)."""
+
+    status: Literal["loading", "ready", "failed"] = "loading"
+    engine: ParsingEngine | None = None
+    detail: str | None = "the model is loading"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_slot(request: Request) -> ModelSlot:
+    return request.app.state.model  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> ParsingEngine:
+    """The ready engine, or ``ModelNotReady`` (503) saying why not."""
+    slot: ModelSlot = request.app.state.model
+    if slot.status != "ready" or slot.engine is None:
+        raise ModelNotReady(f"model not ready ({slot.status}): {slot.detail}")
+    return slot.engine
+
+
+def get_pool(request: Request) -> WorkerPool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="ApiKey",
+    description="Required only when the server sets M2FP_API_KEY",
+)
+
+
+def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """Checks X-API-Key when the server has one configured (constant-time comparison)."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    if key is None:
+        raise Unauthorized("missing header X-API-Key: this server requires an API key")
+    if not hmac.compare_digest(key.encode(), expected.encode()):
+        raise Unauthorized("wrong X-API-Key")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SlotDep = Annotated[ModelSlot, Depends(get_slot)]
+EngineDep = Annotated[ParsingEngine, Depends(get_engine)]
+PoolDep = Annotated[WorkerPool, Depends(get_pool)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ApiKeyDep = Annotated[None, Depends(require_api_key)]

@@ -1,0 +1,87 @@
+"""The one place where errors become HTTP responses.
+
+Every error answer is the envelope ``{"code": <nonzero>, "message": "...", "data": null}`` with
+the status of the ``ServiceError`` class (see ``m2fp_service.errors``). FastAPI's request
+validation errors and Starlette's 404/405 are converted to ``ServiceError`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from m2fp_service.errors import InvalidParameter, MethodNotAllowed, NotFound, ServiceError
+
+log = logging.getLogger("m2fp.api")
+
+INTERNAL_ERROR_CODE = ServiceError.code
+
+
+def error_body(code: int, message: str) -> dict[str, object]:
+    return {"code": code, "message": message, "data": None}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    """The envelope and status for a ``ServiceError``; ``Retry-After`` when the class has one."""
+    headers = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(int(retry_after))
+    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+
+
+def internal_error_response(request_id: str) -> JSONResponse:
+    """A server fault nobody anticipated (the traceback goes to the log, not the client)."""
+    return JSONResponse(
+        error_body(INTERNAL_ERROR_CODE, f"internal server error; quote request id {request_id} when reporting it"),
+        status_code=500,
+    )
+
+
+def _from_validation(exc: RequestValidationError) -> ServiceError:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return InvalidParameter("invalid request: " + "; ".join(problems))
+
+
+def _from_http(exc: StarletteHTTPException, request: Request) -> ServiceError:
+    if exc.status_code == 404:
+        return NotFound(f"no such endpoint: {request.method} {request.url.path}; see /docs")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; see /docs")
+    err = ServiceError(str(exc.detail))
+    err.status = exc.status_code
+    return err
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.status >= 500 and exc.status != 503:  # 503s are routine under load: counted in metrics, not logged
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(_from_validation(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    response = error_response(_from_http(exc, request))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Installs the handlers; unexpected exceptions are handled by the request middleware."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,90 @@
+"""GET /api/info: the model card (classes, palette, input policy, trained or not, licence) and limits."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import asdict
+from importlib import metadata
+
+from fastapi import APIRouter
+
+from m2fp_service import __version__
+from m2fp_service.api.deps import SettingsDep, SlotDep
+from m2fp_service.config import Settings
+from m2fp_service.schemas import OUTPUT_DOCS, InfoResponse, ModelInfo
+
+router = APIRouter(tags=["info"])
+
+UNTRAINED_WARNING = (
+    "UNTRAINED DEMO MODEL: these weights were never trained, so the parts and people it returns are "
+    "meaningless. Get the real M2FP model with `m2fp export -o models/m2fp.onnx` (downloads "
+    "damo/cv_resnet101_image-multiple-human-parsing from ModelScope) or `m2fp export --checkpoint DIR "
+    "-o models/m2fp.onnx` from a local copy, then restart (M2FP_MODEL points at the file)."
+)
+LICENSE_NOTE = "The M2FP weights and code are licensed CC BY-NC 4.0: non-commercial use only."
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    return {
+        "m2fp_service": __version__,
+        "python": platform.python_version(),
+        **{pkg: _version(pkg) for pkg in ("onnxruntime", "numpy", "opencv-python-headless", "fastapi")},
+    }
+
+
+def _limits(settings: Settings) -> dict[str, object]:
+    return {
+        "max_upload_bytes": settings.max_upload_bytes,
+        "max_pixels": settings.max_pixels,
+        "max_side": settings.max_side,
+        "request_timeout_s": settings.request_timeout_s,
+        "accepted_formats": ["JPEG", "PNG", "WebP", "BMP"],
+    }
+
+
+@router.get("/api/info", response_model=InfoResponse)
+async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
+    """Model card and serving settings: classes, palette, input policy, trained or not, licence, limits."""
+    engine = slot.engine if slot.status == "ready" else None
+    card = engine.card if engine else None
+    warnings = [LICENSE_NOTE]
+    if card is not None and not card.trained:
+        warnings.insert(0, UNTRAINED_WARNING)
+    if slot.status != "ready":
+        warnings.insert(0, f"model {slot.status}: {slot.detail}")
+    model = None
+    if engine is not None and card is not None:
+        model = ModelInfo(
+            file=engine.model_path.name, trained=card.trained, license=card.license, source=card.source,
+            architecture=card.architecture, exporter=card.exporter, notes=card.notes,
+            load_seconds=round(engine.load_seconds, 3),
+        )
+    return InfoResponse(
+        service="m2fp-service",
+        version=__version__,
+        status=slot.status,
+        detail=None if slot.status == "ready" else slot.detail,
+        warnings=warnings,
+        trained=card.trained if card else None,
+        model=model,
+        classes=card.parsing_classes if card else [],
+        palette=[list(c) for c in card.palette[: len(card.parsing_classes)]] if card else [],
+        input_policy=asdict(card.input_policy) if card else None,
+        inference=asdict(card.inference) if card else None,
+        outputs=OUTPUT_DOCS,
+        limits=_limits(settings),
+        workers={"workers": settings.workers, "queue_size": settings.queue_size,
+                 "threads_per_worker": settings.threads_per_worker(), "mode": "threads, one shared session",
+                 "mask_resolution": settings.mask_resolution},
+        api_key_required=settings.api_key is not None,
+        versions=dict(versions()),
+    )
