@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,6 @@ class ParsingEngine:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         self.warm = False
         if warmup:
