@@ -47,6 +47,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from _report import emit  # noqa: E402  (bench/ is the script directory)
 from onnx import helper, shape_inference  # noqa: E402
 
 PADDED_HW = (640, 1152)  # 1280x720 photo -> short edge 640 -> 640x1138 -> padded to /32
@@ -400,13 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops": flops, "gemm": gemm, "rates": rates, "floor_s": floors,
         "ours": ours, "ours_over_floor": {k: ours["infer_s_median"] / v for k, v in floors.items()},
     }
-    table = markdown(report)
-    report["markdown"] = table
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out}", file=sys.stderr)
+    emit(report, markdown, args.out)
     return 0
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import emit  # noqa: E402  (bench/ is the script directory)
 from PIL import Image
 
 THREADS = 2
@@ -529,13 +530,7 @@ def parent(args: argparse.Namespace) -> int:
         "rounds": [{"results": r, "summary": summarize(r)} for r in rounds],
         "checks": checks,
     }
-    table = markdown(report)
-    report["markdown"] = table
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.out}", file=sys.stderr)
+    emit(report, markdown, args.out)
     return 0
 
 
