@@ -57,6 +57,7 @@ test-fast: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check src export tests bench
+	$(VENV)/bin/mypy src/m2fp_service
 
 openapi: install
 	$(VENV)/bin/m2fp openapi -o openapi/openapi.json

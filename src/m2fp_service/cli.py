@@ -12,7 +12,7 @@ from pathlib import Path
 def _cmd_export(args: argparse.Namespace) -> int:
     from m2fp_export.cli import run
 
-    return run(args)
+    return int(run(args))
 
 
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -52,7 +52,7 @@ class ParseParams(BaseModel):
                 f"unknown output(s) {', '.join(map(repr, unknown))} in 'outputs'; "
                 f"valid ones: {', '.join(OUTPUT_NAMES)} (or 'all')"
             )
-        return cls(outputs=frozenset(names))  # type: ignore[arg-type]
+        return cls(outputs=frozenset(names))
 
 
 class PersonOut(BaseModel):

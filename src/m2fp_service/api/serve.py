@@ -55,7 +55,7 @@ def serve(settings: Settings) -> int:
 
 def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
     """The OpenAPI document the app serves (it does not depend on settings or the model)."""
-    return create_app(settings or Settings()).openapi()  # type: ignore[call-arg]
+    return create_app(settings or Settings()).openapi()
 
 
 def openapi_text(settings: Settings | None = None) -> str:

@@ -46,7 +46,7 @@ def resize_bilinear(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a (H, W) float32 map, half-pixel centres (= torch align_corners=False)."""
     if img.shape == hw:
         return img
-    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)  # type: ignore[no-any-return]
+    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tuple[int, int]) -> np.ndarray:
