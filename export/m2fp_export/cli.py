@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from . import configs
@@ -37,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from .source import from_checkpoint, from_hub, random_init
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # ModelScope, timm and torch warn about their own deprecations on import and trace; not actionable here.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
     if args.confident and not args.random_init:
         print("error: --confident only applies to --random-init", file=sys.stderr)
         return 2
