@@ -39,7 +39,8 @@ install-dev: $(VENV)/.dev
 $(MODEL):
 	@$(MAKE) --no-print-directory install-dev
 	@mkdir -p $(dir $(MODEL))
-	$(VENV)/bin/m2fp export -o $(MODEL) || { \
+	@# Exit code 3 = hub unreachable: only then fall back; any other failure stops here.
+	$(VENV)/bin/m2fp export -o $(MODEL) || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; \
 	  echo "*** The ModelScope hub is unreachable: exporting an UNTRAINED demo model instead."; \
 	  echo "*** Its labels are meaningless. For the real model run: m2fp export --checkpoint DIR -o $(MODEL)"; \
 	  $(VENV)/bin/m2fp export --random-init --confident -o $(MODEL); }

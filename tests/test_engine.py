@@ -77,3 +77,22 @@ def test_engine_is_thread_safe(engine: ParsingEngine, photo: np.ndarray) -> None
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: parse_array(engine, photo).label_map, range(3)))
     assert all(np.array_equal(r, expected) for r in results)
+
+
+def test_large_photo_memory_is_bounded(engine: ParsingEngine) -> None:
+    """A 16 MP photo (a small upload when flat): above 4 MP `exact` works at model-input size, so
+    the post-processing's memory is set by the person masks and a few full-size buffers, not by
+    100 full-size probability maps (several GB before)."""
+    import tracemalloc
+
+    image = np.full((4000, 4000, 3), 128, np.uint8)
+    image[1000:3000, 1500:2500] = (200, 50, 50)
+    tracemalloc.start()
+    try:
+        result = parse_array(engine, image, mode="exact")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.hw == (4000, 4000) and result.num_people >= 2 and len(result.class_areas()) >= 5
+    per_person = 4000 * 4000  # one bool mask each
+    assert peak < 300e6 + result.num_people * per_person, peak / 1e6

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from . import configs
 
+EXIT_HUB_UNAVAILABLE = 3  # distinct, so `make run` falls back to the demo model only for this
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .convert import ExportOptions, export_model
-    from .errors import ExportError
+    from .errors import ExportError, HubUnavailable
     from .source import from_checkpoint, from_hub, random_init
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         params = sum(p.numel() for p in loaded.model.parameters())
         print(f"M2FP network: {params / 1e6:.2f} M parameters, trained={loaded.trained}")
         card = export_model(loaded, args.output, ExportOptions(opset=args.opset, rtol=args.rtol))
+    except HubUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_HUB_UNAVAILABLE
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from m2fp_service.imaging.preprocess import pad_to_input
 from m2fp_service.labels import pascal_palette
 from m2fp_service.modelcard import CARD_KEY, InferenceSettings, InputPolicy, ModelCard
 
@@ -79,19 +79,10 @@ def synthetic_image(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def _to_input(img: np.ndarray, pad_rgb: tuple[float, float, float], div: int = 32) -> np.ndarray:
-    h, w = img.shape[:2]
-    ph, pw = -(-h // div) * div, -(-w // div) * div
-    canvas = np.empty((ph, pw, 3), np.float32)
-    canvas[...] = np.asarray(pad_rgb, np.float32)
-    canvas[:h, :w] = img
-    return np.ascontiguousarray(canvas.transpose(2, 0, 1)[None])
-
-
 def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> None:
     """Traces the wrapper with dynamic H/W and writes a plain ONNX file to ``path``."""
     wrapper = M2FPOnnxWrapper(model).eval()
-    example = torch.from_numpy(_to_input(synthetic_image(opts.trace_hw), InputPolicy().pad_rgb))
+    example = torch.from_numpy(pad_to_input(synthetic_image(opts.trace_hw), InputPolicy()))
     with warnings.catch_warnings(), export_patches(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about ModelScope's Python-side asserts
         torch.onnx.export(
@@ -115,7 +106,7 @@ def check_parity(model: torch.nn.Module, path: Path, opts: ExportOptions,
     images = list(opts.check_images) or [synthetic_image(hw, seed=i) for i, hw in enumerate(opts.check_hws)]
     worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
     for img in images:
-        x = _to_input(img, InputPolicy().pad_rgb)
+        x = pad_to_input(img, InputPolicy())
         got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), strict=True))
         with torch.no_grad():  # ModelScope's own forward, on the unpadded image, padding itself.
             ref = model.forward({"batched_inputs": [{"image": torch.from_numpy(
@@ -215,8 +206,3 @@ def export_model(loaded: LoadedModel, output: Path, opts: ExportOptions | None =
     sidecar.write_text(json.dumps({"onnx_sha256": sha256_file(output), "card": json.loads(card.to_json())},
                                   indent=2) + "\n")
     return card
-
-
-def summarize(card: ModelCard) -> dict[str, Any]:
-    return {"trained": card.trained, "source": card.source, "classes": len(card.classes),
-            "parity": card.exporter.get("parity_max_rel_diff")}

@@ -77,7 +77,12 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     absent = [k for k in _REQUIRED_MODEL_KEYS if k not in model_cfg]
     if absent:
         raise NotAnM2FPModel(f"{model_dir / CONFIG_FILE} 'model' section lacks {', '.join(absent)}")
-    if model_cfg.get("single_human", False):
+    classes, num_parsing = model_cfg["classes"], model_cfg["num_parsing"]
+    if not isinstance(classes, list) or not isinstance(num_parsing, int) or len(classes) < num_parsing + 1:
+        raise NotAnM2FPModel(f"{model_dir / CONFIG_FILE}: 'classes' must list num_parsing + 1 names (parts, then "
+                             f"the human class); got {len(classes) if isinstance(classes, list) else classes!r} "
+                             f"for num_parsing={num_parsing!r}")
+    if model_cfg.get("single_human", True):  # M2FP.__init__ defaults to single-human too
         raise NotAnM2FPModel(f"{model_dir} is a single-human M2FP model; this service serves the multi-person "
                              f"model ({configs.MODEL_ID})")
     return dict(model_cfg)
@@ -92,11 +97,16 @@ def load_state_dict(weights: Path, *, trust: bool) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        raise UntrustedCheckpoint(
-            f"{weights} holds more than tensors and PyTorch refused to unpickle it safely ({exc}). "
-            "If you trust where this file came from, re-run with --trust-checkpoint."
-        ) from exc
-    except (OSError, RuntimeError, EOFError) as exc:
+        # Only a well-formed pickle that asks for more than tensors is a question of trust; a
+        # truncated or corrupt file (an interrupted download) is just broken.
+        if not trust and "Unsupported global" in str(exc):
+            raise UntrustedCheckpoint(
+                f"{weights} holds more than tensors and PyTorch refused to unpickle it safely. If you trust "
+                f"where this file came from, re-run with --trust-checkpoint. ({str(exc).splitlines()[-1][:200]})"
+            ) from exc
+        raise NotAnM2FPModel(f"{weights} is corrupt or truncated, not a readable PyTorch checkpoint: "
+                             f"{str(exc).splitlines()[0][:200]}") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise NotAnM2FPModel(f"{weights} is not a readable PyTorch checkpoint: {exc}") from exc
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -59,7 +59,6 @@ def summary(result: ParsingResult, source: Path, timings: Timings) -> dict[str, 
     """The ``<stem>.json`` document: classes present, areas and people."""
     h, w = result.hw
     areas = result.class_areas()
-    boxes = result.person_boxes_xyxy()
     return {
         "source": str(source),
         "width": w,
@@ -68,10 +67,7 @@ def summary(result: ParsingResult, source: Path, timings: Timings) -> dict[str, 
         "classes": list(result.classes),
         "classes_present": list(areas),
         "areas": areas,
-        "people": [
-            {"score": round(float(s), 4), "box_xyxy": [int(v) for v in boxes[i]], "parts": result.person_parts(i)}
-            for i, s in enumerate(result.person_scores)
-        ],
+        "people": result.people_summary(),
         "timings_s": {k: round(v, 4) for k, v in timings.seconds.items()},
     }
 

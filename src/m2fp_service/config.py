@@ -7,7 +7,6 @@ so tests build their own.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,6 +30,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(4, ge=0, le=10_000,
                             description="Requests allowed to wait for a worker; beyond it: 503 + Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request limit (queue wait + inference); 504 after")
+    upload_timeout_s: float = Field(
+        15.0, gt=0, description="Limit for receiving the upload; 408 after (a slow sender holds a pool place)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted upload (413 beyond)")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, width x height (413 beyond)")
     max_side: int = Field(16384, ge=32, description="Longest accepted image side in pixels (413 beyond)")
@@ -63,7 +64,3 @@ class Settings(BaseSettings):
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // self.workers)
 
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

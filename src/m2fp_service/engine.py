@@ -30,9 +30,10 @@ class RawOutputs:
 
 
 def read_card(model_path: Path) -> ModelCard:
-    """Reads the model card from an ONNX file's metadata without building a full session."""
-    session = _open(model_path, ort.SessionOptions())
-    return _card_of(session, model_path)
+    """Reads the model card from an ONNX file's metadata (a session without graph optimisation)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return _card_of(_open(model_path, options), model_path)
 
 
 def _open(model_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:

@@ -32,7 +32,7 @@ class Timings:
 
 
 def parse_array(
-    engine: ParsingEngine, image_rgb: np.ndarray, mode: postprocess.Mode = "fast", timings: Timings | None = None
+    engine: ParsingEngine, image_rgb: np.ndarray, mode: postprocess.Mode = "exact", timings: Timings | None = None
 ) -> ParsingResult:
     """Parses an (H, W, 3) uint8 RGB image."""
     timings = timings if timings is not None else Timings()
@@ -56,7 +56,7 @@ def parse_image(
     *,
     max_pixels: int,
     max_side: int,
-    mode: postprocess.Mode = "fast",
+    mode: postprocess.Mode = "exact",
     timings: Timings | None = None,
 ) -> tuple[np.ndarray, ParsingResult]:
     """Decodes and parses encoded image bytes; returns the RGB image and its result."""

@@ -76,6 +76,20 @@ class ParsingResult:
                 boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
         return boxes
 
+    def people_summary(self) -> list[dict[str, object]]:
+        """Per person, highest score first: id, score, box_xyxy (exclusive max), area, parts (pixels per class)."""
+        boxes = self.person_boxes_xyxy()
+        return [
+            {
+                "id": i,
+                "score": round(float(self.person_scores[i]), 4),
+                "box_xyxy": [int(v) for v in boxes[i]],
+                "area": int(self.person_masks[i].sum()),
+                "parts": self.person_parts(i),
+            }
+            for i in range(self.num_people)
+        ]
+
     def person_parts(self, index: int) -> dict[str, int]:
         """Pixel count per class inside one person's mask."""
         counts = np.bincount(self.label_map[self.person_masks[index]], minlength=len(self.classes))

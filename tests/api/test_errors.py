@@ -246,7 +246,7 @@ def test_slow_upload_is_408_and_frees_its_slot(
             await asyncio.sleep(1.0)
             yield b"\xff\xd8\xff"
 
-        settings = make_settings(tiny_model_path, workers=1, queue_size=0, request_timeout_s=0.3)
+        settings = make_settings(tiny_model_path, workers=1, queue_size=0, upload_timeout_s=0.3)
         async with started_app(settings) as (_, client):
             slow = await client.post("/api/parse", content=dribble(),
                                      headers={"Content-Type": "multipart/form-data; boundary=b0undary"})

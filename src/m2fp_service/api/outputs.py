@@ -53,17 +53,9 @@ def encode_data(image_rgb: np.ndarray, result: ParsingResult, palette: list[tupl
 
 def people_out(result: ParsingResult) -> list[dict[str, Any]]:
     """One ``PersonOut``-shaped dict per person, highest score first."""
-    boxes = result.person_boxes_xyxy()
     return [
-        {
-            "id": i,
-            "score": round(float(result.person_scores[i]), 4),
-            "box_xyxy": [int(v) for v in boxes[i]],
-            "area": int(result.person_masks[i].sum()),
-            "parts": result.person_parts(i),
-            "mask": render.b64_png(result.person_masks[i].astype(np.uint8) * 255),
-        }
-        for i in range(result.num_people)
+        {**person, "mask": render.b64_png(result.person_masks[i].astype(np.uint8) * 255)}
+        for i, person in enumerate(result.people_summary())
     ]
 
 

@@ -38,8 +38,8 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp overflows to inf for logits < -88: sigmoid is then 0, as it should be
-        return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
+    """float32 sigmoid of ``x`` (a new array)."""
+    return sigmoid_into(x, np.empty(x.shape, np.float32))
 
 
 def resize_bilinear(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -66,10 +66,16 @@ def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def mask_score(logits: np.ndarray) -> float:
-    """Mean sigmoid over the mask's positive pixels (ModelScope's mask_scores_per_image)."""
+def mask_score(logits: np.ndarray, probs: np.ndarray | None = None) -> float:
+    """Mean sigmoid over the mask's positive pixels (ModelScope's ``mask_scores_per_image``).
+
+    Args:
+        logits: (H, W) mask logits.
+        probs: ``sigmoid(logits)`` if already computed.
+    """
     positive = logits > 0
-    return float((sigmoid(logits[positive])).sum() / (positive.sum() + 1e-6))
+    probs = sigmoid(logits) if probs is None else probs
+    return float(probs.sum(where=positive, dtype=np.float64) / (np.count_nonzero(positive) + 1e-6))
 
 
 def top_pairs(class_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,9 +91,18 @@ def top_pairs(class_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
     return flat[idx], idx // num_classes, idx % num_classes
 
 
+EXACT_MAX_PIXELS = 4_000_000
+
+
 def work_hw_for(meta: PreprocessMeta, mode: Mode) -> tuple[int, int]:
-    """Where per-pixel work happens: the original size, or (fast) the model-input size when smaller."""
-    if mode == "exact" or meta.resized_hw[0] * meta.resized_hw[1] >= meta.orig_hw[0] * meta.orig_hw[1]:
+    """Where per-pixel work happens: the original size, or (fast) the model-input size when smaller.
+
+    ``exact`` works at the original size only up to ``EXACT_MAX_PIXELS`` (4 MP: 1080p and 2K
+    photos are exact); above it, it works like ``fast``, so memory and time stay bounded by the
+    model-input size (<= 1333 x 1333) whatever the photo's size.
+    """
+    orig_px = meta.orig_hw[0] * meta.orig_hw[1]
+    if meta.resized_hw[0] * meta.resized_hw[1] >= orig_px or (mode == "exact" and orig_px <= EXACT_MAX_PIXELS):
         return meta.orig_hw
     return meta.resized_hw
 
@@ -115,7 +130,7 @@ def to_result(
     meta: PreprocessMeta,
     settings: InferenceSettings,
     classes: list[str],
-    mode: Mode = "fast",
+    mode: Mode = "exact",
     trained: bool = True,
 ) -> ParsingResult:
     """Turns one image's raw outputs into a ParsingResult at the original resolution.
@@ -126,7 +141,8 @@ def to_result(
         meta: geometry from ``preprocess.prepare``.
         settings: the model card's inference settings.
         classes: the model card's class names (parsing classes first).
-        mode: ``exact`` (per-pixel work at the original size) or ``fast`` (at model-input size).
+        mode: ``exact`` (per-pixel work at the original size, up to EXACT_MAX_PIXELS) or ``fast``
+            (at model-input size).
         trained: copied to the result.
     """
     if class_logits.ndim != 2 or mask_logits.ndim != 3 or class_logits.shape[0] != mask_logits.shape[0]:
@@ -146,16 +162,15 @@ def to_result(
     # (query, class) pairs, and only a few work-size buffers are alive at any moment.
     for q in np.unique(queries[live]):
         logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
-        positive = logits > 0
         sigmoid_into(logits, sig)
-        mscore = float(sig.sum(where=positive, dtype=np.float64) / (np.count_nonzero(positive) + 1e-6))
+        mscore = mask_score(logits, sig)
         pairs = live & (queries == q)
         for score, label in zip(scores[pairs], labels[pairs], strict=True):
             label = int(label)
             final = np.float32(score) * np.float32(mscore)
             if label == human:
                 if final > settings.human_score_thr:
-                    mask = positive if work_hw == meta.orig_hw else resize_bilinear(logits, meta.orig_hw) > 0
+                    mask = resize_bilinear(logits, meta.orig_hw) > 0  # no-op resize when work size = original
                     people.append((float(final), mask))
                 continue
             if label != 0 and final >= settings.part_score_thr:
@@ -166,12 +181,12 @@ def to_result(
             hit = weighted > 0.5
             if label not in probs:
                 probs[label] = np.zeros(work_hw, np.float32)
-                counts[label] = np.zeros(work_hw, np.float32)
+                counts[label] = np.zeros(work_hw, np.uint8)  # <= 100 instances per pixel
             np.add(probs[label], weighted, out=probs[label], where=hit)
             counts[label] += hit
 
     for c in probs:
-        probs[c] /= np.maximum(counts[c], 1.0)
+        probs[c] /= np.maximum(counts[c], 1).astype(np.float32)
     label_map = argmax_label_map(probs, meta.orig_hw)
 
     people.sort(key=lambda p: -p[0])

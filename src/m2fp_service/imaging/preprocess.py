@@ -64,8 +64,14 @@ def prepare(image_rgb: np.ndarray, policy: InputPolicy) -> tuple[np.ndarray, Pre
         resized = image_rgb
     else:
         resized = np.asarray(Image.fromarray(image_rgb).resize((new_hw[1], new_hw[0]), Image.Resampling.BILINEAR))
-    pad_hw = padded_hw(new_hw, policy.size_divisibility)
-    tensor = np.empty((1, 3, *pad_hw), np.float32)
+    tensor = pad_to_input(resized, policy)
+    return tensor, PreprocessMeta(orig, new_hw, (int(tensor.shape[2]), int(tensor.shape[3])))
+
+
+def pad_to_input(image_rgb: np.ndarray, policy: InputPolicy) -> np.ndarray:
+    """(H, W, 3) image -> (1, 3, Hp, Wp) float32 tensor, padded bottom/right with ``policy.pad_rgb``."""
+    h, w = image_rgb.shape[:2]
+    tensor = np.empty((1, 3, *padded_hw((h, w), policy.size_divisibility)), np.float32)
     tensor[0] = np.asarray(policy.pad_rgb, np.float32)[:, None, None]
-    tensor[0, :, : new_hw[0], : new_hw[1]] = resized.transpose(2, 0, 1)
-    return tensor, PreprocessMeta(orig, new_hw, pad_hw)
+    tensor[0, :, :h, :w] = image_rgb.transpose(2, 0, 1)
+    return tensor

@@ -50,7 +50,7 @@ def _error(description: str) -> dict[str, Any]:
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error("Missing field 'image', malformed multipart body, or an unknown output name"),
     401: _error("X-API-Key missing or wrong (only when the server sets M2FP_API_KEY)"),
-    408: _error("The upload did not arrive within M2FP_REQUEST_TIMEOUT_S"),
+    408: _error("The upload did not arrive within M2FP_UPLOAD_TIMEOUT_S"),
     413: _error("Upload larger than M2FP_MAX_UPLOAD_BYTES, or an image over M2FP_MAX_PIXELS / M2FP_MAX_SIDE"),
     415: _error("Not multipart/form-data, or an image type that is not accepted (GIF, TIFF, HEIC, ...)"),
     422: _error("The upload is not a decodable image (empty, truncated, corrupt, not an image)"),
@@ -125,8 +125,8 @@ async def parse(
 async def _read(request: Request, settings: Settings) -> Upload:
     """The upload, within the request's time limit (a slow sender must not hold a slot for ever)."""
     try:
-        return await asyncio.wait_for(read_upload(request, settings.max_upload_bytes), settings.request_timeout_s)
+        return await asyncio.wait_for(read_upload(request, settings.max_upload_bytes), settings.upload_timeout_s)
     except TimeoutError:
         raise UploadTimeout(
-            f"the upload did not arrive within {settings.request_timeout_s:g} s (M2FP_REQUEST_TIMEOUT_S)"
+            f"the upload did not arrive within {settings.upload_timeout_s:g} s (M2FP_UPLOAD_TIMEOUT_S)"
         ) from None
