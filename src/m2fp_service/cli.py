@@ -41,6 +41,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     from m2fp_service.config import Settings
     from m2fp_service.engine import ParsingEngine
     from m2fp_service.errors import ModelLoadError
+    from m2fp_service.modelcard import UNTRAINED_WARNING
 
     overrides = {"model": args.model} if args.model else {}
     settings = Settings(**overrides)
@@ -58,13 +59,12 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         print("error: no images to parse", file=sys.stderr)
         return 1
     try:
-        engine = ParsingEngine(settings.model, intra_op_threads=settings.intra_op_threads)
+        engine = ParsingEngine(settings.model, intra_op_threads=settings.threads_per_worker())
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     if not engine.card.trained:
-        print(f"WARNING: {settings.model} has UNTRAINED weights ({engine.card.source.get('kind')}); its labels "
-              "are meaningless. Export the real model with `m2fp export` (hub or --checkpoint).", file=sys.stderr)
+        print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
     failed = batch.run(engine, jobs, kinds, max_pixels=settings.max_pixels, max_side=settings.max_side,
                        mode=args.mode or settings.mask_resolution, progress=not args.quiet)
     failed += len(missing)

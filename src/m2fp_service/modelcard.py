@@ -14,6 +14,14 @@ CARD_KEY = "m2fp.card"
 CARD_FORMAT = 1
 
 
+UNTRAINED_WARNING = (
+    "UNTRAINED DEMO MODEL: these weights were never trained, so the parts and people it returns are "
+    "meaningless. Get the real M2FP model with `m2fp export -o models/m2fp.onnx` (downloads "
+    "damo/cv_resnet101_image-multiple-human-parsing from ModelScope) or `m2fp export --checkpoint DIR "
+    "-o models/m2fp.onnx` from a local copy, then restart (M2FP_MODEL points at the file)."
+)
+
+
 class ModelCardError(ValueError):
     """The ONNX file carries no card, or one this version cannot read."""
 

@@ -34,7 +34,7 @@ def test_capacity_is_workers_plus_queue_and_refusal_is_immediate() -> None:
         pool = WorkerPool(workers=2, queue_size=1)
         jobs = [asyncio.ensure_future(pool.run(lambda: gate.wait(5), 10)) for _ in range(3)]
         await asyncio.sleep(0.1)
-        assert (pool.running, pool.waiting) == (2, 1) and not pool.has_capacity()
+        assert (pool.running, pool.waiting) == (2, 1)  # full: the next one is refused below
         t0 = time.perf_counter()
         with pytest.raises(Overloaded) as err:
             await pool.run(lambda: None, 10)
@@ -42,7 +42,8 @@ def test_capacity_is_workers_plus_queue_and_refusal_is_immediate() -> None:
         assert err.value.retry_after_s >= 1 and "2 running, 1 waiting" in err.value.message
         gate.set()
         assert [r for r, _ in await asyncio.gather(*jobs)] == [True, True, True]
-        assert pool.has_capacity() and (pool.running, pool.waiting) == (0, 0)
+        assert (pool.running, pool.waiting) == (0, 0)
+        assert (await pool.run(lambda: "admitted again", 1))[0] == "admitted again"
         pool.shutdown()
 
     asyncio.run(main())
@@ -66,7 +67,8 @@ def test_timeout_keeps_the_slot_until_the_thread_finishes_and_drops_queued_jobs(
             if pool.running == 0:
                 break
             await asyncio.sleep(0.01)
-        assert pool.has_capacity() and pool.running == 0
+        assert pool.running == 0
+        assert (await pool.run(lambda: "admitted again", 1))[0] == "admitted again"
         pool.shutdown()
 
     asyncio.run(main())
@@ -82,7 +84,8 @@ def test_job_errors_propagate_and_shutdown_refuses_new_jobs() -> None:
 
         with pytest.raises(ValueError, match="bad"):
             await pool.run(fail, 5)
-        assert pool.has_capacity()
+        assert (pool.running, pool.waiting) == (0, 0)  # the failed job gave its slot back
+        assert (await pool.run(lambda: "admitted again", 1))[0] == "admitted again"
         await asyncio.to_thread(pool.shutdown)
         with pytest.raises(ModelNotReady):
             await pool.run(lambda: None, 5)

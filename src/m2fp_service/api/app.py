@@ -27,11 +27,11 @@ from m2fp_service.api.errors import internal_error_response, register_error_hand
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.routes import health, info, parse
-from m2fp_service.api.routes.info import UNTRAINED_WARNING
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
+from m2fp_service.modelcard import UNTRAINED_WARNING
 
 log = logging.getLogger("m2fp.api")
 

@@ -73,11 +73,6 @@ class WorkerPool:
         with self._lock:
             return max(0, self._admitted - self._running)
 
-    def has_capacity(self) -> bool:
-        """True when one more request would be admitted now (a hint: ``reserve`` decides)."""
-        with self._lock:
-            return not self._closed and self._admitted < self.capacity
-
     def retry_after_s(self) -> int:
         """Seconds a refused client should wait: time to drain the current queue, 1..60."""
         with self._lock:

@@ -12,16 +12,11 @@ from fastapi import APIRouter
 from m2fp_service import __version__
 from m2fp_service.api.deps import SettingsDep, SlotDep
 from m2fp_service.config import Settings
+from m2fp_service.modelcard import UNTRAINED_WARNING
 from m2fp_service.schemas import OUTPUT_DOCS, InfoResponse, ModelInfo
 
 router = APIRouter(tags=["info"])
 
-UNTRAINED_WARNING = (
-    "UNTRAINED DEMO MODEL: these weights were never trained, so the parts and people it returns are "
-    "meaningless. Get the real M2FP model with `m2fp export -o models/m2fp.onnx` (downloads "
-    "damo/cv_resnet101_image-multiple-human-parsing from ModelScope) or `m2fp export --checkpoint DIR "
-    "-o models/m2fp.onnx` from a local copy, then restart (M2FP_MODEL points at the file)."
-)
 LICENSE_NOTE = "The M2FP weights and code are licensed CC BY-NC 4.0: non-commercial use only."
 
 
