@@ -112,14 +112,15 @@ def check_parity(model: torch.nn.Module, path: Path, opts: ExportOptions,
             ref = model.forward({"batched_inputs": [{"image": torch.from_numpy(
                 np.ascontiguousarray(img.transpose(2, 0, 1))).float()}]})["outputs"]
         want = {"class_logits": ref["pred_logits"].numpy(), "mask_logits": ref["pred_masks"].numpy()}
+        here = {}
         for name in OUTPUT_NAMES:
             if got[name].shape != want[name].shape:
                 raise ParityError(f"{name}: ONNX shape {got[name].shape} != PyTorch shape {want[name].shape}",
                                   {name: float("inf")})
-            rel = float(np.abs(got[name] - want[name]).max() / max(np.abs(want[name]).max(), 1e-12))
-            worst[name] = max(worst[name], rel)
+            here[name] = float(np.abs(got[name] - want[name]).max() / max(np.abs(want[name]).max(), 1e-12))
+            worst[name] = max(worst[name], here[name])
         report(f"  parity at {img.shape[1]}x{img.shape[0]}: " +
-               ", ".join(f"{n} max rel diff {worst[n]:.2e}" for n in OUTPUT_NAMES))
+               ", ".join(f"{n} max rel diff {here[n]:.2e}" for n in OUTPUT_NAMES))
     bad = {n: d for n, d in worst.items() if d > opts.rtol}
     if bad:
         detail = ", ".join(f"{n}: {d:.3e}" for n, d in bad.items())
