@@ -22,13 +22,22 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# opencv-contrib-python-headless replaces opencv-python-headless (same cv2 files): an old venv that
+# has the plain one loses both and gets contrib afresh.
+define drop_plain_opencv
+	@if $(PIP) show -q opencv-python-headless 2>/dev/null; then \
+	  $(PIP) uninstall -y -q opencv-python-headless opencv-contrib-python-headless; fi
+endef
+
 # Serving needs only the runtime dependencies (no torch).
 $(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(drop_plain_opencv)
 	$(PIP) install -q -e .
 	@touch $@
 
 # Exporting and testing need torch + ModelScope (the [export] extra) and the test tools.
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(drop_plain_opencv)
 	$(PIP) install -q -e '.[export,dev]'
 	@touch $@ $(VENV)/.runtime
 

@@ -32,7 +32,7 @@ def versions() -> dict[str, str]:
     return {
         "m2fp_service": __version__,
         "python": platform.python_version(),
-        **{pkg: _version(pkg) for pkg in ("onnxruntime", "numpy", "opencv-python-headless", "fastapi")},
+        **{pkg: _version(pkg) for pkg in ("onnxruntime", "numpy", "opencv-contrib-python-headless", "fastapi")},
     }
 
 
