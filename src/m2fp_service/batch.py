@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
-from m2fp_service.imaging import render
 from m2fp_service.imaging.postprocess import Mode
-from m2fp_service.pipeline import Timings, parse_image
-from m2fp_service.result import ParsingResult
+from m2fp_service.imaging.render import FILE_SUFFIXES
+from m2fp_service.labelsets import LabelSet
+from m2fp_service.limits import ImageLimits
+from m2fp_service.outputs import ComposeSpec, Rendered, RenderRequest
+from m2fp_service.pipeline import process
+from m2fp_service.timings import Timings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp"})
-OUTPUT_KINDS = ("color", "label", "overlay", "json")
 
 
 @dataclass(frozen=True)
@@ -55,44 +55,76 @@ def collect_jobs(paths: Iterable[Path], out_dir: Path) -> list[Job]:
     return jobs
 
 
-def summary(result: ParsingResult, source: Path, timings: Timings) -> dict[str, Any]:
-    """The ``<stem>.json`` document: classes present, areas and people."""
+# File written per output name; people and areas go into the JSON summary (``json`` asks for both).
+FILE_OUTPUTS: dict[str, str] = {"color": ".color.png", "label": ".label.png", "overlay": ".overlay.png",
+                                "cutout": ".cutout.png"}
+OUTPUT_KINDS = (*FILE_OUTPUTS, "people", "areas", "json")
+
+
+def render_request(kinds: Iterable[str], labels: LabelSet, compose: ComposeSpec | None) -> RenderRequest:
+    """The render stage's request for the CLI's ``--outputs`` kinds (plus ``composite`` with ``--background``)."""
+    names = {k for k in kinds if k in FILE_OUTPUTS}
+    if {"json", "people", "areas"} & set(kinds):
+        names |= {"people", "areas"}
+    if compose is not None:
+        names.add("composite")
+    return RenderRequest(outputs=frozenset(names), labels=labels, compose=compose, person_masks=False)
+
+
+def summary(rendered: Rendered, source: Path, timings: Timings) -> dict[str, Any]:
+    """The ``<stem>.json`` document: label set, classes present, areas and people."""
+    result = rendered.result
     h, w = result.hw
-    areas = result.class_areas()
     return {
         "source": str(source),
         "width": w,
         "height": h,
         "trained": result.trained,
         "classes": list(result.classes),
-        "classes_present": list(areas),
-        "areas": areas,
-        "people": result.people_summary(),
+        "classes_present": rendered.classes_present,
+        "areas": rendered.areas,
+        "people": rendered.people,
         "timings_s": {k: round(v, 4) for k, v in timings.seconds.items()},
     }
 
 
-def write_outputs(job: Job, image: np.ndarray, result: ParsingResult, palette: list[tuple[int, int, int]],
-                  kinds: Iterable[str], timings: Timings) -> list[Path]:
+def output_paths(job: Job, request: RenderRequest) -> dict[str, Path]:
+    """The files a job writes for ``request``, by output name (all of them exist once the job is done)."""
+    stem = job.out_stem
+    paths = {name: stem.with_name(stem.name + suffix) for name, suffix in FILE_OUTPUTS.items()
+             if name in request.outputs}
+    if request.compose is not None:
+        paths["composite"] = stem.with_name(f"{stem.name}.composite{FILE_SUFFIXES[request.compose.format]}")
+    if "people" in request.outputs:
+        paths["json"] = stem.with_name(f"{stem.name}.json")
+    return paths
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Writes via a temporary name and a rename, so a killed run never leaves a half file that looks done."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_outputs(job: Job, rendered: Rendered, request: RenderRequest, timings: Timings) -> list[Path]:
     job.out_stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind in kinds:
-        path = job.out_stem.with_name(f"{job.out_stem.name}.{kind}.png")
-        if kind == "color":
-            path.write_bytes(render.encode_png(render.colorize(result.label_map, palette)))
-        elif kind == "label":
-            path.write_bytes(render.encode_png(result.label_map))
-        elif kind == "overlay":
-            path.write_bytes(render.encode_png(render.overlay(image, result.label_map, palette)))
-        elif kind == "json":
-            path = job.out_stem.with_name(f"{job.out_stem.name}.json")
-            path.write_text(json.dumps(summary(result, job.source, timings), indent=2) + "\n")
+    for name, path in output_paths(job, request).items():
+        if name == "json":
+            data = (json.dumps(summary(rendered, job.source, timings), indent=2) + "\n").encode()
+        elif name == "composite":
+            assert rendered.composite is not None
+            data = rendered.composite.data
+        else:
+            data = getattr(rendered, name)
+        _write(path, data)
         written.append(path)
     return written
 
 
-def run(engine: ParsingEngine, jobs: list[Job], kinds: list[str], *, max_pixels: int, max_side: int,
-        mode: Mode = "exact", progress: bool = True, err: TextIO = sys.stderr) -> int:
+def run(engine: ParsingEngine, jobs: list[Job], request: RenderRequest, *, limits: ImageLimits,
+        mode: Mode = "exact", background: bytes | None = None, progress: bool = True, err: TextIO = sys.stderr) -> int:
     """Parses every job; returns the number of failed inputs (reported on ``err`` and skipped)."""
     from tqdm import tqdm
 
@@ -103,9 +135,9 @@ def run(engine: ParsingEngine, jobs: list[Job], kinds: list[str], *, max_pixels:
         timings = Timings()
         try:
             data = job.source.read_bytes()
-            image, result = parse_image(engine, data, max_pixels=max_pixels, max_side=max_side, mode=mode,
-                                        timings=timings)
-            write_outputs(job, image, result, engine.card.palette, kinds, timings)
+            rendered = process(engine, data, request, limits=limits, mode=mode, background=background,
+                               timings=timings)
+            write_outputs(job, rendered, request, timings)
         except (ServiceError, OSError) as exc:
             failed += 1
             message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"

@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -37,19 +38,25 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
-    from m2fp_service import batch
+    from m2fp_service import batch, labelsets
     from m2fp_service.config import Settings
     from m2fp_service.engine import ParsingEngine
-    from m2fp_service.errors import ModelLoadError
+    from m2fp_service.errors import ModelLoadError, ServiceError
     from m2fp_service.modelcard import UNTRAINED_WARNING
 
     overrides = {"model": args.model} if args.model else {}
     settings = Settings(**overrides)
     kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(batch.OUTPUT_KINDS))
-    if unknown or not kinds:
+    if unknown or (not kinds and args.background is None):
         print(f"error: --outputs takes a comma-separated subset of {','.join(batch.OUTPUT_KINDS)}; "
               f"got {args.outputs!r}", file=sys.stderr)
+        return 2
+    try:
+        params, backdrop = compose_params(args)
+        compose = params.to_request(backdrop is not None).compose if params is not None else None
+    except (ServiceError, OSError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     missing = [p for p in args.paths if not p.exists()]
     for p in missing:
@@ -65,8 +72,9 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         return 1
     if not engine.card.trained:
         print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
-    failed = batch.run(engine, jobs, kinds, max_pixels=settings.max_pixels, max_side=settings.max_side,
-                       mode=args.mode or settings.mask_resolution, progress=not args.quiet)
+    request = batch.render_request(kinds, labelsets.label_set(args.labels, engine.card.palette), compose)
+    failed = batch.run(engine, jobs, request, limits=settings.image_limits(),
+                       mode=args.mode or settings.mask_resolution, background=backdrop, progress=not args.quiet)
     failed += len(missing)
     done = len(jobs) - (failed - len(missing))
     print(f"parsed {done} of {len(jobs) + len(missing)} inputs into {args.output_dir}"
@@ -74,18 +82,66 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_compose_options(p: argparse.ArgumentParser) -> None:
+    """The compositing options shared by ``m2fp parse`` and ``m2fp video`` (as /api/background's)."""
+    from m2fp_service.labelsets import LABEL_SET_NAMES
+
+    g = p.add_argument_group("virtual background (as POST /api/background)")
+    g.add_argument("--background", default=None, metavar="MODE|#RRGGBB|IMAGE",
+                   help="compose a picture: transparent, blur, pixelate, a colour (#00ff00) or a backdrop image file")
+    g.add_argument("--keep", default="people",
+                   help="people (default), largest, central, people:0,2 or classes:face,hair")
+    g.add_argument("--invert", action="store_true", help="apply the effect to the kept region instead of the rest")
+    g.add_argument("--blur", type=float, default=20.0, help="blur sigma in pixels (default 20)")
+    g.add_argument("--block", type=int, default=16, help="pixelate block size in pixels (default 16)")
+    g.add_argument("--feather", type=float, default=0.0, help="soften the border over N pixels (default 0)")
+    g.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="do not refine the border against the photo")
+    g.add_argument("--format", choices=["png", "webp", "jpeg"], default="png", help="composite format (default png)")
+    g.add_argument("--quality", type=int, default=90, help="WebP/JPEG quality 1..100 (default 90)")
+    p.add_argument("--labels", choices=LABEL_SET_NAMES, default="cihp",
+                   help="label set of the outputs and of --keep classes:... (default cihp)")
+
+
+def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
+    """``(BackgroundParams, backdrop file bytes)`` from the compose options; ``(None, None)`` without
+    ``--background``. Raises ``InvalidParameter`` (bad options) or ``OSError`` (unreadable backdrop)."""
+    from m2fp_service.imaging.compose import MODES
+    from m2fp_service.schemas import BackgroundParams, params_from
+
+    if args.background is None:
+        return None, None
+    values: dict[str, object] = {
+        "keep": args.keep, "invert": args.invert, "blur": args.blur, "block": args.block, "feather": args.feather,
+        "refine": args.refine, "format": args.format, "quality": args.quality, "labels": args.labels,
+    }
+    choice, backdrop = args.background, None
+    if choice.lower() in MODES and choice.lower() not in ("color", "image"):
+        values["mode"] = choice.lower()
+    elif choice.startswith("#"):
+        values.update(mode="color", color=choice)
+    else:
+        backdrop = Path(choice).read_bytes()
+        values["mode"] = "image"
+    return params_from(BackgroundParams, values), backdrop
+
+
 def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("parse", help="parse image files and folders",
                        description="Parse images (files, or folders searched recursively) and write "
-                                   "<stem>.color.png, <stem>.label.png, <stem>.overlay.png and <stem>.json.")
+                                   "<stem>.color.png, <stem>.label.png, <stem>.overlay.png and <stem>.json "
+                                   "(and with --background, <stem>.composite.png).")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("--model", type=Path, default=None, help="ONNX model (default: $M2FP_MODEL or models/m2fp.onnx)")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--outputs", default="color,overlay,label,json",
-                   help="comma-separated subset of color,overlay,label,json (default: all)")
+                   help="comma-separated subset of color,label,overlay,cutout,people,areas,json (json = people "
+                        "and areas in <stem>.json; default: color,overlay,label,json); --background adds "
+                        "<stem>.composite.<format>")
     p.add_argument("--mode", choices=["exact", "fast"], default=None,
                    help="post-processing resolution (default: $M2FP_MASK_RESOLUTION or exact)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_compose_options(p)
     p.set_defaults(func=_cmd_parse)
 
 

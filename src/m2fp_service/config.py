@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from m2fp_service.limits import ImageLimits
+
 DEFAULT_MODEL = Path("models/m2fp.onnx")
 
 
@@ -38,6 +40,9 @@ class Settings(BaseSettings):
     mask_resolution: Literal["exact", "fast"] = Field(
         "exact", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
                             "input resolution, upsampled at the end ('fast')")
+    result_cache_mb: int = Field(
+        128, ge=0, le=65536, description="Memory for parsing results of recently seen pictures (MiB; 0 = off): the "
+                                         "same photo composed again skips inference")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
     api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")
@@ -57,6 +62,9 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_pixels, max_side=self.max_side)
 
     def threads_per_worker(self) -> int:
         """intra-op threads for each worker's session run."""

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from m2fp_service.errors import InferenceFailed, ModelLoadError
+from m2fp_service.labelsets import check_model_classes
 from m2fp_service.modelcard import CARD_KEY, ModelCard, ModelCardError
 
 log = logging.getLogger("m2fp.engine")
@@ -79,6 +80,10 @@ class ParsingEngine:
         self.model_path = model_path
         self.session = _open(model_path, options)
         self.card = _card_of(self.session, model_path)
+        try:  # every label set is defined on CIHP's classes
+            check_model_classes(self.card.parsing_classes)
+        except ValueError as exc:
+            raise ModelLoadError(f"{model_path}: {exc}") from None
         self._input = self.card.input_policy.input_name
         names = {o.name for o in self.session.get_outputs()}
         if not {"class_logits", "mask_logits"} <= names or self._input not in {

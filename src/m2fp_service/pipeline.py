@@ -1,34 +1,81 @@
-"""``parse_image``: decode -> preprocess -> engine -> postprocess. No HTTP here."""
+"""One picture through the stages: decode -> preprocess -> infer -> postprocess -> render. No HTTP here.
+
+``parse_image`` stops at the ``ParsingResult``; ``process`` goes on through the render stage
+(``outputs.render``), which the API, ``m2fp parse`` and video share. A ``ResultCache`` lets a
+picture seen again (the WebUI composing the same photo with other options) skip inference.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
 
 import numpy as np
 
 from m2fp_service.engine import ParsingEngine
+from m2fp_service.errors import ServiceError
 from m2fp_service.imaging import postprocess, preprocess
 from m2fp_service.imaging.decode import decode_image
+from m2fp_service.limits import ImageLimits
+from m2fp_service.outputs import Rendered, RenderRequest, render
 from m2fp_service.result import ParsingResult
+from m2fp_service.timings import STAGES, Timings
 
-STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
+__all__ = ["STAGES", "ImageLimits", "ResultCache", "Timings", "parse_array", "parse_image", "process"]
 
 
-@dataclass
-class Timings:
-    """Seconds spent per stage of one request."""
+class ResultCache:
+    """Parsing results of recently seen pictures, by content hash, bounded in bytes (LRU).
 
-    seconds: dict[str, float] = field(default_factory=dict)
+    Inference is deterministic, so a picture's result depends only on its bytes and the
+    post-processing mode; cached arrays are made read-only because requests share them.
+    """
 
-    def add(self, stage: str, started: float) -> float:
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - started
-        return now
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[ParsingResult, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(data: bytes, mode: str) -> str:
+        return f"{mode}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+    def get(self, key: str) -> ParsingResult | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: str, result: ParsingResult) -> None:
+        size = result.label_map.nbytes + result.person_masks.nbytes
+        if size > self.max_bytes:
+            return
+        for array in (result.label_map, result.person_masks, result.person_scores):
+            array.flags.writeable = False
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (result, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
 
     @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def parse_array(
@@ -50,6 +97,15 @@ def parse_array(
     return result
 
 
+def decode(data: bytes, limits: ImageLimits, timings: Timings | None = None) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB within ``limits`` (typed errors otherwise)."""
+    t = time.perf_counter()
+    image = decode_image(data, max_pixels=limits.max_pixels, max_side=limits.max_side).rgb
+    if timings is not None:
+        timings.add("decode", t)
+    return image
+
+
 def parse_image(
     engine: ParsingEngine,
     data: bytes,
@@ -58,10 +114,40 @@ def parse_image(
     max_side: int,
     mode: postprocess.Mode = "exact",
     timings: Timings | None = None,
+    cache: ResultCache | None = None,
 ) -> tuple[np.ndarray, ParsingResult]:
     """Decodes and parses encoded image bytes; returns the RGB image and its result."""
     timings = timings if timings is not None else Timings()
-    t = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels, max_side=max_side).rgb
-    timings.add("decode", t)
-    return image, parse_array(engine, image, mode=mode, timings=timings)
+    image = decode(data, ImageLimits(max_pixels, max_side), timings)
+    key = ResultCache.key(data, mode) if cache is not None else ""
+    result = cache.get(key) if cache is not None else None
+    timings.cache_hit = result is not None
+    if result is None:
+        result = parse_array(engine, image, mode=mode, timings=timings)
+        if cache is not None:
+            cache.put(key, result)
+    return image, result
+
+
+def process(
+    engine: ParsingEngine,
+    data: bytes,
+    request: RenderRequest,
+    *,
+    limits: ImageLimits,
+    mode: postprocess.Mode = "exact",
+    background: bytes | None = None,
+    timings: Timings | None = None,
+    cache: ResultCache | None = None,
+) -> Rendered:
+    """Every stage for one upload: decode (photo and optional backdrop), parse, render."""
+    timings = timings if timings is not None else Timings()
+    image, result = parse_image(engine, data, max_pixels=limits.max_pixels, max_side=limits.max_side, mode=mode,
+                                timings=timings, cache=cache)
+    background_rgb = None
+    if background is not None:
+        try:
+            background_rgb = decode(background, limits, timings)
+        except ServiceError as exc:
+            raise type(exc)(f"background picture: {exc.message}") from None
+    return render(image, result, request, background_rgb=background_rgb, timings=timings)

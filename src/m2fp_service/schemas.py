@@ -7,21 +7,30 @@ The parse response keeps the seed service's envelope exactly (``code``, ``messag
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import re
+from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from m2fp_service import labelsets
 from m2fp_service.errors import InvalidParameter
+from m2fp_service.imaging.compose import ComposeOptions, Mode
+from m2fp_service.imaging.render import ImageFormat
+from m2fp_service.labelsets import LABEL_SET_NAMES, LabelSetName
+from m2fp_service.outputs import ComposeSpec, RenderRequest, parse_output_names
+from m2fp_service.selection import Keep
 
-OutputName = Literal["label", "overlay", "people", "areas", "cutout"]
-OUTPUT_NAMES: tuple[str, ...] = get_args(OutputName)
+M = TypeVar("M", bound=BaseModel)
+
+ParseOutputName = Literal["label", "overlay", "people", "areas", "cutout"]
+OUTPUT_NAMES: tuple[str, ...] = get_args(ParseOutputName)
 OUTPUT_DOCS: dict[str, str] = {
-    "label": "data.label_map: base64 PNG, (H, W) 8-bit grey, pixel value = index into /api/info classes",
+    "label": "data.label_map: base64 PNG, (H, W) 8-bit grey, pixel value = index into the label set's classes",
     "overlay": "data.overlay: base64 PNG, the colour map blended over the photo (RGB)",
     "people": "data.people: one entry per person: id, score, box_xyxy, area, parts, mask (base64 PNG 0/255)",
     "areas": "data.areas: pixel count per class present, {class name: pixels}",
-    "cutout": "data.cutout: base64 PNG RGBA, the photo with alpha 255 on people and 0 elsewhere "
-              "(virtual backgrounds)",
+    "cutout": "data.cutout: base64 PNG RGBA, the photo with alpha 255 on people and 0 elsewhere (binary; "
+              "POST /api/background gives refined edges and backdrops)",
 }
 OUTPUTS_DESCRIPTION = (
     "Comma-separated extra outputs, as a query parameter or a multipart form field (both are merged). "
@@ -29,6 +38,20 @@ OUTPUTS_DESCRIPTION = (
     + "; ".join(f"`{name}` -> {OUTPUT_DOCS[name]}" for name in OUTPUT_NAMES)
     + ". Without it the response has exactly the seed's fields."
 )
+LABELS_DESCRIPTION = (
+    "Label set the label map, classes, masks, palette and legend are expressed in: "
+    + "; ".join(f"`{name}` ({labelsets.TABLES[name].description})" for name in LABEL_SET_NAMES)
+    + ". Default `cihp`, the model's own."
+)
+
+
+def params_from(model: type[M], values: dict[str, Any]) -> M:
+    """Validates request options; a ``ValidationError`` becomes ``InvalidParameter`` naming each field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()]
+        raise InvalidParameter("invalid request: " + "; ".join(problems)) from None
 
 
 class ParseParams(BaseModel):
@@ -36,23 +59,17 @@ class ParseParams(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    outputs: frozenset[OutputName] = frozenset()
+    outputs: frozenset[ParseOutputName] = frozenset()
+    labels: LabelSetName = "cihp"
 
     @classmethod
-    def from_texts(cls, *texts: str | None) -> ParseParams:
-        """Parses comma-separated output lists (query and form); raises ``InvalidParameter``."""
-        names: set[str] = set()
-        for text in texts:
-            names.update(part.strip().lower() for part in (text or "").split(",") if part.strip())
-        if "all" in names:
-            names = set(OUTPUT_NAMES)
-        unknown = sorted(names - set(OUTPUT_NAMES))
-        if unknown:
-            raise InvalidParameter(
-                f"unknown output(s) {', '.join(map(repr, unknown))} in 'outputs'; "
-                f"valid ones: {', '.join(OUTPUT_NAMES)} (or 'all')"
-            )
-        return cls(outputs=frozenset(names))
+    def from_texts(cls, *texts: str | None, labels: str | None = None) -> ParseParams:
+        """Parses comma-separated output lists (query and form) and the label set; raises ``InvalidParameter``."""
+        try:
+            names = parse_output_names(texts, OUTPUT_NAMES, "outputs")
+        except ValueError as exc:
+            raise InvalidParameter(str(exc)) from None
+        return params_from(cls, {"outputs": names, "labels": (labels or "cihp").strip().lower()})
 
 
 class PersonOut(BaseModel):
@@ -70,9 +87,11 @@ class PersonOut(BaseModel):
 class ParseData(BaseModel):
     """The ``data`` of a successful parse. The first four fields are the seed's; the rest are opt-in."""
 
-    result_image: str = Field(description="Base64 PNG: colour map of the label map (RGB, palette from /api/info)")
+    result_image: str = Field(description="Base64 PNG: colour map of the label map (RGB, the label set's palette "
+                                          "from /api/info)")
     masks: list[str] = Field(description="Base64 PNG per class present: (H, W) 8-bit, 255 on the class, 0 elsewhere")
-    classes: list[str] = Field(description="Names of the classes present (background included), aligned with masks")
+    classes: list[str] = Field(description="Names of the classes present (background included), aligned with masks; "
+                                           "in the requested label set")
     inference_time: float = Field(description="Seconds spent on this image (decode to encode), queue wait excluded")
     label_map: str | None = Field(None, description=OUTPUT_DOCS["label"])
     overlay: str | None = Field(None, description=OUTPUT_DOCS["overlay"])
@@ -96,6 +115,94 @@ class ParseResponse(BaseModel):
     code: Literal[0] = 0
     message: str = "success"
     data: ParseData
+
+
+_HEX = re.compile(r"^#?([0-9a-f]{3}|[0-9a-f]{6})$")
+
+
+def hex_to_rgb(text: str) -> tuple[int, int, int]:
+    """``#00ff00``, ``00ff00`` or ``#0f0`` -> (0, 255, 0); ``ValueError`` otherwise."""
+    match = _HEX.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"color {text!r} is not a hex colour like #00ff00 or #0f0")
+    digits = match.group(1)
+    if len(digits) == 3:
+        digits = "".join(d * 2 for d in digits)
+    return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
+
+
+class BackgroundParams(BaseModel):
+    """Options of ``POST /api/background`` (query parameters or multipart form fields), also used by
+    ``m2fp parse --background`` and ``m2fp video``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep: str = Field(
+        "people", description="What stays as it is: `people` (everyone), `largest` (the largest person), "
+        "`central` (the person nearest the centre), `people:0,2` (ids as listed by /api/parse outputs=people), "
+        "`classes:face,hair` (class names of the label set, see /api/info)",
+        examples=["people", "largest", "people:0", "classes:face"])
+    invert: bool = Field(False, description="Apply the effect to the kept region instead of the rest "
+                                            "(`keep=classes:face&invert=true&mode=blur` blurs the faces)")
+    mode: Mode | None = Field(None, description="What replaces the rest: `transparent` (alpha), `blur`, `color`, "
+                                                "`image` (the `background` file, scaled to cover and centred, not "
+                                                "stretched), `pixelate`. Default: `image` when a background file "
+                                                "is sent, else `transparent`")
+    blur: float = Field(20.0, gt=0, le=250, description="Blur strength: Gaussian sigma in output pixels")
+    block: int = Field(16, ge=2, le=1024, description="Pixelate block size in output pixels")
+    color: str = Field("#00ff00", description="Backdrop colour of mode `color`, hex", examples=["#00ff00", "#0f0"])
+    refine: bool = Field(True, description="Refine the border against the photo (guided filter): hair and fingers "
+                                           "follow the photo's own edges, and their colour is freed of the old "
+                                           "background")
+    feather: float = Field(0.0, ge=0, le=200, description="Soften the border over this many pixels")
+    format: ImageFormat = Field("png", description="`png` or `webp` (both with alpha), or `jpeg` (not with "
+                                                   "`transparent`)")
+    quality: int = Field(90, ge=1, le=100, description="WebP/JPEG quality (WebP: 100 = lossless)")
+    labels: LabelSetName = Field("cihp", description="Label set the `classes:` names of `keep` are taken from")
+
+    @field_validator("color")
+    @classmethod
+    def _check_color(cls, value: str) -> str:
+        hex_to_rgb(value)
+        return value
+
+    @field_validator("keep", "labels", "format", "mode", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    def resolved_mode(self, has_background: bool) -> Mode:
+        return self.mode or ("image" if has_background else "transparent")
+
+    def precheck(self) -> None:
+        """What can be checked before the upload arrives (raises ``InvalidParameter``)."""
+        Keep.parse(self.keep, labelsets.TABLES[self.labels].classes)
+        if self.mode == "transparent" and self.format == "jpeg":
+            raise InvalidParameter("format=jpeg has no alpha channel: use png or webp for mode=transparent")
+
+    def to_request(self, has_background: bool, cihp_palette: list[tuple[int, int, int]] | None = None
+                   ) -> RenderRequest:
+        """The render request for a composite; checks what only makes sense together.
+
+        Raises:
+            InvalidParameter: unknown class or bad ``keep``; ``image`` mode without a background file, or
+                a background file with another mode; ``transparent`` as JPEG.
+        """
+        self.precheck()
+        labels = labelsets.label_set(self.labels, cihp_palette)
+        keep = Keep.parse(self.keep, labels.classes)
+        mode = self.resolved_mode(has_background)
+        if mode == "image" and not has_background:
+            raise InvalidParameter("mode=image needs a picture in the multipart file field 'background'")
+        if has_background and mode != "image":
+            raise InvalidParameter(f"a 'background' file was sent but mode={mode}; use mode=image (or omit mode)")
+        if mode == "transparent" and self.format == "jpeg":
+            raise InvalidParameter("format=jpeg has no alpha channel: use png or webp for mode=transparent")
+        options = ComposeOptions(mode=mode, blur_sigma_px=self.blur, block_px=self.block,
+                                 color_rgb=hex_to_rgb(self.color))
+        spec = ComposeSpec(keep=keep, invert=self.invert, options=options, refine=self.refine,
+                           feather_px=self.feather, format=self.format, quality=self.quality)
+        return RenderRequest(outputs=frozenset({"composite"}), labels=labels, compose=spec, person_masks=False)
 
 
 class ErrorResponse(BaseModel):
@@ -126,6 +233,14 @@ class ModelInfo(BaseModel):
     load_seconds: float
 
 
+class LabelSetOut(BaseModel):
+    """One label set: ``labels=<name>`` on /api/parse and /api/background."""
+
+    description: str
+    classes: list[str] = Field(description="Pixel value of label_map = index; background first")
+    palette: list[list[int]] = Field(description="RGB colour of each class in result_image, aligned with classes")
+
+
 class InfoResponse(BaseModel):
     """Model card and serving configuration."""
 
@@ -141,6 +256,7 @@ class InfoResponse(BaseModel):
     input_policy: dict[str, Any] | None
     inference: dict[str, Any] | None
     outputs: dict[str, str] = Field(description="Opt-in outputs of /api/parse")
+    label_sets: dict[str, LabelSetOut] = Field(description="Label sets for `labels=`; `cihp` is the model's own")
     limits: dict[str, Any]
     workers: dict[str, Any]
     api_key_required: bool

@@ -33,7 +33,8 @@ def test_check_mode(tmp_path: Path) -> None:
 def test_stable_operation_ids_and_documented_parse(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     ops = {op["operationId"]: (path, method) for path, item in doc["paths"].items() for method, op in item.items()}
-    assert ops == {"parse": ("/api/parse", "post"), "info": ("/api/info", "get"), "healthz": ("/healthz", "get"),
+    assert ops == {"parse": ("/api/parse", "post"), "background": ("/api/background", "post"),
+                   "info": ("/api/info", "get"), "healthz": ("/healthz", "get"),
                    "readyz": ("/readyz", "get"), "metrics": ("/metrics", "get")}
     parse = doc["paths"]["/api/parse"]["post"]
     body = parse["requestBody"]["content"]["multipart/form-data"]["schema"]

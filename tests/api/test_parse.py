@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ def test_unknown_output_is_400_listing_valid_ones(client: TestClient, photo_jpeg
         assert all(name in body["message"] for name in OUTPUT_NAMES)
 
 
-def test_response_headers(client: TestClient, photo_jpeg: bytes) -> None:
+def test_response_headers(make_client: Callable[..., TestClient], photo_jpeg: bytes) -> None:
+    client = make_client(result_cache_mb=0)  # every stage runs
     r = client.post("/api/parse", files=image_file(photo_jpeg), headers={"X-Request-ID": "client-id-42"})
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "client-id-42"

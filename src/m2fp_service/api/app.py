@@ -26,12 +26,13 @@ from m2fp_service.api.deps import ModelSlot
 from m2fp_service.api.errors import internal_error_response, register_error_handlers
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
-from m2fp_service.api.routes import health, info, parse
+from m2fp_service.api.routes import background, health, info, parse
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
 from m2fp_service.modelcard import UNTRAINED_WARNING
+from m2fp_service.pipeline import ResultCache
 
 log = logging.getLogger("m2fp.api")
 
@@ -40,8 +41,11 @@ Multi-person human parsing (M2FP) on ONNX Runtime, on the CPU.
 
 `POST /api/parse` takes a photo (multipart field `image`) and labels every pixel with a body part
 or clothing class, keeping the seed service's JSON envelope. Extra outputs (label map, overlay,
-people, areas, RGBA cutout) are opt-in with `outputs`. Errors use the same envelope with a
-non-zero `code` and a real HTTP status. Every response carries `X-Request-ID`.
+people, areas, RGBA cutout) are opt-in with `outputs`; `labels` re-expresses the classes in another
+label set (ATR, LIP, try-on, MediaPipe's six, person). `POST /api/background` returns the photo with
+its background made transparent, blurred, a colour, another picture or pixelated — keeping everyone,
+one person or chosen classes. Errors use the same envelope with a non-zero `code` and a real HTTP
+status. Every response carries `X-Request-ID`.
 
 The M2FP weights are licensed **CC BY-NC 4.0** (non-commercial). `GET /api/info` says whether the
 loaded model is trained; an untrained demo model returns meaningless parts.
@@ -49,6 +53,7 @@ loaded model is trained; an untrained demo model returns meaningless parts.
 
 TAGS = [
     {"name": "parse", "description": "Human parsing"},
+    {"name": "background", "description": "Virtual backgrounds: keep people or parts, replace or blur the rest"},
     {"name": "info", "description": "Model card and limits"},
     {"name": "ops", "description": "Health, readiness and metrics"},
 ]
@@ -129,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.model = ModelSlot()
     app.state.metrics = Metrics()
+    app.state.cache = ResultCache(settings.result_cache_mb * 2**20)
     register_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -138,6 +144,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
     app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
     app.include_router(parse.router)
+    app.include_router(background.router)
     app.include_router(info.router)
     app.include_router(health.router)
 

@@ -14,6 +14,7 @@ from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ModelNotReady, Unauthorized
+from m2fp_service.pipeline import ResultCache
 
 
 @dataclass
@@ -45,6 +46,10 @@ def get_pool(request: Request) -> WorkerPool:
     return request.app.state.pool  # type: ignore[no-any-return]
 
 
+def get_cache(request: Request) -> ResultCache:
+    return request.app.state.cache  # type: ignore[no-any-return]
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
@@ -71,4 +76,5 @@ SlotDep = Annotated[ModelSlot, Depends(get_slot)]
 EngineDep = Annotated[ParsingEngine, Depends(get_engine)]
 PoolDep = Annotated[WorkerPool, Depends(get_pool)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+CacheDep = Annotated[ResultCache, Depends(get_cache)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]

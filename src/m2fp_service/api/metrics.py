@@ -20,7 +20,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from m2fp_service.pipeline import STAGES, Timings
+from m2fp_service.timings import STAGES, Timings
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -25,11 +25,12 @@ MAX_PARTS = 16
 
 @dataclass
 class Upload:
-    """The image bytes and the small text fields of one multipart request."""
+    """The image bytes, any other accepted file fields and the small text fields of one multipart request."""
 
     image: bytes
     filename: str | None
     fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,12 +45,14 @@ class _Part:
 
 
 class _Collector:
-    """python-multipart callbacks that keep the first ``image`` part and small fields, within limits."""
+    """python-multipart callbacks that keep the file parts named in ``file_fields`` (one each) and
+    small text fields, within limits."""
 
-    def __init__(self, max_image_bytes: int) -> None:
+    def __init__(self, max_image_bytes: int, file_fields: tuple[str, ...] = (FILE_FIELD,)) -> None:
         self.max_image_bytes = max_image_bytes
+        self.file_fields = file_fields
         self.parts: list[_Part] = []
-        self.image: _Part | None = None
+        self.files: dict[str, _Part] = {}
         self._header_name = b""
         self._header_value = b""
         self.error: Exception | None = None
@@ -82,10 +85,10 @@ class _Collector:
         part.name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in options:
             part.filename = options[b"filename"].decode("utf-8", "replace")
-        if part.name == FILE_FIELD:
-            if self.image is not None:
-                raise InvalidParameter(f"send one '{FILE_FIELD}' per request, not several")
-            self.image = part
+        if part.name in self.file_fields:
+            if part.name in self.files:
+                raise InvalidParameter(f"send one '{part.name}' per request, not several")
+            self.files[part.name] = part
             part.limit = self.max_image_bytes
         elif part.filename is not None:
             part.keep = False
@@ -95,7 +98,7 @@ class _Collector:
         if not part.keep:
             return
         if len(part.data) + (end - start) > part.limit:
-            if part is self.image:
+            if part.name in self.file_fields:
                 raise too_large(self.max_image_bytes)
             raise InvalidParameter(f"form field '{part.name}' is longer than {MAX_FIELD_BYTES} bytes")
         part.data += data[start:end]
@@ -129,15 +132,23 @@ def _boundary(content_type: str | None) -> bytes:
     return boundary
 
 
-def check_declared_length(request: Request, max_image_bytes: int) -> None:
+def max_body_bytes(max_image_bytes: int, files: int = 1) -> int:
+    """Largest multipart body accepted with ``files`` file fields of at most ``max_image_bytes`` each."""
+    return max_image_bytes * files + FORM_OVERHEAD_BYTES
+
+
+def check_declared_length(request: Request, max_image_bytes: int, files: int = 1) -> None:
     """Refuses at once when ``Content-Length`` already says the body is too large."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_image_bytes + FORM_OVERHEAD_BYTES:
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes(max_image_bytes, files):
         raise too_large(max_image_bytes)
 
 
-async def read_upload(request: Request, max_image_bytes: int) -> Upload:
-    """Streams and parses the multipart body; holds at most ``max_image_bytes`` of image in memory.
+async def read_upload(request: Request, max_image_bytes: int, file_fields: tuple[str, ...] = (FILE_FIELD,)) -> Upload:
+    """Streams and parses the multipart body; holds at most ``max_image_bytes`` per file field in memory.
+
+    ``file_fields``: the file fields kept, the first one required (``image``); files under other
+    names are counted against the size limit and dropped.
 
     Raises:
         UnsupportedMediaType: not multipart/form-data.
@@ -146,10 +157,10 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
         InvalidParameter: a malformed or truncated multipart body, or too many / too long fields.
     """
     boundary = _boundary(request.headers.get("content-type"))
-    check_declared_length(request, max_image_bytes)
-    collector = _Collector(max_image_bytes)
+    check_declared_length(request, max_image_bytes, len(file_fields))
+    collector = _Collector(max_image_bytes, file_fields)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
-    max_body = max_image_bytes + FORM_OVERHEAD_BYTES
+    max_body = max_body_bytes(max_image_bytes, len(file_fields))
     received = 0
     try:
         async for chunk in request.stream():
@@ -162,17 +173,20 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
         raise InvalidParameter(f"malformed multipart/form-data body: {exc}") from None
     except ClientDisconnect:
         raise InvalidParameter("the client disconnected before the upload was complete") from None
-    image = collector.image
+    main = file_fields[0]
+    image = collector.files.get(main)
     if image is None:
-        others = [p.name for p in collector.parts if p.filename is not None]
+        others = [p.name for p in collector.parts if p.filename is not None and p.name not in file_fields]
         got = f" (got a file in field {others[0]!r})" if others else ""
         raise MissingField(
-            f"missing form field '{FILE_FIELD}'{got}: send the picture as multipart/form-data field '{FILE_FIELD}'"
+            f"missing form field '{main}'{got}: send the picture as multipart/form-data field '{main}'"
         )
-    if not image.complete:
-        raise InvalidParameter("the multipart body ended before the image part was complete")
+    if not all(p.complete for p in collector.files.values()):
+        raise InvalidParameter("the multipart body ended before a file part was complete")
+    kept = set(map(id, collector.files.values()))
     fields = {
         p.name: p.data.decode("utf-8", "replace") for p in collector.parts
-        if p is not image and p.filename is None and p.complete
+        if id(p) not in kept and p.filename is None and p.complete
     }
-    return Upload(image=bytes(image.data), filename=image.filename, fields=fields)
+    files = {name: bytes(p.data) for name, p in collector.files.items() if name != main}
+    return Upload(image=bytes(image.data), filename=image.filename, fields=fields, files=files)

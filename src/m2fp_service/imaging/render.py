@@ -6,6 +6,7 @@ Colouring is one palette lookup (``palette[label_map]``), never a loop over clas
 from __future__ import annotations
 
 import base64
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -72,3 +73,32 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
 
 def b64_png(image: np.ndarray) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+ImageFormat = Literal["png", "webp", "jpeg"]
+MEDIA_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+FILE_SUFFIXES: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+
+
+def encode_image(image: np.ndarray, fmt: ImageFormat, quality: int = 90) -> bytes:
+    """PNG, WebP or JPEG bytes of an (H, W, 3) RGB or (H, W, 4) RGBA uint8 array.
+
+    PNG is lossless (fastest level); WebP keeps alpha, lossy at ``quality`` (1..100; 100 means
+    lossless); JPEG has no alpha, so an RGBA array is refused (``ValueError``).
+    """
+    if fmt == "png":
+        return encode_png(image)
+    if image.ndim == 3 and image.shape[2] == 4:
+        if fmt == "jpeg":
+            raise ValueError("JPEG has no alpha channel")
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    else:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if fmt == "webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, 101 if quality >= 100 else max(1, quality)]
+    else:
+        params = [cv2.IMWRITE_JPEG_QUALITY, max(1, min(100, quality))]
+    ok, buf = cv2.imencode(FILE_SUFFIXES[fmt], bgr, params)
+    if not ok:  # pragma: no cover - imencode fails only on unsupported dtypes/shapes
+        raise ValueError(f"cannot encode array {image.shape} {image.dtype} as {fmt}")
+    return buf.tobytes()

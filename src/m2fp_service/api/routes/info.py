@@ -9,11 +9,11 @@ from importlib import metadata
 
 from fastapi import APIRouter
 
-from m2fp_service import __version__
+from m2fp_service import __version__, labelsets
 from m2fp_service.api.deps import SettingsDep, SlotDep
 from m2fp_service.config import Settings
 from m2fp_service.modelcard import UNTRAINED_WARNING
-from m2fp_service.schemas import OUTPUT_DOCS, InfoResponse, ModelInfo
+from m2fp_service.schemas import OUTPUT_DOCS, InfoResponse, LabelSetOut, ModelInfo
 
 router = APIRouter(tags=["info"])
 
@@ -34,6 +34,16 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         **{pkg: _version(pkg) for pkg in ("onnxruntime", "numpy", "opencv-contrib-python-headless", "fastapi")},
     }
+
+
+def label_sets(cihp_palette: list[tuple[int, int, int]] | None) -> dict[str, LabelSetOut]:
+    """Every label set with its classes and palette (CIHP's from the model card when one is loaded)."""
+    out = {}
+    for name in labelsets.LABEL_SET_NAMES:
+        labels = labelsets.label_set(name, cihp_palette)
+        out[name] = LabelSetOut(description=labelsets.TABLES[name].description, classes=list(labels.classes),
+                                palette=[list(c) for c in labels.palette])
+    return out
 
 
 def _limits(settings: Settings) -> dict[str, object]:
@@ -76,6 +86,7 @@ async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
         input_policy=asdict(card.input_policy) if card else None,
         inference=asdict(card.inference) if card else None,
         outputs=OUTPUT_DOCS,
+        label_sets=label_sets(card.palette if card else None),
         limits=_limits(settings),
         workers={"workers": settings.workers, "queue_size": settings.queue_size,
                  "threads_per_worker": settings.threads_per_worker(), "mode": "threads, one shared session",

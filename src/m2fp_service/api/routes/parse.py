@@ -1,22 +1,32 @@
-"""POST /api/parse: the seed's endpoint, same request and envelope, plus opt-in outputs."""
+"""POST /api/parse: the seed's endpoint, same request and envelope, plus opt-in outputs and label sets."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import time
+import base64
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from m2fp_service.api.deps import ApiKeyDep, EngineDep, MetricsDep, PoolDep, SettingsDep
-from m2fp_service.api.outputs import parse_to_json
-from m2fp_service.api.upload import FILE_FIELD, Upload, check_declared_length, read_upload
+from m2fp_service import labelsets, pipeline
+from m2fp_service.api.deps import ApiKeyDep, CacheDep, EngineDep, MetricsDep, PoolDep, SettingsDep
+from m2fp_service.api.jobs import run_upload_job, server_timing
+from m2fp_service.api.upload import FILE_FIELD, Upload
 from m2fp_service.config import Settings
-from m2fp_service.errors import InferenceTimeout, Overloaded, UploadTimeout
-from m2fp_service.pipeline import Timings
-from m2fp_service.schemas import OUTPUT_NAMES, OUTPUTS_DESCRIPTION, ErrorResponse, ParseParams, ParseResponse
+from m2fp_service.engine import ParsingEngine
+from m2fp_service.outputs import Rendered, RenderRequest
+from m2fp_service.schemas import (
+    LABELS_DESCRIPTION,
+    OUTPUT_NAMES,
+    OUTPUTS_DESCRIPTION,
+    ErrorResponse,
+    ParseData,
+    ParseParams,
+    ParseResponse,
+    PersonOut,
+)
+from m2fp_service.timings import Timings
 
 router = APIRouter(tags=["parse"])
 
@@ -36,6 +46,9 @@ _REQUEST_BODY: dict[str, Any] = {
                     "outputs": {
                         "type": "string", "description": OUTPUTS_DESCRIPTION, "examples": ["label,overlay,people"],
                     },
+                    "labels": {
+                        "type": "string", "description": LABELS_DESCRIPTION, "examples": ["atr"],
+                    },
                 },
             },
         },
@@ -43,19 +56,20 @@ _REQUEST_BODY: dict[str, Any] = {
 }
 
 
-def _error(description: str) -> dict[str, Any]:
+def error_doc(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error("Missing field 'image', malformed multipart body, or an unknown output name"),
-    401: _error("X-API-Key missing or wrong (only when the server sets M2FP_API_KEY)"),
-    408: _error("The upload did not arrive within M2FP_UPLOAD_TIMEOUT_S"),
-    413: _error("Upload larger than M2FP_MAX_UPLOAD_BYTES, or an image over M2FP_MAX_PIXELS / M2FP_MAX_SIDE"),
-    415: _error("Not multipart/form-data, or an image type that is not accepted (GIF, TIFF, HEIC, ...)"),
-    422: _error("The upload is not a decodable image (empty, truncated, corrupt, not an image)"),
-    503: _error("Overloaded (queue full; see the Retry-After header) or the model is not loaded yet"),
-    504: _error("Not processed within M2FP_REQUEST_TIMEOUT_S"),
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: error_doc("Missing field 'image', malformed multipart body, or an invalid option (the message names "
+                   "the valid ones)"),
+    401: error_doc("X-API-Key missing or wrong (only when the server sets M2FP_API_KEY)"),
+    408: error_doc("The upload did not arrive within M2FP_UPLOAD_TIMEOUT_S"),
+    413: error_doc("Upload larger than M2FP_MAX_UPLOAD_BYTES, or an image over M2FP_MAX_PIXELS / M2FP_MAX_SIDE"),
+    415: error_doc("Not multipart/form-data, or an image type that is not accepted (GIF, TIFF, HEIC, ...)"),
+    422: error_doc("The upload is not a decodable image (empty, truncated, corrupt, not an image)"),
+    503: error_doc("Overloaded (queue full; see the Retry-After header) or the model is not loaded yet"),
+    504: error_doc("Not processed within M2FP_REQUEST_TIMEOUT_S"),
 }
 
 OutputsQuery = Annotated[
@@ -71,12 +85,19 @@ OutputsQuery = Annotated[
         },
     ),
 ]
-
+LabelsQuery = Annotated[
+    str | None,
+    Query(description=LABELS_DESCRIPTION,
+          openapi_examples={"cihp": {"summary": "CIHP, the model's own 20 classes (default)", "value": "cihp"},
+                            "atr": {"summary": "ATR's 18 classes", "value": "atr"},
+                            "tryon": {"summary": "Virtual try-on regions", "value": "tryon"},
+                            "person": {"summary": "Person / background", "value": "person"}}),
+]
 
 @router.post(
     "/api/parse",
     response_model=ParseResponse,
-    responses=_RESPONSES,
+    responses=UPLOAD_ERRORS,
     openapi_extra={"requestBody": _REQUEST_BODY},
     summary="Parse the people in a photo",
 )
@@ -87,46 +108,55 @@ async def parse(
     engine: EngineDep,
     pool: PoolDep,
     metrics: MetricsDep,
+    cache: CacheDep,
     outputs: OutputsQuery = None,
+    labels: LabelsQuery = None,
 ) -> Response:
     """Labels every pixel with a body part or clothing class and returns the seed's JSON envelope."""
-    ParseParams.from_texts(outputs)  # a bad query fails before the upload is read
-    check_declared_length(request, settings.max_upload_bytes)
-    try:
-        slot = pool.reserve()
-    except Overloaded:
-        metrics.rejected.labels("overloaded").inc()
-        raise
-    with slot:  # held from before the upload is read until the job ends: bounded memory
-        started = time.monotonic()
-        upload = await _read(request, settings)
-        params = ParseParams.from_texts(outputs, upload.fields.get("outputs"))
-        timings = Timings()
-        job = functools.partial(
-            parse_to_json, engine, upload.image, params, max_pixels=settings.max_pixels,
-            max_side=settings.max_side, mode=settings.mask_resolution, timings=timings,
-        )
-        del upload
-        remaining = max(0.001, settings.request_timeout_s - (time.monotonic() - started))
-        try:
-            payload, waited = await slot.run(job, remaining, limit_s=settings.request_timeout_s)
-        except InferenceTimeout:
-            metrics.rejected.labels("timeout").inc()
-            raise
-    metrics.observe_parse(timings, waited)
-    server_timing = ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.seconds.items())
+    ParseParams.from_texts(outputs, labels=labels)  # bad options fail before the upload is read
+
+    def make_job(upload: Upload, timings: Timings) -> Callable[[], bytes]:
+        params = ParseParams.from_texts(outputs, upload.fields.get("outputs"),
+                                        labels=upload.fields.get("labels", labels))
+        data = upload.image
+        return lambda: parse_to_json(engine, data, params, settings, cache, timings)
+
+    payload, timings = await run_upload_job(request, settings, pool, metrics, make_job)
     return Response(
         content=payload,
         media_type="application/json",
-        headers={"Server-Timing": server_timing, "X-Model-Trained": str(engine.card.trained).lower()},
+        headers={"Server-Timing": server_timing(timings), "X-Model-Trained": str(engine.card.trained).lower()},
     )
 
 
-async def _read(request: Request, settings: Settings) -> Upload:
-    """The upload, within the request's time limit (a slow sender must not hold a slot for ever)."""
-    try:
-        return await asyncio.wait_for(read_upload(request, settings.max_upload_bytes), settings.upload_timeout_s)
-    except TimeoutError:
-        raise UploadTimeout(
-            f"the upload did not arrive within {settings.upload_timeout_s:g} s (M2FP_UPLOAD_TIMEOUT_S)"
-        ) from None
+def parse_to_json(engine: ParsingEngine, data: bytes, params: ParseParams, settings: Settings,
+                cache: pipeline.ResultCache, timings: Timings) -> bytes:
+    """Runs on a worker: every stage, then the JSON (megabytes of base64 must not stall the event loop)."""
+    request = RenderRequest(outputs=frozenset({"color", "masks", *params.outputs}),
+                            labels=labelsets.label_set(params.labels, engine.card.palette))
+    rendered = pipeline.process(engine, data, request, limits=settings.image_limits(),
+                                mode=settings.mask_resolution, timings=timings, cache=cache)
+    response = ParseResponse(data=parse_data(rendered, round(timings.total, 4)))
+    return response.model_dump_json(exclude_none=True).encode()
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def parse_data(rendered: Rendered, inference_time: float) -> ParseData:
+    """The response's ``data`` from the rendered outputs (absent outputs stay None, and are left out)."""
+    people = None
+    if rendered.people is not None:
+        people = [PersonOut(**{**person, "mask": _b64(person["mask"])}) for person in rendered.people]
+    return ParseData(
+        result_image=_b64(rendered.color) or "",
+        masks=[_b64(m) or "" for m in rendered.masks or []],
+        classes=rendered.classes_present,
+        inference_time=inference_time,
+        label_map=_b64(rendered.label),
+        overlay=_b64(rendered.overlay),
+        people=people,
+        areas=rendered.areas,
+        cutout=_b64(rendered.cutout),
+    )
