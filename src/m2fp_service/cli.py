@@ -88,7 +88,8 @@ def add_compose_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("virtual background (as POST /api/background)")
     g.add_argument("--background", default=None, metavar="MODE|#RRGGBB|IMAGE",
-                   help="compose a picture: transparent, blur, pixelate, a colour (#00ff00) or a backdrop image file")
+                   help="transparent, blur, pixelate, a colour (#00ff00) or a backdrop image file (parse: compose a "
+                        "picture too; video: default blur)")
     g.add_argument("--keep", default="people",
                    help="people (default), largest, central, people:0,2 or classes:face,hair")
     g.add_argument("--invert", action="store_true", help="apply the effect to the kept region instead of the rest")
@@ -145,6 +146,86 @@ def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_parse)
 
 
+def _cmd_video(args: argparse.Namespace) -> int:
+    from m2fp_service import labelsets, pipeline
+    from m2fp_service.config import Settings
+    from m2fp_service.engine import ParsingEngine
+    from m2fp_service.errors import ModelLoadError, ServiceError
+    from m2fp_service.modelcard import UNTRAINED_WARNING
+    from m2fp_service.segmenter import PersonSegmenter
+    from m2fp_service.video.io import VideoError
+    from m2fp_service.video.processor import VideoOptions
+    from m2fp_service.video.run import process_video
+
+    overrides = {k: v for k, v in (("model", args.model), ("light_model", args.light_model)) if v is not None}
+    settings = Settings(**overrides)
+    if args.background is None:
+        args.background = "blur"
+    try:
+        params, backdrop = compose_params(args)
+        spec = params.to_request(backdrop is not None).compose
+        background_rgb = pipeline.decode(backdrop, settings.image_limits()) if backdrop is not None else None
+    except (ServiceError, OSError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    assert spec is not None
+    options = VideoOptions(spec=spec, labels=labelsets.label_set(args.labels),
+                           keyframe_interval_s=args.keyframe_interval, smoothing=not args.no_smoothing)
+    try:
+        segmenter = PersonSegmenter(settings.light_model, intra_op_threads=1)
+        parse = None
+        if options.needs_parts:
+            engine = ParsingEngine(settings.model, intra_op_threads=args.m2fp_threads)
+            if not engine.card.trained:
+                print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
+
+            def parse(frame: Any) -> Any:
+                return pipeline.parse_array(engine, frame, mode="fast")
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        report = process_video(args.input, args.output, segmenter, options, parse=parse,
+                               background_rgb=background_rgb, crf=args.crf, preset=args.preset,
+                               progress=not args.quiet)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except VideoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    age = "" if report.max_parts_age is None else (
+        f"; {report.key_frames} M2FP key frames, parts at most {report.max_parts_age} frames old")
+    print(f"wrote {args.output}: {report.frames} frames {report.width}x{report.height} at {report.fps_in:g} fps in "
+          f"{report.seconds:.1f} s ({report.fps:.1f} frames/s); {report.audio_packets} audio packets{age}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_video(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("video", help="virtual background for a video file",
+                       description="Replace or blur the background of every frame of a video: the light "
+                                   "segmenter on every frame, M2FP on key frames when --keep needs parts or "
+                                   "people. Output at the input's size and frame rate, audio kept. Outputs: "
+                                   ".mp4/.mkv/.mov (H.264), .webm (VP9, alpha with --background transparent), "
+                                   ".mov with transparent (ProRes 4444), or a folder of PNG frames.")
+    p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    p.add_argument("--model", type=Path, default=None, help="M2FP model (default: $M2FP_MODEL or models/m2fp.onnx); "
+                                                            "used only when --keep needs parts or people")
+    p.add_argument("--light-model", type=Path, default=None,
+                   help="light segmenter (default: $M2FP_LIGHT_MODEL or models/light.onnx)")
+    p.add_argument("--keyframe-interval", type=float, default=2.0, help="seconds between M2FP key frames (default 2)")
+    p.add_argument("--m2fp-threads", type=int, default=1, help="threads of M2FP on key frames (default 1: the other "
+                                                               "core composes frames)")
+    p.add_argument("--no-smoothing", action="store_true", help="no temporal smoothing of the person mask")
+    p.add_argument("--crf", type=int, default=20, help="quality of H.264/VP9 (lower is better, default 20)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_compose_options(p)
+    p.set_defaults(func=_cmd_video)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from m2fp_service.api.serve import serve
     from m2fp_service.config import Settings
@@ -188,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_parse(sub)
+    _add_video(sub)
     _add_serve(sub)
     _add_openapi(sub)
     return parser
