@@ -230,8 +230,8 @@ def _foreground_at(image_rgb: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs:
     small_wh = (max(1, w // s), max(1, h // s))
     img_s = (cv2.resize(image_rgb, small_wh, interpolation=cv2.INTER_AREA) if s > 1 else image_rgb)
     img_s = img_s.astype(np.float32) / 255.0
-    solid_fg = (alpha >= 1.0).astype(np.float32)
-    solid_bg = (alpha <= 0.0).astype(np.float32)
+    solid_fg: np.ndarray = (alpha >= 1.0).astype(np.float32)
+    solid_bg: np.ndarray = (alpha <= 0.0).astype(np.float32)
     if s > 1:
         solid_fg = cv2.resize(solid_fg, small_wh, interpolation=cv2.INTER_AREA)
         solid_bg = cv2.resize(solid_bg, small_wh, interpolation=cv2.INTER_AREA)
