@@ -12,7 +12,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev run serve model light-model export-random test test-fast lint openapi bench clean
+.PHONY: help install install-dev run serve model light-model bench-light export-random test test-fast lint openapi bench clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
@@ -22,6 +22,7 @@ help:
 	@echo "make light-model export the light person segmenter: $(LIGHT_MODEL) and $(LIGHT_LANDSCAPE_MODEL)"
 	@echo "make openapi    regenerate openapi/openapi.json"
 	@echo "make bench      reference vs ours on a 720p photo (see bench/README.md)"
+	@echo "make bench-light the light segmenter vs MediaPipe's runtime, ms per frame"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -95,6 +96,9 @@ openapi: install
 
 bench: install-dev
 	$(PY) bench/reference_vs_ours.py
+
+bench-light: light-model
+	$(PY) bench/light_segmenter.py --models $(dir $(LIGHT_MODEL))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

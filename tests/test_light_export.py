@@ -232,3 +232,18 @@ def test_reference_is_installed() -> None:
     """The parity tests need MediaPipe's runtime; `make install-dev` installs it (CI included)."""
     assert reference.available(), "mediapipe is missing: run `make install-dev`"
     assert reference.version().startswith("1.2")
+
+
+def test_without_the_reference(light_sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A bare export environment (no mediapipe): written with a loud warning and `checked: false` in
+    the card, unless the reference is required."""
+    monkeypatch.setattr(reference, "available", lambda: False)
+    lines: list[str] = []
+    card = export_light(light_sources["general"], tmp_path / "l.onnx", report=lines.append)
+    assert card.parity["checked"] is False and card.parity["reference"] is None
+    assert any("NOT compared with MediaPipe" in line for line in lines)
+    assert card.parity["images"]["skimage-astronaut"]["person_fraction"] > 0.3  # ours still ran on the photos
+    with pytest.raises(ExportError, match="reference `mediapipe` is not installed"):
+        export_light(light_sources["general"], tmp_path / "m.onnx", LightExportOptions(require_reference=True),
+                     **QUIET)
+    assert not (tmp_path / "m.onnx").exists()
