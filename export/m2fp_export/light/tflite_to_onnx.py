@@ -147,8 +147,8 @@ def _fused_activation(g: _Graph, value: str, fused: int, base: str) -> str:
     if fused == act.RELU_N1_TO_1:
         return g.node("Clip", [value, g.add_init("minus_one", np.float32(-1)), g.add_init("one", np.float32(1))],
                       base + "/relu_n1_to_1")
-    if fused == act.TANH:
-        return g.node("Tanh", [value], base + "/tanh")
+    # TFLite's float kernels clamp for the activations above and silently skip the others (TANH,
+    # SIGN_BIT), so no translation would be faithful to what the file means.
     raise UnsupportedModel(f"fused activation {fused} is not supported")
 
 
@@ -229,8 +229,8 @@ def _transpose_conv_bias(g: _Graph, op: Any) -> None:
                [g.activation(x_i), g.add_init(base + "/W", w.transpose(3, 0, 1, 2)),  # (I, O, kH, kW)
                 g.add_init(base + "/B", g.need_const(b_i, "transposed convolution bias").astype(np.float32))],
                base, kernel_shape=[kh, kw], strides=[stride_h, stride_w],
-               pads=[pads_hw[0][0], pads_hw[1][0], pads_hw[0][1], pads_hw[1][1]],
-               output_shape=[oh, ow])
+               # explicit pads only: with output_shape ONNX Runtime places an odd pad before, TFLite after
+               pads=[pads_hw[0][0], pads_hw[1][0], pads_hw[0][1], pads_hw[1][1]])
     g.set_output(out_i, y)
 
 
