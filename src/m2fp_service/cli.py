@@ -1,4 +1,4 @@
-"""The ``m2fp`` command: export, parse, serve, openapi."""
+"""The ``m2fp`` command: export, export-light, parse, serve, openapi."""
 
 from __future__ import annotations
 
@@ -35,6 +35,34 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     add_arguments(p)
     p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export_light(args: argparse.Namespace) -> int:
+    from m2fp_export.light.cli import run
+
+    return int(run(args))
+
+
+def _add_export_light(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("export-light", help="convert MediaPipe's selfie segmenter (the light model) to ONNX",
+                       description="Get MediaPipe's selfie segmentation model (Apache-2.0) from the mediapipe "
+                                   "wheel on PyPI (or --wheel / --tflite offline), convert it to ONNX, check it "
+                                   "against MediaPipe's runtime and write it with an embedded model card.")
+    missing = [m for m in ("m2fp_export", "onnx", "tflite") if importlib.util.find_spec(m) is None]
+    if missing:  # the converter lives in the [export] extra; the server runs without it
+
+        def _unavailable(_: argparse.Namespace) -> int:
+            print(f"error: `m2fp export-light` needs the export extra ({', '.join(missing)} not installed): "
+                  "pip install 'm2fp-service[export]'", file=sys.stderr)
+            return 2
+
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_unavailable)
+        return
+    from m2fp_export.light.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_export_light)
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
@@ -268,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"m2fp-service {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    _add_export_light(sub)
     _add_parse(sub)
     _add_video(sub)
     _add_serve(sub)
