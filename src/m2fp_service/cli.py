@@ -66,7 +66,7 @@ def _add_export_light(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
-    from m2fp_service import batch, labelsets
+    from m2fp_service import batch, labelsets, pipeline
     from m2fp_service.config import Settings
     from m2fp_service.engine import ParsingEngine
     from m2fp_service.errors import ModelLoadError, ServiceError
@@ -83,6 +83,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     try:
         params, backdrop = compose_params(args)
         compose = params.to_request(backdrop is not None).compose if params is not None else None
+        background_rgb = pipeline.decode_background(backdrop, settings.image_limits()) if backdrop else None
     except (ServiceError, OSError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
@@ -102,7 +103,8 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
     request = batch.render_request(kinds, labelsets.label_set(args.labels, engine.card.palette), compose)
     failed = batch.run(engine, jobs, request, limits=settings.image_limits(),
-                       mode=args.mode or settings.mask_resolution, background=backdrop, progress=not args.quiet)
+                       mode=args.mode or settings.mask_resolution, background=background_rgb,
+                       progress=not args.quiet)
     failed += len(missing)
     done = len(jobs) - (failed - len(missing))
     print(f"parsed {done} of {len(jobs) + len(missing)} inputs into {args.output_dir}"
@@ -135,6 +137,7 @@ def add_compose_options(p: argparse.ArgumentParser) -> None:
 def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     """``(BackgroundParams, backdrop file bytes)`` from the compose options; ``(None, None)`` without
     ``--background``. Raises ``InvalidParameter`` (bad options) or ``OSError`` (unreadable backdrop)."""
+    from m2fp_service.errors import InvalidParameter
     from m2fp_service.imaging.compose import MODES
     from m2fp_service.schemas import BackgroundParams, params_from
 
@@ -149,9 +152,12 @@ def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
         values["mode"] = choice.lower()
     elif choice.startswith("#"):
         values.update(mode="color", color=choice)
-    else:
+    elif Path(choice).is_file():
         backdrop = Path(choice).read_bytes()
         values["mode"] = "image"
+    else:
+        raise InvalidParameter(f"--background {choice!r} is neither transparent, blur, pixelate, a #rrggbb colour "
+                               "nor an image file that exists")
     return params_from(BackgroundParams, values), backdrop
 
 
@@ -192,7 +198,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     try:
         params, backdrop = compose_params(args)
         spec = params.to_request(backdrop is not None).compose
-        background_rgb = pipeline.decode(backdrop, settings.image_limits()) if backdrop is not None else None
+        background_rgb = pipeline.decode_background(backdrop, settings.image_limits()) if backdrop else None
     except (ServiceError, OSError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2

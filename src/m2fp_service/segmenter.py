@@ -136,6 +136,29 @@ class PersonSegmenter:
             self._infer()
             return self._output.copy()
 
+    def run_small(self, frame_rgb: np.ndarray) -> np.ndarray:
+        """Person probability at the model's own size (what video smooths in time before upsampling).
+
+        Args:
+            frame_rgb: (H, W, 3) uint8 RGB, any size.
+
+        Returns:
+            (h, w) float32 in 0..1, ``h, w = self.input_hw`` (a new array).
+        """
+        frame = _check_frame(frame_rgb)
+        h, w = self.input_hw
+        with self._lock:
+            self._infer_frame(frame)
+            return self._output.reshape(h, w).copy()
+
+    def _infer_frame(self, frame: np.ndarray) -> None:
+        """MediaPipe's preprocessing into the bound input, then the model (hold the lock)."""
+        frame_to_input_u8(frame, self.input_hw, out=self._small)
+        np.multiply(self._small, self._scale, out=self._input[0], dtype=np.float32)
+        if self._offset:
+            self._input += self._offset
+        self._infer()
+
     def run(self, frame_rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Person probability of each pixel of a frame.
 
@@ -152,11 +175,7 @@ class PersonSegmenter:
             raise ValueError(f"out must be a ({fh}, {fw}) float32 array, got {out.dtype} {out.shape}")
         h, w = self.input_hw
         with self._lock:
-            frame_to_input_u8(frame, self.input_hw, out=self._small)
-            np.multiply(self._small, self._scale, out=self._input[0], dtype=np.float32)
-            if self._offset:
-                self._input += self._offset
-            self._infer()
+            self._infer_frame(frame)
             small_mask = self._output.reshape(h, w)
             if (fh, fw) != (h, w):
                 result = cv2.resize(small_mask, (fw, fh), dst=out, interpolation=cv2.INTER_LINEAR)

@@ -22,7 +22,8 @@ def scene(index: int, person: np.ndarray) -> np.ndarray:
     """(360, 640, 3) uint8: a still backdrop with the person pasted at ``figure_x(index)``."""
     h, w = CLIP_HW
     yy, xx = np.mgrid[0:h, 0:w]
-    frame = np.dstack([(90 + xx // 8) % 256, (140 + yy // 6) % 256, np.full_like(xx, 170)]).astype(np.uint8)
+    stripes = 80 * ((xx // 5) % 2)  # fine vertical stripes: a blur visibly removes them
+    frame = np.dstack([90 + stripes, (140 + yy // 6) % 256, np.full_like(xx, 170)]).astype(np.uint8)
     frame[250:, :] = (70, 110, 60)  # a floor
     ph, pw = person.shape[:2]
     x0 = figure_x(index)

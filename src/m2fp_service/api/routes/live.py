@@ -71,7 +71,7 @@ async def _refuse(websocket: WebSocket, code: int, message: str, error: int) -> 
 def _options(websocket: WebSocket, settings: Settings) -> tuple[BackgroundParams, dict[str, str]]:
     query = dict(websocket.query_params)
     live = {k: query.pop(k) for k in list(query) if k in _LIVE_KEYS}
-    params = BackgroundParams.model_validate(query)
+    params = BackgroundParams.merged(query, {})
     params.precheck()
     if params.resolved_mode(False) == "image":
         raise ValueError("mode=image is not available live (no background upload on a WebSocket); use blur, "
