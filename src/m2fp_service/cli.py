@@ -186,12 +186,13 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from m2fp_service.engine import ParsingEngine
     from m2fp_service.errors import ModelLoadError, ServiceError
     from m2fp_service.modelcard import UNTRAINED_WARNING
-    from m2fp_service.segmenter import PersonSegmenter
+    from m2fp_service.segmenter import FrameSegmenter
     from m2fp_service.video.io import VideoError
     from m2fp_service.video.processor import VideoOptions
     from m2fp_service.video.run import process_video
 
-    overrides = {k: v for k, v in (("model", args.model), ("light_model", args.light_model)) if v is not None}
+    overrides = {k: v for k, v in (("model", args.model), ("light_model", args.light_model),
+                                   ("light_model_landscape", args.light_model_landscape)) if v is not None}
     settings = Settings(**overrides)
     if args.background is None:
         args.background = "blur"
@@ -206,7 +207,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     options = VideoOptions(spec=spec, labels=labelsets.label_set(args.labels),
                            keyframe_interval_s=args.keyframe_interval, smoothing=not args.no_smoothing)
     try:
-        segmenter = PersonSegmenter(settings.light_model, intra_op_threads=1)
+        segmenter = FrameSegmenter(settings.light_model, settings.light_model_landscape)
         parse = None
         if options.needs_parts:
             engine = ParsingEngine(settings.model, intra_op_threads=args.m2fp_threads)
@@ -249,6 +250,9 @@ def _add_video(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                                             "used only when --keep needs parts or people")
     p.add_argument("--light-model", type=Path, default=None,
                    help="light segmenter (default: $M2FP_LIGHT_MODEL or models/light.onnx)")
+    p.add_argument("--light-model-landscape", type=Path, default=None,
+                   help="its landscape variant, used for wide frames when present (default: "
+                        "$M2FP_LIGHT_MODEL_LANDSCAPE or models/light-landscape.onnx)")
     p.add_argument("--keyframe-interval", type=float, default=2.0, help="seconds between M2FP key frames (default 2)")
     p.add_argument("--m2fp-threads", type=int, default=1, help="threads of M2FP on key frames (default 1: the other "
                                                                "core composes frames)")

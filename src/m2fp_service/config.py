@@ -17,6 +17,7 @@ from m2fp_service.limits import ImageLimits
 
 DEFAULT_MODEL = Path("models/m2fp.onnx")
 DEFAULT_LIGHT_MODEL = Path("models/light.onnx")
+DEFAULT_LIGHT_LANDSCAPE_MODEL = Path("models/light-landscape.onnx")
 
 
 class Settings(BaseSettings):
@@ -25,7 +26,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="M2FP_", env_file=".env", extra="ignore")
 
     model: Path = Field(DEFAULT_MODEL, description="Path of the exported ONNX model")
-    light_model: Path = Field(DEFAULT_LIGHT_MODEL, description="Path of the light per-frame segmenter (video, live)")
+    light_model: Path = Field(DEFAULT_LIGHT_MODEL, description="Light per-frame segmenter, general variant (video, "
+                                                               "live)")
+    light_model_landscape: Path = Field(
+        DEFAULT_LIGHT_LANDSCAPE_MODEL, description="Light segmenter, landscape variant, used for wide frames when the "
+                                                   "file exists")
     host: str = Field("127.0.0.1", description="Address `m2fp serve` binds")
     port: int = Field(8000, ge=1, le=65535, description="Port `m2fp serve` binds")
     workers: int = Field(1, ge=1, le=64, description="Inference workers (concurrent ONNX Runtime runs)")

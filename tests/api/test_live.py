@@ -30,7 +30,8 @@ def frame(photo: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def live_client(tiny_model_path: Path, light_models: dict[str, Path]) -> Iterator[TestClient]:
-    settings = make_settings(tiny_model_path, light_model=light_models["general"], live_max_connections=3,
+    settings = make_settings(tiny_model_path, light_model=light_models["general"],
+                             light_model_landscape=light_models["landscape"], live_max_connections=3,
                              live_max_frame_bytes=200_000)
     with running_client(settings) as client:
         yield client

@@ -14,12 +14,14 @@ import pytest
 from tests.video.conftest import CLIP_FPS, CLIP_FRAMES, CLIP_HW, figure_x
 
 
-def run_video(*args: str, model: Path | None = None, light: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_video(*args: str, model: Path | None = None, light: dict[str, Path] | None = None
+              ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if model is not None:
         env["M2FP_MODEL"] = str(model)
     if light is not None:
-        env["M2FP_LIGHT_MODEL"] = str(light)
+        env["M2FP_LIGHT_MODEL"] = str(light["general"])
+        env["M2FP_LIGHT_MODEL_LANDSCAPE"] = str(light["landscape"])
     return subprocess.run([sys.executable, "-m", "m2fp_service.cli", "video", *args, "-q"], capture_output=True,
                           text=True, timeout=600, env=env)
 
@@ -35,7 +37,7 @@ def test_blurred_background_keeps_size_rate_frames_audio_and_the_person(
         clip_path: Path, tmp_path: Path, light_models: dict[str, Path]) -> None:
     out = tmp_path / "blurred.mp4"
     proc = run_video(str(clip_path), "-o", str(out), "--background", "blur", "--blur", "15",
-                     light=light_models["landscape"])
+                     light=light_models)
     assert proc.returncode == 0, proc.stderr
     assert f"{CLIP_FRAMES} frames 640x360 at {CLIP_FPS:g} fps" in proc.stderr
     frames, container = decoded(out)
@@ -61,7 +63,7 @@ def test_blurred_background_keeps_size_rate_frames_audio_and_the_person(
 def test_transparent_webm_has_alpha(clip_path: Path, tmp_path: Path, light_models: dict[str, Path]) -> None:
     out = tmp_path / "cutout.webm"
     proc = run_video(str(clip_path), "-o", str(out), "--background", "transparent",
-                     light=light_models["landscape"])
+                     light=light_models)
     assert proc.returncode == 0, proc.stderr
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
@@ -77,7 +79,7 @@ def test_parts_selection_uses_key_frames(clip_path: Path, tmp_path: Path, light_
                                          tiny_model_path: Path) -> None:
     out = tmp_path / "largest.mp4"
     proc = run_video(str(clip_path), "-o", str(out), "--keep", "largest", "--background", "#0000ff",
-                     "--keyframe-interval", "0.8", model=tiny_model_path, light=light_models["landscape"])
+                     "--keyframe-interval", "0.8", model=tiny_model_path, light=light_models)
     assert proc.returncode == 0, proc.stderr
     assert "UNTRAINED" in proc.stderr
     assert "M2FP key frames, parts at most" in proc.stderr
@@ -93,7 +95,7 @@ def test_parts_selection_uses_key_frames(clip_path: Path, tmp_path: Path, light_
 ])
 def test_bad_options(clip_path: Path, tmp_path: Path, light_models: dict[str, Path], args: list[str], code: int,
                      message: str) -> None:
-    proc = run_video(str(clip_path), *[a.format(tmp=tmp_path) for a in args], light=light_models["landscape"])
+    proc = run_video(str(clip_path), *[a.format(tmp=tmp_path) for a in args], light=light_models)
     assert proc.returncode == code and message in proc.stderr, proc.stderr
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*")), "nothing half-written"
 
@@ -101,7 +103,8 @@ def test_bad_options(clip_path: Path, tmp_path: Path, light_models: dict[str, Pa
 def test_unreadable_input_and_missing_light_model(tmp_path: Path, light_models: dict[str, Path]) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"junk" * 100)
-    proc = run_video(str(bad), "-o", str(tmp_path / "o.mp4"), light=light_models["landscape"])
+    proc = run_video(str(bad), "-o", str(tmp_path / "o.mp4"), light=light_models)
     assert proc.returncode == 1 and "cannot open" in proc.stderr
-    proc = run_video(str(bad), "-o", str(tmp_path / "o.mp4"), light=tmp_path / "none.onnx")
+    proc = run_video(str(bad), "-o", str(tmp_path / "o.mp4"),
+                     light={"general": tmp_path / "none.onnx", "landscape": tmp_path / "none.onnx"})
     assert proc.returncode == 1 and "export-light" in proc.stderr

@@ -124,9 +124,9 @@ async def live(websocket: WebSocket) -> None:
 
 
 def _new_session(app: Any, settings: Settings, params: BackgroundParams, live_opts: dict[str, str]) -> LiveSession:
-    from m2fp_service.segmenter import PersonSegmenter
+    from m2fp_service.segmenter import FrameSegmenter
 
-    segmenter = PersonSegmenter(settings.light_model, intra_op_threads=1)
+    segmenter = FrameSegmenter(settings.light_model, settings.light_model_landscape)
     request = params.to_request(False)
     assert request.compose is not None
     options = VideoOptions(spec=request.compose, labels=request.labels,
