@@ -91,6 +91,35 @@ def write_outputs(job: Job, image: np.ndarray, result: ParsingResult, palette: l
     return written
 
 
+def output_paths(job: Job, kinds: Iterable[str]) -> list[Path]:
+    """The files ``write_outputs`` writes for ``job`` (``--resume`` checks them)."""
+    return [job.out_stem.with_name(f"{job.out_stem.name}.json" if kind == "json" else f"{job.out_stem.name}.{kind}.png")
+            for kind in kinds]
+
+
+def write_outputs_atomically(job: Job, image: np.ndarray, result: ParsingResult,
+                             palette: list[tuple[int, int, int]], kinds: Iterable[str], timings: Timings) -> list[Path]:
+    """``write_outputs`` under a hidden temporary stem, then each file renamed into place.
+
+    A killed process leaves at most ``.<stem>.partial*`` files (overwritten by the next run),
+    never a truncated file under a final name, so an existing output is always complete.
+    """
+    kinds = list(kinds)
+    temp = Job(job.source, job.out_stem.with_name(f".{job.out_stem.name}.partial"))
+    try:
+        written = write_outputs(temp, image, result, palette, kinds, timings)
+    except BaseException:
+        for path in output_paths(temp, kinds):
+            path.unlink(missing_ok=True)
+        raise
+    final = []
+    for path in written:
+        target = job.out_stem.with_name(job.out_stem.name + path.name[len(temp.out_stem.name):])
+        path.replace(target)
+        final.append(target)
+    return final
+
+
 def run(engine: ParsingEngine, jobs: list[Job], kinds: list[str], *, max_pixels: int, max_side: int,
         mode: Mode = "exact", progress: bool = True, err: TextIO = sys.stderr) -> int:
     """Parses every job; returns the number of failed inputs (reported on ``err`` and skipped)."""
@@ -105,7 +134,7 @@ def run(engine: ParsingEngine, jobs: list[Job], kinds: list[str], *, max_pixels:
             data = job.source.read_bytes()
             image, result = parse_image(engine, data, max_pixels=max_pixels, max_side=max_side, mode=mode,
                                         timings=timings)
-            write_outputs(job, image, result, engine.card.palette, kinds, timings)
+            write_outputs_atomically(job, image, result, engine.card.palette, kinds, timings)
         except (ServiceError, OSError) as exc:
             failed += 1
             message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
