@@ -122,11 +122,7 @@ def test_queue_depth_variant_adds_a_pods_metric(render: Any) -> None:
     assert hpa["spec"]["metrics"][1]["pods"]["metric"]["name"] == "m2fp_queue_depth"
 
 
-def _pod_templates() -> list[tuple[str, tuple[str, ...]]]:
-    return TARGETS
-
-
-@pytest.mark.parametrize(("target", "components"), _pod_templates(),
+@pytest.mark.parametrize(("target", "components"), TARGETS,
                          ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
 def test_pods_meet_the_restricted_pod_security_standard(render: Any, target: str,
                                                         components: tuple[str, ...]) -> None:
