@@ -46,9 +46,12 @@ RUN --mount=type=bind,target=/context \
       none) echo "MODEL_SOURCE=none: no model in the image; mount one and set M2FP_MODEL" ;; \
       *) echo "MODEL_SOURCE must be hub, checkpoint, demo or none, got '${MODEL_SOURCE}'" >&2; exit 2 ;; \
     esac
-# LIGHT MODEL (pending `m2fp export-light`, models/light.onnx): export it here, into /tmp/model/,
-#   RUN m2fp export-light -o /tmp/model/light.onnx
-# The runtime stage copies all of /tmp/model/, so no other line changes.
+# The light person segmenter (video, live; Apache-2.0): both variants, from the mediapipe wheel on
+# PyPI (needs PyPI at build time). Without mediapipe installed here the parity check is skipped and
+# the card says so; the converter itself is checked by the project's tests.
+RUN m2fp export-light --variant general -o /tmp/model/light.onnx && \
+    m2fp export-light --variant landscape -o /tmp/model/light-landscape.onnx
+# The runtime stage copies all of /tmp/model/.
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.1.0
@@ -61,9 +64,11 @@ LABEL org.opencontainers.image.title="m2fp-service" \
       org.opencontainers.image.licenses="Apache-2.0 AND CC-BY-NC-4.0" \
       io.m2fp.service.license="Apache-2.0" \
       io.m2fp.model.license="CC-BY-NC-4.0" \
+      io.m2fp.light-model.license="Apache-2.0" \
       io.m2fp.model.source="${MODEL_SOURCE}"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    M2FP_HOST=0.0.0.0 M2FP_PORT=8000 M2FP_MODEL=/opt/m2fp/models/m2fp.onnx
+    M2FP_HOST=0.0.0.0 M2FP_PORT=8000 M2FP_MODEL=/opt/m2fp/models/m2fp.onnx \
+    M2FP_LIGHT_MODEL=/opt/m2fp/models/light.onnx M2FP_LIGHT_MODEL_LANDSCAPE=/opt/m2fp/models/light-landscape.onnx
 # The wheel without extras: exactly the server's dependencies from pyproject.toml.
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install /dist/m2fp_service-*.whl && \
