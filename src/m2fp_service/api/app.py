@@ -156,4 +156,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def index() -> FileResponse:
         return FileResponse(f"{webui}/index.html", media_type="text/html")
 
+    @app.get("/live", include_in_schema=False)
+    async def live_page() -> FileResponse:
+        """Webcam in, virtual background out (WebSocket /api/live)."""
+        return FileResponse(f"{webui}/live.html", media_type="text/html")
+
+    @app.get("/obs", include_in_schema=False)
+    async def obs_page() -> FileResponse:
+        """A transparent page for OBS's Browser Source: a live session's frames (/api/live/watch)."""
+        return FileResponse(f"{webui}/obs.html", media_type="text/html")
+
     return app
