@@ -39,7 +39,7 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _cmd_parse(args: argparse.Namespace) -> int:
     from m2fp_service import batch
     from m2fp_service.config import Settings
-    from m2fp_service.engine import ParsingEngine
+    from m2fp_service.engine import ParsingEngine, engine_options
     from m2fp_service.errors import ModelLoadError
     from m2fp_service.modelcard import UNTRAINED_WARNING
 
@@ -59,7 +59,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         print("error: no images to parse", file=sys.stderr)
         return 1
     try:
-        engine = ParsingEngine(settings.model, intra_op_threads=settings.threads_per_worker())
+        engine = ParsingEngine(settings.model, options=engine_options(settings))
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
