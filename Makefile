@@ -7,6 +7,7 @@ MODEL  ?= models/m2fp.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+QUICK  ?=
 
 .PHONY: help install install-dev run serve model export-random test test-fast lint openapi bench clean
 
@@ -16,7 +17,7 @@ help:
 	@echo "make test-fast  the suite without the slow (full-size, real-server) tests"
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
 	@echo "make openapi    regenerate openapi/openapi.json"
-	@echo "make bench      reference vs ours on a 720p photo (see bench/README.md)"
+	@echo "make bench      every benchmark in one run, then BENCHMARKS.md (~30 min; QUICK=1: ~5 min, tiny model)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,8 +73,9 @@ lint: install-dev
 openapi: install
 	$(VENV)/bin/m2fp openapi -o openapi/openapi.json
 
+# Exports the benchmark models into models/ on first use; raw JSON in bench/results/ (gitignored).
 bench: install-dev
-	$(PY) bench/reference_vs_ours.py
+	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -132,8 +132,8 @@ def match_people(candidate: np.ndarray, reference: np.ndarray) -> float:
         The smallest IoU over the reference people (0.0 for one left unmatched); 1.0 when both
         are empty.
     """
-    if len(reference) == 0:
-        return 1.0 if len(candidate) == 0 else 0.0
+    if len(reference) == 0 or len(candidate) == 0:
+        return 1.0 if len(candidate) == len(reference) else 0.0
     c = candidate.reshape(len(candidate), -1).astype(np.float32)
     r = reference.reshape(len(reference), -1).astype(np.float32)
     inter = r @ c.T  # (R, P)

@@ -1,0 +1,90 @@
+"""Network only, cross-process: PyTorch eager vs ONNX Runtime FP32 vs ONNX Runtime INT8 (pyperf).
+
+Each (engine, input size) is one pyperf benchmark: pyperf runs it in fresh worker processes
+(``--processes``), each warming up once and timing ``--values`` runs, and records each worker's
+peak RSS (``mem_max_rss``). The input is the benchmark photo resized to exactly the size (no
+padding needed: every size is a multiple of 32).
+
+- ``torch``: ModelScope's M2FP built by ``random_init(config, seed 0, confident)``, the exported
+  graph's forward (normalise, backbone, pixel decoder, decoder) in eager mode, 2 threads.
+- ``ort-fp32`` / ``ort-int8``: the service's ``ParsingEngine.run`` on the exported models.
+
+Usage (``make bench`` runs it)::
+
+    python bench/network.py -o bench/results/network.json --processes 2 --values 2 [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pyperf  # noqa: E402
+from common import NETWORK_SIZES, THREADS, models, photo_at  # noqa: E402
+
+_cache: dict[str, Any] = {}
+
+
+def _tensor(hw: tuple[int, int]) -> Any:
+    from m2fp_service.imaging.preprocess import pad_to_input
+    from m2fp_service.modelcard import InputPolicy
+
+    return pad_to_input(photo_at(hw), InputPolicy())
+
+
+def _torch_run(config: str) -> Any:
+    if "torch" not in _cache:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        from m2fp_export.convert import M2FPOnnxWrapper
+        from m2fp_export.source import random_init
+
+        _cache["torch"] = (torch, M2FPOnnxWrapper(random_init(config, seed=0, confident=True).model).eval())
+    torch, wrapper = _cache["torch"]
+
+    def run(x: Any) -> None:
+        with torch.no_grad():
+            wrapper(torch.from_numpy(x))
+
+    return run
+
+
+def _ort_run(model: Path) -> Any:
+    key = str(model)
+    if key not in _cache:
+        from common import engine
+
+        _cache[key] = engine(model)
+    return _cache[key].run
+
+
+def bench(loops: int, kind: str, hw: tuple[int, int], quick: bool) -> float:
+    m = models(quick)
+    run = _torch_run(m.config) if kind == "torch" else _ort_run(m.fp32 if kind == "ort-fp32" else m.int8)
+    x = _tensor(hw)
+    t0 = pyperf.perf_counter()
+    for _ in range(loops):
+        run(x)
+    return pyperf.perf_counter() - t0
+
+
+def main() -> None:
+    runner = pyperf.Runner(values=2, processes=2, warmups=1, loops=1)
+    runner.argparser.add_argument("--quick", action="store_true", help="tiny model, 512x512 only")
+    runner.argparser.add_argument("--kinds", default="torch,ort-fp32,ort-int8")
+    args = runner.parse_args()
+    sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES
+    for hw in sizes:
+        for kind in args.kinds.split(","):
+            runner.bench_time_func(f"network {kind} {hw[0]}x{hw[1]}", bench, kind, hw, args.quick,
+                                   metadata={"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}"})
+
+
+if __name__ == "__main__":
+    main()
