@@ -8,6 +8,9 @@ padding needed: every size is a multiple of 32).
 - ``torch``: ModelScope's M2FP built by ``random_init(config, seed 0, confident)``, the exported
   graph's forward (normalise, backbone, pixel decoder, decoder) in eager mode, 2 threads.
 - ``ort-fp32`` / ``ort-int8``: the service's ``ParsingEngine.run`` on the exported models.
+- Session tuning at 512x512 (``--tuning``): the engine's settings (all graph optimisations,
+  idle threads sleep, arena shrinking after each run) against one change each: spinning threads,
+  basic graph optimisations only, the memory arena off.
 
 Usage (``make bench`` runs it)::
 
@@ -16,8 +19,10 @@ Usage (``make bench`` runs it)::
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pyperf  # noqa: E402
-from common import NETWORK_SIZES, THREADS, models, photo_at  # noqa: E402
+from common import NETWORK_SIZES, RESULTS, THREADS, models, photo_at  # noqa: E402
+
+CPU_LOG = RESULTS / "network-cpu.jsonl"
 
 _cache: dict[str, Any] = {}
 
@@ -64,24 +71,57 @@ def _ort_run(model: Path) -> Any:
     return _cache[key].run
 
 
+def _tuned_run(model: Path, variant: str) -> Any:
+    """An ORT session like the engine's with one setting changed (``variant``)."""
+    if variant not in _cache:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if variant == "basic-opt"
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant == "spinning" else "0")
+        so.enable_cpu_mem_arena = variant != "no-arena"
+        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        _cache[variant] = lambda x: session.run(None, {"image": x})
+    return _cache[variant]
+
+
 def bench(loops: int, kind: str, hw: tuple[int, int], quick: bool) -> float:
     m = models(quick)
-    run = _torch_run(m.config) if kind == "torch" else _ort_run(m.fp32 if kind == "ort-fp32" else m.int8)
+    if kind == "torch":
+        run = _torch_run(m.config)
+    elif kind.startswith("tuning-"):
+        run = _tuned_run(m.fp32, kind.removeprefix("tuning-"))
+    else:
+        run = _ort_run(m.fp32 if kind == "ort-fp32" else m.int8)
     x = _tensor(hw)
-    t0 = pyperf.perf_counter()
+    t0, c0 = pyperf.perf_counter(), time.process_time()
     for _ in range(loops):
         run(x)
-    return pyperf.perf_counter() - t0
+    wall, cpu = pyperf.perf_counter() - t0, time.process_time() - c0
+    # pyperf keeps one value per run (wall time); the CPU time of the same calls goes beside it.
+    with CPU_LOG.open("a") as fh:
+        fh.write(json.dumps({"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}", "pid": os.getpid(),
+                             "wall_s": wall / loops, "cpu_s": cpu / loops}) + "\n")
+    return wall
 
 
 def main() -> None:
     runner = pyperf.Runner(values=2, processes=2, warmups=1, loops=1)
     runner.argparser.add_argument("--quick", action="store_true", help="tiny model, 512x512 only")
     runner.argparser.add_argument("--kinds", default="torch,ort-fp32,ort-int8")
+    runner.argparser.add_argument("--tuning", action="store_true", help="also the session-option variants at 640x640")
     args = runner.parse_args()
     sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES
     for hw in sizes:
         for kind in args.kinds.split(","):
+            runner.bench_time_func(f"network {kind} {hw[0]}x{hw[1]}", bench, kind, hw, args.quick,
+                                   metadata={"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}"})
+    if args.tuning:
+        hw = (512, 512)
+        for variant in ("spinning", "basic-opt", "no-arena"):
+            kind = f"tuning-{variant}"
             runner.bench_time_func(f"network {kind} {hw[0]}x{hw[1]}", bench, kind, hw, args.quick,
                                    metadata={"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}"})
 

@@ -4,7 +4,7 @@ Order: models (exported into models/ if missing) -> floor (FLOPs, rates) -> netw
 -> end to end + start-up -> stages and palette merge (pytest-benchmark) -> load (Locust) ->
 report. Raw JSON goes to bench/results/ (gitignored); BENCHMARKS.md is generated from it.
 
-Full run: about 25-35 minutes on an idle 2-core machine (longer under load). ``--quick`` (``make
+Full run: about 20-30 minutes on an idle 2-core machine, an hour or more under heavy load. ``--quick`` (``make
 bench QUICK=1``): the tiny model, one size, fewer repeats, short load levels: about 5 minutes;
 its numbers only show that the harness works.
 """
@@ -41,18 +41,20 @@ def main() -> int:
     steps = {
         "floor": [py, str(BENCH / "floor.py"), *q],
         "network": [py, str(BENCH / "network.py"), "-o", str(RESULTS / "network.json"), "--processes",
-                    "1" if args.quick else "2", "--values", "1" if args.quick else "2", *q],
-        "e2e": [py, str(BENCH / "e2e.py"), *(["--repeat", "1", "--startup-repeat", "1", *q] if args.quick else [])],
+                    "1", "--values", "1" if args.quick else "2", "--tuning", *q],
+        "e2e": [py, str(BENCH / "e2e.py"), *(["--repeat", "1", "--startup-repeat", "1", *q] if args.quick
+                                             else ["--repeat", "2", "--startup-repeat", "2"])],
         "stages": [py, "-m", "pytest", str(BENCH / "test_stages.py"), "-q", "-p", "no:cacheprovider",
                    "--benchmark-json", str(RESULTS / "stages.json"), "--benchmark-min-rounds", "3",
                    "--benchmark-max-time", "0.5" if args.quick else "2"],
-        "load": [py, str(BENCH / "load.py"), *(["--seconds", "20", *q] if args.quick else [])],
+        "load": [py, str(BENCH / "load.py"), *(["--seconds", "20", *q] if args.quick else ["--seconds", "60"])],
     }
     env = {"M2FP_BENCH_QUICK": "1"} if args.quick else {}
     import os
 
     for name in args.only.split(","):
         (RESULTS / f"{name}.json").unlink(missing_ok=True)
+        (RESULTS / f"{name}-cpu.jsonl").unlink(missing_ok=True)
         print(f"== {name}: {' '.join(steps[name][1:])}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         rc = subprocess.run(steps[name], cwd=ROOT, env={**os.environ, **env}).returncode

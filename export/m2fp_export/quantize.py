@@ -19,6 +19,7 @@ Settings live in a dataclass with presets, as optimum's ``AutoQuantizationConfig
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -143,6 +144,9 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
     fd, pre_name = tempfile.mkstemp(prefix=".m2fp-pre-", suffix=".onnx.tmp", dir=out_path.parent)
     os.close(fd)
     pre = Path(pre_name)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every copied bias on the root logger
     try:
         # ONNX Runtime's recommended pre-processing: constants folded into initializers (Conv
         # biases must be initializers to be quantized) and shapes inferred.
@@ -159,6 +163,7 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
     except Exception as exc:  # onnxruntime.quantization raises assorted types
         raise QuantizationError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     finally:
+        root.setLevel(level)
         pre.unlink(missing_ok=True)
     return {"preset": asdict(config), "format": "QDQ, activations uint8 asymmetric, weights int8 symmetric",
             "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration)}
@@ -194,9 +199,12 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
     info["check_vs_fp32"] = {"trained_weights": trained, "acceptance": asdict(config.acceptance), **result.summary()}
     failures = result.failures(config.acceptance)
     if failures:
+        hint = ("Untrained weights give noise-like label maps (near-ties everywhere), on which INT8 rounding flips "
+                "many pixels: this is not a quality figure; --min-agreement accepts a lower bar. " if not trained
+                else "Try --calibration DIR with photos like the ones you serve, or --quant-preset avx2 "
+                     "(7-bit weights), or a lower --min-agreement after looking at the outputs. ")
         raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures)
-                                + "; model not written. Try --calibration DIR with photos like yours, "
-                                  "or --quant-preset avx2 (7-bit weights).")
+                                + "; model not written. " + hint)
     return info
 
 
