@@ -197,7 +197,8 @@ def run_ours(model: Path, jpeg: bytes, repeat: int, env: dict[str, str] | None =
                 runs.append({"total": wall, **_server_timing(r.headers.get("Server-Timing", ""))})
         peak = server.peak_rss_mb()
         check = requests.post(server.url + "/api/parse?outputs=label,people", files=files, timeout=600).json()["data"]
-        labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(check["label"]))))
+        label_png = check.get("label_map") or check["label"]  # the field's name in the response schema
+        labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(label_png))))
     finally:
         server.stop()
     return {"runs": runs, "peak_rss_mb": peak, "startup_s": server.startup_s, "people": len(check["people"]),

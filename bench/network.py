@@ -107,8 +107,17 @@ def bench(loops: int, kind: str, hw: tuple[int, int], quick: bool) -> float:
     return wall
 
 
+def _worker_args(cmd: list[str], args: Any) -> None:
+    """pyperf starts workers with its own options only; ours must be passed on."""
+    if args.quick:
+        cmd.append("--quick")
+    if args.tuning:
+        cmd.append("--tuning")
+    cmd.extend(["--kinds", args.kinds])
+
+
 def main() -> None:
-    runner = pyperf.Runner(values=2, processes=2, warmups=1, loops=1)
+    runner = pyperf.Runner(values=2, processes=2, warmups=1, loops=1, add_cmdline_args=_worker_args)
     runner.argparser.add_argument("--quick", action="store_true", help="tiny model, 512x512 only")
     runner.argparser.add_argument("--kinds", default="torch,ort-fp32,ort-int8")
     runner.argparser.add_argument("--tuning", action="store_true", help="also the session-option variants at 640x640")

@@ -269,7 +269,8 @@ def section_load(load: dict[str, Any] | None) -> list[str]:
                   f"({at16['peak_rss_mb']:.0f} MB); throughput within 10% of the single-stream rate: "
                   f"{_pass(at16['served_per_s'] >= 0.9 * best_single)} "
                   f"({at16['served_per_s'] / best_single:.2f}×); only 200 and 503: {_pass(only)}.",
-                  "Percentiles are Locust's over all responses of the level (503s answer at once)."]
+                  "Served/s = 200 answers ÷ the level's wall time (the bounded run plus letting in-flight requests "
+                  "finish); percentiles are of the served (200) requests' latency as the client saw it."]
     return lines
 
 
