@@ -262,3 +262,13 @@ def test_documented_plain_random_init_export_works(tmp_path: Path) -> None:
     assert out.is_file() and "mask_logits max rel diff" in proc.stdout and "labels agree on" in proc.stdout
     card = read_card(out)
     assert card.exporter["check"]["min_label_agreement"] >= 0.999 and card.exporter["check"]["same_people"]
+
+
+def test_fast_profile_export_records_its_agreement(tmp_path: Path) -> None:
+    card = export_model(random_init("tiny", confident=True), tmp_path / "m.onnx", ExportOptions(profile="fast"),
+                        **QUIET)
+    assert (card.input_policy.profile, card.input_policy.short_edge) == ("fast", 384)
+    fast = card.exporter["profiles"]["fast"]
+    assert fast["trained_weights"] is False and len(fast["vs_default"]) == 2
+    assert all(0 < f["label_agreement"] <= 1 and f["default_people"] >= 2 for f in fast["vs_default"])
+    assert read_card(tmp_path / "m.onnx").input_policy.profile == "fast"
