@@ -11,6 +11,7 @@ MEDIAPIPE_REF ?= mediapipe>=1.2,<1.3
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+QUICK  ?=
 
 .PHONY: help install install-dev kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench docker clean
 
@@ -21,7 +22,7 @@ help:
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
 	@echo "make light-model export the light person segmenter: $(LIGHT_MODEL) and $(LIGHT_LANDSCAPE_MODEL)"
 	@echo "make openapi    regenerate openapi/openapi.json"
-	@echo "make bench      reference vs ours on a 720p photo (see bench/README.md)"
+	@echo "make bench      every benchmark in one run, then BENCHMARKS.md (~30 min; QUICK=1: ~5 min, tiny model)"
 	@echo "make bench-light the light segmenter vs MediaPipe's runtime, ms per frame"
 
 $(VENV)/bin/python:
@@ -98,8 +99,9 @@ lint: install-dev
 openapi: install
 	$(VENV)/bin/m2fp openapi -o openapi/openapi.json
 
+# Exports the benchmark models into models/ on first use; raw JSON in bench/results/ (gitignored).
 bench: install-dev
-	$(PY) bench/reference_vs_ours.py
+	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 bench-light: light-model
 	$(PY) bench/light_segmenter.py --models $(dir $(LIGHT_MODEL))

@@ -1,27 +1,21 @@
-"""The arithmetic floor of one 720p inference: graph FLOPs / this machine's sustained GEMM rate.
+"""The arithmetic floor: graph FLOPs per input size / this machine's measured GEMM/conv rates.
 
-FLOPs are counted on the exported graph at the padded input size of the benchmark photo
-(1280x720 -> 1138x640 resized -> 1152x640 padded): 2 * MACs of every Conv, MatMul, Gemm and
-Einsum (the mask-embedding product). Tensor shapes come from ONNX shape inference with the
-input fixed to (1, 3, 640, 1152); the shapes it leaves symbolic (the batch/query dimensions
-behind data-dependent Reshapes in the transformer) are taken from the shapes ONNX Runtime
-records in its profile of one run of the unoptimised graph at that size. GridSample
-(deformable attention), Softmax, normalisation and element-wise ops are not counted; their
-element counts are reported so the reader can see what the floor leaves out.
+FLOPs are counted on the exported FP32 graph at each network-benchmark size: 2 * MACs of every
+Conv, MatMul, Gemm and Einsum. Tensor shapes come from ONNX shape inference with the input fixed
+to (1, 3, H, W); the shapes it leaves symbolic (the batch/query dimensions behind data-dependent
+Reshapes in the transformers) are taken from ONNX Runtime's profile of one unoptimised run at
+that size. GridSample (deformable attention), Softmax, normalisation and element-wise ops are not
+counted; their output element counts are reported so the reader sees what the floor leaves out.
 
-The rate is float32 with 2 threads, probed three ways on shapes like the network's (3x3 convs
-as im2col GEMMs, and a square GEMM): numpy ``matmul`` (OpenBLAS), an ONNX Runtime graph holding
-a single MatMul (MLAS), and one holding a single 3x3 Conv (ORT's NCHWc kernels, which run faster
-than its MatMul on this CPU; most of the network's FLOPs are convolutions). The floor is a
-bound, so it takes the best call of any probe; the ORT probes also run on 1 thread, and twice
-that rate is reported too, as what both cores give when no other process is using them.
-floor = FLOPs / rate. Our inference time is measured here with ``ParsingEngine`` (2 intra-op
-threads) on the same padded tensor, and the per-op-type split of that time comes from an ONNX
-Runtime profile of a session set up like the engine's.
+The rates are measured in the same run, on shapes like the network's, with 2 threads (and 1,
+for reference): float32 through numpy ``matmul`` (OpenBLAS), an ONNX Runtime graph holding one
+MatMul (MLAS) and one holding one 3x3 Conv (NCHWc kernels); int8 through the same single-op
+graphs quantized statically (QDQ, per-channel weights, fused by ONNX Runtime into integer
+kernels). Each floor uses the best call of any probe of its kind: floor = FLOPs / rate.
 
-Usage::
+Usage (``make bench`` runs it)::
 
-    python bench/floor.py --model models/m2fp-bench.onnx [--repeat 3] [--out bench/results/floor.json]
+    python bench/floor.py [--quick] [--seconds 1.5]
 """
 
 from __future__ import annotations
@@ -47,10 +41,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from _report import emit  # noqa: E402  (bench/ is the script directory)
 from onnx import helper, shape_inference  # noqa: E402
 
-PADDED_HW = (640, 1152)  # 1280x720 photo -> short edge 640 -> 640x1138 -> padded to /32
 COUNTED = ("Conv", "MatMul", "Gemm", "Einsum")
 NOTED = ("GridSample", "Softmax", "LayerNormalization", "InstanceNormalization", "Resize")
 # (M, K, N) for the rate: a res4 3x3 conv as im2col (40x72 output pixels at 1/16 of the padded
@@ -202,16 +194,22 @@ def count_flops(model_path: Path, hw: tuple[int, int]) -> dict[str, Any]:
 
 
 def _sustained(run: Any, flops: float, seconds: float) -> dict[str, float]:
-    """Calls ``run`` (one warm-up) until ``seconds`` have passed; median and best GFLOP/s."""
+    """Calls ``run`` (one warm-up) until ``seconds`` have passed.
+
+    Returns median and best GFLOP/s of wall time, and the best GFLOP per CPU-second (this
+    process's CPU time over all threads): the work rate, which other processes' load on a shared
+    machine disturbs far less than wall time.
+    """
     run()
-    times = []
+    times, cpus = [], []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 3:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
     return {"gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9,
-            "calls": len(times)}
+            "gflops_per_cpu_s_best": flops / max(min(cpus), 1e-9) / 1e9, "calls": len(times)}
 
 
 def _ort_session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
@@ -233,175 +231,99 @@ def _single_op_model(
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def gemm_rates(seconds: float) -> list[dict[str, Any]]:
-    """Sustained float32 rates: numpy matmul (OpenBLAS, 2 threads), ORT MatMul and ORT 3x3 Conv.
+def _quantized(proto: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto:
+    """The single-op graph statically quantized (QDQ, per-channel) the way the exporter does it."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    The ORT probes run with 2 threads and with 1: on this shared box the second core is often
-    busy with other work, and twice the 1-thread rate is what both cores would give uncontended.
-    The Conv probe is there because ORT's NCHWc convolution kernels run faster than its MatMul
-    on this CPU, and most of the network's FLOPs are convolutions.
+    class Reader:
+        def __init__(self) -> None:
+            self.items = iter([{"X": x}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"WeightSymmetric": True})
+        return onnx.load(str(dst))
+
+
+def rate_probes(seconds: float, quick: bool = False) -> list[dict[str, Any]]:
+    """Sustained rates (GFLOP/s; int8 rows: giga integer multiply-adds x 2 per second).
+
+    float32: numpy matmul (OpenBLAS), ORT MatMul (MLAS), ORT 3x3 Conv (NCHWc), 2 threads and 1.
+    int8: the same ORT MatMul and Conv graphs quantized statically (QDQ).
     """
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
-    for m, k, n in GEMM_SHAPES:
+    threads_list = (THREADS,) if quick else (THREADS, 1)
+    for m, k, n in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         flops = 2.0 * m * k * n
         c = np.empty((m, n), np.float32)
-        rows.append({"probe": "numpy matmul", "shape": f"{m}x{k}x{n}", "threads": THREADS,
+        rows.append({"probe": "numpy matmul", "dtype": "fp32", "shape": f"{m}x{k}x{n}", "threads": THREADS,
                      **_sustained(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), flops, seconds)})
         proto = _single_op_model(helper.make_node("MatMul", ["X", "W"], ["Y"]), [m, k], [m, n], b)
-        for threads in (THREADS, 1):
-            session = _ort_session(proto, threads)
-            rows.append({"probe": "ORT MatMul", "shape": f"{m}x{k}x{n}", "threads": threads,
-                         **_sustained(lambda s=session, a=a: s.run(["Y"], {"X": a}), flops, seconds)})
-    for channels, (h, w) in CONV_PROBES:
+        for dtype, p in (("fp32", proto), ("int8", _quantized(proto, a))):
+            for threads in threads_list:
+                session = _ort_session(p, threads)
+                rows.append({"probe": "ORT MatMul", "dtype": dtype, "shape": f"{m}x{k}x{n}", "threads": threads,
+                             **_sustained(lambda s=session, a=a: s.run(["Y"], {"X": a}), flops, seconds)})
+    for channels, (h, w) in CONV_PROBES[-1:] if quick else CONV_PROBES:
         weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.01
         x = rng.standard_normal((1, channels, h, w), dtype=np.float32)
         node = helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])
         proto = _single_op_model(node, [1, channels, h, w], [1, channels, h, w], weight)
         flops = 2.0 * channels * channels * 9 * h * w
-        for threads in (THREADS, 1):
-            session = _ort_session(proto, threads)
-            rows.append({"probe": "ORT Conv 3x3", "shape": f"{channels}ch {h}x{w}", "threads": threads,
-                         **_sustained(lambda s=session, x=x: s.run(["Y"], {"X": x}), flops, seconds)})
+        for dtype, p in (("fp32", proto), ("int8", _quantized(proto, x))):
+            for threads in threads_list:
+                session = _ort_session(p, threads)
+                rows.append({"probe": "ORT Conv 3x3", "dtype": dtype, "shape": f"{channels}ch {h}x{w}",
+                             "threads": threads,
+                             **_sustained(lambda s=session, x=x: s.run(["Y"], {"X": x}), flops, seconds)})
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# Our inference time and where it goes
-# --------------------------------------------------------------------------------------------
-
-
-def benchmark_photo_tensor(policy: Any) -> np.ndarray:
-    """The benchmark photo (see reference_vs_ours.py) prepared exactly as the service does."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from reference_vs_ours import make_photo
-
-    from m2fp_service.imaging import preprocess
-
-    tensor, meta = preprocess.prepare(make_photo(), policy)
-    if tuple(meta.padded_hw) != PADDED_HW:
-        raise RuntimeError(f"photo pads to {meta.padded_hw}, expected {PADDED_HW}")
-    return tensor
-
-
-def our_inference(model_path: Path, repeat: int) -> dict[str, Any]:
-    """Median ``ParsingEngine.run`` time on the photo, and a per-op-type split from an ORT profile."""
-    from m2fp_service.engine import ParsingEngine
-
-    engine = ParsingEngine(model_path, intra_op_threads=THREADS)
-    tensor = benchmark_photo_tensor(engine.card.input_policy)
-    engine.run(tensor)  # warm-up at this size
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        engine.run(tensor)
-        times.append(time.perf_counter() - t)
-    del engine
-
-    # Same options as the engine, plus profiling, for the split: a warm-up run, then the one used.
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"m2fp-floor-opt-{os.getpid()}")
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    session.run(None, {"image": tensor})
-    session.run(None, {"image": tensor})
-    profile = Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink(missing_ok=True)
-    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    last_start = runs[-1]["ts"]
-    split: dict[str, float] = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_start:
-            split[e["args"]["op_name"]] += e["dur"] / 1e6
-    total = sum(split.values())
-    top = sorted(split.items(), key=lambda kv: -kv[1])
-    return {"infer_s_median": statistics.median(times), "infer_s_runs": times,
-            "profiled_run_s": runs[-1]["dur"] / 1e6,
-            "by_op_type_s": {k: round(v, 4) for k, v in top}, "kernel_total_s": total}
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def markdown(report: dict[str, Any]) -> str:
-    f, ours = report["flops"], report["ours"]
-    lines = [
-        f"Input {f['input_hw'][0]}x{f['input_hw'][1]} (padded), {THREADS} threads; {report['date']}.",
-        "",
-        "| what | value |",
-        "|---|---:|",
-        f"| graph FLOPs (2 x MACs of Conv, MatMul, Gemm, Einsum) | {f['flops'] / 1e9:.1f} GFLOP |",
-    ]
-    lines += [f"| &nbsp;&nbsp;{op} ({v['nodes']} nodes) | {v['flops'] / 1e9:.1f} GFLOP |"
-              for op, v in sorted(f["by_op"].items(), key=lambda kv: -kv[1]["flops"])]
-    for key, label in (("measured_2_threads", "2 threads, best call of any probe"),
-                       ("twice_1_thread", "2 x the best 1-thread call (both cores uncontended)")):
-        lines += [
-            f"| fp32 rate, {label} | {report['rates'][key]['gflops']:.0f} GFLOP/s "
-            f"({report['rates'][key]['probe']}) |",
-            f"| floor at that rate | {report['floor_s'][key]:.3f} s |",
-        ]
-    lines += [
-        f"| ours: ParsingEngine.run, median of {len(ours['infer_s_runs'])} (best) | {ours['infer_s_median']:.3f} s "
-        f"({min(ours['infer_s_runs']):.3f} s) |",
-        f"| **ours (median) / floor** (2-thread rate; 2 x 1-thread rate) | "
-        f"**{report['ours_over_floor']['measured_2_threads']:.2f}x**; "
-        f"**{report['ours_over_floor']['twice_1_thread']:.2f}x** |",
-        f"| ours achieved rate on counted FLOPs | {f['flops'] / ours['infer_s_median'] / 1e9:.1f} GFLOP/s |",
-        "",
-        "Rate probes (GFLOP/s, median and best of the calls in each sampling window):",
-        "",
-        "| probe | shape | threads | median | best |",
-        "|---|---|---:|---:|---:|",
-    ]
-    lines += [f"| {r['probe']} | {r['shape']} | {r['threads']} | {r['gflops_median']:.0f} | {r['gflops_best']:.0f} |"
-              for r in report["gemm"]]
-    total = ours["kernel_total_s"]
-    lines += ["", f"Where ORT's time goes (one profiled run, kernels sum to {total:.3f} s):", "",
-              "| op type | s | share |", "|---|---:|---:|"]
-    lines += [f"| {op} | {s:.3f} | {s / total:.0%} |" for op, s in list(ours["by_op_type_s"].items())[:10]]
-    lines += ["", "Not in the FLOP count (output elements at this size): " + ", ".join(
-        f"{op} x{v['nodes']}: {v['output_elements'] / 1e6:.1f} M" for op, v in f["noted_not_counted"].items()) + "."]
-    return "\n".join(lines)
+def best_rate(rows: list[dict[str, Any]], dtype: str, threads: int = THREADS) -> dict[str, Any]:
+    """The best wall-time rate of ``threads``-thread probes, and the best rate per CPU-second of any ORT probe."""
+    best = max((r for r in rows if r["dtype"] == dtype and r["threads"] == threads), key=lambda r: r["gflops_best"])
+    per_cpu = max((r for r in rows if r["dtype"] == dtype and r["probe"].startswith("ORT")),
+                  key=lambda r: r["gflops_per_cpu_s_best"])
+    return {"gflops": best["gflops_best"], "probe": f"{best['probe']} {best['shape']}",
+            "gflops_per_cpu_s": per_cpu["gflops_per_cpu_s_best"],
+            "probe_per_cpu_s": f"{per_cpu['probe']} {per_cpu['shape']} ({per_cpu['threads']} thread(s))"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="ONNX file written by `m2fp export`")
-    parser.add_argument("--repeat", type=int, default=3, help="timed inference runs (after one warm-up)")
-    parser.add_argument("--gemm-seconds", type=float, default=2.0, help="sampling window per GEMM shape")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import NETWORK_SIZES, loadavg, models, write_json
 
-    print("counting FLOPs ...", file=sys.stderr, flush=True)
-    flops = count_flops(args.model, PADDED_HW)
-    print("measuring GEMM rate ...", file=sys.stderr, flush=True)
-    gemm = gemm_rates(args.gemm_seconds)
-    # The floor is a bound, so it takes the best call of any probe: the rate this machine
-    # demonstrably sustained for a whole GEMM/Conv call, least disturbed by other processes.
-    two = max((r for r in gemm if r["threads"] == THREADS), key=lambda r: r["gflops_best"])
-    one = max((r for r in gemm if r["threads"] == 1), key=lambda r: r["gflops_best"])
-    print("timing our inference ...", file=sys.stderr, flush=True)
-    ours = our_inference(args.model, args.repeat)
-    rates = {
-        "measured_2_threads": {"gflops": two["gflops_best"], "probe": f"{two['probe']} {two['shape']}"},
-        "twice_1_thread": {"gflops": 2 * one["gflops_best"], "probe": f"{one['probe']} {one['shape']}"},
-    }
-    floors = {k: flops["flops"] / (v["gflops"] * 1e9) for k, v in rates.items()}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 512x512, fewer probes")
+    parser.add_argument("--seconds", type=float, default=1.5, help="sampling window per rate probe")
+    args = parser.parse_args(argv)
+    model = models(args.quick).fp32
+    sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES
+    load_before = loadavg()
+    print("measuring rates ...", file=sys.stderr, flush=True)
+    rates = rate_probes(args.seconds, args.quick)
+    flops = {}
+    for hw in sizes:
+        print(f"counting FLOPs at {hw[0]}x{hw[1]} ...", file=sys.stderr, flush=True)
+        flops[f"{hw[0]}x{hw[1]}"] = count_flops(model, hw)
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "model": str(args.model), "threads": THREADS, "loadavg_1min": os.getloadavg()[0],
-        "flops": flops, "gemm": gemm, "rates": rates, "floor_s": floors,
-        "ours": ours, "ours_over_floor": {k: ours["infer_s_median"] / v for k, v in floors.items()},
+        "model": str(model), "threads": THREADS, "loadavg_before": load_before, "loadavg_after": loadavg(),
+        "rates": rates,
+        "best": {"fp32": best_rate(rates, "fp32"), "int8": best_rate(rates, "int8")},
+        "flops": flops,
     }
-    emit(report, markdown, args.out)
+    path = write_json("floor", report)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

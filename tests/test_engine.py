@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from m2fp_service.engine import ParsingEngine, read_card
+from m2fp_service.engine import EngineOptions, ParsingEngine, cache_path_for, read_card
 from m2fp_service.errors import ModelLoadError
 from m2fp_service.imaging.preprocess import prepare
 from m2fp_service.modelcard import CARD_KEY
@@ -96,3 +98,86 @@ def test_large_photo_memory_is_bounded(engine: ParsingEngine) -> None:
     assert result.hw == (4000, 4000) and result.num_people >= 2 and len(result.class_areas()) >= 5
     per_person = 4000 * 4000  # one bool mask each
     assert peak < 300e6 + result.num_people * per_person, peak / 1e6
+
+
+def _cached_engine(model: Path, cache_dir: Path, **kw: object) -> ParsingEngine:
+    return ParsingEngine(model, options=EngineOptions(intra_op_threads=1, cache_dir=cache_dir, **kw))  # type: ignore[arg-type]
+
+
+def test_optimized_graph_cache_written_then_used(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray) -> None:
+    first = _cached_engine(tiny_model_path, tmp_path)
+    assert first.cache_status == "cache written"
+    cached = cache_path_for(tiny_model_path, tmp_path)
+    assert cached.is_file() and cached.stat().st_mode & 0o044  # as readable as the model
+    assert [p for p in tmp_path.iterdir() if p != cached] == []  # no temp file left
+    second = _cached_engine(tiny_model_path, tmp_path)
+    assert second.cache_status == "cache hit" and second.card == first.card
+    tensor, _ = prepare(photo, first.card.input_policy)
+    a, b = first.run(tensor), second.run(tensor)
+    np.testing.assert_array_equal(a.mask_logits, b.mask_logits)
+    off = ParsingEngine(tiny_model_path, options=EngineOptions(optimized_cache=False))
+    assert off.cache_status == "cache off"
+    np.testing.assert_allclose(off.run(tensor).mask_logits, a.mask_logits, rtol=0, atol=1e-4)
+
+
+def test_cache_key_follows_the_model_file(tiny_model_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(tiny_model_path.read_bytes())
+    before = cache_path_for(copy, None)
+    assert before.parent == tmp_path and before.name.startswith(".m.ort-")
+    os.utime(copy, ns=(1, 1))  # a re-exported model (new mtime) must not reuse the old graph
+    assert cache_path_for(copy, None) != before
+
+
+def test_unwritable_cache_falls_back_and_says_so(tiny_model_path: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture, photo: np.ndarray) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a read-only mount behaves alike: the folder cannot be written
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = _cached_engine(tiny_model_path, blocker / "cache")
+    assert engine.cache_status.startswith("cache not writable")
+    assert "M2FP_ORT_CACHE_DIR" in caplog.text
+    assert parse_array(engine, photo).num_people >= 2
+
+
+def test_damaged_cache_is_rebuilt(tiny_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cached = cache_path_for(tiny_model_path, tmp_path)
+    cached.write_bytes(b"\x00 not an onnx graph")
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = _cached_engine(tiny_model_path, tmp_path)
+    assert engine.cache_status == "cache written" and "rebuilding" in caplog.text
+    assert _cached_engine(tiny_model_path, tmp_path).cache_status == "cache hit"
+
+
+def test_fast_input_profile(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray) -> None:
+    engine = _cached_engine(tiny_model_path, tmp_path, input_profile="fast")
+    policy = engine.card.input_policy
+    assert (policy.profile, policy.short_edge, policy.max_long_edge) == ("fast", 384, 800)
+    tensor, meta = prepare(photo, policy)
+    assert meta.padded_hw == (384, 768)
+    result = parse_array(engine, photo)
+    assert result.hw == photo.shape[:2] and result.num_people >= 1 and len(result.class_areas()) >= 3
+    with pytest.raises(ModelLoadError, match="unknown input profile"):
+        _cached_engine(tiny_model_path, tmp_path, input_profile="huge")
+
+
+def test_engine_options_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from m2fp_service.config import Settings
+    from m2fp_service.engine import engine_options
+
+    monkeypatch.setenv("M2FP_INPUT_PROFILE", "")
+    monkeypatch.setenv("M2FP_ORT_CACHE_DIR", "")
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.input_profile is None and s.ort_cache_dir is None and s.ort_optimized_cache is True
+    monkeypatch.setenv("M2FP_INPUT_PROFILE", "fast")
+    monkeypatch.setenv("M2FP_ORT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("M2FP_ORT_SPINNING", "true")
+    monkeypatch.setenv("M2FP_INTRA_OP_THREADS", "3")
+    opts = engine_options(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert opts == EngineOptions(intra_op_threads=3, input_profile="fast", optimized_cache=True, cache_dir=tmp_path,
+                                 spinning=True)
+    monkeypatch.setenv("M2FP_INPUT_PROFILE", "huge")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)  # type: ignore[call-arg]

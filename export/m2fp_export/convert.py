@@ -1,12 +1,15 @@
-"""Export pipeline: trace to ONNX, check against PyTorch, embed the model card, write atomically.
+"""Export pipeline: trace to ONNX, check against PyTorch, optionally quantize, embed the card, write.
 
 Order (as optimum's exporters do it): build/load -> export with named inputs/outputs and
-dynamic H/W -> run ONNX Runtime and PyTorch on the same inputs and refuse on a relative
-difference above the tolerance -> write the card into the ONNX metadata -> rename into place.
+dynamic H/W -> run ONNX Runtime and PyTorch on the same check images and refuse when the label
+maps or people differ (``check.py``; raw differences printed) -> optionally quantize to static
+INT8 and check it the same way against the FP32 graph (``quantize.py``) -> write the card into
+the ONNX metadata -> rename into place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -14,18 +17,27 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from m2fp_service.imaging.preprocess import pad_to_input
 from m2fp_service.labels import pascal_palette
-from m2fp_service.modelcard import CARD_KEY, InferenceSettings, InputPolicy, ModelCard
+from m2fp_service.modelcard import (
+    CARD_KEY,
+    INPUT_PROFILES,
+    InferenceSettings,
+    InputPolicy,
+    ModelCard,
+    policy_for_profile,
+)
 
-from . import __version__
+from . import __version__, check
 from .errors import ParityError
+from .images import check_images
 from .source import LoadedModel, sha256_file
 from .tracing import export_patches
 
@@ -41,10 +53,16 @@ class ExportOptions:
 
     opset: int = 17
     trace_hw: tuple[int, int] = (512, 768)
-    # Landscape and portrait, both different from the trace size: proves the graph is shape-generic.
-    check_hws: tuple[tuple[int, int], ...] = ((480, 736), (736, 480))
-    rtol: float = 1e-4
+    # What the FP32 graph must reach against PyTorch on the check images (label maps, people).
+    acceptance: check.Acceptance = check.FP32_ACCEPTANCE
+    # Empty: ``images.check_images()``, photos of people in landscape and portrait, both sizes
+    # different from the trace size (which also proves the graph is shape-generic).
     check_images: list[np.ndarray] = field(default_factory=list)
+    # Static INT8 quantization after the FP32 check (None: write the FP32 graph).
+    quantization: Any = None  # quantize.QuantizationConfig
+    calibration_images: list[np.ndarray] = field(default_factory=list)  # empty: the built-in set
+    # The card's default input profile (``modelcard.INPUT_PROFILES``); 'fast' is measured against 'default'.
+    profile: str = "default"
 
 
 class M2FPOnnxWrapper(torch.nn.Module):
@@ -93,62 +111,63 @@ def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> Non
         )
 
 
-def check_parity(model: torch.nn.Module, path: Path, opts: ExportOptions,
-                 report: Callable[[str], None] = print) -> dict[str, float]:
-    """Runs ONNX Runtime and ModelScope's unpatched PyTorch forward on the same inputs.
+def torch_runner(model: torch.nn.Module) -> check.Runner:
+    """ModelScope's own (unpatched) forward on the unpadded image; it pads itself."""
 
-    Returns the worst relative difference per output (max |ort - torch| / max |torch|) and
-    raises ParityError when any exceeds ``opts.rtol``.
+    def run(image: np.ndarray) -> check.RawOutputs:
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        with torch.no_grad():
+            ref = model.forward({"batched_inputs": [{"image": tensor}]})["outputs"]
+        return {"class_logits": ref["pred_logits"].numpy(), "mask_logits": ref["pred_masks"].numpy()}
+
+    return run
+
+
+def inference_settings(model_cfg: dict[str, Any]) -> InferenceSettings:
+    num_parsing = int(model_cfg["num_parsing"])
+    return InferenceSettings(
+        num_parsing=num_parsing,
+        human_class_index=num_parsing,
+        parsing_ins_score_thr=float(model_cfg.get("parsing_ins_score_thr", 0.5)),
+        test_topk_per_image=100,
+    )
+
+
+def check_parity(loaded: LoadedModel, path: Path, opts: ExportOptions,
+                 report: Callable[[str], None] = print) -> check.CheckReport:
+    """Runs ONNX Runtime and ModelScope's unpatched PyTorch forward on the check images.
+
+    Judges the post-processed label maps and people (``opts.acceptance``), prints the raw
+    relative differences too, and raises ParityError when the check fails.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images = list(opts.check_images) or [synthetic_image(hw, seed=i) for i, hw in enumerate(opts.check_hws)]
-    worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
-    for img in images:
-        x = pad_to_input(img, InputPolicy())
-        got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), strict=True))
-        with torch.no_grad():  # ModelScope's own forward, on the unpadded image, padding itself.
-            ref = model.forward({"batched_inputs": [{"image": torch.from_numpy(
-                np.ascontiguousarray(img.transpose(2, 0, 1))).float()}]})["outputs"]
-        want = {"class_logits": ref["pred_logits"].numpy(), "mask_logits": ref["pred_masks"].numpy()}
-        here = {}
-        for name in OUTPUT_NAMES:
-            if got[name].shape != want[name].shape:
-                raise ParityError(f"{name}: ONNX shape {got[name].shape} != PyTorch shape {want[name].shape}",
-                                  {name: float("inf")})
-            here[name] = float(np.abs(got[name] - want[name]).max() / max(np.abs(want[name]).max(), 1e-12))
-            worst[name] = max(worst[name], here[name])
-        report(f"  parity at {img.shape[1]}x{img.shape[0]}: " +
-               ", ".join(f"{n} max rel diff {here[n]:.2e}" for n in OUTPUT_NAMES))
-    bad = {n: d for n, d in worst.items() if d > opts.rtol}
-    if bad:
-        detail = ", ".join(f"{n}: {d:.3e}" for n, d in bad.items())
-        raise ParityError(f"ONNX output differs from PyTorch by more than {opts.rtol:g} relative ({detail}); "
-                          "model not written. (The decoder's masked attention thresholds mask logits at 0, so "
-                          "logits within rounding of 0 can flip between runtimes; a difference just above the "
-                          "tolerance can be accepted with --rtol after checking the outputs.)", worst)
-    return worst
+    images = list(opts.check_images) or check_images()
+    result = check.compare(check.onnx_runner(session), torch_runner(loaded.model), images,
+                           inference_settings(loaded.model_cfg), [str(c) for c in loaded.model_cfg["classes"]],
+                           report)
+    failures = result.failures(opts.acceptance)
+    if failures:
+        raise ParityError("ONNX Runtime's results differ from PyTorch's: " + "; ".join(failures)
+                          + "; model not written.", result.worst_raw)
+    return result
 
 
-def build_card(loaded: LoadedModel, opts: ExportOptions, parity: dict[str, float]) -> ModelCard:
+def build_card(loaded: LoadedModel, opts: ExportOptions, parity: check.CheckReport,
+               extra: dict[str, Any] | None = None) -> ModelCard:
     cfg = loaded.model_cfg
-    num_parsing = int(cfg["num_parsing"])
     classes = [str(c) for c in cfg["classes"]]
+    inference = inference_settings(cfg)
     import modelscope
 
     return ModelCard(
         classes=classes,
-        palette=pascal_palette(max(len(classes), num_parsing)),
+        palette=pascal_palette(max(len(classes), inference.num_parsing)),
         trained=loaded.trained,
         source=loaded.source,
-        input_policy=InputPolicy(),
-        inference=InferenceSettings(
-            num_parsing=num_parsing,
-            human_class_index=num_parsing,
-            parsing_ins_score_thr=float(cfg.get("parsing_ins_score_thr", 0.5)),
-            test_topk_per_image=100,
-        ),
+        input_policy=policy_for_profile(InputPolicy(), opts.profile),
+        inference=inference,
         architecture={
             "name": "M2FP (Mask2Former for Parsing)",
             "backbone": cfg["backbone"], "encoder": cfg["encoder"], "decoder": cfg["decoder"],
@@ -158,7 +177,11 @@ def build_card(loaded: LoadedModel, opts: ExportOptions, parity: dict[str, float
             "version": __version__, "opset": opts.opset, "torch": torch.__version__,
             "modelscope": modelscope.__version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "parity_max_rel_diff": parity, "parity_rtol": opts.rtol,
+            "precision": "fp32",
+            "parity_max_rel_diff": parity.worst_raw,
+            "check": {"reference": "ModelScope's PyTorch forward, same weights", "trained_weights": loaded.trained,
+                      "acceptance": asdict(opts.acceptance), **parity.summary()},
+            **(extra or {}),
         },
         notes=list(loaded.notes),
         license="CC BY-NC 4.0 (M2FP code and weights: non-commercial use only)",
@@ -177,33 +200,92 @@ def write_card(path: Path, card: ModelCard) -> None:
     onnx.save(proto, str(path))
 
 
+def _profile_agreement(path: Path, loaded: LoadedModel, report: Callable[[str], None]) -> dict[str, Any]:
+    """The 'fast' input profile against 'default' on the check images (same graph, ONNX Runtime)."""
+    import onnxruntime as ort
+
+    from m2fp_service.imaging.postprocess import to_result
+    from m2fp_service.imaging.preprocess import prepare
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inference, classes = inference_settings(loaded.model_cfg), [str(c) for c in loaded.model_cfg["classes"]]
+    figures = []
+    for image in check_images():
+        results = []
+        for profile in ("default", "fast"):
+            x, meta = prepare(image, policy_for_profile(InputPolicy(), profile))
+            cls, masks = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            results.append(to_result(cls[0], masks[0], meta, inference, classes, mode="exact"))
+        agreement, iou = check.compare_results(results[1], results[0])
+        figures.append({"hw": list(image.shape[:2]), "label_agreement": round(agreement, 6),
+                        "people": results[1].num_people, "default_people": results[0].num_people,
+                        "min_person_iou": round(iou, 6)})
+        report(f"  fast profile vs default at {image.shape[1]}x{image.shape[0]}: labels agree on {agreement:.2%}, "
+               f"people {results[1].num_people}/{results[0].num_people}"
+               + ("" if loaded.trained else " (untrained weights)"))
+    return {"fast": {"input": INPUT_PROFILES["fast"], "vs_default": figures, "trained_weights": loaded.trained}}
+
+
+def _finish(tmp: Path, output: Path, card: ModelCard) -> None:
+    write_card(tmp, card)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp made it private; a model file is meant to be shared
+    tmp.replace(output)
+
+
 def export_model(loaded: LoadedModel, output: Path, opts: ExportOptions | None = None,
                  report: Callable[[str], None] = print) -> ModelCard:
-    """Exports, checks and writes ``output`` (and ``output`` with ``.json``: the card + file hash)."""
+    """Exports, checks (and quantizes) and writes ``output`` and ``output`` with ``.json`` (card + hash)."""
     opts = opts or ExportOptions()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".m2fp-", suffix=".onnx.tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    steps = 4 if opts.quantization is not None else 3
+    tmps = []
     try:
+        for _ in range(2 if opts.quantization is not None else 1):
+            fd, tmp_name = tempfile.mkstemp(prefix=".m2fp-", suffix=".onnx.tmp", dir=output.parent)
+            os.close(fd)
+            tmps.append(Path(tmp_name))
+        tmp = tmps[0]
         t0 = time.perf_counter()
-        report(f"[1/3] tracing to ONNX (opset {opts.opset}, dynamic height/width)...")
+        report(f"[1/{steps}] tracing to ONNX (opset {opts.opset}, dynamic height/width)...")
         export_graph(loaded.model, tmp, opts)
         report(f"      {tmp.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
-        report(f"[2/3] checking ONNX Runtime against PyTorch (tolerance {opts.rtol:g} relative)...")
-        parity = check_parity(loaded.model, tmp, opts, report)
-        report("[3/3] writing model card and file...")
-        card = build_card(loaded, opts, parity)
-        write_card(tmp, card)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp made it private; a model file is meant to be shared
-        tmp.replace(output)
+        acc = opts.acceptance
+        report(f"[2/{steps}] checking ONNX Runtime against PyTorch: label maps (>= {acc.min_label_agreement:.2%} "
+               f"of pixels) and people (same count, mask IoU >= {acc.min_person_iou}) on the check images"
+               + (f", raw outputs within {acc.raw_rtol:g} relative" if acc.raw_rtol is not None else "") + "...")
+        parity = check_parity(loaded, tmp, opts, report)
+        extra: dict[str, Any] = {}
+        if opts.profile != "default":
+            extra["profiles"] = _profile_agreement(tmp, loaded, report)
+        if opts.quantization is not None:
+            from .quantize import quantize_checked
+
+            report(f"[3/{steps}] quantizing to static INT8 ({opts.quantization.name})...")
+            extra["quantization"] = quantize_checked(
+                tmp, tmps[1], opts.quantization, opts.calibration_images, inference_settings(loaded.model_cfg),
+                [str(c) for c in loaded.model_cfg["classes"]], trained=loaded.trained, report=report)
+            extra["precision"] = "int8"
+            tmp = tmps[1]
+        report(f"[{steps}/{steps}] writing model card and file...")
+        card = build_card(loaded, opts, parity, extra)
+        if opts.quantization is not None:
+            from .quantize import int8_note
+
+            card = dataclasses.replace(card, notes=[*card.notes, int8_note(extra["quantization"], loaded.trained)])
+        _finish(tmp, output, card)
     finally:
-        tmp.unlink(missing_ok=True)
-    sidecar = output.with_suffix(".json")
+        for t in tmps:
+            t.unlink(missing_ok=True)
+    write_sidecar(output, card)
+    return card
+
+
+def write_sidecar(output: Path, card: ModelCard) -> None:
+    """``output`` with ``.json``: the card and the file's SHA-256."""
     import json
 
+    sidecar = output.with_suffix(".json")
     sidecar.write_text(json.dumps({"onnx_sha256": sha256_file(output), "card": json.loads(card.to_json())},
                                   indent=2) + "\n")
-    return card

@@ -73,7 +73,7 @@ def _add_export_light(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _cmd_parse(args: argparse.Namespace) -> int:
     from m2fp_service import batch, labelsets, pipeline
     from m2fp_service.config import Settings
-    from m2fp_service.engine import ParsingEngine
+    from m2fp_service.engine import ParsingEngine, engine_options
     from m2fp_service.errors import ModelLoadError, ServiceError
     from m2fp_service.modelcard import UNTRAINED_WARNING
 
@@ -105,7 +105,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         print(f"nothing to parse{note}", file=sys.stderr)
         return 1 if missing else 0
     try:
-        engine = ParsingEngine(settings.model, intra_op_threads=settings.threads_per_worker())
+        engine = ParsingEngine(settings.model, options=engine_options(settings))
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -218,9 +218,11 @@ def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_video(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from m2fp_service import labelsets, pipeline
     from m2fp_service.config import Settings
-    from m2fp_service.engine import ParsingEngine
+    from m2fp_service.engine import ParsingEngine, engine_options
     from m2fp_service.errors import ModelLoadError, ServiceError
     from m2fp_service.modelcard import UNTRAINED_WARNING
     from m2fp_service.segmenter import FrameSegmenter
@@ -247,7 +249,10 @@ def _cmd_video(args: argparse.Namespace) -> int:
         segmenter = FrameSegmenter(settings.light_model, settings.light_model_landscape)
         parse = None
         if options.needs_parts:
-            engine = ParsingEngine(settings.model, intra_op_threads=args.m2fp_threads)
+            # Key frames use the fast input profile unless M2FP_INPUT_PROFILE says otherwise: fresher parts.
+            key_options = replace(engine_options(settings), intra_op_threads=args.m2fp_threads,
+                                  input_profile=settings.input_profile or "fast")
+            engine = ParsingEngine(settings.model, options=key_options)
             if not engine.card.trained:
                 print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
 

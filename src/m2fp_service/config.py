@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     live_max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest live frame message (bytes)")
     live_max_pixels: int = Field(1920 * 1080, ge=1, description="Largest live frame, width x height")
     live_keyframe_interval_s: float = Field(2.0, gt=0, description="Seconds between M2FP key frames of a live stream")
+    input_profile: Literal["default", "fast"] | None = Field(
+        None, description="Input size: 'default' (the reference's, short edge 640), 'fast' (short edge 384, for "
+                          "live use; measured agreement in BENCHMARKS.md); unset = the model card's")
+    ort_optimized_cache: bool = Field(
+        True, description="Save ONNX Runtime's optimised graph once and load it on later starts (faster start-up)")
+    ort_cache_dir: Path | None = Field(
+        None, description="Folder for the optimised-graph cache; unset = beside the model file (if that is "
+                          "read-only the server optimises in memory at each start and logs it)")
+    ort_spinning: bool = Field(
+        False, description="Let idle ONNX Runtime threads spin between ops (a little faster on a dedicated "
+                           "machine, wasted CPU on a shared one)")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
     api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")
@@ -68,6 +79,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("input_profile", "ort_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import platform
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from m2fp_service.config import Settings
 from m2fp_service.errors import InferenceFailed, ModelLoadError
 from m2fp_service.labelsets import check_model_classes
-from m2fp_service.modelcard import CARD_KEY, ModelCard, ModelCardError
+from m2fp_service.modelcard import CARD_KEY, ModelCard, ModelCardError, policy_for_profile
 
 log = logging.getLogger("m2fp.engine")
 
@@ -59,31 +64,139 @@ def _card_of(session: ort.InferenceSession, model_path: Path) -> ModelCard:
         raise ModelLoadError(f"{model_path}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the ONNX Runtime session is set up (from ``Settings``; the defaults are measured, see README).
+
+    Attributes:
+        intra_op_threads: threads per run; 0 = ONNX Runtime's default (one per core).
+        input_profile: ``modelcard.INPUT_PROFILES`` name, or None for the model card's own.
+        optimized_cache: save the optimised graph once and load it on later starts.
+        cache_dir: where the optimised graph goes; None = beside the model file.
+        spinning: let idle intra-op threads spin (faster hand-offs; burns CPU on a shared machine).
+    """
+
+    intra_op_threads: int = 0
+    input_profile: str | None = None
+    optimized_cache: bool = True
+    cache_dir: Path | None = None
+    spinning: bool = False
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    """The engine options a ``Settings`` asks for (threads per worker, profile, cache, spinning)."""
+    return EngineOptions(intra_op_threads=settings.threads_per_worker(), input_profile=settings.input_profile,
+                         optimized_cache=settings.ort_optimized_cache, cache_dir=settings.ort_cache_dir,
+                         spinning=settings.ort_spinning)
+
+
+def _cpu_signature() -> str:
+    """What the optimised graph depends on besides the model: ORT build and CPU instruction set.
+
+    ORT's level-3 optimisations pick kernels and layouts (NCHWc blocks) for this CPU, so an
+    optimised graph is only reused on the same ORT version and CPU flags.
+    """
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{ort.__version__}|{platform.machine()}|{flags}"
+
+
+def cache_path_for(model_path: Path, cache_dir: Path | None) -> Path:
+    """The optimised-graph cache file of ``model_path``: keyed by the file (size, mtime) and CPU."""
+    stat = model_path.stat()
+    key = hashlib.sha256(
+        f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}".encode()
+    ).hexdigest()[:16]
+    folder = cache_dir if cache_dir is not None else model_path.parent
+    return folder / f".{model_path.stem}.ort-{key}.onnx"
+
+
+def _base_options(options: EngineOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = 1
+    # The arena keeps peak-size buffers between runs (fast for repeated sizes); input sizes
+    # vary per image, so each run lets it shrink back (run option below) instead of growing for ever.
+    so.enable_cpu_mem_arena = True
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+    return so
+
+
+def _open_optimized(model_path: Path, options: EngineOptions) -> tuple[ort.InferenceSession, str]:
+    """A fully optimised session, through the on-disk cache when it can be used.
+
+    Returns:
+        ``(session, how)``: how = "cache hit", "cache written", or why no cache was used.
+    """
+    so = _base_options(options)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not options.optimized_cache:
+        return _open(model_path, so), "cache off"
+    if not model_path.is_file():
+        return _open(model_path, so), "no model"
+    cached = cache_path_for(model_path, options.cache_dir)
+    if cached.is_file():
+        hit = _base_options(options)
+        hit.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
+        try:
+            return ort.InferenceSession(str(cached), sess_options=hit, providers=["CPUExecutionProvider"]), "cache hit"
+        except Exception as exc:  # a damaged cache file is rebuilt, never fatal
+            log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
+            cached.unlink(missing_ok=True)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=cached.name + ".", suffix=".tmp", dir=cached.parent)
+        os.close(fd)
+    except OSError as exc:
+        log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start; "
+                    "set M2FP_ORT_CACHE_DIR to a writable folder to start faster", cached.parent, exc.strerror)
+        return _open(model_path, so), f"cache not writable: {cached.parent}"
+    tmp = Path(tmp_name)
+    try:
+        so.optimized_model_filepath = str(tmp)
+        session = _open(model_path, so)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the cache is as shareable as the model
+        tmp.replace(cached)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return session, "cache written"
+
+
 class ParsingEngine:
     """One ONNX Runtime CPU session, set up deliberately and warmed up once.
 
     ``run`` is safe to call from several threads (ONNX Runtime sessions are); each call uses
-    ``intra_op_threads`` threads.
+    ``intra_op_threads`` threads. ``card.input_policy`` is the policy this engine serves (the
+    model card's, or the input profile chosen in ``options``).
     """
 
-    def __init__(self, model_path: Path, intra_op_threads: int = 0, warmup: bool = True) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        # The arena keeps peak-size buffers between runs (fast for repeated sizes); input sizes
-        # vary per image, so let it shrink back after each run instead of growing for ever.
-        options.enable_cpu_mem_arena = True
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def __init__(self, model_path: Path, intra_op_threads: int = 0, warmup: bool = True,
+                 options: EngineOptions | None = None) -> None:
+        options = options or EngineOptions(intra_op_threads=intra_op_threads)
         t0 = time.perf_counter()
         self.model_path = model_path
-        self.session = _open(model_path, options)
-        self.card = _card_of(self.session, model_path)
+        self.options = options
+        self.session, self.cache_status = _open_optimized(model_path, options)
+        card = _card_of(self.session, model_path)  # the optimised graph keeps the metadata
         try:  # every label set is defined on CIHP's classes
-            check_model_classes(self.card.parsing_classes)
+            check_model_classes(card.parsing_classes)
         except ValueError as exc:
             raise ModelLoadError(f"{model_path}: {exc}") from None
+        if options.input_profile is not None and options.input_profile != card.input_policy.profile:
+            try:
+                card = replace(card, input_policy=policy_for_profile(card.input_policy, options.input_profile))
+            except ModelCardError as exc:
+                raise ModelLoadError(str(exc)) from exc
+        self.card = card
         self._input = self.card.input_policy.input_name
         names = {o.name for o in self.session.get_outputs()}
         if not {"class_logits", "mask_logits"} <= names or self._input not in {
@@ -93,9 +206,15 @@ class ParsingEngine:
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.load_seconds = time.perf_counter() - t0
+        log.info("session ready in %.2f s (optimised graph: %s)", self.load_seconds, self.cache_status)
         self.warm = False
         if warmup:
             self.warm_up()
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``int8``, from the model card."""
+        return str(self.card.exporter.get("precision", "fp32"))
 
     def warm_up(self) -> None:
         """One small run so the first request does not pay for kernel selection and allocation."""

@@ -29,7 +29,7 @@ from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.routes import background, health, info, live, parse
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
-from m2fp_service.engine import ParsingEngine
+from m2fp_service.engine import ParsingEngine, engine_options
 from m2fp_service.errors import ServiceError
 from m2fp_service.modelcard import UNTRAINED_WARNING
 from m2fp_service.pipeline import ResultCache
@@ -69,7 +69,7 @@ def _webui_dir() -> str:
 
 
 def _load(settings: Settings) -> ParsingEngine:
-    return ParsingEngine(settings.model, settings.threads_per_worker())
+    return ParsingEngine(settings.model, options=engine_options(settings))
 
 
 async def _load_model(app: FastAPI, settings: Settings) -> None:
@@ -90,8 +90,9 @@ async def _load_model(app: FastAPI, settings: Settings) -> None:
     slot.engine, slot.status, slot.detail = engine, "ready", None
     metrics.model_ready.set(1)
     metrics.model_trained.set(1 if engine.card.trained else 0)
-    log.info("model ready in %.2f s: %s, %d classes, trained=%s, licence %s", engine.load_seconds,
-             settings.model.name, len(engine.card.parsing_classes), engine.card.trained, engine.card.license)
+    log.info("model ready in %.2f s: %s, %s, input profile %s, %d classes, trained=%s, licence %s",
+             engine.load_seconds, settings.model.name, engine.precision, engine.card.input_policy.profile,
+             len(engine.card.parsing_classes), engine.card.trained, engine.card.license)
     if not engine.card.trained:
         for line in ("!" * 78, UNTRAINED_WARNING, "!" * 78):
             log.warning(line)

@@ -1,0 +1,251 @@
+"""Static INT8 quantization (QDQ) of the exported FP32 graph, checked like the export itself.
+
+ONNX Runtime's ``quantize_static`` calibrates activation ranges on real images and inserts
+QuantizeLinear/DequantizeLinear pairs around the convolutions and the weight-bearing MatMuls
+(per-channel weights); ONNX Runtime then runs them as integer kernels. Dynamic quantization was
+measured about 2x *slower* than FP32 on this model (it re-quantizes activations on every call
+and leaves convolutions in float), hence static.
+
+Kept in FP32 (``QuantizationConfig.keep_fp32``): the deformable attention's sampling offsets and
+attention weights (an error there moves where the encoder samples, not just how much), the
+decoder's class and mask heads (the outputs users see thresholded), and the whole transformer
+decoder (100 queries: little arithmetic, and its masked attention thresholds at 0.5).
+
+Settings live in a dataclass with presets, as optimum's ``AutoQuantizationConfig`` does:
+``avx512-vnni`` (8-bit weights, VNNI's u8 x s8 dot products) and ``avx2`` (7-bit weights:
+``reduce_range`` avoids the saturation of AVX2's u8 x s8 ``vpmaddubsw`` without VNNI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m2fp_service.imaging.preprocess import pad_to_input
+from m2fp_service.modelcard import InferenceSettings, InputPolicy, ModelCard
+
+from . import check
+from .errors import ExportError
+from .images import builtin_calibration, check_images
+
+_KEEP_FP32 = (
+    r"/self_attn/sampling_offsets/",  # MSDA: where to sample
+    r"/self_attn/attention_weights/",  # MSDA: how much of each sample
+    r"/predictor/",  # the transformer decoder: class/mask heads, masked attention
+)
+
+
+class QuantizationError(ExportError):
+    """The INT8 model does not reach the acceptance bar against FP32, or quantization failed."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How to quantize (see the presets).
+
+    Attributes:
+        name: preset name, recorded in the model card.
+        per_channel: one scale per output channel of each weight.
+        reduce_range: 7-bit weights (for CPUs without VNNI, see module docstring).
+        op_types: operator types to quantize.
+        keep_fp32: regular expressions of node names left in FP32.
+        calibrate_method: ``minmax``, ``percentile`` or ``entropy``.
+        calibration_count: images used when calibrating from a folder or the built-in set.
+        calibration_short_edge: calibration images are resized to this short edge.
+        min_label_agreement: the INT8-vs-FP32 acceptance bar on the check images.
+        min_person_iou: each FP32 person matched by an INT8 person with at least this IoU.
+    """
+
+    name: str = "avx2"
+    per_channel: bool = True
+    reduce_range: bool = True
+    op_types: tuple[str, ...] = ("Conv", "MatMul")
+    keep_fp32: tuple[str, ...] = _KEEP_FP32
+    calibrate_method: str = "minmax"
+    calibration_count: int = 12
+    calibration_short_edge: int = 448
+    min_label_agreement: float = check.INT8_ACCEPTANCE.min_label_agreement
+    min_person_iou: float = check.INT8_ACCEPTANCE.min_person_iou
+
+    @property
+    def acceptance(self) -> check.Acceptance:
+        return check.Acceptance(min_label_agreement=self.min_label_agreement, min_person_iou=self.min_person_iou)
+
+    @classmethod
+    def preset(cls, name: str = "auto") -> QuantizationConfig:
+        """A named preset; ``auto`` picks ``avx512-vnni`` when this CPU has VNNI, else ``avx2``."""
+        if name == "auto":
+            flags = cpu_flags()
+            name = "avx512-vnni" if {"avx512_vnni", "avx_vnni"} & flags else "avx2"
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown quantization preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+PRESETS: dict[str, QuantizationConfig] = {
+    "avx2": QuantizationConfig(name="avx2", reduce_range=True),
+    "avx512-vnni": QuantizationConfig(name="avx512-vnni", reduce_range=False),
+}
+
+
+class _Reader:
+    """``CalibrationDataReader``: the calibration images, padded as the service pads them."""
+
+    def __init__(self, images: Sequence[np.ndarray], policy: InputPolicy) -> None:
+        self._images: Iterator[np.ndarray] = iter(images)
+        self._policy = policy
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        image = next(self._images, None)
+        return None if image is None else {self._policy.input_name: pad_to_input(image, self._policy)}
+
+    def rewind(self) -> None:  # pragma: no cover - only the entropy/percentile calibrators call it
+        raise NotImplementedError
+
+
+def excluded_nodes(model_path: Path, config: QuantizationConfig) -> list[str]:
+    """Names of the nodes of ``config.op_types`` that ``config.keep_fp32`` leaves in FP32."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    patterns = [re.compile(p) for p in config.keep_fp32]
+    return [n.name for n in proto.graph.node
+            if n.op_type in config.op_types and any(p.search(n.name) for p in patterns)]
+
+
+def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
+                   calibration: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Writes the static QDQ INT8 graph of ``fp32_path`` to ``out_path``; returns what was done."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    fd, pre_name = tempfile.mkstemp(prefix=".m2fp-pre-", suffix=".onnx.tmp", dir=out_path.parent)
+    os.close(fd)
+    pre = Path(pre_name)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every copied bias on the root logger
+    try:
+        # ONNX Runtime's recommended pre-processing: constants folded into initializers (Conv
+        # biases must be initializers to be quantized) and shapes inferred.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        exclude = excluded_nodes(pre, config)
+        quantize_static(
+            str(pre), str(out_path), _Reader(calibration, InputPolicy()),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(config.op_types),
+            per_channel=config.per_channel, reduce_range=config.reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            calibrate_method=methods[config.calibrate_method],
+            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+    except Exception as exc:  # onnxruntime.quantization raises assorted types
+        raise QuantizationError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        root.setLevel(level)
+        pre.unlink(missing_ok=True)
+    return {"preset": asdict(config), "format": "QDQ, activations uint8 asymmetric, weights int8 symmetric",
+            "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration)}
+
+
+def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig,
+                     calibration: Sequence[np.ndarray], inference: InferenceSettings, classes: list[str], *,
+                     trained: bool, calibration_source: str = "",
+                     report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Quantizes, then checks INT8 against FP32 on the check images (label maps, people).
+
+    Returns:
+        The ``quantization`` entry of the model card (settings, calibration, check figures).
+
+    Raises:
+        QuantizationError: quantization failed, or the INT8 model falls short of the bar.
+    """
+    import onnxruntime as ort
+
+    images = list(calibration) or builtin_calibration(config.calibration_count, config.calibration_short_edge)
+    source = calibration_source or ("given images" if calibration else "built-in set (scikit-image photographs)")
+    report(f"      calibrating on {len(images)} images ({source}), {config.calibrate_method}, "
+           f"per-channel={config.per_channel}, reduce_range={config.reduce_range}...")
+    info = quantize_graph(fp32_path, out_path, config, images)
+    info["calibration_source"] = source
+    report(f"      {out_path.stat().st_size / 1e6:.1f} MB; {info['kept_fp32_nodes']} sensitive nodes kept in FP32")
+    weights = "trained weights" if trained else "UNTRAINED (confident random) weights, not a quality figure"
+    report(f"      checking INT8 against FP32 ({weights}): labels >= {config.min_label_agreement:.0%}, same people...")
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    result = check.compare(check.onnx_runner(int8), check.onnx_runner(fp32), check_images(), inference, classes,
+                           report, label="INT8 vs FP32 ")
+    info["check_vs_fp32"] = {"trained_weights": trained, "acceptance": asdict(config.acceptance), **result.summary()}
+    failures = result.failures(config.acceptance)
+    if failures:
+        hint = ("Untrained weights give noise-like label maps (near-ties everywhere), on which INT8 rounding flips "
+                "many pixels: this is not a quality figure; --min-agreement accepts a lower bar. " if not trained
+                else "Try --calibration DIR with photos like the ones you serve, or --quant-preset avx2 "
+                     "(7-bit weights), or a lower --min-agreement after looking at the outputs. ")
+        raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures)
+                                + "; model not written. " + hint)
+    return info
+
+
+def quantize_file(fp32_path: Path, output: Path, config: QuantizationConfig, calibration: Sequence[np.ndarray],
+                  *, min_agreement: float | None = None, report: Callable[[str], None] = print) -> ModelCard:
+    """``m2fp export --int8 --from-onnx``: quantizes an FP32 model written by ``m2fp export``."""
+    from m2fp_service.engine import read_card
+    from m2fp_service.errors import ModelLoadError
+
+    from .convert import _finish, write_sidecar
+
+    try:
+        card = read_card(fp32_path)
+    except ModelLoadError as exc:
+        raise QuantizationError(f"--from-onnx: {exc.message}") from exc
+    if card.exporter.get("precision", "fp32") != "fp32":
+        raise QuantizationError(f"--from-onnx: {fp32_path} is already {card.exporter['precision']}")
+    if min_agreement is not None:
+        config = dataclasses.replace(config, min_label_agreement=min_agreement)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".m2fp-", suffix=".onnx.tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        report(f"[1/2] quantizing {fp32_path} to static INT8 ({config.name})...")
+        info = quantize_checked(fp32_path, tmp, config, calibration, card.inference, card.classes,
+                                trained=card.trained, report=report)
+        info["from_onnx"] = str(fp32_path)
+        report("[2/2] writing model card and file...")
+        new = dataclasses.replace(card, exporter={**card.exporter, "precision": "int8", "quantization": info},
+                                  notes=[*card.notes, int8_note(info, card.trained)])
+        _finish(tmp, output, new)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_sidecar(output, new)
+    return new
+
+
+def int8_note(info: dict[str, Any], trained: bool) -> str:
+    """The card's one-line statement of the INT8 model's measured agreement."""
+    c = info["check_vs_fp32"]
+    weights = "trained weights" if trained else "untrained confident weights (not a quality figure)"
+    return (f"INT8 static quantization ({info['preset']['name']}): label agreement with FP32 >= "
+            f"{c['min_label_agreement']:.2%}, same people: {c['same_people']}, on the check images with {weights}")

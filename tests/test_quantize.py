@@ -1,0 +1,123 @@
+"""Static INT8 export: presets, calibration sets, the check against FP32, serving the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2fp_export.images import builtin_calibration, calibration_from_dir, check_images
+from m2fp_export.quantize import PRESETS, QuantizationConfig, QuantizationError, excluded_nodes, quantize_file
+from m2fp_service.engine import ParsingEngine, read_card
+from m2fp_service.pipeline import parse_array
+
+QUIET = {"report": lambda _: None}
+# Few small calibration images keep the test quick; the bar is lowered because the tiny fixture's
+# untrained label maps are speckled noise (INT8 agrees with FP32 on ~87-90% of their pixels).
+TEST_CONFIG = dataclasses.replace(PRESETS["avx2"], calibration_count=3, calibration_short_edge=256,
+                                  min_label_agreement=0.5, min_person_iou=0.5)
+
+
+@pytest.fixture(scope="module")
+def int8_path(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8.onnx"
+    quantize_file(tiny_model_path, out, TEST_CONFIG, [], **QUIET)
+    return out
+
+
+def test_int8_card_says_so(int8_path: Path, tiny_model_path: Path) -> None:
+    card, fp32 = read_card(int8_path), read_card(tiny_model_path)
+    assert card.exporter["precision"] == "int8" and fp32.exporter["precision"] == "fp32"
+    q = card.exporter["quantization"]
+    assert q["preset"]["name"] == "avx2" and q["preset"]["per_channel"] is True and q["calibration_images"] == 3
+    check = q["check_vs_fp32"]
+    assert check["trained_weights"] is False and 0.5 <= check["min_label_agreement"] < 1.0
+    assert check["same_people"] is True and all(i["reference_people"] >= 2 for i in check["images"])
+    assert any("INT8" in n and "untrained" in n for n in card.notes)
+    assert card.classes == fp32.classes and card.source == fp32.source
+    assert int8_path.stat().st_size < 0.8 * tiny_model_path.stat().st_size
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(int8_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_int8_is_served(int8_path: Path, photo: np.ndarray) -> None:
+    engine = ParsingEngine(int8_path, options=None)
+    assert engine.precision == "int8"
+    result = parse_array(engine, photo)
+    assert result.num_people >= 2 and len(result.class_areas()) >= 5
+
+
+def test_int8_below_the_bar_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    strict = dataclasses.replace(TEST_CONFIG, min_label_agreement=0.9999)
+    with pytest.raises(QuantizationError, match="model not written"):
+        quantize_file(tiny_model_path, out, strict, [], **QUIET)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_int8_from_int8_is_refused(int8_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizationError, match="already int8"):
+        quantize_file(int8_path, tmp_path / "q.onnx", TEST_CONFIG, [], **QUIET)
+
+
+def test_presets() -> None:
+    assert QuantizationConfig.preset("avx2").reduce_range is True
+    assert QuantizationConfig.preset("avx512-vnni").reduce_range is False
+    assert QuantizationConfig.preset("auto").name in PRESETS
+    with pytest.raises(ValueError, match="unknown quantization preset"):
+        QuantizationConfig.preset("gpu")
+
+
+def test_sensitive_nodes_stay_fp32(tiny_model_path: Path) -> None:
+    kept = excluded_nodes(tiny_model_path, PRESETS["avx2"])
+    assert any("sampling_offsets" in n for n in kept) and any("attention_weights" in n for n in kept)
+    assert any("/predictor/" in n for n in kept)
+    assert not any("/backbone/" in n for n in kept)
+
+
+def test_builtin_calibration_is_deterministic() -> None:
+    a, b = builtin_calibration(8, 256), builtin_calibration(8, 256)
+    assert len(a) == 8 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(min(x.shape[:2]) == 256 and x.dtype == np.uint8 and x.shape[2] == 3 for x in a)
+    assert len({x.shape for x in a}) > 2  # several sources and crops
+    assert [img.shape for img in check_images()] == [(480, 960, 3), (736, 460, 3)]
+
+
+def test_calibration_from_dir(tmp_path: Path) -> None:
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "sub").mkdir()
+    Image.new("L", (100, 400)).save(tmp_path / "sub" / "b.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored")
+    images = calibration_from_dir(tmp_path, short_edge=128)
+    assert [i.shape for i in images] == [(128, 192, 3), (512, 128, 3)]
+
+
+def test_calibration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        calibration_from_dir(tmp_path / "absent")
+    (tmp_path / "x.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no readable images"):
+        calibration_from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--random-init", "--calibration", "."], "only apply to --int8"),
+        (["--int8", "--from-onnx", "m.onnx", "--random-init"], "--from-onnx is a source of its own"),
+        (["--int8", "--random-init", "--calibration", "/nonexistent/dir"], "does not exist"),
+    ],
+)
+def test_cli_int8_flag_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "m2fp_service.cli", "export", *args, "-o", str(tmp_path / "x.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
