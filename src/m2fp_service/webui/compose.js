@@ -4,6 +4,7 @@
 
 import { ApiError, composePhoto, errorText } from "./api.js";
 import { $, debounce, formatBytes, say, setDownload, stem, UrlSlot } from "./dom.js";
+import { checkFile } from "./intake.js";
 
 const DEBOUNCE_MS = 300;
 const SUFFIX = { png: "png", webp: "webp", jpeg: "jpg" };
@@ -44,6 +45,7 @@ export function setUpCompose(ctx) {
     const mode = value("mode");
     const backdrop = $("bg-file").files[0] || null;
     if (mode === "image" && !backdrop) return { problem: "Choose a background picture." };
+    if (mode === "image" && checkFile(backdrop, null)) return { problem: `Background: ${checkFile(backdrop, null)}` };
     const fields = { keep, mode, invert: String(checked("invert")), refine: String(checked("refine")),
                      feather: value("feather"), format: value("format"), labels: ctx.labelSet() };
     if (mode === "blur") fields.blur = value("blur");
