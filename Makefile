@@ -4,19 +4,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 MODEL  ?= models/m2fp.onnx
+LIGHT_MODEL ?= models/light.onnx
+LIGHT_LANDSCAPE_MODEL ?= models/light-landscape.onnx
+# The light model's parity reference (export and tests only); see install-dev.
+MEDIAPIPE_REF ?= mediapipe>=1.2,<1.3
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev run serve model export-random test test-fast lint openapi bench clean
+.PHONY: help install install-dev run serve model light-model bench-light export-random test test-fast lint openapi bench clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
 	@echo "make test       install everything the tests need and run the whole suite (incl. slow)"
 	@echo "make test-fast  the suite without the slow (full-size, real-server) tests"
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
+	@echo "make light-model export the light person segmenter: $(LIGHT_MODEL) and $(LIGHT_LANDSCAPE_MODEL)"
 	@echo "make openapi    regenerate openapi/openapi.json"
 	@echo "make bench      reference vs ours on a 720p photo (see bench/README.md)"
+	@echo "make bench-light the light segmenter vs MediaPipe's runtime, ms per frame"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +42,13 @@ $(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 # Exporting and testing need torch + ModelScope (the [export] extra) and the test tools.
+# mediapipe (the light model's parity reference) goes in without its dependencies: its metadata
+# asks for the GUI opencv-contrib-python, which would replace our headless cv2; the rest of what
+# it imports is in the [dev] extra.
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 	$(drop_plain_opencv)
 	$(PIP) install -q -e '.[export,dev]'
+	$(PIP) install -q --no-deps '$(MEDIAPIPE_REF)'
 	@touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime
@@ -55,6 +65,18 @@ $(MODEL):
 	  $(VENV)/bin/m2fp export --random-init --confident -o $(MODEL); }
 
 model: $(MODEL)
+
+# MediaPipe's selfie segmenter from the mediapipe wheel on PyPI (cached in ~/.cache/m2fp), checked
+# against MediaPipe's own runtime.
+$(LIGHT_MODEL):
+	@$(MAKE) --no-print-directory install-dev
+	$(VENV)/bin/m2fp export-light --variant general --require-reference -o $@
+
+$(LIGHT_LANDSCAPE_MODEL):
+	@$(MAKE) --no-print-directory install-dev
+	$(VENV)/bin/m2fp export-light --variant landscape --require-reference -o $@
+
+light-model: $(LIGHT_MODEL) $(LIGHT_LANDSCAPE_MODEL)
 
 run: $(MODEL) install
 	$(VENV)/bin/m2fp serve --model $(MODEL) --host $(HOST) --port $(PORT)
@@ -74,6 +96,9 @@ openapi: install
 
 bench: install-dev
 	$(PY) bench/reference_vs_ours.py
+
+bench-light: light-model
+	$(PY) bench/light_segmenter.py --models $(dir $(LIGHT_MODEL))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

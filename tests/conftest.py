@@ -80,3 +80,53 @@ def reference_pipeline(loaded, workdir: Path):  # type: ignore[no-untyped-def]
     (workdir / "configuration.json").write_text(json.dumps(config))
     loaded.model.model_dir = str(workdir)
     return ImageHumanParsingPipeline(model=loaded.model, device="cpu")
+
+
+# --- the light model (MediaPipe's selfie segmenter, real trained weights) -------------------------
+# The mediapipe wheel is downloaded from PyPI once into a gitignored cache in the repository (CI is
+# a clean machine with registry access); each session converts it again (a few seconds), through
+# the real exporter with its parity check against MediaPipe's runtime.
+LIGHT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "light"
+
+
+@pytest.fixture(scope="session")
+def light_sources():  # type: ignore[no-untyped-def]
+    """variant -> TfliteSource (the verified .tflite extracted from the cached mediapipe wheel)."""
+    from m2fp_export.light.fetch import VARIANTS, obtain
+
+    return {v: obtain(v, cache_dir=LIGHT_CACHE) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def light_models(tmp_path_factory: pytest.TempPathFactory, light_sources) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """variant -> exported light ONNX model (general 256x256, landscape 144x256)."""
+    from m2fp_export.light.export import LightExportOptions, export_light
+
+    out = tmp_path_factory.mktemp("light")
+    paths = {}
+    for variant, source in light_sources.items():
+        paths[variant] = out / f"light-{variant}.onnx"
+        export_light(source, paths[variant], LightExportOptions(require_reference=True), report=lambda _: None)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def light_model_path(light_models: dict[str, Path]) -> Path:
+    return light_models["general"]
+
+
+@pytest.fixture(scope="session")
+def people_photos() -> dict[str, np.ndarray]:
+    """Real photographs of people that installed packages ship: name -> (H, W, 3) uint8 RGB.
+
+    scikit-image's astronaut (512x512, Eileen Collins), its cameraman (512x512, greyscale made
+    RGB) and matplotlib's Grace Hopper (600x512 portrait).
+    """
+    import matplotlib.cbook
+    from skimage import data
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        hopper = np.asarray(im.convert("RGB"))
+    return {"astronaut": np.ascontiguousarray(data.astronaut()),
+            "cameraman": np.ascontiguousarray(np.repeat(data.camera()[..., None], 3, axis=2)),
+            "grace_hopper": hopper}

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
 from m2fp_service.imaging.postprocess import Mode
@@ -124,7 +126,8 @@ def write_outputs(job: Job, rendered: Rendered, request: RenderRequest, timings:
 
 
 def run(engine: ParsingEngine, jobs: list[Job], request: RenderRequest, *, limits: ImageLimits,
-        mode: Mode = "exact", background: bytes | None = None, progress: bool = True, err: TextIO = sys.stderr) -> int:
+        mode: Mode = "exact", background: np.ndarray | None = None, progress: bool = True,
+        err: TextIO = sys.stderr) -> int:
     """Parses every job; returns the number of failed inputs (reported on ``err`` and skipped)."""
     from tqdm import tqdm
 

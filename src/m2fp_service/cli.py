@@ -1,4 +1,4 @@
-"""The ``m2fp`` command: export, parse, serve, openapi."""
+"""The ``m2fp`` command: export, export-light, parse, serve, openapi."""
 
 from __future__ import annotations
 
@@ -37,8 +37,36 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_export_light(args: argparse.Namespace) -> int:
+    from m2fp_export.light.cli import run
+
+    return int(run(args))
+
+
+def _add_export_light(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("export-light", help="convert MediaPipe's selfie segmenter (the light model) to ONNX",
+                       description="Get MediaPipe's selfie segmentation model (Apache-2.0) from the mediapipe "
+                                   "wheel on PyPI (or --wheel / --tflite offline), convert it to ONNX, check it "
+                                   "against MediaPipe's runtime and write it with an embedded model card.")
+    missing = [m for m in ("m2fp_export", "onnx", "tflite") if importlib.util.find_spec(m) is None]
+    if missing:  # the converter lives in the [export] extra; the server runs without it
+
+        def _unavailable(_: argparse.Namespace) -> int:
+            print(f"error: `m2fp export-light` needs the export extra ({', '.join(missing)} not installed): "
+                  "pip install 'm2fp-service[export]'", file=sys.stderr)
+            return 2
+
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_unavailable)
+        return
+    from m2fp_export.light.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_export_light)
+
+
 def _cmd_parse(args: argparse.Namespace) -> int:
-    from m2fp_service import batch, labelsets
+    from m2fp_service import batch, labelsets, pipeline
     from m2fp_service.config import Settings
     from m2fp_service.engine import ParsingEngine
     from m2fp_service.errors import ModelLoadError, ServiceError
@@ -55,6 +83,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     try:
         params, backdrop = compose_params(args)
         compose = params.to_request(backdrop is not None).compose if params is not None else None
+        background_rgb = pipeline.decode_background(backdrop, settings.image_limits()) if backdrop else None
     except (ServiceError, OSError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
@@ -74,7 +103,8 @@ def _cmd_parse(args: argparse.Namespace) -> int:
         print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
     request = batch.render_request(kinds, labelsets.label_set(args.labels, engine.card.palette), compose)
     failed = batch.run(engine, jobs, request, limits=settings.image_limits(),
-                       mode=args.mode or settings.mask_resolution, background=backdrop, progress=not args.quiet)
+                       mode=args.mode or settings.mask_resolution, background=background_rgb,
+                       progress=not args.quiet)
     failed += len(missing)
     done = len(jobs) - (failed - len(missing))
     print(f"parsed {done} of {len(jobs) + len(missing)} inputs into {args.output_dir}"
@@ -88,7 +118,8 @@ def add_compose_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("virtual background (as POST /api/background)")
     g.add_argument("--background", default=None, metavar="MODE|#RRGGBB|IMAGE",
-                   help="compose a picture: transparent, blur, pixelate, a colour (#00ff00) or a backdrop image file")
+                   help="transparent, blur, pixelate, a colour (#00ff00) or a backdrop image file (parse: compose a "
+                        "picture too; video: default blur)")
     g.add_argument("--keep", default="people",
                    help="people (default), largest, central, people:0,2 or classes:face,hair")
     g.add_argument("--invert", action="store_true", help="apply the effect to the kept region instead of the rest")
@@ -106,6 +137,7 @@ def add_compose_options(p: argparse.ArgumentParser) -> None:
 def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     """``(BackgroundParams, backdrop file bytes)`` from the compose options; ``(None, None)`` without
     ``--background``. Raises ``InvalidParameter`` (bad options) or ``OSError`` (unreadable backdrop)."""
+    from m2fp_service.errors import InvalidParameter
     from m2fp_service.imaging.compose import MODES
     from m2fp_service.schemas import BackgroundParams, params_from
 
@@ -120,9 +152,12 @@ def compose_params(args: argparse.Namespace) -> tuple[Any, bytes | None]:
         values["mode"] = choice.lower()
     elif choice.startswith("#"):
         values.update(mode="color", color=choice)
-    else:
+    elif Path(choice).is_file():
         backdrop = Path(choice).read_bytes()
         values["mode"] = "image"
+    else:
+        raise InvalidParameter(f"--background {choice!r} is neither transparent, blur, pixelate, a #rrggbb colour "
+                               "nor an image file that exists")
     return params_from(BackgroundParams, values), backdrop
 
 
@@ -143,6 +178,86 @@ def _add_parse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_compose_options(p)
     p.set_defaults(func=_cmd_parse)
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from m2fp_service import labelsets, pipeline
+    from m2fp_service.config import Settings
+    from m2fp_service.engine import ParsingEngine
+    from m2fp_service.errors import ModelLoadError, ServiceError
+    from m2fp_service.modelcard import UNTRAINED_WARNING
+    from m2fp_service.segmenter import PersonSegmenter
+    from m2fp_service.video.io import VideoError
+    from m2fp_service.video.processor import VideoOptions
+    from m2fp_service.video.run import process_video
+
+    overrides = {k: v for k, v in (("model", args.model), ("light_model", args.light_model)) if v is not None}
+    settings = Settings(**overrides)
+    if args.background is None:
+        args.background = "blur"
+    try:
+        params, backdrop = compose_params(args)
+        spec = params.to_request(backdrop is not None).compose
+        background_rgb = pipeline.decode_background(backdrop, settings.image_limits()) if backdrop else None
+    except (ServiceError, OSError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    assert spec is not None
+    options = VideoOptions(spec=spec, labels=labelsets.label_set(args.labels),
+                           keyframe_interval_s=args.keyframe_interval, smoothing=not args.no_smoothing)
+    try:
+        segmenter = PersonSegmenter(settings.light_model, intra_op_threads=1)
+        parse = None
+        if options.needs_parts:
+            engine = ParsingEngine(settings.model, intra_op_threads=args.m2fp_threads)
+            if not engine.card.trained:
+                print(f"WARNING: {settings.model}: {UNTRAINED_WARNING}", file=sys.stderr)
+
+            def parse(frame: Any) -> Any:
+                return pipeline.parse_array(engine, frame, mode="fast")
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        report = process_video(args.input, args.output, segmenter, options, parse=parse,
+                               background_rgb=background_rgb, crf=args.crf, preset=args.preset,
+                               progress=not args.quiet)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except VideoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    age = "" if report.max_parts_age is None else (
+        f"; {report.key_frames} M2FP key frames, parts at most {report.max_parts_age} frames old")
+    print(f"wrote {args.output}: {report.frames} frames {report.width}x{report.height} at {report.fps_in:g} fps in "
+          f"{report.seconds:.1f} s ({report.fps:.1f} frames/s); {report.audio_packets} audio packets{age}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_video(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("video", help="virtual background for a video file",
+                       description="Replace or blur the background of every frame of a video: the light "
+                                   "segmenter on every frame, M2FP on key frames when --keep needs parts or "
+                                   "people. Output at the input's size and frame rate, audio kept. Outputs: "
+                                   ".mp4/.mkv/.mov (H.264), .webm (VP9, alpha with --background transparent), "
+                                   ".mov with transparent (ProRes 4444), or a folder of PNG frames.")
+    p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    p.add_argument("--model", type=Path, default=None, help="M2FP model (default: $M2FP_MODEL or models/m2fp.onnx); "
+                                                            "used only when --keep needs parts or people")
+    p.add_argument("--light-model", type=Path, default=None,
+                   help="light segmenter (default: $M2FP_LIGHT_MODEL or models/light.onnx)")
+    p.add_argument("--keyframe-interval", type=float, default=2.0, help="seconds between M2FP key frames (default 2)")
+    p.add_argument("--m2fp-threads", type=int, default=1, help="threads of M2FP on key frames (default 1: the other "
+                                                               "core composes frames)")
+    p.add_argument("--no-smoothing", action="store_true", help="no temporal smoothing of the person mask")
+    p.add_argument("--crf", type=int, default=20, help="quality of H.264/VP9 (lower is better, default 20)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset (default veryfast)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_compose_options(p)
+    p.set_defaults(func=_cmd_video)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -187,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"m2fp-service {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    _add_export_light(sub)
     _add_parse(sub)
+    _add_video(sub)
     _add_serve(sub)
     _add_openapi(sub)
     return parser

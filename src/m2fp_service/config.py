@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from m2fp_service.limits import ImageLimits
 
 DEFAULT_MODEL = Path("models/m2fp.onnx")
+DEFAULT_LIGHT_MODEL = Path("models/light.onnx")
 
 
 class Settings(BaseSettings):
@@ -24,6 +25,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="M2FP_", env_file=".env", extra="ignore")
 
     model: Path = Field(DEFAULT_MODEL, description="Path of the exported ONNX model")
+    light_model: Path = Field(DEFAULT_LIGHT_MODEL, description="Path of the light per-frame segmenter (video, live)")
     host: str = Field("127.0.0.1", description="Address `m2fp serve` binds")
     port: int = Field(8000, ge=1, le=65535, description="Port `m2fp serve` binds")
     workers: int = Field(1, ge=1, le=64, description="Inference workers (concurrent ONNX Runtime runs)")
@@ -43,6 +45,10 @@ class Settings(BaseSettings):
     result_cache_mb: int = Field(
         128, ge=0, le=65536, description="Memory for parsing results of recently seen pictures (MiB; 0 = off): the "
                                          "same photo composed again skips inference")
+    live_max_connections: int = Field(4, ge=1, le=1000, description="Open live WebSockets (producers and viewers)")
+    live_max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest live frame message (bytes)")
+    live_max_pixels: int = Field(1920 * 1080, ge=1, description="Largest live frame, width x height")
+    live_keyframe_interval_s: float = Field(2.0, gt=0, description="Seconds between M2FP key frames of a live stream")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
     api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")

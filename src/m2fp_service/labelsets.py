@@ -170,12 +170,17 @@ def relabel_map(label_map: np.ndarray, labels: LabelSet) -> np.ndarray:
     (Euclidean distance to the nearest pixel of each); with neither present, A.
     """
     out: np.ndarray = labels.lut[label_map]
+    if not labels.splits:
+        return out
+    # The sides are decided by the pixels that are certainly A or B: not those being split.
+    anchors = out.copy()
+    anchors[np.isin(label_map, [cihp_id for cihp_id, _, _ in labels.splits])] = 255
     for cihp_id, a, b in labels.splits:
         where = label_map == cihp_id
         if not where.any():
             continue
-        dist_a = _distance_to(out == a)
-        dist_b = _distance_to(out == b)
+        dist_a = _distance_to(anchors == a)
+        dist_b = _distance_to(anchors == b)
         out[where & (dist_b < dist_a)] = b
     return out
 

@@ -119,14 +119,28 @@ def parse_image(
     """Decodes and parses encoded image bytes; returns the RGB image and its result."""
     timings = timings if timings is not None else Timings()
     image = decode(data, ImageLimits(max_pixels, max_side), timings)
+    return image, parse_cached(engine, image, data, mode=mode, timings=timings, cache=cache)
+
+
+def parse_cached(engine: ParsingEngine, image_rgb: np.ndarray, data: bytes, *, mode: postprocess.Mode,
+                 timings: Timings, cache: ResultCache | None) -> ParsingResult:
+    """``parse_array`` of the decoded ``data``, from ``cache`` when the same bytes were parsed before."""
     key = ResultCache.key(data, mode) if cache is not None else ""
     result = cache.get(key) if cache is not None else None
     timings.cache_hit = result is not None
     if result is None:
-        result = parse_array(engine, image, mode=mode, timings=timings)
+        result = parse_array(engine, image_rgb, mode=mode, timings=timings)
         if cache is not None:
             cache.put(key, result)
-    return image, result
+    return result
+
+
+def decode_background(data: bytes, limits: ImageLimits, timings: Timings | None = None) -> np.ndarray:
+    """A backdrop picture's bytes -> RGB; errors name the backdrop (not the photo)."""
+    try:
+        return decode(data, limits, timings)
+    except ServiceError as exc:
+        raise type(exc)(f"background picture: {exc.message}") from None
 
 
 def process(
@@ -136,18 +150,14 @@ def process(
     *,
     limits: ImageLimits,
     mode: postprocess.Mode = "exact",
-    background: bytes | None = None,
+    background: bytes | np.ndarray | None = None,
     timings: Timings | None = None,
     cache: ResultCache | None = None,
 ) -> Rendered:
-    """Every stage for one upload: decode (photo and optional backdrop), parse, render."""
+    """Every stage for one upload: decode the photo and the backdrop (bytes, or an already decoded
+    array), parse, render. Both pictures are decoded before inference, so a bad backdrop costs none."""
     timings = timings if timings is not None else Timings()
-    image, result = parse_image(engine, data, max_pixels=limits.max_pixels, max_side=limits.max_side, mode=mode,
-                                timings=timings, cache=cache)
-    background_rgb = None
-    if background is not None:
-        try:
-            background_rgb = decode(background, limits, timings)
-        except ServiceError as exc:
-            raise type(exc)(f"background picture: {exc.message}") from None
+    image = decode(data, limits, timings)
+    background_rgb = decode_background(background, limits, timings) if isinstance(background, bytes) else background
+    result = parse_cached(engine, image, data, mode=mode, timings=timings, cache=cache)
     return render(image, result, request, background_rgb=background_rgb, timings=timings)

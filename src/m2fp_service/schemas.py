@@ -135,7 +135,9 @@ class BackgroundParams(BaseModel):
     """Options of ``POST /api/background`` (query parameters or multipart form fields), also used by
     ``m2fp parse --background`` and ``m2fp video``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown names are refused by ``merged`` with the list of valid ones (FastAPI's own refusal of
+    # extras would not name them).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     keep: str = Field(
         "people", description="What stays as it is: `people` (everyone), `largest` (the largest person), "
@@ -170,6 +172,29 @@ class BackgroundParams(BaseModel):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @classmethod
+    def merged(cls, query: dict[str, str], form: dict[str, str]) -> BackgroundParams:
+        """Options from query parameters and form fields; an option given in both must agree.
+
+        Raises:
+            InvalidParameter: an unknown option (the message lists the valid ones), an invalid value, or
+                the same option with different values.
+        """
+        valid = list(cls.model_fields)
+        for values, where in ((query, "query parameter"), (form, "form field")):
+            unknown = sorted(set(values) - set(valid))
+            if unknown:
+                raise InvalidParameter(f"unknown {where} {', '.join(map(repr, unknown))}; valid options: "
+                                       f"{', '.join(valid)}")
+        both = set(query) & set(form)
+        if both:
+            from_query, from_form = params_from(cls, query), params_from(cls, form)
+            clash = sorted(k for k in both if getattr(from_query, k) != getattr(from_form, k))
+            if clash:
+                raise InvalidParameter(f"{', '.join(clash)}: given as query parameter and as form field, "
+                                       "with different values")
+        return params_from(cls, {**query, **form})
 
     def resolved_mode(self, has_background: bool) -> Mode:
         return self.mode or ("image" if has_background else "transparent")

@@ -48,7 +48,7 @@ class Keep:
         head, sep, tail = value.partition(":")
         items = [item.strip() for item in tail.split(",") if item.strip()] if sep else []
         if head == "people" and sep:
-            if not items or not all(item.isdigit() for item in items):
+            if not items or not all(item.isascii() and item.isdigit() for item in items):
                 raise InvalidParameter(f"keep={text!r}: person ids must be numbers, e.g. people:0,2")
             return cls(kind="ids", ids=tuple(sorted({int(item) for item in items})))
         if head == "classes" and sep:

@@ -26,7 +26,7 @@ from m2fp_service.api.deps import ModelSlot
 from m2fp_service.api.errors import internal_error_response, register_error_handlers
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
-from m2fp_service.api.routes import background, health, info, parse
+from m2fp_service.api.routes import background, health, info, live, parse
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
@@ -145,6 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
     app.include_router(parse.router)
     app.include_router(background.router)
+    live.install(app)
     app.include_router(info.router)
     app.include_router(health.router)
 

@@ -188,5 +188,7 @@ async def read_upload(request: Request, max_image_bytes: int, file_fields: tuple
         p.name: p.data.decode("utf-8", "replace") for p in collector.parts
         if id(p) not in kept and p.filename is None and p.complete
     }
-    files = {name: bytes(p.data) for name, p in collector.files.items() if name != main}
+    # An empty optional file with an empty name is what a browser form sends when no file was chosen.
+    files = {name: bytes(p.data) for name, p in collector.files.items()
+             if name != main and (p.data or p.filename not in ("", None))}
     return Upload(image=bytes(image.data), filename=image.filename, fields=fields, files=files)

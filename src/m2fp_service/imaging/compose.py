@@ -29,6 +29,7 @@ MODES: tuple[str, ...] = get_args(Mode)
 # Alpha below/above these is snapped to exactly 0/1: the guided filter's float noise must not
 # turn a fully kept or fully replaced pixel into a blend.
 _ALPHA_SNAP = 1.0 / 255.0
+_REFINE_CONTRAST = 2.0
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,10 @@ def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: flo
     a_at, b_at = _sample(a, ys, xs, (h, w)), _sample(b, ys, xs, (h, w))
     guide_at = guide_rgb[ys, xs].astype(np.float32) / 255.0
     out = alpha.copy()
-    out[ys, xs] = (a_at * guide_at).sum(axis=1) + b_at
+    q = (a_at * guide_at).sum(axis=1) + b_at
+    # The filter spreads the mask's own error over its window; a contrast of 2 about 0.5 keeps the
+    # border where the photo's edge is while solid regions return to 0 and 1.
+    out[ys, xs] = (q - 0.5) * _REFINE_CONTRAST + 0.5
     return _snap(out)
 
 
@@ -187,15 +191,15 @@ def estimate_foreground(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int
 
     A border pixel is a blend ``I = a F + (1 - a) B`` of subject F and old background B;
     compositing ``I`` itself over a new backdrop drags the old background along (a halo). With
-    F^ and B^ the local means of the subject's and the background's own pixels (normalised box
-    filters), blur-fusion (Forte & Pitie) estimates ``F = F^ + a (I - a F^ - (1 - a) B^)``. The
-    local means are computed at half scale and the formula only on the border pixels.
+    F^ and B^ the local mean colours of the solid subject and solid background nearby (normalised
+    box filters), blur-fusion (Forte & Pitie) estimates ``F = F^ + a (I - a F^ - (1 - a) B^)``.
+    The local means are computed at half scale and the formula only on the border pixels.
 
     Args:
         image_rgb: (H, W, 3) uint8.
         alpha: (H, W) float32 0..1.
         radius_px: neighbourhood of the local means, full-resolution pixels (default: twice the
-            refinement radius).
+            refinement radius plus 4).
 
     Returns:
         (H, W, 3) uint8: ``image_rgb`` where alpha is 0 or 1, the estimate elsewhere.
@@ -213,27 +217,47 @@ def border_pixels(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _foreground_at(image_rgb: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray,
                    radius_px: int | None = None) -> np.ndarray:
-    """``estimate_foreground``'s values at the pixels (ys, xs): (N, 3) uint8."""
+    """``estimate_foreground``'s values at the pixels (ys, xs): (N, 3) uint8.
+
+    F^ and B^ are the mean colours of the nearby *solid* subject (alpha = 1) and background
+    (alpha = 0) pixels; where none is within ``radius``, a four times wider neighbourhood is used.
+    """
     if not len(ys):
         return np.zeros((0, 3), np.uint8)
     h, w = alpha.shape
-    radius = radius_px if radius_px is not None else 2 * default_refine_radius((h, w))
+    radius = radius_px if radius_px is not None else 2 * default_refine_radius((h, w)) + 4
     s = 2 if min(h, w) >= 64 else 1
     small_wh = (max(1, w // s), max(1, h // s))
     img_s = (cv2.resize(image_rgb, small_wh, interpolation=cv2.INTER_AREA) if s > 1 else image_rgb)
     img_s = img_s.astype(np.float32) / 255.0
-    a_s = cv2.resize(alpha, small_wh, interpolation=cv2.INTER_AREA) if s > 1 else alpha
+    solid_fg: np.ndarray = (alpha >= 1.0).astype(np.float32)
+    solid_bg: np.ndarray = (alpha <= 0.0).astype(np.float32)
+    if s > 1:
+        solid_fg = cv2.resize(solid_fg, small_wh, interpolation=cv2.INTER_AREA)
+        solid_bg = cv2.resize(solid_bg, small_wh, interpolation=cv2.INTER_AREA)
     r = max(1, radius // s)
-    blurred_a = _box(a_s, r)[..., None]
-    fg_mean = _box(img_s * a_s[..., None], r) / (blurred_a + 1e-5)
-    bg_mean = _box(img_s * (1.0 - a_s)[..., None], r) / ((1.0 - blurred_a) + 1e-5)
-    f_hat = _sample(fg_mean, ys, xs, (h, w))
-    b_hat = _sample(bg_mean, ys, xs, (h, w))
+    f_hat = _sample(_local_mean(img_s, solid_fg, r), ys, xs, (h, w))
+    b_hat = _sample(_local_mean(img_s, solid_bg, r), ys, xs, (h, w))
     a = alpha[ys, xs][:, None]
     i = image_rgb[ys, xs].astype(np.float32) / 255.0
+    # Where no solid pixel of a side is near, its mean is NaN: fall back to the pixel itself.
+    f_hat = np.where(np.isnan(f_hat), i, f_hat)
+    b_hat = np.where(np.isnan(b_hat), i, b_hat)
     fg = f_hat + a * (i - a * f_hat - (1.0 - a) * b_hat)
     values: np.ndarray = np.clip(fg * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return values
+
+
+def _local_mean(image: np.ndarray, weight: np.ndarray, r: int) -> np.ndarray:
+    """(H, W, 3) weighted local mean over a (2r+1)^2 box; a 4x wider box where the first has no
+    weight; NaN where neither has any."""
+    num, den = _box(image * weight[..., None], r), _box(weight, r)[..., None]
+    wide_num, wide_den = _box(image * weight[..., None], 4 * r), _box(weight, 4 * r)[..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        near = num / den
+        far = wide_num / wide_den
+    mean: np.ndarray = np.where(den > 1e-3, near, np.where(wide_den > 1e-4, far, np.nan)).astype(np.float32)
+    return mean
 
 
 def _weight_u8(weight: np.ndarray) -> np.ndarray:

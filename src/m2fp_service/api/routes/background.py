@@ -15,9 +15,8 @@ from m2fp_service.api.routes.parse import UPLOAD_ERRORS
 from m2fp_service.api.upload import FILE_FIELD, Upload
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
-from m2fp_service.errors import InvalidParameter
 from m2fp_service.outputs import Picture, RenderRequest
-from m2fp_service.schemas import BackgroundParams, params_from
+from m2fp_service.schemas import BackgroundParams
 from m2fp_service.timings import Timings
 
 router = APIRouter(tags=["background"])
@@ -87,14 +86,12 @@ async def background(
 ) -> Response:
     """Keeps people (all, the largest, the central one, chosen ids) or classes, and makes the rest transparent,
     blurred, a colour, a picture or pixelated; returns the picture itself."""
-    given = query.model_dump(exclude_unset=True)
     query.precheck()  # bad options fail before the upload is read
+    raw_query = dict(request.query_params)
+    BackgroundParams.merged(raw_query, {})
 
     def make_job(upload: Upload, timings: Timings) -> Callable[[], tuple[Picture, int]]:
-        clash = sorted(k for k, v in upload.fields.items() if k in given and str(given[k]).lower() != v.lower())
-        if clash:
-            raise InvalidParameter(f"{', '.join(clash)}: given as query parameter and as form field, differently")
-        params = params_from(BackgroundParams, {**given, **upload.fields})
+        params = BackgroundParams.merged(raw_query, upload.fields)
         backdrop = upload.files.get(BACKGROUND_FIELD)
         render_request = params.to_request(backdrop is not None, engine.card.palette)
         data = upload.image
@@ -117,7 +114,7 @@ async def background(
 def _compose(engine: ParsingEngine, data: bytes, backdrop: bytes | None, request: RenderRequest,
              settings: Settings, cache: pipeline.ResultCache, timings: Timings) -> tuple[Picture, int]:
     """Runs on a worker: every stage; returns the picture and the number of people found."""
-    rendered = pipeline.process(engine, data, request, limits=settings.image_limits(), mode=settings.mask_resolution,
-                                background=backdrop, timings=timings, cache=cache)
+    rendered = pipeline.process(engine, data, request, limits=settings.image_limits(),
+                                mode=settings.mask_resolution, background=backdrop, timings=timings, cache=cache)
     assert rendered.composite is not None  # the request asks for it
     return rendered.composite, rendered.result.num_people

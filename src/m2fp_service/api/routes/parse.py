@@ -15,6 +15,7 @@ from m2fp_service.api.jobs import run_upload_job, server_timing
 from m2fp_service.api.upload import FILE_FIELD, Upload
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
+from m2fp_service.errors import InvalidParameter
 from m2fp_service.outputs import Rendered, RenderRequest
 from m2fp_service.schemas import (
     LABELS_DESCRIPTION,
@@ -116,8 +117,10 @@ async def parse(
     ParseParams.from_texts(outputs, labels=labels)  # bad options fail before the upload is read
 
     def make_job(upload: Upload, timings: Timings) -> Callable[[], bytes]:
-        params = ParseParams.from_texts(outputs, upload.fields.get("outputs"),
-                                        labels=upload.fields.get("labels", labels))
+        form_labels = upload.fields.get("labels")
+        if labels and form_labels and labels.strip().lower() != form_labels.strip().lower():
+            raise InvalidParameter("labels: given as query parameter and as form field, with different values")
+        params = ParseParams.from_texts(outputs, upload.fields.get("outputs"), labels=form_labels or labels)
         data = upload.image
         return lambda: parse_to_json(engine, data, params, settings, cache, timings)
 

@@ -1,0 +1,163 @@
+"""``process_video``: a video file through the hybrid, frame by frame, audio kept (``m2fp video``).
+
+A reader thread decodes ahead of the frame loop (one key-frame interval plus a few frames) and
+hands every key frame to the M2FP worker as it decodes it, so M2FP works on key frame k while
+the loop is still on the frames before it. The loop composes each frame and writes it; audio
+packets are written in file order. The output appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from m2fp_service.result import ParsingResult
+from m2fp_service.video.io import AudioPacket, Frame, VideoReader, VideoWriter
+from m2fp_service.video.keyframes import KeyframeWorker
+from m2fp_service.video.processor import FrameProcessor, Segmenter, VideoOptions
+
+_END = object()
+
+
+@dataclass
+class VideoReport:
+    """What ``process_video`` did."""
+
+    frames: int = 0
+    seconds: float = 0.0
+    width: int = 0
+    height: int = 0
+    fps_in: float = 0.0
+    audio_packets: int = 0
+    key_frames: int = 0
+    max_parts_age: int | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+def process_video(
+    source: Path,
+    target: Path,
+    segmenter: Segmenter,
+    options: VideoOptions,
+    *,
+    parse: Callable[[np.ndarray], ParsingResult] | None = None,
+    background_rgb: np.ndarray | None = None,
+    crf: int = 20,
+    preset: str = "veryfast",
+    progress: bool = True,
+    err: TextIO | None = None,
+) -> VideoReport:
+    """Composes every frame of ``source`` into ``target`` (same size, frame rate and audio).
+
+    Args:
+        parse: M2FP on one frame; required when ``options.needs_parts``.
+        background_rgb: backdrop picture of ``mode=image``.
+
+    Raises:
+        VideoError: unreadable input or unwritable output.
+        InvalidParameter: an output that cannot hold what is asked (alpha in .mp4).
+    """
+    from tqdm import tqdm
+
+    reader = VideoReader(source)
+    info = reader.info
+    alpha = options.spec.options.mode == "transparent"
+    partial = target if not target.suffix else target.with_name(f".{target.stem}.partial{target.suffix}")
+    writer: VideoWriter | None = None
+    worker = KeyframeWorker(parse, ordered=True) if options.needs_parts and parse is not None else None
+    report = VideoReport(width=info.width, height=info.height, fps_in=info.fps)
+    try:
+        writer = VideoWriter(partial, info, alpha=alpha, audio_stream=reader.audio, crf=crf, preset=preset)
+        processor = FrameProcessor(segmenter, options, info.fps, worker, background_rgb)
+        items: queue.Queue[object] = queue.Queue(maxsize=processor.interval + 8)
+        stop = threading.Event()
+        feeder = threading.Thread(target=_read_ahead, args=(reader, processor, worker, items, stop),
+                                  name="m2fp-video-reader", daemon=True)
+        started = time.perf_counter()
+        feeder.start()
+        bar = tqdm(total=info.frames or None, unit="frame", disable=not progress, file=err, dynamic_ncols=True)
+        try:
+            while True:
+                item = items.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, AudioPacket):
+                    writer.write_audio(item.packet)
+                    continue
+                assert isinstance(item, Frame)
+                result = processor.process(item.index, item.rgb)
+                writer.write(result.image, item.pts, item.index)
+                report.frames += 1
+                for step, seconds in result.seconds.items():
+                    report.step_seconds[step] = report.step_seconds.get(step, 0.0) + seconds
+                if result.parts_age is not None:
+                    report.max_parts_age = max(report.max_parts_age or 0, result.parts_age)
+                bar.update(1)
+        finally:
+            stop.set()
+            _drain(items)
+            feeder.join(timeout=10)
+            bar.close()
+        writer.close()
+        report.seconds = time.perf_counter() - started
+        report.audio_packets = writer.audio_packets
+        report.key_frames = processor.key_frames_used
+        writer = None
+        if partial != target:
+            partial.replace(target)
+        return report
+    finally:
+        if worker is not None:
+            worker.close()
+        if writer is not None:  # failed half-way: nothing half-written stays under either name
+            with contextlib.suppress(Exception):  # the original error matters more
+                writer.close()
+            if partial != target:
+                partial.unlink(missing_ok=True)
+        reader.close()
+
+
+def _read_ahead(reader: VideoReader, processor: FrameProcessor, worker: KeyframeWorker | None,
+                items: queue.Queue[object], stop: threading.Event) -> None:
+    """Decodes into ``items`` (bounded: at most an interval ahead) and submits key frames to M2FP."""
+    try:
+        for item in reader:
+            if stop.is_set():
+                return
+            if isinstance(item, Frame) and worker is not None and processor.is_key(item.index):
+                worker.submit(item.index, item.rgb, processor.key_gray(item.rgb))
+            _put(items, item, stop)
+        _put(items, _END, stop)
+    except BaseException as exc:  # handed to the loop, which raises it
+        _put(items, exc, stop)
+
+
+def _put(items: queue.Queue[object], item: object, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _drain(items: queue.Queue[object]) -> None:
+    while True:
+        try:
+            items.get_nowait()
+        except queue.Empty:
+            return
