@@ -56,13 +56,15 @@ def _init(model: str, threads: int) -> None:
 
 
 def _job(jpg: bytes) -> int:
-    from m2fp_service.api.outputs import parse_to_json
-    from m2fp_service.pipeline import Timings
+    from m2fp_service.api.routes.parse import parse_to_json
+    from m2fp_service.config import Settings
+    from m2fp_service.pipeline import ResultCache, Timings
     from m2fp_service.schemas import ParseParams
 
     assert _engine is not None
-    return len(parse_to_json(_engine, jpg, ParseParams(), max_pixels=40_000_000, max_side=16384, mode="fast",
-                             timings=Timings()))
+    settings = Settings(_env_file=None, max_pixels=40_000_000, max_side=16384, mask_resolution="fast")  # type: ignore[call-arg]
+    no_cache = ResultCache(0)  # every job runs inference: this measures throughput, not the cache
+    return len(parse_to_json(_engine, jpg, ParseParams(), settings, no_cache, Timings()))
 
 
 def _busy_jiffies() -> int:
