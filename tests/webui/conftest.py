@@ -90,6 +90,9 @@ def open_page(browser: Any, server: Server, *, width: int = 1280, height: int = 
 
     page.on("console", on_console)
     page.on("pageerror", lambda error: watch.problems.append(f"page error: {error}"))
+    # Keeps Playwright's file-chooser interception on for the page's whole life: switched on per
+    # expect_file_chooser() it can arrive after the key press, and the picker then opens unseen.
+    page.on("filechooser", lambda chooser: None)
     page.on("request", lambda request: watch.requests.append(request))
     page.on("requestfailed", lambda request: watch.failed.append(request))
 
