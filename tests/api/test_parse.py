@@ -173,5 +173,8 @@ def test_webui(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'src="webui/app.js"' in page.text and "UNTRAINED" in page.text
-    js = client.get("/webui/app.js")
-    assert js.status_code == 200 and "api/parse" in js.text and "trained === false" in js.text
+    # ES modules: each must come with a JavaScript media type or the browser refuses it.
+    modules = {name: client.get(f"/webui/{name}") for name in ("app.js", "api.js", "photo.js", "compose.js")}
+    assert all(r.status_code == 200 and "javascript" in r.headers["content-type"] for r in modules.values())
+    assert "api/parse" in modules["api.js"].text and "trained === false" in modules["app.js"].text
+    assert client.get("/webui/app.css").headers["content-type"].startswith("text/css")

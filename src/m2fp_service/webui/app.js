@@ -1,120 +1,68 @@
-// WebUI for m2fp-service: uploads a photo to api/parse and shows the colour map, overlay and cutout.
-// Relative URLs only, so the page works behind a path prefix and without internet.
-"use strict";
+// m2fp-service WebUI entry: model information and banners, the API key, and the views.
+// Each view is a <section class="view" data-view="NAME"> with a link to #NAME in the "Views" nav and
+// a set-up function below; a new view (e.g. Live) adds those three things and nothing else changes.
 
-const $ = (id) => document.getElementById(id);
+import { getInfo, setApiKey } from "./api.js";
+import { $, say } from "./dom.js";
+import { setUpPhotoView } from "./photo.js";
+
+const VIEWS = {
+  photo: setUpPhotoView,
+};
+const ready = new Set();
 let info = null;
-let chosen = null;
 
-function text(el, value) { el.textContent = value; return el; }
+function showView() {
+  const wanted = location.hash.slice(1);
+  const name = wanted in VIEWS ? wanted : "photo";
+  for (const section of document.querySelectorAll("section.view")) section.hidden = section.dataset.view !== name;
+  for (const link of $("views-nav").querySelectorAll("a")) {
+    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (info && !ready.has(name)) {
+    ready.add(name);
+    VIEWS[name](info);
+  }
+}
+
+function showInfo() {
+  $("version").textContent = `m2fp-service ${info.version}`;
+  const model = info.model ? `${info.model.file} · ${info.classes.length} classes · ${info.model.license}` : "no model";
+  $("model-meta").textContent = `${model} · status: ${info.status}`;
+  $("banner-untrained").hidden = info.trained !== false;
+  if (info.trained === false) {
+    $("banner-untrained-detail").textContent = info.warnings.find((w) => w.startsWith("UNTRAINED")) || "";
+  }
+  $("banner-notready").hidden = info.status === "ready";
+  if (info.status !== "ready") $("banner-notready").textContent = `Model ${info.status}: ${info.detail || ""}`;
+  if (info.api_key_required) $("key-row").hidden = false;
+}
 
 async function loadInfo() {
   try {
-    const res = await fetch("api/info");
-    info = await res.json();
+    info = await getInfo();
   } catch (err) {
-    text($("model-meta"), "cannot reach the server");
+    $("model-meta").textContent = "cannot reach the server";
+    say($("error"), `Cannot load the model information: ${err.message}. Reload the page to try again.`);
     return;
   }
-  text($("version"), `m2fp-service ${info.version}`);
-  const model = info.model ? `${info.model.file} · ${info.classes.length} classes · ${info.model.license}` : "no model";
-  text($("model-meta"), `${model} · status: ${info.status}`);
-  $("banner-untrained").classList.toggle("show", info.trained === false);
-  if (info.trained === false) {
-    text($("banner-untrained-detail"), info.warnings.find((w) => w.startsWith("UNTRAINED")) || "");
-  }
-  const notReady = info.status !== "ready";
-  $("banner-notready").classList.toggle("show", notReady);
-  if (notReady) text($("banner-notready"), `Model ${info.status}: ${info.detail || ""}`);
-  $("key-row").classList.toggle("hidden", !info.api_key_required);
-  if (info.status === "loading") setTimeout(loadInfo, 1500);
-  updateButton();
+  showInfo();
+  showView();
+  if (info.status === "loading") setTimeout(refreshInfo, 1500);
 }
 
-function updateButton() { $("go").disabled = !chosen; }
-
-function choose(file) {
-  chosen = file || null;
-  text($("drop"), chosen ? `${chosen.name} (${(chosen.size / 1024).toFixed(0)} KB) — click Parse` :
-    "Drop a photo here or click to choose one");
-  updateButton();
+async function refreshInfo() {
+  try { info = await getInfo(); } catch { return; }
+  showInfo();
+  if (info.status === "loading") setTimeout(refreshInfo, 1500);
 }
 
-function figure(title, b64, checker) {
-  const fig = document.createElement("figure");
-  const img = document.createElement("img");
-  img.src = b64.startsWith("blob:") ? b64 : `data:image/png;base64,${b64}`;
-  img.alt = title;
-  if (checker) img.className = "checker";
-  fig.append(img, text(document.createElement("figcaption"), title));
-  return fig;
-}
-
-function legend(classes, areas) {
-  const box = $("legend");
-  box.replaceChildren();
-  const palette = (info && info.palette) || [];
-  for (const name of classes) {
-    const idx = info ? info.classes.indexOf(name) : -1;
-    const rgb = palette[idx] || [0, 0, 0];
-    const item = document.createElement("span");
-    const sw = document.createElement("span");
-    sw.className = "sw";
-    sw.style.background = `rgb(${rgb.join(",")})`;
-    const pixels = areas && areas[name] ? ` ${areas[name].toLocaleString()} px` : "";
-    item.append(sw, document.createTextNode(name + pixels));
-    box.append(item);
-  }
-}
-
-async function parse() {
-  if (!chosen) return;
-  const outputs = [...document.querySelectorAll("input[name=out]:checked")].map((el) => el.value);
-  const form = new FormData();
-  form.append("image", chosen);
-  const headers = {};
-  const key = $("api-key").value;
-  if (key) headers["X-API-Key"] = key;
-  $("go").disabled = true;
-  $("status").className = "";
-  text($("status"), "parsing…");
-  const started = performance.now();
-  try {
-    const res = await fetch(`api/parse?outputs=${encodeURIComponent(outputs.join(","))}`,
-      { method: "POST", body: form, headers });
-    const result = await res.json();
-    if (result.code !== 0) throw new Error(`${res.status}: ${result.message}`);
-    show(result.data, (performance.now() - started) / 1000);
-    text($("status"), "");
-  } catch (err) {
-    $("status").className = "error";
-    text($("status"), String(err.message || err));
-  } finally {
-    updateButton();
-  }
-}
-
-function show(data, seconds) {
-  const grid = $("images");
-  grid.replaceChildren(figure("photo", URL.createObjectURL(chosen)), figure("colour map", data.result_image));
-  if (data.overlay) grid.append(figure("overlay", data.overlay));
-  if (data.cutout) grid.append(figure("cutout (transparent background)", data.cutout, true));
-  legend(data.classes, data.areas);
-  const people = data.people ? ` · ${data.people.length} people` : "";
-  text($("summary"), `${data.classes.length} classes${people} · server ${data.inference_time.toFixed(2)} s · ` +
-    `round trip ${seconds.toFixed(2)} s` + (info && info.trained === false ? " · UNTRAINED DEMO MODEL" : ""));
-  $("results").classList.remove("hidden");
-}
-
-$("drop").addEventListener("click", () => $("file").click());
-$("drop").addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
-$("file").addEventListener("change", (e) => choose(e.target.files[0]));
-$("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
-$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
-$("drop").addEventListener("drop", (e) => {
-  e.preventDefault();
-  $("drop").classList.remove("over");
-  choose(e.dataTransfer.files[0]);
+$("api-key").addEventListener("input", (e) => setApiKey(e.target.value));
+$("key-row").addEventListener("submit", (e) => e.preventDefault());
+window.addEventListener("m2fp:unauthorized", () => {
+  $("key-row").hidden = false;
+  if (document.activeElement !== $("api-key")) $("api-key").focus({ preventScroll: false });
 });
-$("go").addEventListener("click", parse);
-loadInfo();
+window.addEventListener("hashchange", showView);
+void loadInfo();
