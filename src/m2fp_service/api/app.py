@@ -1,16 +1,18 @@
 """``create_app(settings)``: the FastAPI application.
 
 The lifespan starts loading the model on a background thread and returns at once, so the
-server answers ``/healthz`` (and ``/readyz`` 503) while a big model loads and warms up. If
-loading fails the app keeps running: ``/readyz`` stays 503 and ``/api/parse`` answers
-``ModelNotReady`` with the reason and how to get a model. On shutdown the worker pool drains.
+server answers ``/healthz`` (and ``/readyz`` 503) while a big model loads and warms up; API
+requests arriving meanwhile wait for it in the pool's queue. If loading fails, ``on_load_failure``
+is called (``m2fp serve`` stops and exits non-zero); without one the app keeps running with
+``/readyz`` 503 and ``/api/*`` answering ``ModelNotReady`` with the reason. On shutdown the worker
+pool drains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -67,22 +69,28 @@ def _load(settings: Settings) -> ParsingEngine:
     return ParsingEngine(settings.model, settings.threads_per_worker())
 
 
+LoadFailureHandler = Callable[[str], None]
+
+
 async def _load_model(app: FastAPI, settings: Settings) -> None:
     slot: ModelSlot = app.state.model
     metrics: Metrics = app.state.metrics
+    on_failure: LoadFailureHandler | None = app.state.on_load_failure
     log.info("loading model %s (%d worker(s), %d thread(s) each)", settings.model, settings.workers,
              settings.threads_per_worker())
     try:
         engine = await asyncio.to_thread(_load, settings)
-    except ServiceError as exc:
-        slot.status, slot.detail = "failed", exc.message
-        log.error("MODEL NOT LOADED, /api/parse answers 503 until it is fixed: %s", exc.message)
+    except Exception as exc:  # ServiceError (missing, corrupt, not ours) or a model that breaks warm-up
+        detail = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+        slot.set_failed(detail)
+        if on_failure is not None:
+            log.error("MODEL NOT LOADED, stopping: %s", detail, exc_info=not isinstance(exc, ServiceError))
+            on_failure(detail)
+        else:
+            log.error("MODEL NOT LOADED, /api/* answers 503 until it is fixed: %s", detail,
+                      exc_info=not isinstance(exc, ServiceError))
         return
-    except Exception as exc:  # a model that breaks warm-up: report it instead of dying
-        slot.status, slot.detail = "failed", f"{type(exc).__name__}: {exc}"
-        log.exception("MODEL NOT LOADED: unexpected error")
-        return
-    slot.engine, slot.status, slot.detail = engine, "ready", None
+    slot.set_ready(engine)
     metrics.model_ready.set(1)
     metrics.model_trained.set(1 if engine.card.trained else 0)
     log.info("model ready in %.2f s: %s, %d classes, trained=%s, licence %s", engine.load_seconds,
@@ -106,13 +114,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait([loader], timeout=settings.shutdown_timeout_s)
         log.info("draining the worker pool")
         await asyncio.to_thread(pool.shutdown)
-        app.state.model.status, app.state.model.detail = "failed", "server shut down"
+        app.state.model.set_failed("server shut down")
         app.state.metrics.model_ready.set(0)
         log.info("worker pool drained")
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The application for ``settings``; nothing is read from the environment here."""
+def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = None) -> FastAPI:
+    """The application for ``settings``; nothing is read from the environment here.
+
+    Args:
+        settings: the configuration.
+        on_load_failure: called with the reason when the model cannot be loaded (``m2fp serve``
+            stops then); without it the app keeps serving with ``/readyz`` 503.
+    """
     app = FastAPIOffline(
         title="m2fp-service",
         version=__version__,
@@ -129,6 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.model = ModelSlot()
     app.state.metrics = Metrics()
+    app.state.on_load_failure = on_load_failure
     register_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

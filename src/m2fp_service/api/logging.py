@@ -122,7 +122,8 @@ class RequestContextMiddleware:
                 break
         rid = accept_request_id(incoming)
         token = request_id_var.set(rid)
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = rid, time.monotonic()
         started = time.perf_counter()
         status = 500
         response_started = False

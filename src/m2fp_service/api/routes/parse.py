@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from m2fp_service.api.deps import ApiKeyDep, EngineDep, MetricsDep, PoolDep, SettingsDep
+from m2fp_service.api.deps import ApiKeyDep, EngineDep, MetricsDep, PoolDep, SettingsDep, request_started
 from m2fp_service.api.outputs import parse_to_json
 from m2fp_service.api.upload import FILE_FIELD, Upload, check_declared_length, read_upload
 from m2fp_service.config import Settings
@@ -98,7 +98,7 @@ async def parse(
         metrics.rejected.labels("overloaded").inc()
         raise
     with slot:  # held from before the upload is read until the job ends: bounded memory
-        started = time.monotonic()
+        started = request_started(request)  # the request's time limit counts from its arrival
         upload = await _read(request, settings)
         params = ParseParams.from_texts(outputs, upload.fields.get("outputs"))
         timings = Timings()
