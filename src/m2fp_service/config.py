@@ -40,9 +40,11 @@ class Settings(BaseSettings):
                             "input resolution, upsampled at the end ('fast')")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
-    api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")
+    api_key: str | None = Field(
+        None,
+        description="If set, every /api/* request needs `Authorization: Bearer <key>` or `X-API-Key: <key>`")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)")
+        default_factory=list, description="Comma-separated origins allowed by CORS (empty: no cross-origin access)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_json: bool = Field(True, description="Structured JSON logs (one object per line)")
 
@@ -51,6 +53,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        if isinstance(value, str):  # M2FP_API_KEY= (empty) means no key, not an empty one
+            return value.strip() or None
         return value
 
     @field_validator("log_level", mode="before")

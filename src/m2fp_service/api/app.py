@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,7 @@ from m2fp_service.api.errors import internal_error_response, register_error_hand
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.routes import health, info, parse
+from m2fp_service.api.security import ApiKeyMiddleware, SecurityHeadersMiddleware, describe_auth
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
@@ -145,12 +147,17 @@ def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = 
     app.state.metrics = Metrics()
     app.state.on_load_failure = on_load_failure
     register_error_handlers(app)
+    # Outermost last: request id and metrics -> security headers -> CORS -> API key -> routes, so
+    # refusals carry the request id, the headers and (for allowed origins) CORS headers.
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
     app.include_router(parse.router)
     app.include_router(info.router)
@@ -163,4 +170,17 @@ def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = 
     async def index() -> FileResponse:
         return FileResponse(f"{webui}/index.html", media_type="text/html")
 
+    _document_auth(app, required=settings.api_key is not None)
     return app
+
+
+def _document_auth(app: FastAPI, required: bool) -> None:
+    """The served schema describes the auth this server enforces (see ``security.describe_auth``)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_auth(build(), required)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, Request
 
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
-from m2fp_service.errors import InferenceTimeout, ModelNotReady, Unauthorized
+from m2fp_service.errors import InferenceTimeout, ModelNotReady
 
 
 @dataclass
@@ -81,26 +79,8 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-_api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="ApiKey",
-    description="Required only when the server sets M2FP_API_KEY",
-)
-
-
-def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """Checks X-API-Key when the server has one configured (constant-time comparison)."""
-    expected = request.app.state.settings.api_key
-    if expected is None:
-        return
-    if key is None:
-        raise Unauthorized("missing header X-API-Key: this server requires an API key")
-    if not hmac.compare_digest(key.encode(), expected.encode()):
-        raise Unauthorized("wrong X-API-Key")
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SlotDep = Annotated[ModelSlot, Depends(get_slot)]
 EngineDep = Annotated[ParsingEngine, Depends(get_engine)]
 PoolDep = Annotated[WorkerPool, Depends(get_pool)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-ApiKeyDep = Annotated[None, Depends(require_api_key)]

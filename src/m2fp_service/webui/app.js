@@ -5,12 +5,27 @@
 const $ = (id) => document.getElementById(id);
 let info = null;
 let chosen = null;
+const KEY_STORE = "m2fp-api-key";  // this tab only (sessionStorage), never a cookie
 
 function text(el, value) { el.textContent = value; return el; }
 
+// The API key, when the server requires one (M2FP_API_KEY), goes in the Authorization header.
+function apiHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function loadInfo() {
+  let res;
   try {
-    const res = await fetch("api/info");
+    res = await fetch("api/info", { headers: apiHeaders() });
+    if (res.status === 401) {
+      $("key-row").classList.remove("hidden");
+      const wrong = $("api-key").value.trim() !== "";
+      text($("model-meta"), wrong ? "API key refused: check it" : "this server requires an API key: enter it");
+      $("api-key").focus();
+      return;
+    }
     info = await res.json();
   } catch (err) {
     text($("model-meta"), "cannot reach the server");
@@ -27,6 +42,7 @@ async function loadInfo() {
   $("banner-notready").classList.toggle("show", notReady);
   if (notReady) text($("banner-notready"), `Model ${info.status}: ${info.detail || ""}`);
   $("key-row").classList.toggle("hidden", !info.api_key_required);
+  sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
   if (info.status === "loading") setTimeout(loadInfo, 1500);
   updateButton();
 }
@@ -72,9 +88,7 @@ async function parse() {
   const outputs = [...document.querySelectorAll("input[name=out]:checked")].map((el) => el.value);
   const form = new FormData();
   form.append("image", chosen);
-  const headers = {};
-  const key = $("api-key").value;
-  if (key) headers["X-API-Key"] = key;
+  const headers = apiHeaders();
   $("go").disabled = true;
   $("status").className = "";
   text($("status"), "parsing…");
@@ -117,4 +131,6 @@ $("drop").addEventListener("drop", (e) => {
   choose(e.dataTransfer.files[0]);
 });
 $("go").addEventListener("click", parse);
+$("api-key").addEventListener("change", loadInfo);
+$("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
 loadInfo();

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from m2fp_service.api.deps import ApiKeyDep, EngineDep, MetricsDep, PoolDep, SettingsDep, request_started
+from m2fp_service.api.deps import EngineDep, MetricsDep, PoolDep, SettingsDep, request_started
 from m2fp_service.api.outputs import parse_to_json
 from m2fp_service.api.upload import FILE_FIELD, Upload, check_declared_length, read_upload
 from m2fp_service.config import Settings
@@ -49,7 +49,6 @@ def _error(description: str) -> dict[str, Any]:
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error("Missing field 'image', malformed multipart body, or an unknown output name"),
-    401: _error("X-API-Key missing or wrong (only when the server sets M2FP_API_KEY)"),
     408: _error("The upload did not arrive within M2FP_UPLOAD_TIMEOUT_S"),
     413: _error("Upload larger than M2FP_MAX_UPLOAD_BYTES, or an image over M2FP_MAX_PIXELS / M2FP_MAX_SIDE"),
     415: _error("Not multipart/form-data, or an image type that is not accepted (GIF, TIFF, HEIC, ...)"),
@@ -83,7 +82,6 @@ OutputsQuery = Annotated[
 async def parse(
     request: Request,
     settings: SettingsDep,
-    _auth: ApiKeyDep,
     engine: EngineDep,
     pool: PoolDep,
     metrics: MetricsDep,
