@@ -13,13 +13,9 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +24,7 @@ import requests
 from PIL import Image
 
 from tests.api.conftest import multipart_head, png_header_only
+from tests.integration.server import Server, assert_non_trivial, parse, serve
 
 pytestmark = pytest.mark.slow
 
@@ -51,87 +48,11 @@ else:
 '''
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    port: int
-    log: Path
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-    def metric(self, name: str) -> float:
-        for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
-
-    def healthy(self) -> bool:
-        return requests.get(f"{self.url}/healthz", timeout=10).status_code == 200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(model: Path, workdir: Path, **settings: object) -> Iterator[Server]:
-    """Starts `m2fp serve` with M2FP_* settings, waits for /readyz, terminates it afterwards."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
-    env.update({f"M2FP_{k.upper()}": str(v) for k, v in settings.items()})
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "m2fp_service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", port, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if requests.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready after 60 s:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(tiny_model_path, tmp_path_factory.mktemp("server"), queue_size=8,
                max_upload_bytes=MAX_UPLOAD) as s:
         yield s
-
-
-def parse(server: Server, data: bytes, outputs: str = "", name: str = "test.jpg") -> requests.Response:
-    return requests.post(f"{server.url}/api/parse", params={"outputs": outputs} if outputs else None,
-                         files={"image": (name, data, "image/jpeg")}, timeout=120)
-
-
-def assert_non_trivial(result: dict) -> None:
-    assert result["code"] == 0, result
-    assert len(result["data"]["classes"]) >= 3, "several classes must be present"
-    if "people" in result["data"]:
-        assert len(result["data"]["people"]) >= 2, "people must be found"
 
 
 def test_seed_client_literally(server: Server, photo_jpeg: bytes, tmp_path: Path,
