@@ -40,6 +40,9 @@ class Settings(BaseSettings):
                             "input resolution, upsampled at the end ('fast')")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
+    max_connections: int = Field(
+        200, ge=1, le=100_000,
+        description="Open connections (idle keep-alive ones included) `m2fp serve` accepts at once; 503 beyond")
     api_key: str | None = Field(
         None,
         description="If set, every /api/* request needs `Authorization: Bearer <key>` or `X-API-Key: <key>`")

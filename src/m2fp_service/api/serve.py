@@ -39,7 +39,7 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        server_header=False, lifespan="on",
+        server_header=False, lifespan="on", limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)
     log.info("m2fp-service on http://%s:%d (WebUI /, API docs /docs); model %s", settings.host, settings.port,
