@@ -110,6 +110,9 @@ class ParsingEngine:
         """
         options = ort.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # A failing or terminated run would print ONNX Runtime's own line on stderr (breaking the
+        # JSON logs); its error reaches our log, with the request id, through the exception.
+        options.log_severity_level = 4
         token = cancel.current()
         if token is None:
             return self._run(tensor, options)

@@ -122,6 +122,15 @@ class WorkerPool:
         context.run(current_token.set, token)  # the engine finds the token of its job here
         waited: list[float] = []
 
+        def guarded() -> T:  # runs in the request's context: its log lines carry the request id
+            try:
+                return fn()
+            except InferenceTimeout as exc:
+                if token.cancelled:  # nobody awaits this outcome any more: say what happened
+                    log.info("stopped a job after %.2f s: %s", time.perf_counter() - submitted, exc.message,
+                             extra={"detail": exc.detail})
+                raise
+
         def job() -> T:
             started = time.perf_counter()
             waited.append(started - submitted)
@@ -130,12 +139,7 @@ class WorkerPool:
             with self._lock:
                 self._running += 1
             try:
-                return context.run(fn)
-            except InferenceTimeout as exc:
-                if token.cancelled:  # nobody awaits this outcome any more: say what happened
-                    log.info("stopped a job after %.2f s: %s", time.perf_counter() - started, exc.message,
-                             extra={"detail": exc.detail})
-                raise
+                return context.run(guarded)
             finally:
                 took = time.perf_counter() - started
                 with self._lock:
