@@ -26,6 +26,7 @@ from fastapi_offline import FastAPIOffline
 
 from m2fp_service import __version__
 from m2fp_service.api.deps import ModelSlot
+from m2fp_service.api.disconnect import CancelOnDisconnectMiddleware
 from m2fp_service.api.errors import internal_error_response, register_error_handlers
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
@@ -147,8 +148,8 @@ def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = 
     app.state.metrics = Metrics()
     app.state.on_load_failure = on_load_failure
     register_error_handlers(app)
-    # Outermost last: request id and metrics -> security headers -> CORS -> API key -> routes, so
-    # refusals carry the request id, the headers and (for allowed origins) CORS headers.
+    # Outermost last: request id and metrics -> security headers -> disconnect watch -> CORS -> API
+    # key -> routes, so refusals carry the request id, the headers and (for allowed origins) CORS headers.
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
@@ -157,6 +158,7 @@ def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = 
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
+    app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
     app.include_router(parse.router)

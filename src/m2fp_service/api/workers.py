@@ -193,7 +193,7 @@ class Slot:
         if self.handed_over:
             raise RuntimeError("a slot runs one job")
         pool = self.pool
-        token = CancelToken()
+        token = current_token.get() or CancelToken()  # the request's own (see api/disconnect.py) if any
         job, waited = pool._job(fn, time.perf_counter() + timeout_s, token)
         try:
             cfut: Future[T] = pool._executor.submit(job)
