@@ -39,9 +39,9 @@ class Server:
     def open_fds(self) -> int:
         return psutil.Process(self.proc.pid).num_fds()
 
-    def leftover_files(self) -> list[Path]:
-        """Files the server left in its TMPDIR (it should never write any)."""
-        return sorted(p for p in self.tmpdir.rglob("*") if p.is_file())
+    def tmp_files(self) -> set[Path]:
+        """Files in the server's TMPDIR (ONNX Runtime writes a 51-byte ``.ses`` there at start)."""
+        return {p for p in self.tmpdir.rglob("*") if p.is_file()}
 
     def metrics(self) -> dict[str, float]:
         """The unlabelled samples of /metrics, by name (plus labelled ones as ``name{labels}``)."""
