@@ -23,6 +23,10 @@ OUTPUT_DOCS: dict[str, str] = {
     "cutout": "data.cutout: base64 PNG RGBA, the photo with alpha 255 on people and 0 elsewhere "
               "(virtual backgrounds)",
 }
+# What ``ParseParams.from_texts`` accepts, as a JSON-Schema (ECMA-262) pattern for the published
+# contract: names in any case, spaces/tabs around them, empty items.
+_NAME = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in (*OUTPUT_NAMES, "all"))
+OUTPUTS_PATTERN = rf"^[ \t]*({_NAME})?[ \t]*(,[ \t]*({_NAME})?[ \t]*)*$"
 OUTPUTS_DESCRIPTION = (
     "Comma-separated extra outputs, as a query parameter or a multipart form field (both are merged). "
     "`all` selects every one. Valid names: "
@@ -43,7 +47,7 @@ class ParseParams(BaseModel):
         """Parses comma-separated output lists (query and form); raises ``InvalidParameter``."""
         names: set[str] = set()
         for text in texts:
-            names.update(part.strip().lower() for part in (text or "").split(",") if part.strip())
+            names.update(part.strip(" \t").lower() for part in (text or "").split(",") if part.strip(" \t"))
         if "all" in names:
             names = set(OUTPUT_NAMES)
         unknown = sorted(names - set(OUTPUT_NAMES))

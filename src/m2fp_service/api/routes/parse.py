@@ -16,7 +16,14 @@ from m2fp_service.api.upload import FILE_FIELD, Upload, check_declared_length, r
 from m2fp_service.config import Settings
 from m2fp_service.errors import InferenceTimeout, Overloaded, UploadTimeout
 from m2fp_service.pipeline import Timings
-from m2fp_service.schemas import OUTPUT_NAMES, OUTPUTS_DESCRIPTION, ErrorResponse, ParseParams, ParseResponse
+from m2fp_service.schemas import (
+    OUTPUT_NAMES,
+    OUTPUTS_DESCRIPTION,
+    OUTPUTS_PATTERN,
+    ErrorResponse,
+    ParseParams,
+    ParseResponse,
+)
 
 router = APIRouter(tags=["parse"])
 
@@ -35,6 +42,7 @@ _REQUEST_BODY: dict[str, Any] = {
                     },
                     "outputs": {
                         "type": "string", "description": OUTPUTS_DESCRIPTION, "examples": ["label,overlay,people"],
+                        "pattern": OUTPUTS_PATTERN,
                     },
                 },
             },
@@ -61,6 +69,7 @@ OutputsQuery = Annotated[
     str | None,
     Query(
         description=OUTPUTS_DESCRIPTION,
+        json_schema_extra={"pattern": OUTPUTS_PATTERN},  # documented; checked by ParseParams with a clear message
         openapi_examples={
             "seed": {"summary": "Seed fields only (default)", "value": ""},
             "overlay": {"summary": "Label map and overlay", "value": "label,overlay"},
