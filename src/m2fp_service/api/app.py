@@ -36,6 +36,7 @@ from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
+from m2fp_service.imaging.decode import ACCEPTED_FORMATS
 from m2fp_service.modelcard import UNTRAINED_WARNING
 
 log = logging.getLogger("m2fp.api")
@@ -172,17 +173,36 @@ def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = 
     async def index() -> FileResponse:
         return FileResponse(f"{webui}/index.html", media_type="text/html")
 
-    _document_auth(app, required=settings.api_key is not None)
+    _complete_openapi(app, auth_required=settings.api_key is not None)
     return app
 
 
-def _document_auth(app: FastAPI, required: bool) -> None:
-    """The served schema describes the auth this server enforces (see ``security.describe_auth``)."""
+UPLOAD_MEDIA_TYPES = ", ".join(f"image/{fmt.lower()}" for fmt in sorted(ACCEPTED_FORMATS))
+
+
+def describe_uploads(doc: dict[str, Any]) -> dict[str, Any]:
+    """States the accepted picture types (multipart ``encoding.contentType``) for every binary field
+    of every multipart body, so clients and schema-driven tools send pictures we accept."""
+    for item in doc.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if not form:
+                continue
+            for name, prop in form.get("schema", {}).get("properties", {}).items():
+                if prop.get("format") == "binary":
+                    form.setdefault("encoding", {}).setdefault(name, {"contentType": UPLOAD_MEDIA_TYPES})
+    return doc
+
+
+def _complete_openapi(app: FastAPI, auth_required: bool) -> None:
+    """The served schema states the accepted upload types and the auth this server enforces."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = describe_auth(build(), required)
+            app.openapi_schema = describe_auth(describe_uploads(build()), auth_required)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
