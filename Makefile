@@ -7,8 +7,9 @@ MODEL  ?= models/m2fp.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+SOAK_SECONDS ?= 1800
 
-.PHONY: help install install-dev run serve model export-random test test-fast lint openapi bench clean
+.PHONY: help install install-dev run serve model export-random test test-fast lint openapi bench soak clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
@@ -17,6 +18,7 @@ help:
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
 	@echo "make openapi    regenerate openapi/openapi.json"
 	@echo "make bench      reference vs ours on a 720p photo (see bench/README.md)"
+	@echo "make soak       $(SOAK_SECONDS) s of mixed valid/invalid load on a real server; RSS and fds in bench/results/soak.json"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +76,11 @@ openapi: install
 
 bench: install-dev
 	$(PY) bench/reference_vs_ours.py
+
+# The CI runs the same test for 60 s; this is the long one.
+soak: install-dev
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.json \
+	  $(PY) -m pytest tests/integration/test_load.py -k soak -s -p no:cacheprovider --timeout=$$(( $(SOAK_SECONDS) + 900 ))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
