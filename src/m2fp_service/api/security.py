@@ -114,16 +114,19 @@ _BASE_CSP = {
 # Swagger UI and ReDoc pages (made by FastAPI, served from the package): their few inline
 # <script>/<style> blocks are allowed by hash, computed from the page as served (it holds no
 # request input: only the app's title and URLs). ReDoc injects its generated styles at run time
-# and builds its search worker from a blob:, which no hash can cover.
+# and builds its search worker from a blob:, which no hash can cover; its style-src is
+# 'unsafe-inline' alone (browsers ignore 'unsafe-inline' next to a hash).
 DOCS_PATHS = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
-_DOCS_EXTRA = {"/redoc": {"style-src": "'unsafe-inline'", "worker-src": "blob:"}}
+_DOCS_OVERRIDES = {"/redoc": {"style-src": "'self' 'unsafe-inline'", "worker-src": "blob:"}}
 _INLINE = re.compile(rb"<(script|style)(\s[^>]*)?>(.*?)</\1\s*>", re.DOTALL | re.IGNORECASE)
 
 
-def content_security_policy(extra: dict[str, str] | None = None) -> str:
+def content_security_policy(extra: dict[str, str] | None = None, override: dict[str, str] | None = None) -> str:
+    """Our policy, with ``extra`` sources added to their directives and ``override`` replacing them."""
     policy = dict(_BASE_CSP)
     for directive, sources in (extra or {}).items():
         policy[directive] = f"{policy.get(directive, '')} {sources}".strip()
+    policy.update(override or {})
     return "; ".join(f"{k} {v}" for k, v in policy.items())
 
 
@@ -185,10 +188,7 @@ class SecurityHeadersMiddleware:
             body.extend(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            extra = inline_hashes(bytes(body))
-            for directive, sources in _DOCS_EXTRA.get(scope["path"], {}).items():
-                extra[directive] = f"{extra.get(directive, '')} {sources}".strip()
-            csp = content_security_policy(extra).encode()
+            csp = content_security_policy(inline_hashes(bytes(body)), _DOCS_OVERRIDES.get(scope["path"])).encode()
             await send({**start, "headers": _with_headers(start.get("headers", []), csp)})
             await send({"type": "http.response.body", "body": bytes(body)})
 
