@@ -198,7 +198,8 @@ def test_overload_gives_503_with_retry_after(tiny_model_path: Path, tmp_path: Pa
 def test_sigterm_drains_in_flight_requests(tiny_model_path: Path, tmp_path: Path, photo_jpeg: bytes) -> None:
     big = io.BytesIO()
     Image.open(io.BytesIO(photo_jpeg)).resize((2048, 1024)).save(big, format="JPEG", quality=90)
-    with serve(tiny_model_path, tmp_path, workers=1, queue_size=4) as s:
+    # Draining, not speed, is tested: a generous grace period keeps a loaded machine from cutting it short.
+    with serve(tiny_model_path, tmp_path, workers=1, queue_size=4, shutdown_timeout_s=120) as s:
         responses: list[requests.Response] = []
         threads = [threading.Thread(target=lambda: responses.append(parse(s, big.getvalue(), "all")))
                    for _ in range(2)]
