@@ -3,7 +3,7 @@
 Every operation of the document is exercised, so new endpoints join as they land. Without a key the
 committed ``openapi/openapi.json`` is the contract; with ``M2FP_API_KEY`` set, the document the server
 serves (which then declares the auth) is, and schemathesis also checks that bad or missing keys are
-refused. The example count per operation is bounded for CI (``SCHEMATHESIS_MAX_EXAMPLES``, default 40).
+refused. The example count per operation is bounded for CI (``SCHEMATHESIS_MAX_EXAMPLES``, default 20).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "openapi" / "openapi.json"
-MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "40"))
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "20"))
 KEY = "fuzz-key-0123456789"
 
 
