@@ -12,8 +12,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 QUICK  ?=
+SOAK_SECONDS ?= 1800
 
-.PHONY: help install install-dev kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench docker clean
+.PHONY: help install install-dev kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench soak docker clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
@@ -24,6 +25,7 @@ help:
 	@echo "make openapi    regenerate openapi/openapi.json"
 	@echo "make bench      every benchmark in one run, then BENCHMARKS.md (~30 min; QUICK=1: ~5 min, tiny model)"
 	@echo "make bench-light the light segmenter vs MediaPipe's runtime, ms per frame"
+	@echo "make soak       $(SOAK_SECONDS) s of mixed valid/invalid load on a real server; RSS and fds in bench/results/soak.json"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +115,11 @@ VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/m2fp_service
 docker:
 	docker build --build-arg MODEL_SOURCE=$(MODEL_SOURCE) --build-arg VERSION=$(VERSION) \
 	  --build-arg SOURCE_URL="$$(git remote get-url origin 2>/dev/null)" -t $(IMAGE):$(VERSION) .
+
+# The CI runs the same test for 60 s; this is the long one.
+soak: install-dev
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.json \
+	  $(PY) -m pytest tests/integration/test_load.py -k soak -s -p no:cacheprovider --timeout=$$(( $(SOAK_SECONDS) + 900 ))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

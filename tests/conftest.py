@@ -130,3 +130,13 @@ def people_photos() -> dict[str, np.ndarray]:
     return {"astronaut": np.ascontiguousarray(data.astronaut()),
             "cameraman": np.ascontiguousarray(np.repeat(data.camera()[..., None], 3, axis=2)),
             "grace_hopper": hopper}
+
+
+@pytest.fixture(scope="session")
+def person_cutout() -> np.ndarray:
+    """The astronaut's head and shoulders, 300 px tall."""
+    import cv2
+    from skimage import data
+
+    astronaut = data.astronaut()[:, 60:420]  # 512 x 360: head, shoulders, the flag behind her
+    return cv2.resize(astronaut, (210, 300), interpolation=cv2.INTER_AREA)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from m2fp_service.engine import EngineOptions, ParsingEngine, cache_path_for, read_card
-from m2fp_service.errors import ModelLoadError
+from m2fp_service.cancel import CancelToken, current_token
+from m2fp_service.engine import EngineOptions, ParsingEngine, RawOutputs, cache_path_for, read_card
+from m2fp_service.errors import InferenceTimeout, ModelLoadError
 from m2fp_service.imaging.preprocess import prepare
 from m2fp_service.modelcard import CARD_KEY
 from m2fp_service.pipeline import Timings, parse_array, parse_image
@@ -73,8 +77,6 @@ def test_model_without_card_is_refused(tiny_model_path: Path, tmp_path: Path) ->
 
 
 def test_engine_is_thread_safe(engine: ParsingEngine, photo: np.ndarray) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     expected = parse_array(engine, photo).label_map
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: parse_array(engine, photo).label_map, range(3)))
@@ -181,3 +183,38 @@ def test_engine_options_from_settings(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("M2FP_INPUT_PROFILE", "huge")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def _run_in_job(engine: ParsingEngine, tensor: np.ndarray, token: CancelToken) -> BaseException | RawOutputs:
+    """``engine.run`` as a pool job runs it: in a context carrying the job's cancel token."""
+    context = contextvars.copy_context()
+    context.run(current_token.set, token)
+    try:
+        return context.run(engine.run, tensor)
+    except BaseException as exc:  # returned for the test to inspect
+        return exc
+
+
+def test_cancelling_the_token_terminates_a_running_inference(engine: ParsingEngine) -> None:
+    """A timed-out request's ONNX Runtime run is stopped (RunOptions.terminate), not left running."""
+    big = np.full((1, 3, 1344, 1344), 120, np.float32)  # several seconds on the tiny model here
+    token = CancelToken()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(_run_in_job, engine, big, token)
+        time.sleep(0.3)
+        assert not job.done(), "the run finished before it could be cancelled: make the input bigger"
+        token.cancel("the request timed out after 0.3 s")
+        outcome = job.result(timeout=60)
+    assert isinstance(outcome, InferenceTimeout), outcome
+    assert outcome.message == "inference stopped: the request timed out after 0.3 s"
+    assert outcome.detail is not None and "terminate flag" in outcome.detail  # ONNX Runtime's own words
+
+
+def test_a_cancelled_job_does_not_start_inference_and_other_runs_are_untouched(engine: ParsingEngine) -> None:
+    small = np.full((1, 3, 128, 128), 120, np.float32)
+    cancelled = CancelToken()
+    cancelled.cancel("gone")
+    outcome = _run_in_job(engine, small, cancelled)
+    assert isinstance(outcome, InferenceTimeout) and outcome.detail is None
+    live = _run_in_job(engine, small, CancelToken())  # its own RunOptions: not terminated by the other
+    assert isinstance(live, RawOutputs) and live.class_logits.shape == (100, 22)

@@ -67,9 +67,14 @@ class Settings(BaseSettings):
                            "machine, wasted CPU on a shared one)")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
-    api_key: str | None = Field(None, description="If set, POST /api/parse requires header X-API-Key with this value")
+    max_connections: int = Field(
+        200, ge=1, le=100_000,
+        description="Open connections (idle keep-alive ones included) `m2fp serve` accepts at once; 503 beyond")
+    api_key: str | None = Field(
+        None,
+        description="If set, every /api/* request needs `Authorization: Bearer <key>` or `X-API-Key: <key>`")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)")
+        default_factory=list, description="Comma-separated origins allowed by CORS (empty: no cross-origin access)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_json: bool = Field(True, description="Structured JSON logs (one object per line)")
 
@@ -84,6 +89,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        if isinstance(value, str):  # M2FP_API_KEY= (empty) means no key, not an empty one
+            return value.strip() or None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from m2fp_service import cancel
 from m2fp_service.config import Settings
-from m2fp_service.errors import InferenceFailed, ModelLoadError
+from m2fp_service.errors import InferenceFailed, InferenceTimeout, ModelLoadError
 from m2fp_service.labelsets import check_model_classes
 from m2fp_service.modelcard import CARD_KEY, ModelCard, ModelCardError, policy_for_profile
 
@@ -203,8 +204,6 @@ class ParsingEngine:
             i.name for i in self.session.get_inputs()
         }:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
-        self._run_options = ort.RunOptions()
-        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.load_seconds = time.perf_counter() - t0
         log.info("session ready in %.2f s (optimised graph: %s)", self.load_seconds, self.cache_status)
         self.warm = False
@@ -224,11 +223,46 @@ class ParsingEngine:
         self.warm = True
 
     def run(self, tensor: np.ndarray) -> RawOutputs:
-        """Runs the model on a (1, 3, Hp, Wp) float32 tensor from ``preprocess.prepare``."""
+        """Runs the model on a (1, 3, Hp, Wp) float32 tensor from ``preprocess.prepare``.
+
+        Each run has its own ``RunOptions``, so cancelling the calling job's ``CancelToken``
+        (a timed-out request) terminates this run at its next node and frees the thread.
+
+        Raises:
+            InferenceTimeout: the job was cancelled before or during the run.
+            InferenceFailed: ONNX Runtime rejected the input or failed.
+        """
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # A failing or terminated run would print ONNX Runtime's own line on stderr (breaking the
+        # JSON logs); its error reaches our log, with the request id, through the exception.
+        options.log_severity_level = 4
+        token = cancel.current()
+        if token is None:
+            return self._run(tensor, options)
+
+        def terminate() -> None:
+            options.terminate = True
+
+        failure: InferenceFailed | None = None
+        with token.on_cancel(terminate):
+            if not token.cancelled:
+                try:
+                    return self._run(tensor, options)
+                except InferenceFailed as exc:
+                    if not token.cancelled:
+                        raise
+                    failure = exc
+        raise InferenceTimeout(f"inference stopped: {token.reason}", detail=failure.detail if failure else None)
+
+    def _run(self, tensor: np.ndarray, options: ort.RunOptions) -> RawOutputs:
         try:
             class_logits, mask_logits = self.session.run(
-                ["class_logits", "mask_logits"], {self._input: tensor}, self._run_options
+                ["class_logits", "mask_logits"], {self._input: tensor}, options
             )
         except Exception as exc:
-            raise InferenceFailed(f"ONNX Runtime failed on a {tensor.shape} input: {exc}") from exc
+            raise InferenceFailed(
+                f"the model failed on this image (ONNX Runtime error, {tensor.shape[2]}x{tensor.shape[3]} input)",
+                detail=f"{type(exc).__name__}: {exc}",
+            ) from exc
         return RawOutputs(class_logits=class_logits[0], mask_logits=mask_logits[0])

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base class: ``message`` is meant for the person who made the request."""
+    """Base class: ``message`` is meant for the person who made the request; ``detail`` (optional)
+    only for the server's log (library internals the client has no use for).
+    """
 
     code: int = 1000
     status: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
 
 
 class MissingField(ServiceError):

@@ -206,7 +206,7 @@ def parse_output_names(texts: Iterable[str | None], allowed: Iterable[str], fiel
     allowed = tuple(allowed)
     names: set[str] = set()
     for text in texts:
-        names.update(part.strip().lower() for part in (text or "").split(",") if part.strip())
+        names.update(part.strip(" \t").lower() for part in (text or "").split(",") if part.strip(" \t"))
     if "all" in names:
         names = set(allowed)
     unknown = sorted(names - set(allowed))

@@ -32,6 +32,10 @@ OUTPUT_DOCS: dict[str, str] = {
     "cutout": "data.cutout: base64 PNG RGBA, the photo with alpha 255 on people and 0 elsewhere (binary; "
               "POST /api/background gives refined edges and backdrops)",
 }
+# What ``ParseParams.from_texts`` accepts, as a JSON-Schema (ECMA-262) pattern for the published
+# contract: names in any case, spaces/tabs around them, empty items.
+_NAME = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in (*OUTPUT_NAMES, "all"))
+OUTPUTS_PATTERN = rf"^[ \t]*({_NAME})?[ \t]*(,[ \t]*({_NAME})?[ \t]*)*$"
 OUTPUTS_DESCRIPTION = (
     "Comma-separated extra outputs, as a query parameter or a multipart form field (both are merged). "
     "`all` selects every one. Valid names: "

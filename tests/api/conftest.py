@@ -83,9 +83,10 @@ def image_file(data: bytes, name: str = "test.jpg", mime: str = "image/jpeg") ->
 
 @asynccontextmanager
 async def started_app(
-    settings: Settings, app: FastAPI | None = None
+    settings: Settings, app: FastAPI | None = None, wait_loaded: bool = True
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app with its lifespan running and an httpx client that streams request bodies to it.
+    """The app with its lifespan running and an httpx client that streams request bodies to it
+    (once the model has loaded or failed, unless ``wait_loaded`` is False).
 
     (TestClient reads a request body whole before the app sees it; ``httpx.ASGITransport`` hands
     it over chunk by chunk, as a real server does.)
@@ -94,7 +95,7 @@ async def started_app(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            for _ in range(1500):
+            for _ in range(1500 if wait_loaded else 0):
                 if (await client.get("/readyz")).json()["status"] != "loading":
                     break
                 await asyncio.sleep(0.02)

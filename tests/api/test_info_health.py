@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from m2fp_service.api import app as app_module
+from m2fp_service.errors import ModelLoadError
 from m2fp_service.schemas import OUTPUT_NAMES
-from tests.api.conftest import make_settings, running_client, wait_ready
+from tests.api.conftest import image_file, make_settings, started_app
 
 
 def test_info_is_the_model_card(client: TestClient) -> None:
@@ -42,26 +45,90 @@ def test_health_and_ready(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ready"
 
 
-def test_not_ready_while_loading(tiny_model_path: Path, photo_jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
-    real_load = app_module._load
+class _SlowLoad:
+    """Holds the model load until released (the real load then runs)."""
 
-    def slow_load(settings):  # type: ignore[no-untyped-def]
-        gate.wait(10)
-        return real_load(settings)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        self.release = threading.Event()
+        real_load = app_module._load
 
-    monkeypatch.setattr(app_module, "_load", slow_load)
-    with running_client(make_settings(tiny_model_path), ready=False) as c:
-        assert c.get("/healthz").status_code == 200
-        r = c.get("/readyz")
-        assert r.status_code == 503 and r.json()["status"] == "loading"
-        parse = c.post("/api/parse", files={"image": ("a.jpg", photo_jpeg, "image/jpeg")})
-        assert parse.status_code == 503 and parse.json()["code"] == 1009 and "loading" in parse.json()["message"]
-        assert c.get("/api/info").json()["status"] == "loading"
-        gate.set()
-        wait_ready(c)
-        assert c.get("/readyz").status_code == 200
-        assert c.post("/api/parse", files={"image": ("a.jpg", photo_jpeg, "image/jpeg")}).status_code == 200
+        def load(settings):  # type: ignore[no-untyped-def]
+            self.release.wait(10)
+            if fail:
+                raise ModelLoadError("the model file is corrupt (test)")
+            return real_load(settings)
+
+        monkeypatch.setattr(app_module, "_load", load)
+
+
+def test_requests_wait_for_the_model_while_it_loads(
+    tiny_model_path: Path, photo_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = _SlowLoad(monkeypatch)
+
+    async def scenario() -> tuple[list[httpx.Response], dict[str, object]]:
+        async with started_app(make_settings(tiny_model_path), wait_loaded=False) as (_, client):
+            assert (await client.get("/healthz")).status_code == 200
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            posts = [asyncio.ensure_future(client.post("/api/parse", files=image_file(photo_jpeg))) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert not any(p.done() for p in posts), "a request did not wait for the model"
+            info = (await client.get("/api/info")).json()
+            metrics = (await client.get("/metrics")).text
+            slow.release.set()
+            return list(await asyncio.gather(*posts)), {"info": info, "metrics": metrics}
+
+    responses, seen = asyncio.run(scenario())
+    assert seen["info"]["status"] == "loading"  # type: ignore[index]
+    assert "m2fp_queue_depth 2.0" in str(seen["metrics"]), "waiting requests hold their places in the queue"
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]["classes"]) >= 3
+
+
+def test_waiting_for_the_model_is_bounded_by_the_queue_and_the_timeout(
+    tiny_model_path: Path, photo_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = _SlowLoad(monkeypatch)
+
+    async def scenario() -> list[httpx.Response]:
+        settings = make_settings(tiny_model_path, workers=1, queue_size=0, request_timeout_s=0.5)
+        async with started_app(settings, wait_loaded=False) as (_, client):
+            waiting = asyncio.ensure_future(client.post("/api/parse", files=image_file(photo_jpeg)))
+            await asyncio.sleep(0.1)
+            full = await client.post("/api/parse", files=image_file(photo_jpeg))
+            timed_out = await waiting
+            slow.release.set()
+            for _ in range(500):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            return [full, timed_out, await client.get("/readyz")]
+
+    full, timed_out, ready = asyncio.run(scenario())
+    assert full.status_code == 503 and full.json()["code"] == 1008 and "retry-after" in full.headers
+    assert timed_out.status_code == 504 and timed_out.json()["code"] == 1010
+    assert "still loading" in timed_out.json()["message"]
+    assert ready.status_code == 200
+
+
+def test_requests_waiting_for_a_model_that_fails_get_the_reason(
+    tiny_model_path: Path, photo_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = _SlowLoad(monkeypatch, fail=True)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with started_app(make_settings(tiny_model_path), wait_loaded=False) as (_, client):
+            waiting = asyncio.ensure_future(client.post("/api/parse", files=image_file(photo_jpeg)))
+            await asyncio.sleep(0.1)
+            slow.release.set()
+            return await waiting, await client.get("/readyz")
+
+    waiting, ready = asyncio.run(scenario())
+    assert waiting.status_code == 503 and waiting.json()["code"] == 1009
+    assert "corrupt (test)" in waiting.json()["message"]
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])

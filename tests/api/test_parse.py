@@ -151,13 +151,13 @@ def test_insane_request_id_is_replaced(client: TestClient, incoming: str) -> Non
 
 def test_api_key(make_client, photo_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]
     c = make_client(api_key="s3cret")
-    assert c.get("/api/info").json()["api_key_required"] is True
+    assert c.get("/api/info", headers={"X-API-Key": "s3cret"}).json()["api_key_required"] is True
     for headers in ({}, {"X-API-Key": "wrong"}):
         r = c.post("/api/parse", files=image_file(photo_jpeg), headers=headers)
         assert r.status_code == 401 and r.json()["code"] == 1003
     r = c.post("/api/parse", files=image_file(photo_jpeg), headers={"X-API-Key": "s3cret"})
     assert r.status_code == 200 and r.json()["code"] == 0
-    assert c.get("/healthz").status_code == 200  # only /api/parse is protected
+    assert c.get("/healthz").status_code == 200  # only /api/* is protected (tests/api/test_security.py)
 
 
 def test_cors(make_client) -> None:  # type: ignore[no-untyped-def]

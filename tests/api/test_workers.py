@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from m2fp_service import cancel
 from m2fp_service.api.logging import request_id_var
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.errors import InferenceTimeout, ModelNotReady, Overloaded
@@ -105,3 +106,34 @@ def test_shutdown_waits_for_running_jobs() -> None:
         await job
 
     asyncio.run(main())
+
+
+def test_timeout_cancels_the_running_job_and_its_slot_comes_back() -> None:
+    """The job sees its token cancelled when its request times out (the engine then terminates its
+    ONNX Runtime run); the slot is free as soon as the job gives up, without anything else."""
+    seen: list[str | None] = []
+
+    def cooperative_job() -> str:
+        token = cancel.current()
+        assert token is not None, "jobs run with a cancel token"
+        stopped = threading.Event()
+        with token.on_cancel(stopped.set):
+            if not stopped.wait(30):
+                return "never cancelled"
+        seen.append(token.reason)
+        raise InferenceTimeout(f"inference stopped: {token.reason}")
+
+    async def main() -> None:
+        pool = WorkerPool(workers=1, queue_size=0)
+        with pytest.raises(InferenceTimeout):
+            await pool.run(cooperative_job, 0.2)
+        for _ in range(500):
+            if pool.running == 0 and pool.waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (pool.running, pool.waiting) == (0, 0)
+        assert (await pool.run(lambda: "admitted again", 1))[0] == "admitted again"
+        pool.shutdown()
+
+    asyncio.run(main())
+    assert seen == ["the request timed out after 0.2 s"]

@@ -339,6 +339,36 @@ def test_bomb_rejected_quickly_without_allocating(png_bomb: bytes) -> None:
     assert peak < 5_000_000 < 20000 * 20000 * 3
 
 
+def webp_declaring(kind: str, width: int, height: int) -> bytes:
+    """A small real WebP whose first chunk is patched (or, for VP8X, prefixed) to declare width x height."""
+    lossless = kind == "VP8L"
+    data = bytearray(_save(Image.fromarray(_blocks(PATTERN, 8)), "WEBP", lossless=lossless))
+    if kind == "VP8 ":
+        start = data.index(b"\x9d\x01\x2a")
+        struct.pack_into("<HH", data, start + 3, width, height)
+    elif kind == "VP8L":
+        struct.pack_into("<I", data, 21, (width - 1) | (height - 1) << 14)
+    else:  # VP8X canvas in front of the frame
+        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (width - 1).to_bytes(3, "little") + (
+            height - 1).to_bytes(3, "little")
+        body = b"WEBP" + vp8x + bytes(data[12:])
+        data = bytearray(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["VP8 ", "VP8L", "VP8X"])
+def test_webp_bombs_get_our_limit_not_pillows(kind: str) -> None:
+    """Pillow's WebP plugin runs its own bomb check while opening (an error past ~179 MP): our
+    limit is checked from the header first, with our message and status."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLarge) as info:
+            decode_image(webp_declaring(kind, 16383, 16383), max_pixels=40_000_000)
+    assert info.value.message.startswith("image is 16383x16383 = 268.4 MP; the limit is 40.0 MP")
+    with pytest.raises(ImageTooLarge, match="image is 9000x8000 = 72.0 MP"):
+        decode_image(webp_declaring(kind, 9000, 8000), max_pixels=40_000_000)
+
+
 def test_pillow_bomb_limit_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     # Our max_pixels, not Pillow's global MAX_IMAGE_PIXELS, decides: no DecompressionBomb error or warning.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)

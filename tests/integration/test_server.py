@@ -24,7 +24,7 @@ import requests
 from PIL import Image
 
 from tests.api.conftest import multipart_head, png_header_only
-from tests.serving import Server, serve
+from tests.integration.server import Server, assert_non_trivial, parse, serve
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +53,6 @@ def server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     with serve(tiny_model_path, tmp_path_factory.mktemp("server"), queue_size=8,
                max_upload_bytes=MAX_UPLOAD) as s:
         yield s
-
-
-def parse(server: Server, data: bytes, outputs: str = "", name: str = "test.jpg") -> requests.Response:
-    return requests.post(f"{server.url}/api/parse", params={"outputs": outputs} if outputs else None,
-                         files={"image": (name, data, "image/jpeg")}, timeout=120)
-
-
-def assert_non_trivial(result: dict) -> None:
-    assert result["code"] == 0, result
-    assert len(result["data"]["classes"]) >= 3, "several classes must be present"
-    if "people" in result["data"]:
-        assert len(result["data"]["people"]) >= 2, "people must be found"
 
 
 def test_seed_client_literally(server: Server, photo_jpeg: bytes, tmp_path: Path,
@@ -210,8 +198,7 @@ def test_overload_gives_503_with_retry_after(tiny_model_path: Path, tmp_path: Pa
 def test_sigterm_drains_in_flight_requests(tiny_model_path: Path, tmp_path: Path, photo_jpeg: bytes) -> None:
     big = io.BytesIO()
     Image.open(io.BytesIO(photo_jpeg)).resize((2048, 1024)).save(big, format="JPEG", quality=90)
-    # A drain limit well above the work in flight: on a loaded 2-core machine the two requests took
-    # > 30 s (the default), and uvicorn then cancels them (500): that is the limit working, not a drain bug.
+    # Draining, not speed, is tested: a generous grace period keeps a loaded machine from cutting it short.
     with serve(tiny_model_path, tmp_path, workers=1, queue_size=4, shutdown_timeout_s=120) as s:
         responses: list[requests.Response] = []
         threads = [threading.Thread(target=lambda: responses.append(parse(s, big.getvalue(), "all")))

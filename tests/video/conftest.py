@@ -32,16 +32,6 @@ def scene(index: int, person: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def person_cutout() -> np.ndarray:
-    """The astronaut's head and shoulders, 300 px tall."""
-    import cv2
-    from skimage import data
-
-    astronaut = data.astronaut()[:, 60:420]  # 512 x 360: head, shoulders, the flag behind her
-    return cv2.resize(astronaut, (210, 300), interpolation=cv2.INTER_AREA)
-
-
-@pytest.fixture(scope="session")
 def clip_path(tmp_path_factory: pytest.TempPathFactory, person_cutout: np.ndarray) -> Path:
     """An H.264 + AAC .mp4 of CLIP_FRAMES frames at CLIP_FPS, 640 x 360, with a 440 Hz tone."""
     import av

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.serving import Server, serve
+from tests.integration.server import Server, serve
 
 CSP = "default-src 'self'; img-src 'self' data: blob:"
 CHROMIUM_ARGS = [

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from tests.serving import Server, serve
+from tests.integration.server import Server, serve
 from tests.webui.conftest import MAX_UPLOAD, Watch, open_page, screenshot
 
 pytestmark = pytest.mark.slow

@@ -1,18 +1,21 @@
 """``create_app(settings)``: the FastAPI application.
 
 The lifespan starts loading the model on a background thread and returns at once, so the
-server answers ``/healthz`` (and ``/readyz`` 503) while a big model loads and warms up. If
-loading fails the app keeps running: ``/readyz`` stays 503 and ``/api/parse`` answers
-``ModelNotReady`` with the reason and how to get a model. On shutdown the worker pool drains.
+server answers ``/healthz`` (and ``/readyz`` 503) while a big model loads and warms up; API
+requests arriving meanwhile wait for it in the pool's queue. If loading fails, ``on_load_failure``
+is called (``m2fp serve`` stops and exits non-zero); without one the app keeps running with
+``/readyz`` 503 and ``/api/*`` answering ``ModelNotReady`` with the reason. On shutdown the worker
+pool drains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,14 +26,17 @@ from fastapi_offline import FastAPIOffline
 
 from m2fp_service import __version__
 from m2fp_service.api.deps import ModelSlot
+from m2fp_service.api.disconnect import CancelOnDisconnectMiddleware
 from m2fp_service.api.errors import internal_error_response, register_error_handlers
 from m2fp_service.api.logging import RequestContextMiddleware
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.routes import background, health, info, live, parse
+from m2fp_service.api.security import ApiKeyMiddleware, SecurityHeadersMiddleware, describe_auth
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine, engine_options
 from m2fp_service.errors import ServiceError
+from m2fp_service.imaging.decode import ACCEPTED_FORMATS
 from m2fp_service.modelcard import UNTRAINED_WARNING
 from m2fp_service.pipeline import ResultCache
 
@@ -72,22 +78,28 @@ def _load(settings: Settings) -> ParsingEngine:
     return ParsingEngine(settings.model, options=engine_options(settings))
 
 
+LoadFailureHandler = Callable[[str], None]
+
+
 async def _load_model(app: FastAPI, settings: Settings) -> None:
     slot: ModelSlot = app.state.model
     metrics: Metrics = app.state.metrics
+    on_failure: LoadFailureHandler | None = app.state.on_load_failure
     log.info("loading model %s (%d worker(s), %d thread(s) each)", settings.model, settings.workers,
              settings.threads_per_worker())
     try:
         engine = await asyncio.to_thread(_load, settings)
-    except ServiceError as exc:
-        slot.status, slot.detail = "failed", exc.message
-        log.error("MODEL NOT LOADED, /api/parse answers 503 until it is fixed: %s", exc.message)
+    except Exception as exc:  # ServiceError (missing, corrupt, not ours) or a model that breaks warm-up
+        detail = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+        slot.set_failed(detail)
+        if on_failure is not None:
+            log.error("MODEL NOT LOADED, stopping: %s", detail, exc_info=not isinstance(exc, ServiceError))
+            on_failure(detail)
+        else:
+            log.error("MODEL NOT LOADED, /api/* answers 503 until it is fixed: %s", detail,
+                      exc_info=not isinstance(exc, ServiceError))
         return
-    except Exception as exc:  # a model that breaks warm-up: report it instead of dying
-        slot.status, slot.detail = "failed", f"{type(exc).__name__}: {exc}"
-        log.exception("MODEL NOT LOADED: unexpected error")
-        return
-    slot.engine, slot.status, slot.detail = engine, "ready", None
+    slot.set_ready(engine)
     metrics.model_ready.set(1)
     metrics.model_trained.set(1 if engine.card.trained else 0)
     log.info("model ready in %.2f s: %s, %s, input profile %s, %d classes, trained=%s, licence %s",
@@ -112,13 +124,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait([loader], timeout=settings.shutdown_timeout_s)
         log.info("draining the worker pool")
         await asyncio.to_thread(pool.shutdown)
-        app.state.model.status, app.state.model.detail = "failed", "server shut down"
+        app.state.model.set_failed("server shut down")
         app.state.metrics.model_ready.set(0)
         log.info("worker pool drained")
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The application for ``settings``; nothing is read from the environment here."""
+def create_app(settings: Settings, on_load_failure: LoadFailureHandler | None = None) -> FastAPI:
+    """The application for ``settings``; nothing is read from the environment here.
+
+    Args:
+        settings: the configuration.
+        on_load_failure: called with the reason when the model cannot be loaded (``m2fp serve``
+            stops then); without it the app keeps serving with ``/readyz`` 503.
+    """
     app = FastAPIOffline(
         title="m2fp-service",
         version=__version__,
@@ -136,13 +154,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.model = ModelSlot()
     app.state.metrics = Metrics()
     app.state.cache = ResultCache(settings.result_cache_mb * 2**20)
+    app.state.on_load_failure = on_load_failure
     register_error_handlers(app)
+    # Outermost last: request id and metrics -> security headers -> disconnect watch -> CORS -> API
+    # key -> routes, so refusals carry the request id, the headers and (for allowed origins) CORS headers.
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "X-Request-ID", "Content-Type"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
+    app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, observer=app.state.metrics, on_crash=internal_error_response)
     app.include_router(parse.router)
     app.include_router(background.router)
@@ -167,4 +192,36 @@ def create_app(settings: Settings) -> FastAPI:
         """A transparent page for OBS's Browser Source: a live session's frames (/api/live/watch)."""
         return FileResponse(f"{webui}/obs.html", media_type="text/html")
 
+    _complete_openapi(app, auth_required=settings.api_key is not None)
     return app
+
+
+UPLOAD_MEDIA_TYPES = ", ".join(f"image/{fmt.lower()}" for fmt in sorted(ACCEPTED_FORMATS))
+
+
+def describe_uploads(doc: dict[str, Any]) -> dict[str, Any]:
+    """States the accepted picture types (multipart ``encoding.contentType``) for every binary field
+    of every multipart body, so clients and schema-driven tools send pictures we accept."""
+    for item in doc.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if not form:
+                continue
+            for name, prop in form.get("schema", {}).get("properties", {}).items():
+                if prop.get("format") == "binary":
+                    form.setdefault("encoding", {}).setdefault(name, {"contentType": UPLOAD_MEDIA_TYPES})
+    return doc
+
+
+def _complete_openapi(app: FastAPI, auth_required: bool) -> None:
+    """The served schema states the accepted upload types and the auth this server enforces."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_auth(describe_uploads(build()), auth_required)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, Request
 
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.workers import WorkerPool
 from m2fp_service.config import Settings
 from m2fp_service.engine import ParsingEngine
-from m2fp_service.errors import ModelNotReady, Unauthorized
+from m2fp_service.errors import InferenceTimeout, ModelNotReady
 from m2fp_service.pipeline import ResultCache
 
 
@@ -24,6 +24,15 @@ class ModelSlot:
     status: Literal["loading", "ready", "failed"] = "loading"
     engine: ParsingEngine | None = None
     detail: str | None = "the model is loading"
+    settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set once loaded or failed
+
+    def set_ready(self, engine: ParsingEngine) -> None:
+        self.engine, self.status, self.detail = engine, "ready", None
+        self.settled.set()
+
+    def set_failed(self, detail: str) -> None:
+        self.engine, self.status, self.detail = None, "failed", detail
+        self.settled.set()
 
 
 def get_settings(request: Request) -> Settings:
@@ -34,9 +43,30 @@ def get_slot(request: Request) -> ModelSlot:
     return request.app.state.model  # type: ignore[no-any-return]
 
 
-def get_engine(request: Request) -> ParsingEngine:
-    """The ready engine, or ``ModelNotReady`` (503) saying why not."""
+def request_started(request: Request) -> float:
+    """``time.monotonic()`` when the request arrived (set by the request middleware)."""
+    started = request.scope.get("state", {}).get("started")
+    return started if isinstance(started, float) else time.monotonic()
+
+
+async def get_engine(request: Request) -> ParsingEngine:
+    """The ready engine. A request that arrives while the model loads waits for it, holding a
+    place in the pool's queue (a full queue refuses it at once with 503) for at most the request
+    timeout (then 504); a model that failed to load gives ``ModelNotReady`` (503) saying why.
+    """
     slot: ModelSlot = request.app.state.model
+    if slot.status == "loading":
+        settings: Settings = request.app.state.settings
+        pool: WorkerPool = request.app.state.pool
+        remaining = settings.request_timeout_s - (time.monotonic() - request_started(request))
+        with pool.reserve():
+            try:
+                await asyncio.wait_for(slot.settled.wait(), max(0.001, remaining))
+            except TimeoutError:
+                raise InferenceTimeout(
+                    f"the model was still loading after {settings.request_timeout_s:g} s (M2FP_REQUEST_TIMEOUT_S); "
+                    "retry once /readyz answers 200"
+                ) from None
     if slot.status != "ready" or slot.engine is None:
         raise ModelNotReady(f"model not ready ({slot.status}): {slot.detail}")
     return slot.engine
@@ -54,27 +84,9 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-_api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, scheme_name="ApiKey",
-    description="Required only when the server sets M2FP_API_KEY",
-)
-
-
-def require_api_key(request: Request, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """Checks X-API-Key when the server has one configured (constant-time comparison)."""
-    expected = request.app.state.settings.api_key
-    if expected is None:
-        return
-    if key is None:
-        raise Unauthorized("missing header X-API-Key: this server requires an API key")
-    if not hmac.compare_digest(key.encode(), expected.encode()):
-        raise Unauthorized("wrong X-API-Key")
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SlotDep = Annotated[ModelSlot, Depends(get_slot)]
 EngineDep = Annotated[ParsingEngine, Depends(get_engine)]
 PoolDep = Annotated[WorkerPool, Depends(get_pool)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 CacheDep = Annotated[ResultCache, Depends(get_cache)]
-ApiKeyDep = Annotated[None, Depends(require_api_key)]

@@ -62,8 +62,14 @@ def _from_http(exc: StarletteHTTPException, request: Request) -> ServiceError:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    if exc.status >= 500 and exc.status != 503:  # 503s are routine under load: counted in metrics, not logged
-        log.warning("%s: %s", type(exc).__name__, exc.message)
+    if exc.status in (503, 504):  # routine under load: counted in metrics
+        return error_response(exc)
+    if exc.status >= 500:  # a server fault: the details go to the log, the request id to the client
+        log.error("%s: %s%s", type(exc).__name__, exc.message, f" ({exc.detail})" if exc.detail else "")
+        rid = getattr(request.state, "request_id", None) or "?"
+        fault = type(exc)(f"{exc.message}; quote request id {rid} when reporting it")
+        fault.status = exc.status
+        return error_response(fault)
     return error_response(exc)
 
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from m2fp_service.api.deps import request_started
 from m2fp_service.api.metrics import Metrics
 from m2fp_service.api.upload import FILE_FIELD, Upload, check_declared_length, read_upload
 from m2fp_service.api.workers import WorkerPool
@@ -47,7 +48,7 @@ async def run_upload_job(
         metrics.rejected.labels("overloaded").inc()
         raise
     with slot:  # held from before the upload is read until the job ends: bounded memory
-        started = time.monotonic()
+        started = request_started(request)  # the request's time limit counts from its arrival
         upload = await _read(request, settings, file_fields)
         timings = Timings()
         job = make_job(upload, timings)

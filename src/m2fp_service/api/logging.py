@@ -52,7 +52,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """Control characters (newlines, escape sequences...) as Python escapes: one record, one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class _TextFormatter(logging.Formatter):
+    """Plain lines; request input inside a message (paths, names) cannot forge or colour lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         rid = request_id_var.get()
@@ -122,7 +136,8 @@ class RequestContextMiddleware:
                 break
         rid = accept_request_id(incoming)
         token = request_id_var.set(rid)
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = rid, time.monotonic()
         started = time.perf_counter()
         status = 500
         response_started = False

@@ -24,13 +24,22 @@ DEFAULT_OPENAPI_PATH = Path("openapi/openapi.json")
 def serve(settings: Settings) -> int:
     """Serves until SIGTERM/SIGINT, then stops accepting, lets in-flight requests finish
     (up to ``settings.shutdown_timeout_s``), drains the worker pool and returns 0.
+
+    Returns 1 when the server cannot start, or when the model cannot be loaded: the server then
+    stops at once (it answered ``/readyz`` 503 meanwhile, never 200) and says why.
     """
     configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
+    load_failure: list[str] = []
+
+    def stop_on_load_failure(reason: str) -> None:
+        load_failure.append(reason)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop_on_load_failure)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        server_header=False, lifespan="on",
+        server_header=False, lifespan="on", limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)
     log.info("m2fp-service on http://%s:%d (WebUI /, API docs /docs); model %s", settings.host, settings.port,
@@ -47,6 +56,9 @@ def serve(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if load_failure:
+        log.error("m2fp serve: exiting because the model could not be loaded: %s", load_failure[0])
+        return 1
     if not server.started:
         return 1
     log.info("stopped")

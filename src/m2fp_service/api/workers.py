@@ -19,7 +19,9 @@ Admission is decided at once, on the event loop, without waiting: at most ``work
 and at most ``queue_size`` more wait; one more is refused with ``Overloaded`` (503 +
 ``Retry-After``). A request reserves its slot before its upload is read, so the pool also bounds
 how many uploads are held in memory. A job holds its slot until its thread really finishes, even
-when the request already timed out, so a burst of timeouts cannot pile up work behind the pool.
+when the request already timed out, so a burst of timeouts cannot pile up work behind the pool;
+but a timed-out job is cancelled (``m2fp_service.cancel``): a queued one never starts and a running
+ONNX Runtime run is terminated at its next node, so the slot comes back within moments.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from m2fp_service.cancel import CancelToken, current_token
 from m2fp_service.errors import InferenceTimeout, ModelNotReady, Overloaded
 
 T = TypeVar("T")
@@ -113,20 +116,30 @@ class WorkerPool:
         with self.reserve() as slot:
             return await slot.run(fn, timeout_s)
 
-    def _job(self, fn: Callable[[], T], deadline: float) -> tuple[Callable[[], T], list[float]]:
+    def _job(self, fn: Callable[[], T], deadline: float, token: CancelToken) -> tuple[Callable[[], T], list[float]]:
         submitted = time.perf_counter()
         context = contextvars.copy_context()
+        context.run(current_token.set, token)  # the engine finds the token of its job here
         waited: list[float] = []
+
+        def guarded() -> T:  # runs in the request's context: its log lines carry the request id
+            try:
+                return fn()
+            except InferenceTimeout as exc:
+                if token.cancelled:  # nobody awaits this outcome any more: say what happened
+                    log.info("stopped a job after %.2f s: %s", time.perf_counter() - submitted, exc.message,
+                             extra={"detail": exc.detail})
+                raise
 
         def job() -> T:
             started = time.perf_counter()
             waited.append(started - submitted)
-            if started > deadline:  # the request already timed out while this waited
+            if started > deadline or token.cancelled:  # the request already timed out while this waited
                 raise InferenceTimeout("timed out waiting for a worker")
             with self._lock:
                 self._running += 1
             try:
-                return context.run(fn)
+                return context.run(guarded)
             finally:
                 took = time.perf_counter() - started
                 with self._lock:
@@ -174,13 +187,14 @@ class Slot:
             ``(fn's result, seconds the job waited for a worker)``.
 
         Raises:
-            InferenceTimeout: not finished within ``timeout_s``.
+            InferenceTimeout: not finished within ``timeout_s``; the job is cancelled (see module doc).
             ModelNotReady: the pool is shutting down.
         """
         if self.handed_over:
             raise RuntimeError("a slot runs one job")
         pool = self.pool
-        job, waited = pool._job(fn, time.perf_counter() + timeout_s)
+        token = current_token.get() or CancelToken()  # the request's own (see api/disconnect.py) if any
+        job, waited = pool._job(fn, time.perf_counter() + timeout_s, token)
         try:
             cfut: Future[T] = pool._executor.submit(job)
         except RuntimeError:  # shut down since the slot was reserved
@@ -192,13 +206,15 @@ class Slot:
         try:
             result = await asyncio.wait_for(asyncio.shield(afut), timeout_s)
         except TimeoutError:
-            cfut.cancel()  # drops it if it has not started; a running job finishes and frees its slot
+            cfut.cancel()  # drops it if it has not started
+            token.cancel(f"the request timed out after {limit_s or timeout_s:g} s")  # stops a running one
             raise InferenceTimeout(
                 f"the image was not processed within {limit_s or timeout_s:g} s (M2FP_REQUEST_TIMEOUT_S); "
                 "the server is busy or the image is very large"
             ) from None
         except asyncio.CancelledError:
             cfut.cancel()
+            token.cancel("the request was cancelled")
             raise
         return result, (waited[0] if waited else 0.0)
 

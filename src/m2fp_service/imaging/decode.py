@@ -3,9 +3,9 @@
 Only JPEG, PNG, WebP and BMP are accepted. The format is identified from the leading bytes and
 the matching Pillow plugin class parses the header directly, so the size limits are checked
 *before* any pixel data is decoded. Going to the plugin class (instead of ``Image.open``) also
-means Pillow's global decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) never runs: it can
-neither raise ``DecompressionBombError``/``DecompressionBombWarning`` past us nor reject an image
-that our own, per-call ``max_pixels`` allows. No global Pillow state is read or changed, and
+means Pillow's global decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) does not run, except
+inside the WebP plugin, whose header we read and check first: an image over our own, per-call
+``max_pixels`` is refused with our message before Pillow looks at it. No global Pillow state is read or changed, and
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone, so truncated files fail.
 
 Error mapping (see ``m2fp_service.errors``):
@@ -121,10 +121,15 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> Deco
         raise InvalidImage(
             f"the upload ({len(data):,} bytes) is not a recognisable image; send a {_ACCEPTED_TEXT} image"
         )
+    declared = _webp_size(data) if fmt == "WEBP" else None
+    if declared is not None:  # Pillow's WebP plugin runs its own bomb check while opening: ours first
+        _check_size(declared, max_pixels=max_pixels, max_side=max_side)
     try:
         im = _OPENERS[fmt](io.BytesIO(data))
     except MemoryError:
         raise
+    except Image.DecompressionBombError as exc:  # only past Pillow's limit, which we checked below ours
+        raise ImageTooLarge(f"the {fmt} image is far larger than allowed ({_reason(exc)}); downscale it") from exc
     except Exception as exc:
         raise InvalidImage(f"the {fmt} header is corrupt or incomplete ({_reason(exc)})") from exc
     with im:
@@ -181,6 +186,19 @@ def _sniff_unsupported(data: bytes) -> str | None:
     text = data[:4096].removeprefix(b"\xef\xbb\xbf").decode("utf-8", "ignore").lstrip().lower()
     if text.startswith("<") and "<svg" in text and "<html" not in text:
         return "SVG"
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a WebP file's first chunk (VP8X canvas, VP8L or VP8 frame), if readable."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
     return None
 
 

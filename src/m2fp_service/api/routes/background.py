@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from m2fp_service import pipeline
-from m2fp_service.api.deps import ApiKeyDep, CacheDep, EngineDep, MetricsDep, PoolDep, SettingsDep
+from m2fp_service.api.deps import CacheDep, EngineDep, MetricsDep, PoolDep, SettingsDep
 from m2fp_service.api.jobs import run_upload_job, server_timing
 from m2fp_service.api.routes.parse import UPLOAD_ERRORS
 from m2fp_service.api.upload import FILE_FIELD, Upload
@@ -77,7 +77,6 @@ _EXAMPLES = {
 async def background(
     request: Request,
     settings: SettingsDep,
-    _auth: ApiKeyDep,
     engine: EngineDep,
     pool: PoolDep,
     metrics: MetricsDep,

@@ -13,16 +13,15 @@ Protocol (all JSON messages are text frames, pictures binary):
 * ``/api/live/watch?session=studio``: receives the same header + picture pairs as the producer of
   that session (the OBS Browser Source page uses it).
 
-The query takes ``/api/background``'s options plus ``output`` (``composite`` or ``mask``), ``session``
-and ``api_key`` (browsers cannot set headers on a WebSocket); ``X-API-Key`` / ``Authorization:
-Bearer`` headers work too.
+The query takes ``/api/background``'s options plus ``output`` (``composite`` or ``mask``) and
+``session``. With ``M2FP_API_KEY`` set, the key comes as ``?api_key=`` (browsers cannot set headers on
+a WebSocket) or the ``X-API-Key`` / ``Authorization: Bearer`` headers (``api/security.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 import threading
@@ -50,15 +49,6 @@ _LIVE_KEYS = {"output", "session", "api_key", "fps"}
 
 # Close codes (RFC 6455 and the registry): policy violation, message too big, try again later.
 POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1008, 1009, 1011, 1013
-
-
-def _authorised(websocket: WebSocket, settings: Settings) -> bool:
-    expected = settings.api_key
-    if expected is None:
-        return True
-    given = (websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
-             or websocket.headers.get("authorization", "").removeprefix("Bearer ").strip() or "")
-    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def _refuse(websocket: WebSocket, code: int, message: str, error: int) -> None:
@@ -90,9 +80,6 @@ async def live(websocket: WebSocket) -> None:
     """Live frames in, composed frames (or alpha masks) out; see the module docstring for the protocol."""
     app = websocket.app
     settings: Settings = app.state.settings
-    if not _authorised(websocket, settings):
-        await websocket.close(code=POLICY, reason="API key missing or wrong")
-        return
     try:
         params, live_opts = _options(websocket, settings)
     except (ValidationError, ValueError, ServiceError) as exc:
@@ -200,9 +187,6 @@ async def watch(websocket: WebSocket) -> None:
     """The answers of the live session named ``session``, as they are produced (for the OBS output page)."""
     app = websocket.app
     settings: Settings = app.state.settings
-    if not _authorised(websocket, settings):
-        await websocket.close(code=POLICY, reason="API key missing or wrong")
-        return
     name = websocket.query_params.get("session", "")
     if not _SESSION_NAME.match(name):
         await _refuse(websocket, POLICY, "watch needs ?session=<name> (1-64 letters, digits, '-' or '_')", 1002)

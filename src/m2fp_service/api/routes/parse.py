@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from m2fp_service import labelsets, pipeline
-from m2fp_service.api.deps import ApiKeyDep, CacheDep, EngineDep, MetricsDep, PoolDep, SettingsDep
+from m2fp_service.api.deps import CacheDep, EngineDep, MetricsDep, PoolDep, SettingsDep
 from m2fp_service.api.jobs import run_upload_job, server_timing
 from m2fp_service.api.upload import FILE_FIELD, Upload
 from m2fp_service.config import Settings
@@ -21,6 +21,7 @@ from m2fp_service.schemas import (
     LABELS_DESCRIPTION,
     OUTPUT_NAMES,
     OUTPUTS_DESCRIPTION,
+    OUTPUTS_PATTERN,
     ErrorResponse,
     ParseData,
     ParseParams,
@@ -46,6 +47,7 @@ _REQUEST_BODY: dict[str, Any] = {
                     },
                     "outputs": {
                         "type": "string", "description": OUTPUTS_DESCRIPTION, "examples": ["label,overlay,people"],
+                        "pattern": OUTPUTS_PATTERN,
                     },
                     "labels": {
                         "type": "string", "description": LABELS_DESCRIPTION, "examples": ["atr"],
@@ -64,7 +66,6 @@ def error_doc(description: str) -> dict[str, Any]:
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     400: error_doc("Missing field 'image', malformed multipart body, or an invalid option (the message names "
                    "the valid ones)"),
-    401: error_doc("X-API-Key missing or wrong (only when the server sets M2FP_API_KEY)"),
     408: error_doc("The upload did not arrive within M2FP_UPLOAD_TIMEOUT_S"),
     413: error_doc("Upload larger than M2FP_MAX_UPLOAD_BYTES, or an image over M2FP_MAX_PIXELS / M2FP_MAX_SIDE"),
     415: error_doc("Not multipart/form-data, or an image type that is not accepted (GIF, TIFF, HEIC, ...)"),
@@ -77,6 +78,7 @@ OutputsQuery = Annotated[
     str | None,
     Query(
         description=OUTPUTS_DESCRIPTION,
+        json_schema_extra={"pattern": OUTPUTS_PATTERN},  # documented; checked by ParseParams with a clear message
         openapi_examples={
             "seed": {"summary": "Seed fields only (default)", "value": ""},
             "overlay": {"summary": "Label map and overlay", "value": "label,overlay"},
@@ -105,7 +107,6 @@ LabelsQuery = Annotated[
 async def parse(
     request: Request,
     settings: SettingsDep,
-    _auth: ApiKeyDep,
     engine: EngineDep,
     pool: PoolDep,
     metrics: MetricsDep,
