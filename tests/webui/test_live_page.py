@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tests.integration.server import Server, serve
 from tests.video.conftest import CLIP_HW, scene
-from tests.webui.conftest import ARTIFACTS, CHROMIUM_ARGS, CSP, Watch, _chromium
+from tests.webui.conftest import ARTIFACTS, CHROMIUM_ARGS, Watch, _chromium
 
 pytestmark = pytest.mark.slow
 
@@ -56,19 +56,17 @@ def live_server(tiny_model_path: Path, light_models: dict[str, Path],
 
 
 def open_page(browser: Any, server: Server, path: str) -> tuple[Any, Any, Watch]:
+    """The page as the server sends it, with its own Content-Security-Policy (checked to be there: a
+    rewritten response would make Chromium treat the page as foreign and block its loopback socket)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     watch = Watch()
     page.on("console", lambda m: watch.problems.append(f"console {m.type}: {m.text}")
             if "Content Security Policy" in m.text or m.type == "error" else None)
     page.on("pageerror", lambda error: watch.problems.append(f"page error: {error}"))
-
-    def with_csp(route: Any) -> None:
-        response = route.fetch()
-        route.fulfill(response=response, headers={**response.headers, "content-security-policy": CSP})
-
-    page.route(f"{server.url}/{path.split('?')[0]}*", with_csp)
-    page.goto(f"{server.url}/{path}")
+    response = page.goto(f"{server.url}/{path}")
+    csp = response.headers.get("content-security-policy", "")
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
     return context, page, watch
 
 
