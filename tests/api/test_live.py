@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from tests.api.conftest import make_settings, running_client
@@ -182,8 +183,10 @@ def test_parts_selection_gets_key_frames(live_client: TestClient, frame: np.ndar
 def test_api_key(tiny_model_path: Path, light_models: dict[str, Path], frame: np.ndarray,
                  make_client: Callable[..., TestClient]) -> None:
     client = make_client(light_model=light_models["general"], api_key="s3cret")
-    with pytest.raises(WebSocketDisconnect), client.websocket_connect("/api/live") as ws:
-        ws.receive_json()
+    for url in ("/api/live", "/api/live?api_key=wrong", "/api/live/watch?session=studio"):
+        with pytest.raises(WebSocketDenialResponse) as denied, client.websocket_connect(url):
+            pass
+        assert denied.value.status_code == 401, url  # refused at the handshake, before any frame
     for url, headers in (("/api/live?api_key=s3cret", {}), ("/api/live", {"X-API-Key": "s3cret"}),
                          ("/api/live", {"Authorization": "Bearer s3cret"})):
         with client.websocket_connect(url, headers=headers) as ws:

@@ -89,21 +89,12 @@ class ApiKeyMiddleware:
         log.warning("refused %s: %s", scope["path"], refusal.message)
         response = error_response(refusal)
         response.headers["WWW-Authenticate"] = 'Bearer realm="m2fp"'
-        if scope["type"] == "http":
+        if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+            # Starlette's Response sends a WebSocket denial (websocket.http.response.*) by itself
+            # when the scope is a WebSocket's: the client sees the 401 and its JSON body.
             await response(scope, receive, send)
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            await response(scope, receive, _as_websocket_denial(send))
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
-
-
-def _as_websocket_denial(send: Send) -> Send:
-    """Turns an HTTP response into the ASGI WebSocket denial response (``websocket.http.response``)."""
-
-    async def wrapped(message: Message) -> None:
-        await send({**message, "type": "websocket." + message["type"]})
-
-    return wrapped
 
 
 # --- response headers -----------------------------------------------------------------------------
