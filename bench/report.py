@@ -253,8 +253,75 @@ def section_stages(stages: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def section_compose(compose: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## 5. Compositing (pytest-benchmark, one thread)", ""]
+    if not compose:
+        return [*lines, "Not run."]
+    by = {b["name"]: b["stats"] for b in compose["benchmarks"]}
+
+    def ms(name: str) -> str:
+        st = by.get(name)
+        return f"{st['median'] * 1e3:.1f} ({st['min'] * 1e3:.1f}–{st['max'] * 1e3:.1f})" if st else "–"
+
+    sizes = [z for z in ("720p", "1080p") if any(f"-{z}]" in n for n in by)]
+    lines += ["All array work for one picture (selection -> refined matte -> foreground colour, backdrop, blend) "
+              "on the 720p photo (1080p: the same, upscaled), the kept region a real person's shape (the light "
+              "model's mask); milliseconds, median (min–max), encoding apart. Target: all compositing for one "
+              "720p photo ≤ 50 ms.", "",
+              "| mode | " + " | ".join(f"{z} refined | {z} unrefined" for z in sizes) + " |",
+              "|---|" + "---:|---:|" * len(sizes)]
+    for mode in ("blur", "image", "color", "transparent", "pixelate"):
+        cells = [ms(f"test_compose[{z}-{mode}-{r}]") for z in sizes for r in ("refine", "no-refine")]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    worst = max((by[n]["median"] for n in by if n.startswith("test_compose[720p-")), default=None)
+    if worst is not None:
+        lines += ["", f"Slowest 720p mode: {worst * 1e3:.1f} ms — target ≤ 50 ms: {_pass(worst <= 0.05)}."]
+    enc = [n for n in by if n.startswith("test_encode[")]
+    if enc:
+        lines += ["", "Encoding the result (ms): " + "; ".join(
+            f"{n.removeprefix('test_encode[').rstrip(']')} {ms(n)}" for n in sorted(enc)) + "."]
+    return lines
+
+
+def section_video(video: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## 6. Video and live", ""]
+    if not video:
+        return [*lines, "Not run."]
+    lines += [f"`m2fp video` on generated clips ({video['frames']} frames at {video['fps_in']} fps: the astronaut "
+              "walking across a striped scene), one child process each; frames/s as the command reports it "
+              "(processing only), CPU milliseconds per frame from the child's rusage (decode and encode threads "
+              "included).", "",
+              "| run | frames/s | CPU ms / frame | oldest parts (frames) | other load (cores) |",
+              "|---|---:|---:|---:|---:|"]
+    for name, r in video["runs"].items():
+        age = "–" if r["max_parts_age_frames"] is None else str(r["max_parts_age_frames"])
+        lines.append(f"| {name} | {r['fps']:.1f} | {r['cpu_ms_per_frame']:.1f} | {age} | {r['other_cores']:.2f} |")
+    runs = video["runs"]
+    if "720p blur" in runs and "360p blur" in runs:
+        hd, sd = runs["720p blur"]["fps"], runs["360p blur"]["fps"]
+        lines += ["", f"Targets with a blurred background: ≥ 25 frames/s at 1280×720: {_pass(hd >= 25)}; "
+                  f"≥ 60 frames/s at 640×360: {_pass(sd >= 60)}."]
+    if "720p largest" in runs:
+        age = runs["720p largest"]["max_parts_age_frames"]
+        lines += [f"Keeping the largest person (M2FP key frames every 2 s = 50 frames): the oldest parts used were "
+                  f"{age} frames old (< one interval: {_pass((age or 0) < 50)})."]
+    f = video.get("flicker")
+    if f:
+        lines += ["", f"Flicker on a still, noisy scene (mean |Δalpha| between consecutive frames): light model raw "
+                  f"{f['raw']:.4f}, with the service's temporal smoothing {f['smoothed']:.4f} "
+                  f"(**{f['raw'] / max(f['smoothed'], 1e-9):.1f}× less**)."]
+    live = video.get("live")
+    if live:
+        lines += ["", f"Live round trip on loopback, 640×360 JPEG frames, blurred background, two frames in flight: "
+                  f"p50 {live['p50_ms']:.0f} ms, p95 {live['p95_ms']:.0f} ms (target p95 ≤ 100 ms: "
+                  f"{_pass(live['p95_ms'] <= 100)}); {live['answered_per_s']:.1f} frames/s answered, "
+                  f"{live['dropped']} of {live['frames_sent']} dropped as stale; other load "
+                  f"{live['other_cores']:.2f} cores."]
+    return lines
+
+
 def section_load(load: dict[str, Any] | None) -> list[str]:
-    lines = ["", "## 5. The server under load (Locust, headless)", ""]
+    lines = ["", "## 7. The server under load (Locust, headless)", ""]
     if not load:
         return [*lines, "Not run."]
     lv = load["levels"]
@@ -296,6 +363,8 @@ def main() -> None:
     lines += section_network(read_json("floor"), network_rows(net_path) if net_path.is_file() else {}, e2e)
     lines += section_e2e(e2e)
     lines += section_stages(read_json("stages"))
+    lines += section_compose(read_json("compose"))
+    lines += section_video(read_json("video"))
     lines += section_load(read_json("load"))
     notes = [*run.get("notes", []), *args.note]
     if notes:

@@ -1,8 +1,9 @@
 """``make bench``: every benchmark on this machine in one go, then BENCHMARKS.md.
 
 Order: models (exported into models/ if missing) -> floor (FLOPs, rates) -> network (pyperf)
--> end to end + start-up -> stages and palette merge (pytest-benchmark) -> load (Locust) ->
-report. Raw JSON goes to bench/results/ (gitignored); BENCHMARKS.md is generated from it.
+-> end to end + start-up -> stages and palette merge (pytest-benchmark) -> compositing
+(pytest-benchmark) -> video and live -> load (Locust) -> report. Raw JSON goes to bench/results/
+(gitignored); BENCHMARKS.md is generated from it.
 
 Full run: about 20-30 minutes on an idle 2-core machine, an hour or more under heavy load. ``--quick`` (``make
 bench QUICK=1``): the tiny model, one size, fewer repeats, short load levels: about 5 minutes;
@@ -28,7 +29,8 @@ BENCH = Path(__file__).resolve().parent
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="floor,network,e2e,stages,load", help="comma-separated steps to run")
+    ap.add_argument("--only", default="floor,network,e2e,stages,compose,video,load",
+                    help="comma-separated steps to run")
     args = ap.parse_args()
     started, t0 = dt.datetime.now().astimezone().isoformat(timespec="seconds"), time.perf_counter()
     run = {"started": started, "quick": args.quick, "loadavg_before": loadavg(), "machine": machine(), "notes": [],
@@ -47,6 +49,10 @@ def main() -> int:
         "stages": [py, "-m", "pytest", str(BENCH / "test_stages.py"), "-q", "-p", "no:cacheprovider",
                    "--benchmark-json", str(RESULTS / "stages.json"), "--benchmark-min-rounds", "3",
                    "--benchmark-max-time", "0.5" if args.quick else "2"],
+        "compose": [py, "-m", "pytest", str(BENCH / "test_compose.py"), "-q", "-p", "no:cacheprovider",
+                    "--benchmark-json", str(RESULTS / "compose.json"), "--benchmark-min-rounds", "5",
+                    "--benchmark-max-time", "0.5" if args.quick else "1.5"],
+        "video": [py, str(BENCH / "video.py"), *q],
         "load": [py, str(BENCH / "load.py"), *(["--seconds", "20", *q] if args.quick else ["--seconds", "60"])],
     }
     env = {"M2FP_BENCH_QUICK": "1"} if args.quick else {}

@@ -144,9 +144,10 @@ def live_round_trip(model: Path, seconds: float) -> dict[str, Any]:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("M2FP_")},
            "M2FP_LIGHT_MODEL": str(LIGHT["general"]), "M2FP_LIGHT_MODEL_LANDSCAPE": str(LIGHT["landscape"])}
-    log = tempfile.NamedTemporaryFile(prefix="m2fp-live-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "m2fp_service.cli", "serve", "--model", str(model), "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    log = Path(tempfile.gettempdir()) / f"m2fp-live-bench-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "m2fp_service.cli", "serve", "--model", str(model), "--port",
+                                 str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -191,7 +192,7 @@ def live_round_trip(model: Path, seconds: float) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(30)
-        Path(log.name).unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
 
 
 def main() -> int:
