@@ -15,6 +15,23 @@ if TYPE_CHECKING:
     from m2fp_service.shard import Shard
 
 
+def _lacks_export_extra(p: argparse.ArgumentParser, command: str, modules: tuple[str, ...]) -> bool:
+    """True (and ``p`` set to explain it) when the [export] extra is missing: exporters are not part
+    of the server's runtime (torch, ModelScope, the converters live in that extra only)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return False
+
+    def _unavailable(_: argparse.Namespace) -> int:
+        print(f"error: `m2fp {command}` needs the export extra ({', '.join(missing)} not installed): "
+              "pip install 'm2fp-service[export]'", file=sys.stderr)
+        return 2
+
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_unavailable)
+    return True
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from m2fp_export.cli import run
 
@@ -25,16 +42,7 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("export", help="convert M2FP (ModelScope) to ONNX",
                        description="Export M2FP to one ONNX file with an embedded model card. "
                                    "Source precedence: --checkpoint, --model-id (hub), --random-init.")
-    missing = [m for m in ("torch", "modelscope", "onnx") if importlib.util.find_spec(m) is None]
-    if missing:  # torch/modelscope live in the [export] extra only; the server runs without them
-
-        def _unavailable(_: argparse.Namespace) -> int:
-            print(f"error: `m2fp export` needs the export extra ({', '.join(missing)} not installed): "
-                  "pip install 'm2fp-service[export]'", file=sys.stderr)
-            return 2
-
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_unavailable)
+    if _lacks_export_extra(p, "export", ("torch", "modelscope", "onnx")):
         return
     from m2fp_export.cli import add_arguments
 
@@ -53,16 +61,7 @@ def _add_export_light(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        description="Get MediaPipe's selfie segmentation model (Apache-2.0) from the mediapipe "
                                    "wheel on PyPI (or --wheel / --tflite offline), convert it to ONNX, check it "
                                    "against MediaPipe's runtime and write it with an embedded model card.")
-    missing = [m for m in ("m2fp_export", "onnx", "tflite") if importlib.util.find_spec(m) is None]
-    if missing:  # the converter lives in the [export] extra; the server runs without it
-
-        def _unavailable(_: argparse.Namespace) -> int:
-            print(f"error: `m2fp export-light` needs the export extra ({', '.join(missing)} not installed): "
-                  "pip install 'm2fp-service[export]'", file=sys.stderr)
-            return 2
-
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_unavailable)
+    if _lacks_export_extra(p, "export-light", ("m2fp_export", "onnx", "tflite")):
         return
     from m2fp_export.light.cli import add_arguments
 

@@ -97,6 +97,7 @@ LabelsQuery = Annotated[
                             "person": {"summary": "Person / background", "value": "person"}}),
 ]
 
+
 @router.post(
     "/api/parse",
     response_model=ParseResponse,
