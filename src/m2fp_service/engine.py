@@ -127,6 +127,10 @@ def _base_options(options: EngineOptions) -> ort.SessionOptions:
     # vary per image, so each run lets it shrink back (run option below) instead of growing for ever.
     so.enable_cpu_mem_arena = True
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+    # ONNX Runtime's own warnings go to stderr as plain text, which would break the JSON logs (e.g.
+    # "Serializing optimized model ... hardware specific" when the optimised-graph cache is written:
+    # expected, the cache is keyed by the CPU's flags). Errors still reach our log as exceptions.
+    so.log_severity_level = 3
     return so
 
 

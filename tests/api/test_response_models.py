@@ -167,7 +167,9 @@ def test_response_validates_against_the_documented_model(request: pytest.Fixture
         options["files"] = {**_photo(photo_jpeg), "background": ("bg.txt", b"not a picture\n" * 8, "text/plain")}
     response = client.request(method, path, **options)
     assert response.status_code == status, response.text
-    body = check_against_document(document, method, path, response)
+    # A server with an API key serves a document that declares the auth and its 401s.
+    served = client.get("/openapi.json").json() if client_name == "keyed" else document
+    body = check_against_document(served, method, path, response)
     if isinstance(body, dict) and status >= 400 and path != "/readyz":  # /readyz answers its own status model
         assert set(body) == {"code", "message", "data"}
         assert body["code"] != 0 and body["message"] and body["data"] is None

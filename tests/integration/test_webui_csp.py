@@ -69,7 +69,6 @@ def test_webui_runs_under_the_csp_and_sends_the_key(browser: Any, keyed_server: 
         "rgb(255, 255, 255)", "app.css did not apply"
     page.fill("#api-key", KEY)
     page.press("#api-key", "Enter")
-    page.locator("#api-key").dispatch_event("change")
     meta.filter(has_text="status: ready").wait_for(timeout=15000)
     assert page.locator("#banner-untrained").is_visible()
     injected = page.evaluate("""() => { const s = document.createElement('script');

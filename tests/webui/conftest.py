@@ -76,7 +76,8 @@ class Watch:
         return [r for r in self.requests if f"/{path}" in r.url]
 
 
-def open_page(browser: Any, server: Server, *, width: int = 1280, height: int = 900) -> tuple[Any, Any, Watch]:
+def open_page(browser: Any, server: Server, *, width: int = 1280, height: int = 900,
+              ready: bool = True) -> tuple[Any, Any, Watch]:
     """A fresh browser context and page on the WebUI under the CSP; returns (context, page, watch)."""
     context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
     page = context.new_page()
@@ -102,7 +103,8 @@ def open_page(browser: Any, server: Server, *, width: int = 1280, height: int = 
 
     page.route(f"{server.url}/", with_csp)
     page.goto(f"{server.url}/")
-    page.locator("#model-meta", has_text="status: ready").wait_for()
+    if ready:
+        page.locator("#model-meta", has_text="status: ready").wait_for()
     return context, page, watch
 
 

@@ -2,7 +2,7 @@
 // Each view is a <section class="view" data-view="NAME"> with a link to #NAME in the "Views" nav and
 // a set-up function below; a new view (e.g. Live) adds those three things and nothing else changes.
 
-import { getInfo, setApiKey } from "./api.js";
+import { ApiError, getInfo, setApiKey } from "./api.js";
 import { $, say } from "./dom.js";
 import { setUpPhotoView } from "./photo.js";
 
@@ -43,6 +43,14 @@ async function loadInfo() {
   try {
     info = await getInfo();
   } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      // Every /api/* route needs the key on this server, /api/info too: ask for it, then load again.
+      info = null;
+      $("model-meta").textContent = "this server requires an API key: enter it above";
+      $("key-row").hidden = false;
+      $("api-key").focus();
+      return;
+    }
     $("model-meta").textContent = "cannot reach the server";
     say($("error"), `Cannot load the model information: ${err.message}. Reload the page to try again.`);
     return;
@@ -59,7 +67,10 @@ async function refreshInfo() {
 }
 
 $("api-key").addEventListener("input", (e) => setApiKey(e.target.value));
-$("key-row").addEventListener("submit", (e) => e.preventDefault());
+$("key-row").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (!info) void loadInfo(); // the key was needed for the model information itself
+});
 window.addEventListener("m2fp:unauthorized", () => {
   $("key-row").hidden = false;
   if (document.activeElement !== $("api-key")) $("api-key").focus({ preventScroll: false });
