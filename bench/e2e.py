@@ -131,7 +131,10 @@ def free_port() -> int:
 
 
 class Server:
-    """``m2fp serve`` in a subprocess; ``startup_s`` = process start to the first /readyz 200."""
+    """``m2fp serve`` in a subprocess; ``startup_s`` = process start to the first /readyz 200.
+
+    The result cache is off: every benchmark request sends the same photo, and a cached answer
+    would measure a lookup, not the service (``M2FP_RESULT_CACHE_MB=0``)."""
 
     def __init__(self, model: Path, env: dict[str, str] | None = None, timeout_s: float = 600) -> None:
         import requests
@@ -139,7 +142,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "M2FP_WORKERS": "1", "M2FP_INTRA_OP_THREADS": str(THREADS),
-                    "M2FP_LOG_LEVEL": "warning", "M2FP_REQUEST_TIMEOUT_S": "600", **(env or {})}
+                    "M2FP_LOG_LEVEL": "warning", "M2FP_REQUEST_TIMEOUT_S": "600", "M2FP_RESULT_CACHE_MB": "0",
+                    **(env or {})}
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "m2fp_service.cli", "serve", "--model", str(model),
                                       "--port", str(self.port)], env=full_env,
