@@ -82,8 +82,9 @@ def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: flo
                  scale: int | None = None) -> np.ndarray:
     """Fast colour guided filter of ``alpha`` with ``guide_rgb`` as guide.
 
-    The filter's linear coefficients are computed at ``1/scale`` of the size and sampled back
-    only where they are not flat (near the border), since elsewhere the output equals ``alpha``.
+    The filter's linear coefficients are computed at ``1/scale`` of the size, upsampled and
+    applied at full size; the output replaces ``alpha`` only where they are not flat (near the
+    border), since elsewhere the filter would only blur it.
 
     Args:
         alpha: (H, W) float32 in 0..1.
@@ -109,19 +110,23 @@ def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: flo
     # Where the guide explains nothing (a ~ 0 over the whole bilinear footprint) the filter would only
     # blur alpha; refinement is about following the photo's edges, so those pixels keep their alpha.
     busy = (np.abs(a).sum(axis=2) > _REFINE_MIN_SLOPE).astype(np.uint8)
-    busy = cv2.dilate(busy, np.ones((3, 3), np.uint8))
-    ys, xs = _nonzero(cv2.resize(busy, (w, h), interpolation=cv2.INTER_NEAREST))
+    if not busy.any():
+        return alpha.copy()
+    busy = cv2.resize(cv2.dilate(busy, np.ones((3, 3), np.uint8)), (w, h), interpolation=cv2.INTER_NEAREST)
+    # q = a . I / 255 + b, then a contrast of 2 about 0.5: the filter spreads the mask's own error
+    # over its window, the contrast keeps the border where the photo's edge is while solid regions
+    # return to 0 and 1. Both folded into the coefficients before they are upsampled (OpenCV, SIMD).
+    k = np.float32(_REFINE_CONTRAST)
+    a_full = cv2.resize(a * (k / np.float32(255.0)), (w, h), interpolation=cv2.INTER_LINEAR)
+    b_full = cv2.resize(b * k + np.float32(0.5 - 0.5 * _REFINE_CONTRAST), (w, h), interpolation=cv2.INTER_LINEAR)
+    q: np.ndarray = cv2.transform(cv2.multiply(a_full.reshape(h, w, 3), guide_rgb, dtype=cv2.CV_32F), _SUM3)
+    q = q.reshape(h, w) + b_full.reshape(h, w)
     out = alpha.copy()
-    if not len(ys):
-        return out
-    flat = ys * w + xs
-    a_at, b_at = _sample(a, ys, xs, (h, w)), _sample(b, ys, xs, (h, w))
-    guide_at = np.take(guide_rgb.reshape(-1, 3), flat, axis=0).astype(np.float32)
-    q = np.einsum("ij,ij->i", a_at, guide_at) * np.float32(1.0 / 255.0) + b_at
-    # The filter spreads the mask's own error over its window; a contrast of 2 about 0.5 keeps the
-    # border where the photo's edge is while solid regions return to 0 and 1.
-    np.put(out, flat, _snap((q - 0.5) * _REFINE_CONTRAST + 0.5))
+    cv2.copyTo(_snap(q), busy, out)
     return out
+
+
+_SUM3 = np.ones((1, 3), np.float32)  # cv2.transform matrix: the sum of three channels
 
 
 def _nonzero(mask_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,9 +186,11 @@ def _guided_coefficients(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -
 
 
 def _snap(alpha: np.ndarray) -> np.ndarray:
-    out: np.ndarray = np.clip(alpha, 0.0, 1.0).astype(np.float32, copy=False)
-    out[out < _ALPHA_SNAP] = 0.0
-    out[out > 1.0 - _ALPHA_SNAP] = 1.0
+    """float32 alpha clipped to 0..1, values within 1/255 of 0 or 1 set to them (four SIMD passes)."""
+    low = cv2.threshold(np.asarray(alpha, np.float32), _ALPHA_SNAP, 0.0, cv2.THRESH_TOZERO)[1]  # <= 1/255 -> 0
+    np.minimum(low, np.float32(1.0), out=low)
+    high = cv2.threshold(low, 1.0 - _ALPHA_SNAP, 1.0, cv2.THRESH_BINARY)[1]  # > 1 - 1/255 -> 1, else 0
+    out: np.ndarray = np.maximum(low, high, out=low)
     return out
 
 
@@ -219,7 +226,7 @@ def estimate_foreground(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int
     """
     ys, xs = border_pixels(alpha)
     out = image_rgb.copy()
-    out[ys, xs] = _foreground_at(image_rgb, alpha, ys, xs, radius_px)
+    out.reshape(-1, 3)[ys * alpha.shape[1] + xs] = _foreground_at(image_rgb, alpha, ys, xs, radius_px)
     return out
 
 
@@ -255,8 +262,9 @@ def _foreground_at(image_rgb: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs:
     r = max(1, radius // s)
     f_hat = _mean_at(img_s, solid_fg.astype(np.float32) * scale, r, ys, xs, (h, w))
     b_hat = _mean_at(img_s, solid_bg.astype(np.float32) * scale, r, ys, xs, (h, w))
-    a = alpha[ys, xs][:, None]
-    i = image_rgb[ys, xs].astype(np.float32) / 255.0
+    flat = ys * w + xs
+    a = np.take(alpha.reshape(-1), flat)[:, None]
+    i = np.take(image_rgb.reshape(-1, 3), flat, axis=0).astype(np.float32) * np.float32(1.0 / 255.0)
     # Where no solid pixel of a side is near, its mean is NaN: fall back to the pixel itself.
     f_hat = np.where(np.isnan(f_hat), i, f_hat)
     b_hat = np.where(np.isnan(b_hat), i, b_hat)
@@ -394,13 +402,13 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
     fg_at = _foreground_at(image_rgb, alpha, ys, xs)
     back = backdrop(image_rgb, alpha, options, background_rgb)
     if back is None:
-        out = np.dstack([image_rgb, _weight_u8(alpha)])
-        out[ys, xs, :3] = fg_at
-        return out
-    out = back if back.flags.writeable else back.copy()
-    cv2.copyTo(image_rgb, np.greater_equal(alpha, 1.0).view(np.uint8), out)
-    if len(ys):
-        a = alpha[ys, xs][:, None]
-        mixed = fg_at.astype(np.float32) * a + out[ys, xs].astype(np.float32) * (1.0 - a)
-        out[ys, xs] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+        rgba: np.ndarray = np.dstack([image_rgb, _weight_u8(alpha)])
+        rgba[ys, xs, :3] = fg_at
+        return rgba
+    subject = image_rgb
+    if len(ys):  # the border takes the subject's estimated own colour
+        subject = image_rgb.copy()
+        subject.reshape(-1, 3)[ys * alpha.shape[1] + xs] = fg_at
+    # alpha * subject + (1 - alpha) * backdrop, in one SIMD pass (exact where alpha is 0 or 1)
+    out: np.ndarray = cv2.blendLinear(subject, back, alpha, 1.0 - alpha)
     return out

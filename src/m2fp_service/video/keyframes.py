@@ -112,15 +112,16 @@ class KeyframeWorker:
                 self._cond.wait(remaining)
             return self._results.pop(index, None)
 
-    def close(self) -> None:
-        """Stops taking frames and lets the thread end after its current frame."""
+    def close(self, timeout_s: float | None = 60.0) -> None:
+        """Stops taking frames and waits (up to ``timeout_s``) for the thread to end after its current
+        frame. Waiting matters: a daemon thread still inside ONNX Runtime when the interpreter exits
+        aborts the whole process (exit 134) instead of letting it end cleanly."""
         with self._cond:
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        self._thread.join(timeout_s)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
 
     def _loop(self) -> None:
         while True:

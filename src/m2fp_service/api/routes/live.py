@@ -106,8 +106,8 @@ async def live(websocket: WebSocket) -> None:
         await _stream(websocket, session, settings, app.state.live_hub, name)
     finally:
         counter.release()
-        if session is not None:
-            session.close()
+        if session is not None:  # off the event loop: it waits for a key frame still running
+            await asyncio.to_thread(session.close)
 
 
 def _new_session(app: Any, settings: Settings, params: BackgroundParams, live_opts: dict[str, str]) -> LiveSession:
