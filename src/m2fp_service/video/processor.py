@@ -37,6 +37,7 @@ from m2fp_service.video.temporal import AlphaSmoother
 KeyPolicy = Literal["bounded", "latest"]
 MATTE_MAX_SIDE = 960  # frames with a longer side are refined at half size
 _SOFT_LOW, _SOFT_HIGH = 0.15, 0.85
+_EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)  # FrameResult.image before ``compose``
 
 
 class Segmenter(Protocol):
@@ -80,7 +81,7 @@ class FrameResult:
     """One processed frame.
 
     Attributes:
-        image: (H, W, 3) uint8 RGB, or (H, W, 4) RGBA for ``transparent``.
+        image: (H, W, 3) uint8 RGB, or (H, W, 4) RGBA for ``transparent`` (empty after ``matte`` alone).
         alpha: (H, W) float32 0..1, the kept region after refinement.
         parts_age: frames since the key frame whose parts are used (None: no parts yet or not needed).
         people: person ids in the carried map.
@@ -126,50 +127,67 @@ class FrameProcessor:
 
     def process(self, index: int, frame_rgb: np.ndarray) -> FrameResult:
         """Composes frame ``index`` (frames must come in order)."""
+        result = self.matte(index, frame_rgb)
+        t = time.perf_counter()
+        result.image = self.compose(frame_rgb, result.alpha)
+        _lap(result.seconds, "compose", t)
+        return result
+
+    def matte(self, index: int, frame_rgb: np.ndarray, prob: np.ndarray | None = None) -> FrameResult:
+        """The first stage of ``process``: frame ``index``'s alpha (frames must come in order), without
+        the composed picture (``image`` is left empty for ``compose``).
+
+        Args:
+            prob: the light model's output for this frame (``segmenter.run_small``), when a reader
+                thread computed it ahead; else it is computed here.
+        """
         seconds: dict[str, float] = {}
         t = time.perf_counter()
         h, w = frame_rgb.shape[:2]
-        prob = self.segmenter.run_small(frame_rgb)
+        if prob is None:
+            prob = self.segmenter.run_small(frame_rgb)
         if self.smoother is not None:
             prob = self.smoother(prob)
         t = _lap(seconds, "segment", t)
-        person = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        # The alpha is built at the matte size (half the frame above MATTE_MAX_SIDE) straight from the
+        # model's small output, upsampled once at the end.
+        mh, mw = (h, w) if max(h, w) <= MATTE_MAX_SIDE else (h // 2, w // 2)
+        alpha: np.ndarray = cv2.resize(prob, (mw, mh), interpolation=cv2.INTER_LINEAR)
         parts_age: int | None = None
         people: list[int] = []
-        alpha: np.ndarray
         if self.keyframes is not None:
             selection, parts_age, people = self._selection(index, frame_rgb, prob)
             t = _lap(seconds, "parts", t)
-            alpha = person * cv2.resize(selection, (w, h), interpolation=cv2.INTER_LINEAR)
-        else:
-            alpha = person
+            alpha = alpha * cv2.resize(selection, (mw, mh), interpolation=cv2.INTER_LINEAR)
         spec = self.options.spec
         if spec.invert:
             alpha = 1.0 - alpha
         alpha = self._matte(alpha, frame_rgb)
         if spec.feather_px >= 2:
             alpha = compose.feather_alpha(alpha, spec.feather_px)
-        t = _lap(seconds, "matte", t)
-        image = compose.composite(frame_rgb, alpha, spec.options, self._backdrop_for((h, w)))
-        _lap(seconds, "compose", t)
-        return FrameResult(image, alpha, parts_age, people, seconds)
+        _lap(seconds, "matte", t)
+        return FrameResult(_EMPTY_IMAGE, alpha, parts_age, people, seconds)
+
+    def compose(self, frame_rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """The second stage of ``process``: the composed frame for ``matte``'s alpha. Keeps no state
+        between frames but the backdrop, so it may run on another thread than ``matte``."""
+        return compose.composite(frame_rgb, alpha, self.options.spec.options, self._backdrop_for(alpha.shape))
 
     def _matte(self, alpha: np.ndarray, frame_rgb: np.ndarray) -> np.ndarray:
-        """The light model's soft alpha sharpened (its 0.15..0.85 stretched to 0..1, so the border is a
-        band, not a haze) and refined against the frame. Frames wider than ``MATTE_MAX_SIDE`` are
-        refined at half size: the person mask comes from a 256-pixel model, so full-size refinement
-        costs four times as much for detail the mask does not have."""
+        """The light model's soft alpha (at the matte size) sharpened — its 0.15..0.85 stretched to
+        0..1, so the border is a band, not a haze — refined against the frame and brought to the frame
+        size. Frames wider than ``MATTE_MAX_SIDE`` are refined at half size: the person mask comes
+        from a 256-pixel model, so full-size refinement costs four times as much for detail the mask
+        does not have."""
+        h, w = frame_rgb.shape[:2]
         alpha = np.clip((alpha - _SOFT_LOW) * (1.0 / (_SOFT_HIGH - _SOFT_LOW)), 0.0, 1.0).astype(np.float32)
-        if not self.options.spec.refine:
-            return alpha
-        h, w = alpha.shape
-        if max(h, w) <= MATTE_MAX_SIDE:
-            return compose.refine_alpha(alpha, frame_rgb, compose.default_refine_radius((h, w)))
-        half_wh = (w // 2, h // 2)
-        small = compose.refine_alpha(cv2.resize(alpha, half_wh, interpolation=cv2.INTER_AREA),
-                                     cv2.resize(frame_rgb, half_wh, interpolation=cv2.INTER_AREA),
-                                     compose.default_refine_radius(half_wh[::-1]))
-        return np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR))
+        mh, mw = alpha.shape
+        if self.options.spec.refine:
+            guide = frame_rgb if (mh, mw) == (h, w) else cv2.resize(frame_rgb, (mw, mh), interpolation=cv2.INTER_AREA)
+            alpha = compose.refine_alpha(alpha, guide, compose.default_refine_radius((mh, mw)))
+        if (mh, mw) != (h, w):
+            alpha = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_LINEAR)
+        return alpha
 
     def _backdrop_for(self, hw: tuple[int, int]) -> np.ndarray | None:
         """The backdrop picture covered to the frame size once, not per frame."""

@@ -1,9 +1,16 @@
 """``process_video``: a video file through the hybrid, frame by frame, audio kept (``m2fp video``).
 
-A reader thread decodes ahead of the frame loop (one key-frame interval plus a few frames) and
-hands every key frame to the M2FP worker as it decodes it, so M2FP works on key frame k while
-the loop is still on the frames before it. The loop composes each frame and writes it; audio
-packets are written in file order. The output appears under its name only when complete.
+Three threads in a pipeline, so a 2-core machine keeps both cores busy:
+
+* the reader decodes ahead of the frame loop (one key-frame interval plus a few frames), runs the
+  light model on each frame, and hands every key frame to the M2FP worker as it decodes it, so
+  M2FP works on key frame k while the loop is still on the frames before it;
+* the frame loop builds each frame's alpha in order (``FrameProcessor.matte``: smoothing, carried
+  parts, refinement — the stateful part);
+* the composer composes each frame over its backdrop and writes it, and writes the audio packets
+  in file order (one thread owns the output container).
+
+The output appears under its name only when complete.
 """
 
 from __future__ import annotations
@@ -83,8 +90,9 @@ def process_video(
         processor = FrameProcessor(segmenter, options, info.fps, worker, background_rgb)
         items: queue.Queue[object] = queue.Queue(maxsize=processor.interval + 8)
         stop = threading.Event()
-        feeder = threading.Thread(target=_read_ahead, args=(reader, processor, worker, items, stop),
+        feeder = threading.Thread(target=_read_ahead, args=(reader, segmenter, processor, worker, items, stop),
                                   name="m2fp-video-reader", daemon=True)
+        composer = _Composer(processor, writer)
         started = time.perf_counter()
         feeder.start()
         bar = tqdm(total=info.frames or None, unit="frame", disable=not progress, file=err, dynamic_ncols=True)
@@ -96,22 +104,25 @@ def process_video(
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, AudioPacket):
-                    writer.write_audio(item.packet)
+                    composer.put(item)
                     continue
-                assert isinstance(item, Frame)
-                result = processor.process(item.index, item.rgb)
-                writer.write(result.image, item.pts, item.index)
+                assert isinstance(item, _Segmented)
+                result = processor.matte(item.frame.index, item.frame.rgb, item.prob)
+                composer.put((item.frame, result.alpha))
                 report.frames += 1
                 for step, seconds in result.seconds.items():
                     report.step_seconds[step] = report.step_seconds.get(step, 0.0) + seconds
                 if result.parts_age is not None:
                     report.max_parts_age = max(report.max_parts_age or 0, result.parts_age)
                 bar.update(1)
+            composer.finish()
         finally:
             stop.set()
             _drain(items)
             feeder.join(timeout=10)
+            composer.join()
             bar.close()
+        report.step_seconds["compose"] = composer.seconds
         writer.close()
         report.seconds = time.perf_counter() - started
         report.audio_packets = writer.audio_packets
@@ -131,16 +142,88 @@ def process_video(
         reader.close()
 
 
-def _read_ahead(reader: VideoReader, processor: FrameProcessor, worker: KeyframeWorker | None,
-                items: queue.Queue[object], stop: threading.Event) -> None:
-    """Decodes into ``items`` (bounded: at most an interval ahead) and submits key frames to M2FP."""
+@dataclass(frozen=True)
+class _Segmented:
+    """A decoded frame and the light model's output for it (computed by the reader)."""
+
+    frame: Frame
+    prob: np.ndarray
+
+
+class _Composer:
+    """The last stage: composes each frame over its backdrop and writes it; writes audio in order.
+
+    ``put`` hands it (frame, alpha) pairs and audio packets in file order; ``finish`` waits for
+    everything to be written and raises the composer's error, if any.
+    """
+
+    def __init__(self, processor: FrameProcessor, writer: VideoWriter) -> None:
+        self._processor = processor
+        self._writer = writer
+        self._items: queue.Queue[object] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._loop, name="m2fp-video-composer", daemon=True)
+        self._thread.start()
+
+    def put(self, item: object) -> None:
+        """Queues an item (blocking while the queue is full); raises the composer's error, if any."""
+        while self._error is None:
+            try:
+                self._items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise self._error
+
+    def finish(self) -> None:
+        self.put(_END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def join(self) -> None:
+        """Ends the thread (after ``finish``, or on the way out of a failure)."""
+        if self._thread.is_alive():
+            _drain(self._items)
+            with contextlib.suppress(queue.Full):
+                self._items.put_nowait(_END)
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                item = self._items.get()
+                if item is _END:
+                    return
+                if isinstance(item, AudioPacket):
+                    self._writer.write_audio(item.packet)
+                    continue
+                assert isinstance(item, tuple)
+                frame: Frame = item[0]
+                alpha: np.ndarray = item[1]
+                t = time.perf_counter()
+                image = self._processor.compose(frame.rgb, alpha)
+                self.seconds += time.perf_counter() - t
+                self._writer.write(image, frame.pts, frame.index)
+        except BaseException as exc:  # handed to the frame loop, which raises it
+            self._error = exc
+
+
+def _read_ahead(reader: VideoReader, segmenter: Segmenter, processor: FrameProcessor,
+                worker: KeyframeWorker | None, items: queue.Queue[object], stop: threading.Event) -> None:
+    """Decodes into ``items`` (bounded: at most an interval ahead) with the light model's output for
+    each frame, and submits key frames to M2FP."""
     try:
         for item in reader:
             if stop.is_set():
                 return
-            if isinstance(item, Frame) and worker is not None and processor.is_key(item.index):
-                worker.submit(item.index, item.rgb, processor.key_gray(item.rgb))
-            _put(items, item, stop)
+            if isinstance(item, Frame):
+                if worker is not None and processor.is_key(item.index):
+                    worker.submit(item.index, item.rgb, processor.key_gray(item.rgb))
+                _put(items, _Segmented(item, segmenter.run_small(item.rgb)), stop)
+            else:
+                _put(items, item, stop)
         _put(items, _END, stop)
     except BaseException as exc:  # handed to the loop, which raises it
         _put(items, exc, stop)
