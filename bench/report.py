@@ -263,7 +263,7 @@ def section_compose(compose: dict[str, Any] | None) -> list[str]:
         st = by.get(name)
         return f"{st['median'] * 1e3:.1f} ({st['min'] * 1e3:.1f}–{st['max'] * 1e3:.1f})" if st else "–"
 
-    sizes = [z for z in ("720p", "1080p") if any(f"-{z}]" in n for n in by)]
+    sizes = [z for z in ("720p", "1080p") if any(n.startswith(f"test_compose[{z}-") for n in by)]
     lines += ["All array work for one picture (selection -> refined matte -> foreground colour, backdrop, blend) "
               "on the 720p photo (1080p: the same, upscaled), the kept region a real person's shape (the light "
               "model's mask); milliseconds, median (min–max), encoding apart. Target: all compositing for one "
