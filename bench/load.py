@@ -51,6 +51,7 @@ def one_level(model: Path, users: int, seconds: float) -> dict[str, Any]:
                 raise SystemExit(f"locust failed ({proc.returncode}): {proc.stderr[-3000:]}")
             recorded = json.loads(status_out.read_text())
             statuses, served_s = recorded["statuses"], recorded["served_s"]
+            errors = recorded.get("errors", {})
             with open(f"{prefix}_stats.csv", newline="") as fh:
                 rows = {r["Name"]: r for r in csv.DictReader(fh)}
         peak = server.peak_rss_mb()
@@ -63,7 +64,7 @@ def one_level(model: Path, users: int, seconds: float) -> dict[str, Any]:
         return float(np.percentile(served_s, q)) if served_s else None
 
     return {
-        "users": users, "seconds": seconds, "wall_s": wall, "statuses": statuses,
+        "users": users, "seconds": seconds, "wall_s": wall, "statuses": statuses, "errors": errors,
         "served_per_s": served / wall,
         "p50_s": pct(50), "p95_s": pct(95), "p99_s": pct(99),
         "requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),

@@ -22,6 +22,7 @@ from common import photo_jpeg  # noqa: E402
 JPEG = photo_jpeg()
 STATUSES: collections.Counter[str] = collections.Counter()
 SERVED_S: list[float] = []  # latency of each 200, seconds
+ERRORS: collections.Counter[str] = collections.Counter()  # what ended a request without an HTTP status
 
 
 class ParseUser(HttpUser):
@@ -36,6 +37,8 @@ class ParseUser(HttpUser):
         with self.client.post("/api/parse", files={"image": ("photo.jpg", JPEG, "image/jpeg")},
                               catch_response=True, timeout=600) as r:
             STATUSES[str(r.status_code)] += 1
+            if r.status_code == 0:
+                ERRORS[repr(r.error)[:300]] += 1
             if r.status_code == 200:
                 SERVED_S.append(time.perf_counter() - t)
             if r.status_code == 503:
@@ -49,4 +52,5 @@ class ParseUser(HttpUser):
 def _write_statuses(environment: object, **_: object) -> None:
     out = os.environ.get("M2FP_BENCH_STATUS_OUT")
     if out:
-        Path(out).write_text(json.dumps({"statuses": dict(STATUSES), "served_s": SERVED_S}))
+        Path(out).write_text(json.dumps({"statuses": dict(STATUSES), "served_s": SERVED_S,
+                                          "errors": dict(ERRORS)}))

@@ -205,6 +205,8 @@ def test_overloaded_is_503_with_retry_after_at_once(
     for r in responses[2:]:
         assert_error(r, 503, 1008, "busy")
         assert int(r.headers["retry-after"]) >= 1
+        # told to come back later: the connection is not kept idle through the wait (keep-alive race)
+        assert r.headers["connection"] == "close"
     assert gate.calls == 2
 
 

@@ -189,6 +189,7 @@ def test_overload_gives_503_with_retry_after(tiny_model_path: Path, tmp_path: Pa
         for r in responses:
             if r.status_code == 503:
                 assert r.json()["code"] == 1008 and int(r.headers["Retry-After"]) >= 1
+                assert r.headers["Connection"] == "close"
                 assert r.elapsed.total_seconds() < 1.0, "503 must be immediate"
             else:
                 assert_non_trivial(r.json())

@@ -26,11 +26,16 @@ def error_body(code: int, message: str) -> dict[str, object]:
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    """The envelope and status for a ``ServiceError``; ``Retry-After`` when the class has one."""
+    """The envelope and status for a ``ServiceError``; ``Retry-After`` when the class has one.
+
+    A client told to come back later also gets ``Connection: close``: a kept-alive connection would
+    sit idle through the wait, and a client waiting about as long as the server's keep-alive timeout
+    (uvicorn: 5 s) races the server closing it ("remote end closed connection without response")."""
     headers = {}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(int(retry_after))
+        headers["Connection"] = "close"
     return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
 
 

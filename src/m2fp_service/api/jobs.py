@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from m2fp_service.api.deps import request_started
 from m2fp_service.api.metrics import Metrics
@@ -46,6 +46,7 @@ async def run_upload_job(
         slot = pool.reserve()
     except Overloaded:
         metrics.rejected.labels("overloaded").inc()
+        await _discard_body(request, settings.max_upload_bytes)
         raise
     with slot:  # held from before the upload is read until the job ends: bounded memory
         started = request_started(request)  # the request's time limit counts from its arrival
@@ -61,6 +62,22 @@ async def run_upload_job(
             raise
     metrics.observe_parse(timings, waited)
     return result, timings
+
+
+async def _discard_body(request: Request, limit_bytes: int, budget_s: float = 2.0) -> None:
+    """Reads and drops the request body (bounded in bytes and time) before a refusal is sent. A
+    connection closed with unread data is reset by TCP, and the reset can destroy the refusal on its
+    way: the client sees "connection reset", not the 503 and its Retry-After (Apache's "lingering
+    close" exists for the same reason)."""
+    received = 0
+    try:
+        async with asyncio.timeout(budget_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit_bytes:
+                    return
+    except (TimeoutError, ClientDisconnect):
+        return
 
 
 async def _read(request: Request, settings: Settings, file_fields: tuple[str, ...]) -> Upload:
