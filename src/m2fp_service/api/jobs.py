@@ -36,7 +36,8 @@ async def run_upload_job(
     """Admits the request, reads its multipart upload and runs ``make_job(upload, timings)()`` on a worker.
 
     Raises:
-        Overloaded: the pool and its queue are full (503 + Retry-After), before anything is read.
+        Overloaded: the pool and its queue are full (503 + Retry-After), decided before the upload is read
+            (what arrives of it is then dropped, bounded, so the answer is not lost to a TCP reset).
         UploadTimeout: the upload did not arrive within ``settings.upload_timeout_s``.
         InferenceTimeout: not done within ``settings.request_timeout_s``.
         ServiceError: whatever reading the upload or the job raises.
@@ -69,6 +70,8 @@ async def _discard_body(request: Request, limit_bytes: int, budget_s: float = 2.
     connection closed with unread data is reset by TCP, and the reset can destroy the refusal on its
     way: the client sees "connection reset", not the 503 and its Retry-After (Apache's "lingering
     close" exists for the same reason)."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return  # the client waits for "100 Continue" before it sends the body: nothing unread to reset
     received = 0
     try:
         async with asyncio.timeout(budget_s):

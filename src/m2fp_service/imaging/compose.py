@@ -97,6 +97,7 @@ def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: flo
     Returns:
         (H, W) float32 in 0..1, values within 1/255 of 0 or 1 snapped to them.
     """
+    alpha = np.asarray(alpha, np.float32)
     h, w = alpha.shape
     s = max(1, radius // 2) if scale is None else max(1, scale)
     small_hw = (max(1, round(h / s)), max(1, round(w / s)))
@@ -398,6 +399,7 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         (H, W, 3) uint8 RGB: the photo where alpha is 1, the backdrop where it is 0, and between
         them the subject's estimated own colour blended over the backdrop.
     """
+    alpha = np.asarray(alpha, np.float32)
     ys, xs = border_pixels(alpha)
     fg_at = _foreground_at(image_rgb, alpha, ys, xs)
     back = backdrop(image_rgb, alpha, options, background_rgb)

@@ -92,8 +92,11 @@ class LiveSession:
         return LiveAnswer(header, picture)
 
     def close(self) -> None:
+        """Stops the key-frame worker and waits up to 10 s for a frame in progress: long enough for one
+        M2FP run, short enough that a run queued behind other sessions' key frames does not hold a
+        thread of the server's pool for long."""
         if self.worker is not None:
-            self.worker.close()
+            self.worker.close(timeout_s=10)
 
 
 class LatestSlot:

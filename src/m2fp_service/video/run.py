@@ -16,6 +16,7 @@ The output appears under its name only when complete.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from m2fp_service.video.keyframes import KeyframeWorker
 from m2fp_service.video.processor import FrameProcessor, Segmenter, VideoOptions
 
 _END = object()
+log = logging.getLogger("m2fp.video")
 
 
 @dataclass
@@ -85,6 +87,7 @@ def process_video(
     writer: VideoWriter | None = None
     worker = KeyframeWorker(parse, ordered=True) if options.needs_parts and parse is not None else None
     report = VideoReport(width=info.width, height=info.height, fps_in=info.fps)
+    abandoned = False  # the composer thread would not stop: its container must not be closed under it
     try:
         writer = VideoWriter(partial, info, alpha=alpha, audio_stream=reader.audio, crf=crf, preset=preset)
         processor = FrameProcessor(segmenter, options, info.fps, worker, background_rgb)
@@ -92,11 +95,11 @@ def process_video(
         stop = threading.Event()
         feeder = threading.Thread(target=_read_ahead, args=(reader, segmenter, processor, worker, items, stop),
                                   name="m2fp-video-reader", daemon=True)
-        composer = _Composer(processor, writer)
-        started = time.perf_counter()
-        feeder.start()
         bar = tqdm(total=info.frames or None, unit="frame", disable=not progress, file=err, dynamic_ncols=True)
+        started = time.perf_counter()
+        composer = _Composer(processor, writer)  # its thread starts here: nothing may raise before the try
         try:
+            feeder.start()
             while True:
                 item = items.get()
                 if item is _END:
@@ -119,8 +122,11 @@ def process_video(
         finally:
             stop.set()
             _drain(items)
-            feeder.join(timeout=10)
-            composer.join()
+            if feeder.is_alive():
+                feeder.join(timeout=10)
+            if not composer.join():  # still writing: closing the container under it could crash
+                log.error("the video composer did not stop; %s is left open", partial)
+                abandoned = True
             bar.close()
         report.step_seconds["compose"] = composer.seconds
         writer.close()
@@ -135,8 +141,9 @@ def process_video(
         if worker is not None:
             worker.close()
         if writer is not None:  # failed half-way: nothing half-written stays under either name
-            with contextlib.suppress(Exception):  # the original error matters more
-                writer.close()
+            if not abandoned:
+                with contextlib.suppress(Exception):  # the original error matters more
+                    writer.close()
             if partial != target:
                 partial.unlink(missing_ok=True)
         reader.close()
@@ -182,13 +189,14 @@ class _Composer:
         if self._error is not None:
             raise self._error
 
-    def join(self) -> None:
-        """Ends the thread (after ``finish``, or on the way out of a failure)."""
+    def join(self) -> bool:
+        """Ends the thread (after ``finish``, or on the way out of a failure); whether it has ended."""
         if self._thread.is_alive():
             _drain(self._items)
             with contextlib.suppress(queue.Full):
                 self._items.put_nowait(_END)
             self._thread.join(timeout=30)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         try:
