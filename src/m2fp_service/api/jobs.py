@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from m2fp_service.api.deps import request_started
 from m2fp_service.api.metrics import Metrics
@@ -36,8 +36,7 @@ async def run_upload_job(
     """Admits the request, reads its multipart upload and runs ``make_job(upload, timings)()`` on a worker.
 
     Raises:
-        Overloaded: the pool and its queue are full (503 + Retry-After), decided before the upload is read
-            (what arrives of it is then dropped, bounded, so the answer is not lost to a TCP reset).
+        Overloaded: the pool and its queue are full (503 + Retry-After), before anything is read.
         UploadTimeout: the upload did not arrive within ``settings.upload_timeout_s``.
         InferenceTimeout: not done within ``settings.request_timeout_s``.
         ServiceError: whatever reading the upload or the job raises.
@@ -47,7 +46,6 @@ async def run_upload_job(
         slot = pool.reserve()
     except Overloaded:
         metrics.rejected.labels("overloaded").inc()
-        await _discard_body(request, settings.max_upload_bytes)
         raise
     with slot:  # held from before the upload is read until the job ends: bounded memory
         started = request_started(request)  # the request's time limit counts from its arrival
@@ -63,24 +61,6 @@ async def run_upload_job(
             raise
     metrics.observe_parse(timings, waited)
     return result, timings
-
-
-async def _discard_body(request: Request, limit_bytes: int, budget_s: float = 2.0) -> None:
-    """Reads and drops the request body (bounded in bytes and time) before a refusal is sent. A
-    connection closed with unread data is reset by TCP, and the reset can destroy the refusal on its
-    way: the client sees "connection reset", not the 503 and its Retry-After (Apache's "lingering
-    close" exists for the same reason)."""
-    if request.headers.get("expect", "").lower() == "100-continue":
-        return  # the client waits for "100 Continue" before it sends the body: nothing unread to reset
-    received = 0
-    try:
-        async with asyncio.timeout(budget_s):
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit_bytes:
-                    return
-    except (TimeoutError, ClientDisconnect):
-        return
 
 
 async def _read(request: Request, settings: Settings, file_fields: tuple[str, ...]) -> Upload:
