@@ -44,11 +44,18 @@ def read_card(model_path: Path) -> ModelCard:
 
 
 def _open(model_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return open_session(model_path, options, f"model file {model_path} not found; export one with `m2fp export -o "
+                        f"{model_path}` (see README: --checkpoint DIR, the ModelScope hub, or --random-init)")
+
+
+def open_session(model_path: Path, options: ort.SessionOptions, missing: str) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of ``model_path``.
+
+    Raises:
+        ModelLoadError: ``missing`` when there is no such file; ONNX Runtime's reason when it cannot load it.
+    """
     if not model_path.is_file():
-        raise ModelLoadError(
-            f"model file {model_path} not found; export one with `m2fp export -o {model_path}` "
-            "(see README: --checkpoint DIR, the ModelScope hub, or --random-init)"
-        )
+        raise ModelLoadError(missing)
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -119,14 +126,20 @@ def cache_path_for(model_path: Path, cache_dir: Path | None) -> Path:
 
 
 def _base_options(options: EngineOptions) -> ort.SessionOptions:
+    return session_options(options.intra_op_threads, spinning=options.spinning)
+
+
+def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.SessionOptions:
+    """The service's ONNX Runtime session settings (M2FP and the light model): sequential, one
+    inter-op thread, ``intra_op_threads`` per run (0 = one per core), no spinning unless asked."""
     so = ort.SessionOptions()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = options.intra_op_threads
+    so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
     # The arena keeps peak-size buffers between runs (fast for repeated sizes); input sizes
     # vary per image, so each run lets it shrink back (run option below) instead of growing for ever.
     so.enable_cpu_mem_arena = True
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # ONNX Runtime's own warnings go to stderr as plain text, which would break the JSON logs (e.g.
     # "Serializing optimized model ... hardware specific" when the optimised-graph cache is written:
     # expected, the cache is keyed by the CPU's flags). Errors still reach our log as exceptions.

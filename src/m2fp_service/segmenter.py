@@ -17,29 +17,21 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from m2fp_service.engine import open_session, session_options
 from m2fp_service.errors import InferenceFailed, ModelLoadError
 from m2fp_service.lightcard import LIGHT_CARD_KEY, LightCardError, LightModelCard
 
 
 def _session_options(intra_op_threads: int, optimize: bool = True) -> ort.SessionOptions:
-    options = ort.SessionOptions()
+    options = session_options(intra_op_threads)
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 def _open(model_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    if not model_path.is_file():
-        raise ModelLoadError(f"light model file {model_path} not found; export one with "
-                             f"`m2fp export-light -o {model_path}` (or `make light-model`)")
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
+    return open_session(model_path, options, f"light model file {model_path} not found; export one with "
+                        f"`m2fp export-light -o {model_path}` (or `make light-model`)")
 
 
 def _card_of(session: ort.InferenceSession, model_path: Path) -> LightModelCard:
