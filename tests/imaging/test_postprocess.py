@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from m2fp_service.imaging import postprocess
 from m2fp_service.imaging.postprocess import (
     argmax_label_map,
     mask_score,
@@ -540,3 +541,23 @@ def test_to_result_fast_close_to_exact_when_image_larger(orig: tuple[int, int]) 
     np.testing.assert_allclose(fast.person_scores, exact.person_scores, rtol=1e-2)
     # Parts with nearly equal scores may swap places; the multiset of classes must not change.
     assert sorted(p.class_id for p in fast.parts) == sorted(p.class_id for p in exact.parts)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_to_result_bands_on_threads_change_nothing(mode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-pixel work split into row bands on threads gives what one band on one thread gives."""
+    meta = _meta((700, 1100))
+    class_logits, mask_logits = synthetic_outputs(meta, seed=7)
+    results = {}
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(postprocess, "THREADS", threads)
+        results[threads] = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode=mode)
+    one = results[1]
+    assert len(np.unique(one.label_map)) >= 4 and one.num_people >= 2  # something to disagree about
+    for threads in (2, 3):
+        got = results[threads]
+        np.testing.assert_array_equal(got.label_map, one.label_map)
+        np.testing.assert_array_equal(got.person_masks, one.person_masks)
+        np.testing.assert_allclose(got.person_scores, one.person_scores, rtol=1e-6)
+        assert [p.class_id for p in got.parts] == [p.class_id for p in one.parts]
+        np.testing.assert_allclose([p.score for p in got.parts], [p.score for p in one.parts], rtol=1e-6)

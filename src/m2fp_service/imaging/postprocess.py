@@ -19,7 +19,10 @@ their logits.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -29,6 +32,7 @@ from m2fp_service.modelcard import InferenceSettings
 from m2fp_service.result import ParsingResult, PartInstance
 
 Mode = Literal["exact", "fast"]
+T = TypeVar("T")
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -57,25 +61,70 @@ def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tu
 
 
 def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``sigmoid(x)`` written into ``out`` (same shape, float32) without temporaries."""
-    with np.errstate(over="ignore"):
-        np.negative(x, out=out)
-        np.exp(out, out=out)
-        out += 1.0
-        np.reciprocal(out, out=out)
+    """``sigmoid(x)`` written into ``out`` (same shape, float32) without temporaries.
+
+    The exponential is OpenCV's (SIMD; numpy's float32 ``exp`` took 8x longer here): within
+    1.2e-7 of numpy's sigmoid. Large inputs saturate to 1 and 0 without overflow warnings.
+    """
+    np.negative(x, out=out)
+    cv2.exp(out, out)
+    np.add(out, 1.0, out=out)
+    np.reciprocal(out, out=out)
     return out
 
 
-def mask_score(logits: np.ndarray, probs: np.ndarray | None = None) -> float:
+def mask_score(logits: np.ndarray, probs: np.ndarray | None = None, scratch: np.ndarray | None = None) -> float:
     """Mean sigmoid over the mask's positive pixels (ModelScope's ``mask_scores_per_image``).
 
     Args:
-        logits: (H, W) mask logits.
+        logits: (H, W) float32 mask logits.
         probs: ``sigmoid(logits)`` if already computed.
+        scratch: a float32 buffer of the same shape to work in, if one is at hand.
     """
-    positive = logits > 0
-    probs = sigmoid(logits) if probs is None else probs
-    return float(probs.sum(where=positive, dtype=np.float64) / (np.count_nonzero(positive) + 1e-6))
+    total, count = _positive_sum(logits, sigmoid(logits) if probs is None else probs, scratch)
+    return total / (count + 1e-6)
+
+
+def _positive_sum(logits: np.ndarray, probs: np.ndarray, scratch: np.ndarray | None) -> tuple[float, int]:
+    """(sum of ``probs`` where ``logits > 0``, how many such pixels)."""
+    positive = cv2.threshold(logits, 0.0, 1.0, cv2.THRESH_BINARY)[1]  # 1.0 where logits > 0
+    kept = np.multiply(probs, positive, out=scratch)  # a masked sum (sum(where=)) is 15x slower
+    return float(cv2.sumElems(kept)[0]), cv2.countNonZero(positive)
+
+
+def _squash_band(logits: np.ndarray, sig: np.ndarray, scratch: np.ndarray) -> tuple[float, int]:
+    """One band of rows of a query: its sigmoid into ``sig``, and its part of the mask score."""
+    sigmoid_into(logits, sig)
+    return _positive_sum(logits, sig, scratch)
+
+
+def _add_instance_band(
+    sig: np.ndarray, probs: np.ndarray, counts: np.ndarray, scratch: np.ndarray, final: np.float32
+) -> None:
+    """One band of rows: adds an instance's probability (``sig * final``) where it passes 0.5.
+
+    Added everywhere with 0 below 0.5 (adding 0 changes nothing), 5x faster than a masked add.
+    """
+    np.multiply(sig, final, out=scratch)
+    cv2.threshold(scratch, 0.5, 0.0, cv2.THRESH_TOZERO, dst=scratch)
+    probs += scratch
+    hit = scratch > 0.5
+    np.add(counts, hit.view(np.uint8), out=counts)
+
+
+THREADS = max(1, min(2, os.cpu_count() or 1))  # per-pixel work: one band of rows per thread
+
+
+def _on_bands(
+    pool: ThreadPoolExecutor, bands: list[slice], fn: Callable[..., T], arrays: tuple[np.ndarray, ...], *args: Any
+) -> list[T]:
+    """``fn(*(a[band] for a in arrays), *args)`` for each band, on the pool's threads."""
+    return list(pool.map(lambda band: fn(*(a[band] for a in arrays), *args), bands))
+
+
+def _bands(height: int) -> list[slice]:
+    edges = np.linspace(0, height, min(THREADS, height) + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def top_pairs(class_logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,9 +167,11 @@ def argmax_label_map(class_probs: dict[int, np.ndarray], out_hw: tuple[int, int]
     label_map = np.zeros(out_hw, np.uint8)
     for c in sorted(class_probs):
         prob = resize_bilinear(class_probs[c], out_hw)
-        better = prob > best
-        best[better] = prob[better]
-        label_map[better] = c
+        better = cv2.compare(prob, best, cv2.CMP_GT)  # 255 where this class beats all before it
+        cv2.max(best, prob, dst=best)
+        # Classes come in increasing order, so every label set so far is below c: taking the
+        # maximum with c (where better) and 0 (elsewhere) sets c exactly where this class wins.
+        cv2.max(label_map, np.bitwise_and(better, np.uint8(c), out=better), dst=label_map)
     return label_map
 
 
@@ -158,32 +209,34 @@ def to_result(
     people: list[tuple[float, np.ndarray]] = []  # (score, (H, W) bool mask at the original size)
     parts: list[PartInstance] = []
     sig = np.empty(work_hw, np.float32)
+    scratch = np.empty(work_hw, np.float32)
+    bands = _bands(work_hw[0])
     # One query at a time: its mask is upsampled, squashed and scored once for all of its
-    # (query, class) pairs, and only a few work-size buffers are alive at any moment.
-    for q in np.unique(queries[live]):
-        logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
-        sigmoid_into(logits, sig)
-        mscore = mask_score(logits, sig)
-        pairs = live & (queries == q)
-        for score, label in zip(scores[pairs], labels[pairs], strict=True):
-            label = int(label)
-            final = np.float32(score) * np.float32(mscore)
-            if label == human:
-                if final > settings.human_score_thr:
-                    mask = resize_bilinear(logits, meta.orig_hw) > 0  # no-op resize when work size = original
-                    people.append((float(final), mask))
-                continue
-            if label != 0 and final >= settings.part_score_thr:
-                parts.append(PartInstance(label, float(final)))
-            if final < settings.parsing_ins_score_thr or label >= num_parsing:
-                continue
-            weighted = sig * final
-            hit = weighted > 0.5
-            if label not in probs:
-                probs[label] = np.zeros(work_hw, np.float32)
-                counts[label] = np.zeros(work_hw, np.uint8)  # <= 100 instances per pixel
-            np.add(probs[label], weighted, out=probs[label], where=hit)
-            counts[label] += hit
+    # (query, class) pairs, and only a few work-size buffers are alive at any moment. The
+    # per-pixel work runs on row bands in parallel (numpy and OpenCV release the GIL); each
+    # band's pixels get exactly the operations, in the same order, as without bands.
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="m2fp-post") as pool:
+        for q in np.unique(queries[live]):
+            logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
+            sums = _on_bands(pool, bands, _squash_band, (logits, sig, scratch))
+            mscore = sum(t for t, _ in sums) / (sum(n for _, n in sums) + 1e-6)
+            pairs = live & (queries == q)
+            for score, label in zip(scores[pairs], labels[pairs], strict=True):
+                label = int(label)
+                final = np.float32(score) * np.float32(mscore)
+                if label == human:
+                    if final > settings.human_score_thr:
+                        mask = resize_bilinear(logits, meta.orig_hw) > 0  # no-op resize when work size = original
+                        people.append((float(final), mask))
+                    continue
+                if label != 0 and final >= settings.part_score_thr:
+                    parts.append(PartInstance(label, float(final)))
+                if final < settings.parsing_ins_score_thr or label >= num_parsing:
+                    continue
+                if label not in probs:
+                    probs[label] = np.zeros(work_hw, np.float32)
+                    counts[label] = np.zeros(work_hw, np.uint8)  # <= 100 instances per pixel
+                _on_bands(pool, bands, _add_instance_band, (sig, probs[label], counts[label], scratch), final)
 
     for c in probs:
         probs[c] /= np.maximum(counts[c], 1).astype(np.float32)
