@@ -58,14 +58,19 @@ def cutout(image_rgb: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     """PNG bytes of an (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array.
 
-    Compression level 1: masks and colour maps are flat and compress well even at the
-    fastest level, and encoding is on every request's critical path.
+    Compression level 1, each row filtered against the row above ("up") and run-length
+    deflate: masks and colour maps are flat and compress well even so, and encoding is on every
+    request's critical path. OpenCV's default (a filter chosen per row by trial) took 2-4x as
+    long for files as large or larger: 17 class masks of a 720p photo 129 -> 38 ms, 273 -> 148
+    kB; its colour map 37 -> 12 ms; a photo 84 -> 38 ms at the same size.
     """
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     elif image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
-    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    ok, buf = cv2.imencode(".png", image, params)
     if not ok:  # pragma: no cover - imencode fails only on unsupported dtypes/shapes
         raise ValueError(f"cannot encode array {image.shape} {image.dtype} as PNG")
     return buf.tobytes()
