@@ -52,3 +52,29 @@ def test_install_registers_modelscope_import() -> None:
     with pytest.raises(RuntimeError, match="not available"):
         MultiScaleDeformableAttnFunction.apply()
     msda.install()  # idempotent
+
+
+def test_export_forward_matches_modelscope_forward() -> None:
+    """The export-time MSDeformAttn.forward (tracing.py) gives ModelScope's own forward's output."""
+    msda.install()
+    from modelscope.models.cv.image_instance_segmentation.maskdino.ms_deform_attn import MSDeformAttn
+
+    from m2fp_export.tracing import _deform_attn_forward
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=4).eval()
+    with torch.no_grad():  # ModelScope zero-initialises the offsets; make them move the samples
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+        attn.attention_weights.weight.normal_(0, 0.5)
+    shapes = torch.tensor([[12, 20], [6, 10], [3, 5]], dtype=torch.long)
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    length = int((shapes[:, 0] * shapes[:, 1]).sum())
+    query = torch.randn(2, length, 32)
+    reference = torch.rand(2, length, 3, 2)
+    flat = torch.randn(2, length, 32)
+    with torch.no_grad():
+        want = attn(query, reference, flat, shapes, starts)
+        got = _deform_attn_forward(attn, query, reference, flat, shapes, starts)
+    assert got.shape == want.shape == (2, length, 32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert want.abs().max() > 0.1

@@ -32,7 +32,7 @@ def multi_scale_deformable_attn_pytorch(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention by bilinear sampling on each level.
+    """Multi-scale deformable attention by bilinear sampling on each level (mmcv's signature).
 
     Args:
         value: (N, sum(H_l*W_l), heads, C/heads) projected values of all levels, flattened.
@@ -43,10 +43,28 @@ def multi_scale_deformable_attn_pytorch(
     Returns:
         (N, Q, C) float tensor.
     """
-    n, _, heads, head_dim = value.shape
+    n, _, heads, _ = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    grids = 2.0 * sampling_locations - 1.0
+    grids = (2.0 * sampling_locations - 1.0).transpose(1, 2).reshape(n * heads, num_queries, num_levels, num_points, 2)
     weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, num_queries, num_levels, num_points)
+    return sample_levels(value, value_spatial_shapes, grids, weights)
+
+
+def sample_levels(value: torch.Tensor, value_spatial_shapes: torch.Tensor, grids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """The sampling and weighted sum of multi-scale deformable attention, heads first.
+
+    Args:
+        value: (N, sum(H_l*W_l), heads, C/heads).
+        value_spatial_shapes: (L, 2) int64, (H_l, W_l).
+        grids: (N*heads, Q, L, P, 2) sampling points in ``grid_sample``'s [-1, 1] coordinates.
+        weights: (N*heads, 1, Q, L, P) attention weights.
+
+    Returns:
+        (N, Q, C) float tensor.
+    """
+    n, _, heads, head_dim = value.shape
+    num_queries, num_levels = grids.shape[1], grids.shape[2]
     sizes = value_spatial_shapes[:, 0] * value_spatial_shapes[:, 1]
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     out = None
@@ -56,11 +74,10 @@ def multi_scale_deformable_attn_pytorch(
         # torch.narrow with a tensor start keeps the level split symbolic in a traced graph.
         value_l = torch.narrow(value, 1, starts[level], sizes[level])
         value_l = value_l.flatten(2).transpose(1, 2).reshape(n * heads, head_dim, h_l, w_l)
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = F.grid_sample(value_l, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
         # Weight and reduce each level as it is sampled. mmcv stacks every level's samples first:
         # the same sum, but in the exported graph a Concat of ~190 MB per encoder layer at 720p.
-        part = (sampled * weights[..., level, :]).sum(-1)
+        part = (sampled * weights[:, :, :, level]).sum(-1)
         out = part if out is None else out + part
     assert out is not None
     return out.view(n, heads * head_dim, num_queries).transpose(1, 2).contiguous()
