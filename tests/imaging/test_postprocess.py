@@ -82,6 +82,14 @@ def test_sigmoid_matches_torch() -> None:
     np.testing.assert_allclose(got + sigmoid(-x), 1.0, rtol=1e-6)
 
 
+def test_sigmoid_saturates_on_extreme_logits() -> None:
+    x = np.array([[-1e4, -100.0, -np.inf], [1e4, 100.0, np.inf]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        got = sigmoid(x)
+    np.testing.assert_array_equal(got, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+
+
 # ---------------------------------------------------------------------------------------------
 # resize_bilinear, query_logits_at
 # ---------------------------------------------------------------------------------------------

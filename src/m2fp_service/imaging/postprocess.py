@@ -61,7 +61,7 @@ def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tu
 
 
 def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``sigmoid(x)`` written into ``out`` (same shape, float32) without temporaries.
+    """``sigmoid(x)`` of a 1-D or 2-D float32 array, written into ``out`` without temporaries.
 
     The exponential is OpenCV's (SIMD; numpy's float32 ``exp`` took 8x longer here): within
     1.2e-7 of numpy's sigmoid. Large inputs saturate to 1 and 0 without overflow warnings.
