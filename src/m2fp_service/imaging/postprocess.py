@@ -11,6 +11,10 @@ Two exact shortcuts keep it fast without changing any result:
   paste 0.5) cannot pass after multiplying by a mask score <= 1, so its mask is never upsampled;
 - a query's mask and mask score do not depend on the class, so each is computed once.
 
+The per-pixel work of each query runs on row bands, one per thread (``THREADS``), with OpenCV's
+SIMD kernels where numpy's float32 ``exp`` and masked operations are slow; every pixel gets the
+same operations in the same order whatever the number of bands.
+
 ``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or (``fast``)
 the resized model-input size when that is smaller, with each class's probability map then
 resized bilinearly before the argmax and person masks thresholded after a bilinear resize of
