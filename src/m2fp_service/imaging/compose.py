@@ -400,17 +400,11 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         them the subject's estimated own colour blended over the backdrop.
     """
     alpha = np.asarray(alpha, np.float32)
-    ys, xs = border_pixels(alpha)
-    fg_at = _foreground_at(image_rgb, alpha, ys, xs)
+    subject = estimate_foreground(image_rgb, alpha)  # the border takes the subject's own colour
     back = backdrop(image_rgb, alpha, options, background_rgb)
     if back is None:
-        rgba: np.ndarray = np.dstack([image_rgb, _weight_u8(alpha)])
-        rgba[ys, xs, :3] = fg_at
+        rgba: np.ndarray = np.dstack([subject, _weight_u8(alpha)])
         return rgba
-    subject = image_rgb
-    if len(ys):  # the border takes the subject's estimated own colour
-        subject = image_rgb.copy()
-        subject.reshape(-1, 3)[ys * alpha.shape[1] + xs] = fg_at
     # alpha * subject + (1 - alpha) * backdrop, in one SIMD pass (exact where alpha is 0 or 1)
     out: np.ndarray = cv2.blendLinear(subject, back, alpha, 1.0 - alpha)
     return out

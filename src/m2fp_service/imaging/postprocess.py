@@ -77,15 +77,14 @@ def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def mask_score(logits: np.ndarray, probs: np.ndarray | None = None, scratch: np.ndarray | None = None) -> float:
+def mask_score(logits: np.ndarray, probs: np.ndarray | None = None) -> float:
     """Mean sigmoid over the mask's positive pixels (ModelScope's ``mask_scores_per_image``).
 
     Args:
         logits: (H, W) float32 mask logits.
         probs: ``sigmoid(logits)`` if already computed.
-        scratch: a float32 buffer of the same shape to work in, if one is at hand.
     """
-    total, count = _positive_sum(logits, sigmoid(logits) if probs is None else probs, scratch)
+    total, count = _positive_sum(logits, sigmoid(logits) if probs is None else probs, None)
     return total / (count + 1e-6)
 
 

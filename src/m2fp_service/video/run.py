@@ -93,7 +93,7 @@ def process_video(
         processor = FrameProcessor(segmenter, options, info.fps, worker, background_rgb)
         items: queue.Queue[object] = queue.Queue(maxsize=processor.interval + 8)
         stop = threading.Event()
-        feeder = threading.Thread(target=_read_ahead, args=(reader, segmenter, processor, worker, items, stop),
+        feeder = threading.Thread(target=_read_ahead, args=(reader, processor, worker, items, stop),
                                   name="m2fp-video-reader", daemon=True)
         bar = tqdm(total=info.frames or None, unit="frame", disable=not progress, file=err, dynamic_ncols=True)
         started = time.perf_counter()
@@ -175,13 +175,9 @@ class _Composer:
 
     def put(self, item: object) -> None:
         """Queues an item (blocking while the queue is full); raises the composer's error, if any."""
-        while self._error is None:
-            try:
-                self._items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise self._error
+        if not _put(self._items, item, lambda: self._error is not None):
+            assert self._error is not None
+            raise self._error
 
     def finish(self) -> None:
         self.put(_END)
@@ -218,8 +214,8 @@ class _Composer:
             self._error = exc
 
 
-def _read_ahead(reader: VideoReader, segmenter: Segmenter, processor: FrameProcessor,
-                worker: KeyframeWorker | None, items: queue.Queue[object], stop: threading.Event) -> None:
+def _read_ahead(reader: VideoReader, processor: FrameProcessor, worker: KeyframeWorker | None,
+                items: queue.Queue[object], stop: threading.Event) -> None:
     """Decodes into ``items`` (bounded: at most an interval ahead) with the light model's output for
     each frame, and submits key frames to M2FP."""
     try:
@@ -229,21 +225,23 @@ def _read_ahead(reader: VideoReader, segmenter: Segmenter, processor: FrameProce
             if isinstance(item, Frame):
                 if worker is not None and processor.is_key(item.index):
                     worker.submit(item.index, item.rgb, processor.key_gray(item.rgb))
-                _put(items, _Segmented(item, segmenter.run_small(item.rgb)), stop)
+                _put(items, _Segmented(item, processor.segmenter.run_small(item.rgb)), stop.is_set)
             else:
-                _put(items, item, stop)
-        _put(items, _END, stop)
+                _put(items, item, stop.is_set)
+        _put(items, _END, stop.is_set)
     except BaseException as exc:  # handed to the loop, which raises it
-        _put(items, exc, stop)
+        _put(items, exc, stop.is_set)
 
 
-def _put(items: queue.Queue[object], item: object, stop: threading.Event) -> None:
-    while not stop.is_set():
+def _put(items: queue.Queue[object], item: object, stopped: Callable[[], bool]) -> bool:
+    """Queues ``item``, waiting while the queue is full, unless ``stopped()`` first; whether it was queued."""
+    while not stopped():
         try:
             items.put(item, timeout=0.1)
-            return
+            return True
         except queue.Full:
             continue
+    return False
 
 
 def _drain(items: queue.Queue[object]) -> None:
