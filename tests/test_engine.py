@@ -13,8 +13,19 @@ import numpy as np
 import onnx
 import pytest
 
+from m2fp_service import engine as engine_module
 from m2fp_service.cancel import CancelToken, current_token
-from m2fp_service.engine import EngineOptions, ParsingEngine, RawOutputs, cache_path_for, read_card
+from m2fp_service.config import Settings
+from m2fp_service.engine import (
+    BUILT_MSDA_KERNEL,
+    EngineOptions,
+    ParsingEngine,
+    RawOutputs,
+    cache_path_for,
+    engine_options,
+    msda_kernel_path,
+    read_card,
+)
 from m2fp_service.errors import InferenceTimeout, ModelLoadError
 from m2fp_service.imaging.preprocess import prepare
 from m2fp_service.modelcard import CARD_KEY
@@ -109,7 +120,7 @@ def _cached_engine(model: Path, cache_dir: Path, **kw: object) -> ParsingEngine:
 def test_optimized_graph_cache_written_then_used(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray) -> None:
     first = _cached_engine(tiny_model_path, tmp_path)
     assert first.cache_status == "cache written"
-    cached = cache_path_for(tiny_model_path, tmp_path)
+    cached = cache_path_for(tiny_model_path, tmp_path, first.msda_kernel)
     assert cached.is_file() and cached.stat().st_mode & 0o044  # as readable as the model
     assert [p for p in tmp_path.iterdir() if p != cached] == []  # no temp file left
     second = _cached_engine(tiny_model_path, tmp_path)
@@ -143,7 +154,7 @@ def test_unwritable_cache_falls_back_and_says_so(tiny_model_path: Path, tmp_path
 
 
 def test_damaged_cache_is_rebuilt(tiny_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cached = cache_path_for(tiny_model_path, tmp_path)
+    cached = cache_path_for(tiny_model_path, tmp_path, msda_kernel_path("auto"))
     cached.write_bytes(b"\x00 not an onnx graph")
     with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
         engine = _cached_engine(tiny_model_path, tmp_path)
@@ -218,3 +229,72 @@ def test_a_cancelled_job_does_not_start_inference_and_other_runs_are_untouched(e
     assert isinstance(outcome, InferenceTimeout) and outcome.detail is None
     live = _run_in_job(engine, small, CancelToken())  # its own RunOptions: not terminated by the other
     assert isinstance(live, RawOutputs) and live.class_logits.shape == (100, 22)
+
+
+# --- the fused deformable-attention kernel (native/m2fp_msda.cc, `make native`) ---------------
+
+
+@pytest.fixture(scope="module")
+def built_kernel() -> Path:
+    if not BUILT_MSDA_KERNEL.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{BUILT_MSDA_KERNEL} is not built: `make test` runs `make native` first")
+        pytest.skip("the fused kernel is not built (make native)")
+    return BUILT_MSDA_KERNEL
+
+
+def test_exported_model_calls_the_fused_node(tiny_model_path: Path) -> None:
+    model = onnx.load(str(tiny_model_path))
+    nodes = [n for n in model.graph.node if (n.domain, n.op_type) == ("ai.m2fp", "MSDeformAttn")]
+    assert nodes and [(f.domain, f.name) for f in model.functions] == [("ai.m2fp", "MSDeformAttn")]
+    assert read_card(tiny_model_path).exporter["msda_op"] == "ai.m2fp::MSDeformAttn"
+
+
+def test_engine_runs_the_kernel_when_built_and_standard_ops_when_off(
+        tiny_model_path: Path, tmp_path: Path, photo: np.ndarray, built_kernel: Path) -> None:
+    fused = _cached_engine(tiny_model_path, tmp_path)
+    plain = _cached_engine(tiny_model_path, tmp_path, msda_kernel="off")
+    assert (fused.deformable_attention, fused.msda_kernel) == ("fused", built_kernel)
+    assert (plain.deformable_attention, plain.msda_kernel) == ("standard", None)
+    # Two optimised graphs: one keeps the custom nodes, the other has their function inlined.
+    assert cache_path_for(tiny_model_path, tmp_path, built_kernel) != cache_path_for(tiny_model_path, tmp_path)
+    assert len(list(tmp_path.glob(".tiny.ort-*.onnx"))) == 2
+    tensor, _ = prepare(photo, fused.card.input_policy)
+    a, b = fused.run(tensor).mask_logits, plain.run(tensor).mask_logits
+    assert np.abs(a).max() > 1.0
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)  # float rounding only
+    assert not np.array_equal(a, b)  # two different code paths really ran
+    assert parse_array(fused, photo).num_people == parse_array(plain, photo).num_people
+
+
+def test_kernel_asked_for_by_path_must_exist_and_load(tiny_model_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file.*make native"):
+        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(tmp_path / "missing.so"))
+    garbage = tmp_path / "libgarbage.so"
+    garbage.write_bytes(b"\x7fELF but not really a library")
+    with pytest.raises(ModelLoadError, match="cannot load the kernel library"):
+        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(garbage))
+
+
+def test_kernel_by_path_is_used(tiny_model_path: Path, tmp_path: Path, built_kernel: Path) -> None:
+    engine = _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(built_kernel))
+    assert (engine.deformable_attention, engine.msda_kernel) == ("fused", built_kernel)
+
+
+def test_a_broken_built_kernel_falls_back_with_a_warning(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "libm2fp_msda.so"
+    broken.write_bytes(b"built for another runtime")
+    monkeypatch.setattr(engine_module, "BUILT_MSDA_KERNEL", broken)
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = _cached_engine(tiny_model_path, tmp_path)
+    assert (engine.deformable_attention, engine.msda_kernel) == ("standard", None)
+    assert "does not load" in caplog.text and "make native" in caplog.text
+    assert parse_array(engine, photo).num_people >= 2
+
+
+def test_msda_kernel_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("M2FP_MSDA_KERNEL", "off")
+    assert engine_options(Settings()).msda_kernel == "off"
+    assert msda_kernel_path("off") is None

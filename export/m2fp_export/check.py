@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -205,3 +207,19 @@ def compare(candidate: Runner, reference: Runner, images: Sequence[np.ndarray], 
         report(f"  {label}{check.line()}")
         checks.append(check)
     return CheckReport(tuple(checks))
+
+
+def session(path: Path, report: Callable[[str], None] | None = None) -> Any:
+    """An ONNX Runtime session of ``path`` as the service runs it: with the fused deformable-attention
+    kernel when it is built (``make native``), else with the standard-op function."""
+    import onnxruntime as ort
+
+    from m2fp_service.engine import msda_kernel_path
+
+    options = ort.SessionOptions()
+    kernel = msda_kernel_path("auto")
+    if kernel is not None:
+        options.register_custom_ops_library(str(kernel))
+    if report is not None:
+        report(f"      deformable attention: {'fused kernel' if kernel else 'standard ops (the kernel is not built)'}")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

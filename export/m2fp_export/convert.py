@@ -35,7 +35,7 @@ from m2fp_service.modelcard import (
     policy_for_profile,
 )
 
-from . import __version__, check
+from . import __version__, check, msda
 from .errors import ParityError
 from .images import check_images
 from .source import LoadedModel, sha256_file
@@ -97,8 +97,12 @@ def synthetic_image(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> None:
-    """Traces the wrapper with dynamic H/W and writes a plain ONNX file to ``path``."""
+def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> bool:
+    """Traces the wrapper with dynamic H/W and writes a plain ONNX file to ``path``.
+
+    Returns:
+        Whether the graph has ``ai.m2fp::MSDeformAttn`` nodes (and their function).
+    """
     wrapper = M2FPOnnxWrapper(model).eval()
     example = torch.from_numpy(pad_to_input(synthetic_image(opts.trace_hw), InputPolicy()))
     with warnings.catch_warnings(), export_patches(), torch.no_grad():
@@ -108,7 +112,28 @@ def export_graph(model: torch.nn.Module, path: Path, opts: ExportOptions) -> Non
             dynamic_axes={INPUT_NAME: {2: "height", 3: "width"},
                           "mask_logits": {2: "mask_height", 3: "mask_width"}},
             opset_version=opts.opset, do_constant_folding=True, dynamo=False,
+            custom_opsets={msda.DOMAIN: msda.OP_VERSION},
         )
+    return attach_msda_function(model, path, opts.opset)
+
+
+def attach_msda_function(model: torch.nn.Module, path: Path, opset: int) -> bool:
+    """Defines the graph's ``ai.m2fp::MSDeformAttn`` nodes in the file (``msda.attach_function``)."""
+    import onnx
+
+    attn = [m for m in model.modules() if type(m).__name__ == "MSDeformAttn"]
+    if not attn:
+        return False
+    first = attn[0]
+    if any((m.n_heads, m.d_model, m.n_levels, m.n_points) != (first.n_heads, first.d_model, first.n_levels,
+                                                               first.n_points) for m in attn):
+        raise RuntimeError("the encoder's deformable-attention layers differ in shape; one function cannot serve them")
+    proto = onnx.load(str(path))
+    if not msda.attach_function(proto, opset, first.n_levels, heads=first.n_heads,
+                                head_dim=first.d_model // first.n_heads, points=first.n_points):
+        return False
+    onnx.save(proto, str(path))
+    return True
 
 
 def torch_runner(model: torch.nn.Module) -> check.Runner:
@@ -140,9 +165,7 @@ def check_parity(loaded: LoadedModel, path: Path, opts: ExportOptions,
     Judges the post-processed label maps and people (``opts.acceptance``), prints the raw
     relative differences too, and raises ParityError when the check fails.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = check.session(path, report)
     images = list(opts.check_images) or check_images()
     result = check.compare(check.onnx_runner(session), torch_runner(loaded.model), images,
                            inference_settings(loaded.model_cfg), [str(c) for c in loaded.model_cfg["classes"]],
@@ -202,12 +225,11 @@ def write_card(path: Path, card: ModelCard) -> None:
 
 def _profile_agreement(path: Path, loaded: LoadedModel, report: Callable[[str], None]) -> dict[str, Any]:
     """The 'fast' input profile against 'default' on the check images (same graph, ONNX Runtime)."""
-    import onnxruntime as ort
 
     from m2fp_service.imaging.postprocess import to_result
     from m2fp_service.imaging.preprocess import prepare
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = check.session(path)
     inference, classes = inference_settings(loaded.model_cfg), [str(c) for c in loaded.model_cfg["classes"]]
     figures = []
     for image in check_images():
@@ -249,14 +271,15 @@ def export_model(loaded: LoadedModel, output: Path, opts: ExportOptions | None =
         tmp = tmps[0]
         t0 = time.perf_counter()
         report(f"[1/{steps}] tracing to ONNX (opset {opts.opset}, dynamic height/width)...")
-        export_graph(loaded.model, tmp, opts)
+        fused = export_graph(loaded.model, tmp, opts)
         report(f"      {tmp.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
         acc = opts.acceptance
         report(f"[2/{steps}] checking ONNX Runtime against PyTorch: label maps (>= {acc.min_label_agreement:.2%} "
                f"of pixels) and people (same count, mask IoU >= {acc.min_person_iou}) on the check images"
                + (f", raw outputs within {acc.raw_rtol:g} relative" if acc.raw_rtol is not None else "") + "...")
         parity = check_parity(loaded, tmp, opts, report)
-        extra: dict[str, Any] = {}
+        # The deformable attention's sampling as one node, run by the fused kernel where registered.
+        extra: dict[str, Any] = {"msda_op": f"{msda.DOMAIN}::{msda.OP}"} if fused else {}
         if opts.profile != "default":
             extra["profiles"] = _profile_agreement(tmp, loaded, report)
         if opts.quantization is not None:
@@ -267,6 +290,8 @@ def export_model(loaded: LoadedModel, output: Path, opts: ExportOptions | None =
                 tmp, tmps[1], opts.quantization, opts.calibration_images, inference_settings(loaded.model_cfg),
                 [str(c) for c in loaded.model_cfg["classes"]], trained=loaded.trained, report=report)
             extra["precision"] = "int8"
+            if not extra["quantization"].get("msda_op_kept"):
+                extra.pop("msda_op", None)
             tmp = tmps[1]
         report(f"[{steps}/{steps}] writing model card and file...")
         card = build_card(loaded, opts, parity, extra)

@@ -7,15 +7,29 @@ PyTorch form as the fallback. mmcv-full is the dependency the seed project fough
 register a tiny in-memory ``mmcv`` package that offers exactly those two names: the function
 object raises (so ModelScope takes its own fallback path) and the fallback is written here with
 ``grid_sample`` per level, which traces and exports to ONNX (GridSample, opset >= 16).
+
+The exported graph calls the sampling as one node, ``ai.m2fp::MSDeformAttn``, defined in the same
+file as a model-local ONNX function whose body is that ``grid_sample`` form (``attach_function``).
+ONNX Runtime inlines the body, so the file runs anywhere; where the service registers its fused
+kernel (``native/m2fp_msda.cc``), the node runs as one kernel instead.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import types
+import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+DOMAIN = "ai.m2fp"
+OP = "MSDeformAttn"
+OP_VERSION = 1
+_INPUTS = ("value", "spatial_shapes", "grids", "weights")
 
 
 class _NoCudaKernel:
@@ -81,6 +95,80 @@ def sample_levels(value: torch.Tensor, value_spatial_shapes: torch.Tensor, grids
         out = part if out is None else out + part
     assert out is not None
     return out.view(n, heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+class _Sampling(torch.autograd.Function):
+    """``sample_levels`` as one ONNX node (``ai.m2fp::MSDeformAttn``) when traced for export."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, value_spatial_shapes: torch.Tensor, grids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        return sample_levels(value, value_spatial_shapes, grids, weights)
+
+    @staticmethod
+    def symbolic(g: Any, value: Any, value_spatial_shapes: Any, grids: Any, weights: Any) -> Any:
+        out = g.op(f"{DOMAIN}::{OP}", value, value_spatial_shapes, grids, weights)
+        out.setType(value.type().with_sizes([None, None, None]))
+        return out
+
+
+def sample_levels_node(value: torch.Tensor, value_spatial_shapes: torch.Tensor, grids: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """``sample_levels``, exported as one ``ai.m2fp::MSDeformAttn`` node (same arguments, same result)."""
+    return _Sampling.apply(value, value_spatial_shapes, grids, weights)  # type: ignore[no-any-return]
+
+
+class _Body(torch.nn.Module):
+    def forward(self, value: torch.Tensor, value_spatial_shapes: torch.Tensor, grids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        return sample_levels(value, value_spatial_shapes, grids, weights)
+
+
+def function_proto(opset: int, levels: int, heads: int = 8, head_dim: int = 32, points: int = 4) -> Any:
+    """The ONNX function ``ai.m2fp.MSDeformAttn``: ``sample_levels`` traced with standard ops.
+
+    ``levels`` is unrolled (the model's level count); batch, queries and level sizes stay
+    symbolic, so the body serves every input size. Initializers become Constant nodes.
+    """
+    import onnx
+    from onnx import helper
+
+    sizes = [(8 >> level, 12 >> level) for level in range(levels)]
+    total = sum(h * w for h, w in sizes)
+    example = (torch.zeros(1, total, heads, head_dim), torch.tensor(sizes, dtype=torch.int64),
+               torch.zeros(heads, total, levels, points, 2), torch.zeros(heads, 1, total, levels, points))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "body.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Body(), example, str(path), input_names=list(_INPUTS), output_names=["out"],
+                              dynamic_axes={"value": {0: "n", 1: "s"}, "grids": {0: "nh", 1: "q"},
+                                            "weights": {0: "nh", 2: "q"}, "out": {0: "n", 1: "q"}},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        graph = onnx.load(str(path)).graph
+    inputs = [i.name for i in graph.input]
+    if inputs != list(_INPUTS):
+        raise RuntimeError(f"the traced MSDA body takes {inputs}, expected {list(_INPUTS)}")
+    nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
+    return helper.make_function(DOMAIN, OP, list(_INPUTS), [graph.output[0].name], nodes + list(graph.node),
+                                opset_imports=[helper.make_opsetid("", opset)])
+
+
+def attach_function(model: Any, opset: int, levels: int, **shape: int) -> bool:
+    """Adds the ``ai.m2fp.MSDeformAttn`` function to ``model`` (a ModelProto) if its graph calls it.
+
+    Returns:
+        Whether the graph calls it.
+    """
+    from onnx import helper
+
+    if not any(node.domain == DOMAIN and node.op_type == OP for node in model.graph.node):
+        return False
+    if not any(f.domain == DOMAIN and f.name == OP for f in model.functions):
+        model.functions.append(function_proto(opset, levels, **shape))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    return True
 
 
 def install() -> None:

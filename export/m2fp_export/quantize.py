@@ -33,9 +33,11 @@ import numpy as np
 from m2fp_service.imaging.preprocess import pad_to_input
 from m2fp_service.modelcard import InferenceSettings, InputPolicy, ModelCard
 
-from . import check
+from . import check, msda
 from .errors import ExportError
 from .images import builtin_calibration, check_images
+
+log = logging.getLogger("m2fp_export")
 
 _KEEP_FP32 = (
     r"/self_attn/sampling_offsets/",  # MSDA: where to sample
@@ -150,7 +152,10 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
     try:
         # ONNX Runtime's recommended pre-processing: constants folded into initializers (Conv
         # biases must be initializers to be quantized) and shapes inferred.
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        optimized = pre.with_name(pre.name + ".opt")
+        kept = _optimize_keeping_msda(fp32_path, optimized)
+        quant_pre_process(str(optimized if kept else fp32_path), str(pre), skip_symbolic_shape=True,
+                          skip_optimization=kept)
         exclude = excluded_nodes(pre, config)
         quantize_static(
             str(pre), str(out_path), _Reader(calibration, InputPolicy()),
@@ -165,8 +170,41 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
     finally:
         root.setLevel(level)
         pre.unlink(missing_ok=True)
+        pre.with_name(pre.name + ".opt").unlink(missing_ok=True)
     return {"preset": asdict(config), "format": "QDQ, activations uint8 asymmetric, weights int8 symmetric",
-            "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration)}
+            "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration), "msda_op_kept": kept}
+
+
+def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
+    """ONNX Runtime's basic graph optimisation (what ``quant_pre_process`` runs), with the fused
+    deformable-attention kernel registered so that the ``ai.m2fp::MSDeformAttn`` nodes stay nodes:
+    without it ONNX Runtime inlines their function and the INT8 graph has only standard ops.
+
+    Returns:
+        False (nothing written) when the graph has no such nodes or the kernel is not built.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from m2fp_service.engine import msda_kernel_path
+
+    kernel = msda_kernel_path("auto")
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    if kernel is None or not any(n.domain == msda.DOMAIN for n in model.graph.node):
+        if kernel is None and any(n.domain == msda.DOMAIN for n in model.graph.node):
+            log.warning("the fused deformable-attention kernel is not built (`make native`): the INT8 graph "
+                        "gets the standard-op form of MSDeformAttn")
+        return False
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernel))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out_path)
+    ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(out_path))
+    if not any(f.domain == msda.DOMAIN for f in optimized.functions):  # keep the file runnable without the kernel
+        optimized.functions.extend(f for f in model.functions if f.domain == msda.DOMAIN)
+        onnx.save(optimized, str(out_path))
+    return True
 
 
 def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig,
@@ -181,7 +219,6 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
     Raises:
         QuantizationError: quantization failed, or the INT8 model falls short of the bar.
     """
-    import onnxruntime as ort
 
     images = list(calibration) or builtin_calibration(config.calibration_count, config.calibration_short_edge)
     source = calibration_source or ("given images" if calibration else "built-in set (scikit-image photographs)")
@@ -192,8 +229,8 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
     report(f"      {out_path.stat().st_size / 1e6:.1f} MB; {info['kept_fp32_nodes']} sensitive nodes kept in FP32")
     weights = "trained weights" if trained else "UNTRAINED (confident random) weights, not a quality figure"
     report(f"      checking INT8 against FP32 ({weights}): labels >= {config.min_label_agreement:.0%}, same people...")
-    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    fp32 = check.session(fp32_path)
+    int8 = check.session(out_path)
     result = check.compare(check.onnx_runner(int8), check.onnx_runner(fp32), check_images(), inference, classes,
                            report, label="INT8 vs FP32 ")
     info["check_vs_fp32"] = {"trained_weights": trained, "acceptance": asdict(config.acceptance), **result.summary()}
@@ -234,7 +271,10 @@ def quantize_file(fp32_path: Path, output: Path, config: QuantizationConfig, cal
                                 trained=card.trained, report=report)
         info["from_onnx"] = str(fp32_path)
         report("[2/2] writing model card and file...")
-        new = dataclasses.replace(card, exporter={**card.exporter, "precision": "int8", "quantization": info},
+        exporter = {**card.exporter, "precision": "int8", "quantization": info}
+        if not info.get("msda_op_kept"):
+            exporter.pop("msda_op", None)
+        new = dataclasses.replace(card, exporter=exporter,
                                   notes=[*card.notes, int8_note(info, card.trained)])
         _finish(tmp, output, new)
     finally:

@@ -87,7 +87,7 @@ def _deform_attn_forward(self: Any, query: torch.Tensor, reference_points: torch
     grids = (offsets + start.reshape(n, 1, len_q, levels * points * 2)).reshape(n * heads, len_q, levels, points, 2)
     weights = F.softmax(self.attention_weights(query).view(n, len_q, heads, levels * points), -1)
     weights = weights.transpose(1, 2).reshape(n * heads, 1, len_q, levels, points)
-    return self.output_proj(msda.sample_levels(value, input_spatial_shapes, grids, weights))  # type: ignore[no-any-return]
+    return self.output_proj(msda.sample_levels_node(value, input_spatial_shapes, grids, weights))  # type: ignore[no-any-return]
 
 
 def _prediction_heads(self: Any, output: torch.Tensor, mask_features: torch.Tensor,

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="Let idle ONNX Runtime threads spin between ops (a little faster on a dedicated "
                            "machine, wasted CPU on a shared one)")
+    msda_kernel: str = Field(
+        "auto", description="The fused deformable-attention kernel (a custom-op library, `make native`): 'auto' = "
+                            "the one built into the package if present, 'off' = ONNX's standard ops, or a path to "
+                            "libm2fp_msda.so (must load)")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
     max_connections: int = Field(

@@ -82,6 +82,8 @@ class EngineOptions:
         optimized_cache: save the optimised graph once and load it on later starts.
         cache_dir: where the optimised graph goes; None = beside the model file.
         spinning: let idle intra-op threads spin (faster hand-offs; burns CPU on a shared machine).
+        msda_kernel: the fused deformable-attention kernel: "auto" (the package's own build, if
+            present), "off", or the path of a ``libm2fp_msda.so`` (must load).
     """
 
     intra_op_threads: int = 0
@@ -89,13 +91,38 @@ class EngineOptions:
     optimized_cache: bool = True
     cache_dir: Path | None = None
     spinning: bool = False
+    msda_kernel: str = "auto"
+
+
+# The fused deformable-attention kernel, ``native/m2fp_msda.cc`` built by ``native/build.py``
+# (``make native``): an ONNX Runtime custom-op library implementing the ``ai.m2fp::MSDeformAttn``
+# nodes of models exported since it exists. Without it ONNX Runtime runs those nodes' ONNX
+# function (standard ops, the same result within float rounding, several times slower).
+BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
+
+
+def msda_kernel_path(setting: str) -> Path | None:
+    """The kernel library ``setting`` asks for: None for "off", or for "auto" when it is not built.
+
+    Raises:
+        ModelLoadError: a path that is not a file.
+    """
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return BUILT_MSDA_KERNEL if BUILT_MSDA_KERNEL.is_file() else None
+    path = Path(setting)
+    if not path.is_file():
+        raise ModelLoadError(f"M2FP_MSDA_KERNEL={setting}: no such file (build it with `make native`, or use "
+                             "'auto' or 'off')")
+    return path
 
 
 def engine_options(settings: Settings) -> EngineOptions:
     """The engine options a ``Settings`` asks for (threads per worker, profile, cache, spinning)."""
     return EngineOptions(intra_op_threads=settings.threads_per_worker(), input_profile=settings.input_profile,
                          optimized_cache=settings.ort_optimized_cache, cache_dir=settings.ort_cache_dir,
-                         spinning=settings.ort_spinning)
+                         spinning=settings.ort_spinning, msda_kernel=settings.msda_kernel)
 
 
 def _cpu_signature() -> str:
@@ -115,18 +142,44 @@ def _cpu_signature() -> str:
     return f"{ort.__version__}|{platform.machine()}|{flags}"
 
 
-def cache_path_for(model_path: Path, cache_dir: Path | None) -> Path:
-    """The optimised-graph cache file of ``model_path``: keyed by the file (size, mtime) and CPU."""
+def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
+    """The optimised-graph cache file of ``model_path``: keyed by the file (size, mtime), the CPU
+    and the custom-op library registered (a graph optimised with it keeps its nodes, one optimised
+    without it has their functions inlined)."""
     stat = model_path.stat()
+    library = "none"
+    if kernel is not None:
+        kstat = kernel.stat()
+        library = f"{kernel.resolve()}|{kstat.st_size}|{kstat.st_mtime_ns}"
     key = hashlib.sha256(
-        f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}".encode()
+        f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}|{library}".encode()
     ).hexdigest()[:16]
     folder = cache_dir if cache_dir is not None else model_path.parent
     return folder / f".{model_path.stem}.ort-{key}.onnx"
 
 
-def _base_options(options: EngineOptions) -> ort.SessionOptions:
-    return session_options(options.intra_op_threads, spinning=options.spinning)
+def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:
+    so = session_options(options.intra_op_threads, spinning=options.spinning)
+    if kernel is not None:
+        so.register_custom_ops_library(str(kernel))
+    return so
+
+
+def _usable_kernel(options: EngineOptions) -> Path | None:
+    """The kernel library to register, after trying it once: one asked for by path must load; the
+    package's own build ("auto") that does not (another ONNX Runtime build) is skipped with a warning."""
+    kernel = msda_kernel_path(options.msda_kernel)
+    if kernel is None:
+        return None
+    try:
+        ort.SessionOptions().register_custom_ops_library(str(kernel))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        if options.msda_kernel != "auto":
+            raise ModelLoadError(f"ONNX Runtime cannot load the kernel library {kernel}: {exc}") from exc
+        log.warning("the fused deformable-attention kernel %s does not load (%s); using standard ops. "
+                    "Rebuild it with `make native`.", kernel, exc)
+        return None
+    return kernel
 
 
 def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.SessionOptions:
@@ -147,21 +200,22 @@ def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.Ses
     return so
 
 
-def _open_optimized(model_path: Path, options: EngineOptions) -> tuple[ort.InferenceSession, str]:
+def _open_optimized(model_path: Path, options: EngineOptions,
+                    kernel: Path | None) -> tuple[ort.InferenceSession, str]:
     """A fully optimised session, through the on-disk cache when it can be used.
 
     Returns:
         ``(session, how)``: how = "cache hit", "cache written", or why no cache was used.
     """
-    so = _base_options(options)
+    so = _base_options(options, kernel)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not options.optimized_cache:
         return _open(model_path, so), "cache off"
     if not model_path.is_file():
         return _open(model_path, so), "no model"
-    cached = cache_path_for(model_path, options.cache_dir)
+    cached = cache_path_for(model_path, options.cache_dir, kernel)
     if cached.is_file():
-        hit = _base_options(options)
+        hit = _base_options(options, kernel)
         hit.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
         try:
             return ort.InferenceSession(str(cached), sess_options=hit, providers=["CPUExecutionProvider"]), "cache hit"
@@ -203,8 +257,13 @@ class ParsingEngine:
         t0 = time.perf_counter()
         self.model_path = model_path
         self.options = options
-        self.session, self.cache_status = _open_optimized(model_path, options)
+        kernel = _usable_kernel(options)
+        self.msda_kernel = kernel
+        self.session, self.cache_status = _open_optimized(model_path, options, kernel)
         card = _card_of(self.session, model_path)  # the optimised graph keeps the metadata
+        # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
+        # kernel, or a model exported before the nodes existed).
+        self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
         except ValueError as exc:
@@ -222,7 +281,8 @@ class ParsingEngine:
         }:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self.load_seconds = time.perf_counter() - t0
-        log.info("session ready in %.2f s (optimised graph: %s)", self.load_seconds, self.cache_status)
+        log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s)", self.load_seconds,
+                 self.cache_status, self.deformable_attention)
         self.warm = False
         if warmup:
             self.warm_up()

@@ -260,6 +260,10 @@ class ModelInfo(BaseModel):
     exporter: dict[str, Any]
     notes: list[str]
     load_seconds: float
+    deformable_attention: Literal["fused", "standard"] = Field(
+        description="How the encoder's deformable attention runs: `fused` = the service's kernel "
+                    "(M2FP_MSDA_KERNEL, `make native`), `standard` = ONNX's standard ops (several times slower "
+                    "on that part; the kernel is not built or is turned off, or the model predates it)")
 
 
 class LabelSetOut(BaseModel):

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from m2fp_service.api import app as app_module
+from m2fp_service.engine import BUILT_MSDA_KERNEL
 from m2fp_service.errors import ModelLoadError
 from m2fp_service.schemas import OUTPUT_NAMES
 from tests.api.conftest import image_file, make_settings, started_app
@@ -27,6 +28,8 @@ def test_info_is_the_model_card(client: TestClient) -> None:
     assert any("CC BY-NC 4.0" in w for w in info["warnings"])
     assert info["model"]["license"].startswith("CC BY-NC 4.0")
     assert info["model"]["file"] == "tiny.onnx"
+    # `make test` builds the kernel, and the tiny model calls its node (tests/test_engine.py covers "standard").
+    assert info["model"]["deformable_attention"] == ("fused" if BUILT_MSDA_KERNEL.is_file() else "standard")
     assert len(info["classes"]) == 20 and info["classes"][0] == "background" and "face" in info["classes"]
     assert len(info["palette"]) == 20 and info["palette"][0] == [0, 0, 0]
     assert len({tuple(c) for c in info["palette"]}) == 20
@@ -37,6 +40,14 @@ def test_info_is_the_model_card(client: TestClient) -> None:
     assert info["workers"]["workers"] == 1 and info["api_key_required"] is False
     assert {"m2fp_service", "onnxruntime", "python"} <= set(info["versions"])
     assert re.match(r"\d+\.\d+", info["versions"]["onnxruntime"])
+
+
+def test_info_says_standard_ops_when_the_kernel_is_off(tiny_model_path: Path) -> None:
+    async def scenario() -> object:
+        async with started_app(make_settings(tiny_model_path, msda_kernel="off")) as (_, client):
+            return (await client.get("/api/info")).json()["model"]["deformable_attention"]
+
+    assert asyncio.run(scenario()) == "standard"
 
 
 def test_health_and_ready(client: TestClient) -> None:

@@ -102,9 +102,10 @@ async def _load_model(app: FastAPI, settings: Settings) -> None:
     slot.set_ready(engine)
     metrics.model_ready.set(1)
     metrics.model_trained.set(1 if engine.card.trained else 0)
-    log.info("model ready in %.2f s: %s, %s, input profile %s, %d classes, trained=%s, licence %s",
-             engine.load_seconds, settings.model.name, engine.precision, engine.card.input_policy.profile,
-             len(engine.card.parsing_classes), engine.card.trained, engine.card.license)
+    log.info("model ready in %.2f s: %s, %s, input profile %s, deformable attention %s, %d classes, trained=%s, "
+             "licence %s", engine.load_seconds, settings.model.name, engine.precision,
+             engine.card.input_policy.profile, engine.deformable_attention, len(engine.card.parsing_classes),
+             engine.card.trained, engine.card.license)
     if not engine.card.trained:
         for line in ("!" * 78, UNTRAINED_WARNING, "!" * 78):
             log.warning(line)

@@ -1,0 +1,102 @@
+"""Builds the fused deformable-attention kernel: ``libm2fp_msda.so``, an ONNX Runtime custom-op library.
+
+The kernel (``m2fp_msda.cc``) needs ONNX Runtime's C/C++ API headers, which the onnxruntime wheel
+does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched from the Debian
+archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API is versioned and
+backward compatible, so a library built against 1.21's headers (``ORT_API_VERSION`` 21) loads in
+any newer runtime. Only Python's standard library and a C++17 compiler (``$CXX``, default ``c++``)
+are needed.
+
+    python native/build.py                    # -> src/m2fp_service/native/libm2fp_msda.so
+    python native/build.py -o /opt/lib/libm2fp_msda.so
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "m2fp_msda.cc"
+DEFAULT_OUTPUT = HERE.parent / "src" / "m2fp_service" / "native" / "libm2fp_msda.so"
+HEADERS_DEB = "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
+HEADERS_URL = "http://deb.debian.org/debian/pool/main/o/onnxruntime/" + HEADERS_DEB
+HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m2fp"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DORT_API_MANUAL_INIT",
+         "-Wall", "-Wextra"]
+
+
+def _ar_members(data: bytes) -> dict[str, bytes]:
+    """The members of a ``.deb`` (an ``ar`` archive): name -> bytes."""
+    if not data.startswith(b"!<arch>\n"):
+        raise SystemExit(f"{HEADERS_DEB} is not an ar archive")
+    members, pos = {}, 8
+    while pos + 60 <= len(data):
+        header = data[pos:pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        members[name] = data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)
+    return members
+
+
+def headers() -> Path:
+    """The folder with ``onnxruntime_lite_custom_op.h`` and the headers it includes (fetched once)."""
+    folder = CACHE / "onnxruntime-headers-1.21.0"
+    if (folder / "onnxruntime_lite_custom_op.h").is_file():
+        return folder
+    deb = CACHE / HEADERS_DEB
+    if not deb.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"fetching ONNX Runtime's headers: {HEADERS_URL}", file=sys.stderr)
+        with urllib.request.urlopen(HEADERS_URL, timeout=60) as response:  # noqa: S310 - pinned URL and hash
+            payload = response.read()
+        if hashlib.sha256(payload).hexdigest() != HEADERS_SHA256:
+            raise SystemExit(f"{HEADERS_URL}: SHA-256 does not match the pinned {HEADERS_SHA256}")
+        deb.write_bytes(payload)
+    payload = deb.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != HEADERS_SHA256:
+        deb.unlink()
+        raise SystemExit(f"{deb}: damaged (SHA-256 mismatch); removed, run again")
+    data = next(v for k, v in _ar_members(payload).items() if k.startswith("data.tar"))
+    tmp = folder.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith("./usr/include/onnxruntime/") and member.name.endswith(".h"):
+                target = tmp / member.name.removeprefix("./usr/include/onnxruntime/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    tmp.replace(folder)
+    return folder
+
+
+def build(output: Path) -> Path:
+    include = headers()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    command = [*shlex.split(os.environ.get("CXX", "c++")), *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp)]
+    print(" ".join(command), file=sys.stderr)
+    subprocess.run(command, check=True)
+    tmp.replace(output)  # a running server keeps the old file it mapped
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args()
+    print(build(args.output))
+
+
+if __name__ == "__main__":
+    main()
