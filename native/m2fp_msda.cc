@@ -148,7 +148,12 @@ Ort::Status MSDeformAttn(OrtKernelContext* context, const Ort::Custom::Tensor<fl
   for (int64_t l = 0; l < p.levels; ++l) {
     p.height[l] = hw[2 * l];
     p.width[l] = hw[2 * l + 1];
-    if (p.height[l] < 0 || p.width[l] < 0) return fail("negative level size");
+    // Every level has pixels (an empty one would make the corner clamp below point outside it), and
+    // H*W cannot overflow: both are bounded by S, which the sizes must add up to.
+    if (p.height[l] <= 0 || p.width[l] <= 0) return fail("level sizes must be positive");
+    if (p.height[l] > p.total || p.width[l] > p.total || p.height[l] * p.width[l] > p.total - start) {
+      return fail("the levels' sizes add up to more than value's " + std::to_string(p.total) + " pixels");
+    }
     p.start[l] = start;
     start += p.height[l] * p.width[l];
   }

@@ -1,6 +1,6 @@
 """The fused ``ai.m2fp::MSDeformAttn`` kernel (``native/m2fp_msda.cc``) against torch's ``sample_levels``.
 
-Each test runs a one-node model twice in ONNX Runtime: plainly (the model-local function is
+The comparisons run a one-node model twice in ONNX Runtime: plainly (the model-local function is
 inlined into standard ops) and with the kernel library registered.
 """
 
@@ -208,7 +208,7 @@ def _hostile(name: str) -> dict[str, np.ndarray]:
     ("levels", "shapes has 3 levels, grids 2"),
     ("heads", "grids' first axis must be N\\*heads"),
     ("weights", "weights must match grids"),
-    ("negative", "negative level size"),
+    ("negative", "level sizes must be positive"),
 ], ids=["sizes", "levels", "heads", "weights", "negative"])
 def test_hostile_inputs_raise(case: str, message: str) -> None:
     feeds = _hostile(case)
@@ -216,10 +216,10 @@ def test_hostile_inputs_raise(case: str, message: str) -> None:
         run(feeds, kernel=True)
 
 
-# A known kernel bug, kept as a strict xfail: a level of height 0 passes the size check (0 * W = 0)
-# and the "some corner inside" test (y = -0.5 > -1 and < 0), then its corners are read at row -1
-# and any column < W, far out of bounds for a large W; an H * W that overflows int64 to 0 does the
-# same. The model runs in a child process so that the crash fails this test instead of pytest.
+# Found by this suite: a level of height 0 passed the size check (0 * W = 0) and the "some corner
+# inside" test (y = -0.5 > -1 and < 0), then its corners were read at row -1 and any column < W, far
+# out of bounds for a large W; an H * W that overflowed int64 to 0 did the same. The kernel now
+# refuses both. The model runs in a child process so that a crash fails this test, not pytest.
 _CHILD = """
 import sys, numpy as np, onnxruntime as ort
 options = ort.SessionOptions()
@@ -233,7 +233,6 @@ except Exception as exc:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug: degenerate level sizes read out of bounds (segfault)")
 @pytest.mark.parametrize("shapes", [[[0, 10**7], [2, 3]], [[2**32, 2**32], [2, 3]]], ids=["zero-height", "overflow"])
 def test_degenerate_level_sizes_do_not_crash(shapes: list[list[int]], tmp_path: Path) -> None:
     grids = np.zeros((1, 1, 2, 1, 2))
@@ -246,7 +245,7 @@ def test_degenerate_level_sizes_do_not_crash(shapes: list[list[int]], tmp_path: 
     child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "m.onnx"), str(BUILT_MSDA_KERNEL),
                             str(tmp_path / "feeds.npz")], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, f"the kernel crashed the process (exit {child.returncode})"
-    assert child.stdout.strip() == "finite" or OP in child.stdout
+    assert f"{OP}: level sizes must be positive" in child.stdout or f"{OP}: the levels' sizes add up" in child.stdout
 
 
 def _op_names(session: ort.InferenceSession) -> set[str]:

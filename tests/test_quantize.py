@@ -13,7 +13,7 @@ from PIL import Image
 
 from m2fp_export.images import builtin_calibration, calibration_from_dir, check_images
 from m2fp_export.quantize import PRESETS, QuantizationConfig, QuantizationError, excluded_nodes, quantize_file
-from m2fp_service.engine import ParsingEngine, read_card
+from m2fp_service.engine import EngineOptions, ParsingEngine, read_card
 from m2fp_service.pipeline import parse_array
 
 QUIET = {"report": lambda _: None}
@@ -43,8 +43,20 @@ def test_int8_card_says_so(int8_path: Path, tiny_model_path: Path) -> None:
     assert int8_path.stat().st_size < 0.8 * tiny_model_path.stat().st_size
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(int8_path)).graph.node}
+    model = onnx.load(str(int8_path))
+    ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # The deformable attention stays one node (the kernel is built by `make test`), with its function.
+    assert q["msda_op_kept"] is True and card.exporter["msda_op"] == "ai.m2fp::MSDeformAttn"
+    assert "MSDeformAttn" in ops and "GridSample" not in ops
+    assert [(f.domain, f.name) for f in model.functions] == [("ai.m2fp", "MSDeformAttn")]
+
+
+def test_int8_runs_without_the_kernel(int8_path: Path, photo: np.ndarray) -> None:
+    fused = ParsingEngine(int8_path, options=EngineOptions(optimized_cache=False))
+    plain = ParsingEngine(int8_path, options=EngineOptions(optimized_cache=False, msda_kernel="off"))
+    assert (fused.deformable_attention, plain.deformable_attention) == ("fused", "standard")
+    assert parse_array(plain, photo).num_people == parse_array(fused, photo).num_people >= 2
 
 
 def test_int8_is_served(int8_path: Path, photo: np.ndarray) -> None:
