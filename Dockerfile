@@ -17,7 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # The fused deformable-attention kernel (native/build.py: ONNX Runtime's headers from the Debian
 # archive, SHA-256 pinned) goes into the wheel beside the package; only this stage has a compiler.
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+# g++ pinned to bookworm's (the PYTHON_IMAGE above); a newer base image needs its own version here.
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY native/ native/
 COPY src/ src/

@@ -7,7 +7,10 @@ padding needed: every size is a multiple of 32).
 
 - ``torch``: ModelScope's M2FP built by ``random_init(config, seed 0, confident)``, the exported
   graph's forward (normalise, backbone, pixel decoder, decoder) in eager mode, 2 threads.
-- ``ort-fp32`` / ``ort-int8``: the service's ``ParsingEngine.run`` on the exported models.
+- ``ort-fp32`` / ``ort-int8``: the service's ``ParsingEngine.run`` on the exported models (with the
+  fused deformable-attention kernel, ``make native``, as the service runs them).
+- ``ort-fp32-std`` / ``ort-int8-std``: the same with the kernel off (``msda_kernel="off"``): the
+  ``ai.m2fp::MSDeformAttn`` nodes run as their ONNX function's standard ops.
 - Session tuning at 512x512 (``--tuning``): the engine's settings (all graph optimisations,
   idle threads sleep, arena shrinking after each run) against one change each: spinning threads,
   basic graph optimisations only, the memory arena off.
@@ -62,12 +65,12 @@ def _torch_run(config: str) -> Any:
     return run
 
 
-def _ort_run(model: Path) -> Any:
-    key = str(model)
+def _ort_run(model: Path, msda_kernel: str = "auto") -> Any:
+    key = f"{model}|{msda_kernel}"
     if key not in _cache:
         from common import engine
 
-        _cache[key] = engine(model)
+        _cache[key] = engine(model, msda_kernel=msda_kernel)
     return _cache[key].run
 
 
@@ -82,6 +85,11 @@ def _tuned_run(model: Path, variant: str) -> Any:
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant == "spinning" else "0")
         so.enable_cpu_mem_arena = variant != "no-arena"
+        from m2fp_service.engine import msda_kernel_path
+
+        kernel = msda_kernel_path("auto")  # as the engine runs it
+        if kernel is not None:
+            so.register_custom_ops_library(str(kernel))
         session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         _cache[variant] = lambda x: session.run(None, {"image": x})
     return _cache[variant]
@@ -94,7 +102,7 @@ def bench(loops: int, kind: str, hw: tuple[int, int], quick: bool) -> float:
     elif kind.startswith("tuning-"):
         run = _tuned_run(m.fp32, kind.removeprefix("tuning-"))
     else:
-        run = _ort_run(m.fp32 if kind == "ort-fp32" else m.int8)
+        run = _ort_run(m.int8 if kind.startswith("ort-int8") else m.fp32, "off" if kind.endswith("-std") else "auto")
     x = _tensor(hw)
     t0, c0 = pyperf.perf_counter(), time.process_time()
     for _ in range(loops):
@@ -119,7 +127,7 @@ def _worker_args(cmd: list[str], args: Any) -> None:
 def main() -> None:
     runner = pyperf.Runner(values=2, processes=2, warmups=1, loops=1, add_cmdline_args=_worker_args)
     runner.argparser.add_argument("--quick", action="store_true", help="tiny model, 512x512 only")
-    runner.argparser.add_argument("--kinds", default="torch,ort-fp32,ort-int8")
+    runner.argparser.add_argument("--kinds", default="torch,ort-fp32,ort-int8,ort-fp32-std,ort-int8-std")
     runner.argparser.add_argument("--tuning", action="store_true", help="also the session-option variants at 640x640")
     args = runner.parse_args()
     sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES

@@ -135,6 +135,25 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
         noted = next(iter(floor["flops"].values()))["noted_not_counted"]
         lines += ["", "Not in the FLOP count (output elements at the first size): " + ", ".join(
             f"{op} ×{v['nodes']}: {v['output_elements'] / 1e6:.1f} M" for op, v in noted.items()) + "."]
+    std = [hw for hw in sizes if ("ort-fp32-std", hw) in net or ("ort-int8-std", hw) in net]
+    if std:
+        lines += ["", "The fused deformable-attention kernel (`make native`) against the same models with it off "
+                  "(`M2FP_MSDA_KERNEL=off`: the `ai.m2fp::MSDeformAttn` nodes run as their ONNX function's standard "
+                  "ops), same run; speed-up = standard ÷ fused:", "",
+                  "| input | FP32 standard ops | FP32 fused | speed-up (wall / CPU-s) | INT8 standard ops | "
+                  "INT8 fused | speed-up (wall / CPU-s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for hw in std:
+            cells = [hw]
+            for kind in ("ort-fp32", "ort-int8"):
+                a, b = net.get((f"{kind}-std", hw)), net.get((kind, hw))
+                cells += [fmt_s(a["s"]) if a else "–", fmt_s(b["s"]) if b else "–"]
+                if a and b:
+                    cpu = (f" / {a['cpu']['median'] / b['cpu']['median']:.2f}×" if a.get("cpu") and b.get("cpu")
+                           else "")
+                    cells.append(f"{a['s']['median'] / b['s']['median']:.2f}×{cpu}")
+                else:
+                    cells.append("–")
+            lines.append("| " + " | ".join(cells) + " |")
     tuning = {k: (hw, v) for (k, hw), v in net.items() if k.startswith("tuning-")}
     if tuning:
         lines += ["", "ONNX Runtime session settings (FP32; the engine's settings against one change each, same run; "

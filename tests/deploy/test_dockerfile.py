@@ -112,8 +112,21 @@ def test_dockerignore_lets_the_build_inputs_through() -> None:
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"
-    for needed in ("pyproject.toml", "README.md", "src/", "export/", "models/checkpoint/"):
+    for needed in ("pyproject.toml", "README.md", "src/", "export/", "native/", "models/checkpoint/"):
         assert f"!{needed}" in lines
+    assert "src/m2fp_service/native/*.so" in lines  # a local build never stands in for the image's own
+
+
+def test_wheel_stage_builds_the_fused_kernel_into_the_wheel(stages: dict[str, list[Instr]]) -> None:
+    runs = _values(stages["wheel"], "RUN")
+    build = next(r for r in runs if "pip wheel" in r)
+    assert "python native/build.py" in build and build.index("native/build.py") < build.index("pip wheel")
+    assert any("g++" in r for r in runs)
+    # hatchling leaves gitignored files out of the wheel unless they are named as artifacts.
+    import tomllib
+
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert "src/m2fp_service/native/*.so" in wheel["artifacts"]
 
 
 def test_hadolint_is_clean() -> None:
