@@ -83,3 +83,23 @@ def test_missing_path_fails(tmp_path: Path, tiny_model_path: Path, inputs: Path)
                 env_model=tiny_model_path)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
     assert (tmp_path / "o" / "two.json").is_file()
+
+
+def test_serving_never_imports_torch(tiny_model_path: Path) -> None:
+    """`m2fp serve` builds the whole CLI (the export subcommand's options included) and loads a model:
+    none of it may pull in torch or ModelScope (hundreds of MB of resident memory in every server;
+    the fused-kernel change once did, through the quantizer's options)."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from m2fp_service.cli import build_parser\n"
+        "from m2fp_service.api.app import create_app\n"
+        "from m2fp_service.engine import ParsingEngine\n"
+        "build_parser().parse_args(['serve', '--model', sys.argv[1]])\n"
+        "create_app\n"
+        "ParsingEngine(Path(sys.argv[1]))\n"
+        "print(sorted(m for m in ('torch', 'modelscope', 'onnx') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_model_path)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DOMAIN = "ai.m2fp"
-OP = "MSDeformAttn"
+from m2fp_service.modelcard import MSDA_DOMAIN as DOMAIN
+from m2fp_service.modelcard import MSDA_OP as OP
+
 OP_VERSION = 1
 _INPUTS = ("value", "spatial_shapes", "grids", "weights")
 

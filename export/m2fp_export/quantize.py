@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from m2fp_service.imaging.preprocess import pad_to_input
-from m2fp_service.modelcard import InferenceSettings, InputPolicy, ModelCard
+from m2fp_service.modelcard import MSDA_DOMAIN, InferenceSettings, InputPolicy, ModelCard
 
-from . import check, msda
+from . import check
 from .errors import ExportError
 from .images import builtin_calibration, check_images
 
@@ -194,8 +194,8 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
 
     kernel = msda_kernel_path("auto")
     model = onnx.load(str(fp32_path), load_external_data=False)
-    if kernel is None or not any(n.domain == msda.DOMAIN for n in model.graph.node):
-        if kernel is None and any(n.domain == msda.DOMAIN for n in model.graph.node):
+    if kernel is None or not any(n.domain == MSDA_DOMAIN for n in model.graph.node):
+        if kernel is None and any(n.domain == MSDA_DOMAIN for n in model.graph.node):
             log.warning("the fused deformable-attention kernel is not built (`make native`): the INT8 graph "
                         "gets the standard-op form of MSDeformAttn")
         return False
@@ -205,8 +205,8 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
     options.optimized_model_filepath = str(out_path)
     ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(out_path))
-    if not any(f.domain == msda.DOMAIN for f in optimized.functions):  # keep the file runnable without the kernel
-        optimized.functions.extend(f for f in model.functions if f.domain == msda.DOMAIN)
+    if not any(f.domain == MSDA_DOMAIN for f in optimized.functions):  # keep the file runnable without the kernel
+        optimized.functions.extend(f for f in model.functions if f.domain == MSDA_DOMAIN)
         onnx.save(optimized, str(out_path))
     return True
 

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 CARD_KEY = "m2fp.card"
+# The exported graph's deformable-attention node (export/m2fp_export/msda.py; run by the fused kernel
+# native/m2fp_msda.cc where registered). Here, not in the exporter, so that reading it needs no torch.
+MSDA_DOMAIN = "ai.m2fp"
+MSDA_OP = "MSDeformAttn"
 CARD_FORMAT = 1
 
 
