@@ -304,6 +304,28 @@ def test_a_broken_built_kernel_falls_back_with_a_warning(tiny_model_path: Path, 
     assert parse_array(engine, photo).num_people >= 2
 
 
+def test_auto_opens_without_the_kernel_when_only_the_kernel_session_fails(
+        tiny_model_path: Path, tmp_path: Path, photo: np.ndarray, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, built_kernel: Path) -> None:
+    """`auto` promises a fallback: a model that ONNX Runtime refuses only with the kernel registered
+    (e.g. a future runtime whose checks the custom node fails) still opens, on standard ops."""
+    real = engine_module._open_optimized
+
+    def refuse_with_kernel(model_path: Path, options: EngineOptions, kernel: Path | None):  # type: ignore[no-untyped-def]
+        if kernel is not None:
+            raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: simulated refusal with {kernel.name}")
+        return real(model_path, options, kernel)
+
+    monkeypatch.setattr(engine_module, "_open_optimized", refuse_with_kernel)
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = _cached_engine(tiny_model_path, tmp_path)
+    assert (engine.deformable_attention, engine.msda_kernel) == ("standard", None)
+    assert "does not load with the fused kernel" in caplog.text
+    assert parse_array(engine, photo).num_people >= 2
+    with pytest.raises(ModelLoadError, match="simulated refusal"):  # asked for by path: no fallback
+        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(built_kernel))
+
+
 def test_msda_kernel_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("M2FP_MSDA_KERNEL", "off")
     assert engine_options(Settings()).msda_kernel == "off"
