@@ -142,6 +142,7 @@ def excluded_nodes(model_path: Path, config: QuantizationConfig) -> list[str]:
 def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
                    calibration: Sequence[np.ndarray]) -> dict[str, Any]:
     """Writes the static QDQ INT8 graph of ``fp32_path`` to ``out_path``; returns what was done."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -169,7 +170,8 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
             calibrate_method=methods[config.calibrate_method],
             extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
         )
-        kept = kept and _calls_msda(out_path)  # what the card says is read off the written graph
+        # What the card says is read off the written graph.
+        kept = kept and _calls_msda(onnx.load(str(out_path), load_external_data=False))
     except Exception as exc:  # onnxruntime.quantization raises assorted types
         raise QuantizationError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -180,10 +182,9 @@ def quantize_graph(fp32_path: Path, out_path: Path, config: QuantizationConfig,
             "kept_fp32_nodes": len(exclude), "calibration_images": len(calibration), "msda_op_kept": kept}
 
 
-def _calls_msda(path: Path) -> bool:
-    import onnx
-
-    return any(n.domain == MSDA_DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node)
+def _calls_msda(model: Any) -> bool:
+    """Whether a ModelProto's graph has ``ai.m2fp::MSDeformAttn`` nodes."""
+    return any(n.domain == MSDA_DOMAIN for n in model.graph.node)
 
 
 def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
@@ -200,7 +201,7 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
     from m2fp_service.engine import usable_msda_kernel
 
     model = onnx.load(str(fp32_path), load_external_data=False)
-    if not _calls_msda(fp32_path):
+    if not _calls_msda(model):
         return False
     kernel = usable_msda_kernel("auto")
     if kernel is None:
@@ -213,7 +214,7 @@ def _optimize_keeping_msda(fp32_path: Path, out_path: Path) -> bool:
     options.optimized_model_filepath = str(out_path)
     ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(out_path))
-    if not any(n.domain == MSDA_DOMAIN for n in optimized.graph.node):  # inlined after all
+    if not _calls_msda(optimized):  # inlined after all
         out_path.unlink()
         return False
     if not any(f.domain == MSDA_DOMAIN for f in optimized.functions):  # keep the file runnable without the kernel
