@@ -15,9 +15,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# The fused deformable-attention kernel (native/build.py: ONNX Runtime's headers from the Debian
-# archive, SHA-256 pinned) goes into the wheel beside the package; only this stage has a compiler.
-# g++ pinned to bookworm's (the PYTHON_IMAGE above); a newer base image needs its own version here.
+# The native kernels (native/build.py: the fused deformable attention, with ONNX Runtime's headers
+# from the Debian archive, SHA-256 pinned; post-processing's per-pixel loops, plain C) go into the
+# wheel beside the package; only this stage has a compiler. g++ (which brings gcc) pinned to
+# bookworm's (the PYTHON_IMAGE above); a newer base image needs its own version here.
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY native/ native/

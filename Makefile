@@ -20,7 +20,7 @@ help:
 	@echo "make run        serve on http://$(HOST):$(PORT) (exports a model first if $(MODEL) is missing)"
 	@echo "make test       install everything the tests need and run the whole suite (incl. slow)"
 	@echo "make test-fast  the suite without the slow (full-size, real-server) tests"
-	@echo "make native     build the fused deformable-attention kernel (needs a C++ compiler)"
+	@echo "make native     build the native kernels: deformable attention, post-processing (needs a C/C++ compiler)"
 	@echo "make model      export $(MODEL): the real model from the ModelScope hub, else an untrained demo"
 	@echo "make light-model export the light person segmenter: $(LIGHT_MODEL) and $(LIGHT_LANDSCAPE_MODEL)"
 	@echo "make openapi    regenerate openapi/openapi.json"
@@ -58,14 +58,18 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-# The fused deformable-attention kernel (ONNX Runtime custom-op library; ONNX Runtime's headers
-# fetched once from the Debian archive). Optional: without a compiler or the archive the build is
-# skipped with a message and the service runs the same models on standard ops, slower (README).
-# (The tests require it: in CI they fail, not skip, without it.)
-NATIVE_LIB := src/m2fp_service/native/libm2fp_msda.so
-$(NATIVE_LIB): native/m2fp_msda.cc native/build.py | $(VENV)/bin/python
-	@$(PY) native/build.py -o $@ || echo "*** the fused kernel was not built (see above): standard ops, same results, slower"
-native: $(NATIVE_LIB)
+# The native kernels, each optional: without a compiler (or, for the first, the Debian archive
+# holding ONNX Runtime's headers) the build is skipped with a message and the service gets the same
+# results from standard code, slower (README). (The tests require them: in CI they fail, not skip.)
+# - the fused deformable-attention kernel (ONNX Runtime custom-op library);
+# - post-processing's fused per-pixel loops (plain C, loaded through ctypes).
+MSDA_LIB := src/m2fp_service/native/libm2fp_msda.so
+POST_LIB := src/m2fp_service/native/libm2fp_post.so
+$(MSDA_LIB): native/m2fp_msda.cc native/build.py | $(VENV)/bin/python
+	@$(PY) native/build.py msda -o $@ || echo "*** the fused kernel was not built (see above): standard ops, same results, slower"
+$(POST_LIB): native/m2fp_post.c native/build.py | $(VENV)/bin/python
+	@$(PY) native/build.py post -o $@ || echo "*** the post-processing kernel was not built (see above): OpenCV/numpy, same results, slower"
+native: $(MSDA_LIB) $(POST_LIB)
 
 # kubectl (kustomize) for the deploy tests: the machine's own, else a pinned one from PyPI.
 kubectl: | $(VENV)/bin/python

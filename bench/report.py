@@ -269,6 +269,14 @@ def section_stages(stages: dict[str, Any] | None) -> list[str]:
                          f"**{by[seed]['median'] / by[ours]['median']:.0f}x** |")
     lines += ["", "Stages of one 720p request (ms):", "", "| stage | median (min–max) |", "|---|---:|"]
     lines += [f"| {n.removeprefix('test_stage_')} | {cell(n)} |" for n in by if n.startswith("test_stage_")]
+    ratios = []
+    for mode in ("exact", "fast"):
+        fused, plain = f"test_stage_postprocess_720p[{mode}-fused]", f"test_stage_postprocess_720p[{mode}-numpy]"
+        if fused in by and plain in by:
+            ratios.append(f"{mode} **{by[plain]['median'] / by[fused]['median']:.2f}×**")
+    if ratios:
+        lines += ["", "Post-processing's per-pixel loops in the native kernel (`fused`, `make native`) vs OpenCV/numpy "
+                  f"(`numpy`), same outputs, same run: {', '.join(ratios)} (median ÷ median)."]
     return lines
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import models, photo_720p, photo_jpeg  # noqa: E402
 
-from m2fp_service.imaging import postprocess, preprocess, render  # noqa: E402
+from m2fp_service.imaging import fused, postprocess, preprocess, render  # noqa: E402
 from m2fp_service.imaging.decode import decode_image  # noqa: E402
 from m2fp_service.labels import pascal_palette  # noqa: E402
 
@@ -91,11 +91,16 @@ def test_stage_preprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any]) -
     benchmark(preprocess.prepare, photo_720p(), card.input_policy)
 
 
+@pytest.mark.parametrize("path", ["fused", "numpy"])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_stage_postprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], mode: str) -> None:
+def test_stage_postprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], mode: str, path: str) -> None:
+    """``fused``: the per-pixel loops in the native kernel (``make native``); ``numpy``: OpenCV/numpy."""
     raw, card, meta = raw_720p
+    kernel = fused.built() if path == "fused" else None
+    if path == "fused" and kernel is None:
+        pytest.skip("the post-processing kernel is not built (make native)")
     result = benchmark(postprocess.to_result, raw.class_logits, raw.mask_logits, meta, card.inference, card.classes,
-                       mode=mode)
+                       mode=mode, kernel=kernel)
     assert len(np.unique(result.label_map)) >= 5  # confident weights: a non-trivial map
 
 

@@ -481,12 +481,16 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", ["built", None], ids=["fused-kernel", "opencv-numpy"])
 @pytest.mark.parametrize(("orig", "short_edge"), GEOMETRIES)
-def test_to_result_exact_matches_modelscope(orig: tuple[int, int], short_edge: int, m2fp_class: type) -> None:
+def test_to_result_exact_matches_modelscope(orig: tuple[int, int], short_edge: int, kernel: Any,
+                                            m2fp_class: type) -> None:
+    """Both per-pixel paths: the fused kernel (when built; tests/imaging/test_fused.py requires it in
+    CI) and the OpenCV/numpy one."""
     meta = _meta(orig, short_edge)
     class_logits, mask_logits = synthetic_outputs(meta, seed=sum(orig))
     ref = modelscope_parsing(m2fp_class, class_logits, mask_logits, meta)
-    ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode="exact")
+    ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode="exact", kernel=kernel)
 
     ref_map = ref["semantic_outputs"].argmax(0).numpy()
     assert ref_map.shape == ours.label_map.shape == orig

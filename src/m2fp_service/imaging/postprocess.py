@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import cv2
 import numpy as np
 
+from m2fp_service.imaging import fused
 from m2fp_service.imaging.preprocess import PreprocessMeta
 from m2fp_service.modelcard import InferenceSettings
 from m2fp_service.result import ParsingResult, PartInstance
@@ -57,11 +58,23 @@ def resize_bilinear(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def query_logits_at(mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tuple[int, int]) -> np.ndarray:
-    """One query's (h/4, w/4) mask logits -> (work_hw) logits, as ModelScope upsamples them."""
+def query_logits_at(
+    mask_logits_q: np.ndarray, meta: PreprocessMeta, work_hw: tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """One query's (h/4, w/4) mask logits -> (work_hw) logits, as ModelScope upsamples them.
+
+    Written into ``out`` (a C-contiguous (work_hw) float32 buffer) when given; the crop is a view
+    that OpenCV resizes in place of a copy (the same values).
+    """
     padded = resize_bilinear(mask_logits_q, meta.padded_hw)
-    cropped = np.ascontiguousarray(padded[: meta.resized_hw[0], : meta.resized_hw[1]])
-    return resize_bilinear(cropped, work_hw)
+    cropped = padded[: meta.resized_hw[0], : meta.resized_hw[1]]
+    if out is None:
+        out = np.empty(work_hw, np.float32)
+    if cropped.shape == work_hw:
+        np.copyto(out, cropped)
+    else:
+        cv2.resize(cropped, (work_hw[1], work_hw[0]), dst=out, interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -186,6 +199,7 @@ def to_result(
     classes: list[str],
     mode: Mode = "exact",
     trained: bool = True,
+    kernel: fused.PostKernel | None | Literal["built"] = "built",
 ) -> ParsingResult:
     """Turns one image's raw outputs into a ParsingResult at the original resolution.
 
@@ -198,6 +212,8 @@ def to_result(
         mode: ``exact`` (per-pixel work at the original size, up to EXACT_MAX_PIXELS) or ``fast``
             (at model-input size).
         trained: copied to the result.
+        kernel: the fused per-pixel kernel: "built" (the package's build when it loads), a
+            ``fused.PostKernel``, or None (the OpenCV/numpy path). Same results within float rounding.
     """
     if class_logits.ndim != 2 or mask_logits.ndim != 3 or class_logits.shape[0] != mask_logits.shape[0]:
         raise ValueError(f"expected (Q, C+1) and (Q, h, w), got {class_logits.shape} and {mask_logits.shape}")
@@ -211,6 +227,8 @@ def to_result(
     counts: dict[int, np.ndarray] = {}
     people: list[tuple[float, np.ndarray]] = []  # (score, (H, W) bool mask at the original size)
     parts: list[PartInstance] = []
+    fast = fused.built() if kernel == "built" else kernel
+    logits = np.empty(work_hw, np.float32)
     sig = np.empty(work_hw, np.float32)
     scratch = np.empty(work_hw, np.float32)
     bands = _bands(work_hw[0])
@@ -220,8 +238,11 @@ def to_result(
     # band's pixels get exactly the operations, in the same order, as without bands.
     with ThreadPoolExecutor(THREADS, thread_name_prefix="m2fp-post") as pool:
         for q in np.unique(queries[live]):
-            logits = query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw)
-            sums = _on_bands(pool, bands, _squash_band, (logits, sig, scratch))
+            query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw, out=logits)
+            if fast is not None:
+                sums = _on_bands(pool, bands, fast.squash, (logits, sig))
+            else:
+                sums = _on_bands(pool, bands, _squash_band, (logits, sig, scratch))
             mscore = sum(t for t, _ in sums) / (sum(n for _, n in sums) + 1e-6)
             pairs = live & (queries == q)
             for score, label in zip(scores[pairs], labels[pairs], strict=True):
@@ -239,7 +260,10 @@ def to_result(
                 if label not in probs:
                     probs[label] = np.zeros(work_hw, np.float32)
                     counts[label] = np.zeros(work_hw, np.uint8)  # <= 100 instances per pixel
-                _on_bands(pool, bands, _add_instance_band, (sig, probs[label], counts[label], scratch), final)
+                if fast is not None:
+                    _on_bands(pool, bands, fast.add_instance, (sig, probs[label], counts[label]), final)
+                else:
+                    _on_bands(pool, bands, _add_instance_band, (sig, probs[label], counts[label], scratch), final)
 
     for c in probs:
         probs[c] /= np.maximum(counts[c], 1).astype(np.float32)

@@ -1,0 +1,194 @@
+"""Post-processing's fused kernel (``native/m2fp_post.c`` via ``imaging/fused.py``) against the
+OpenCV/numpy path it replaces: each function on hostile values and awkward lengths, then whole
+``to_result`` calls on synthetic confident outputs."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m2fp_service.imaging import fused, postprocess
+from m2fp_service.imaging.postprocess import to_result
+from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, synthetic_outputs
+
+HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
+                    1e30, -1e30, np.inf, -np.inf, np.nan, 3e-39, -3e-39], np.float32)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> fused.PostKernel:
+    """The built kernel: a failure in CI, a skip elsewhere when it is missing."""
+    built = fused.built()
+    if built is None:
+        reason = f"{fused.BUILT} is not built or does not load: build it with `make native`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return built
+
+
+def _numpy_squash(logits: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """The OpenCV/numpy path (which works on 2-D bands) on a 1-D array."""
+    row = logits.reshape(1, -1)
+    sig = np.empty_like(row)
+    total, count = postprocess._squash_band(row, sig, np.empty_like(row))
+    return sig.ravel(), total, count
+
+
+def _logits(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 6, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4095, 4096, 4097, 3 * 4096 + 5, 720 * 1280])
+def test_squash_matches_numpy_at_every_length(kernel: fused.PostKernel, n: int) -> None:
+    logits = _logits(n, seed=n)
+    sig = np.full(n, -1.0, np.float32)  # every value must be written
+    total, count = kernel.squash(logits, sig)
+    want_sig, want_total, want_count = _numpy_squash(logits)
+    np.testing.assert_allclose(sig, want_sig, rtol=3e-7, atol=1e-38)
+    assert count == want_count == int((logits > 0).sum())
+    assert total == pytest.approx(want_total, rel=1e-6)
+    assert 0 < count < n or n < 10  # both signs present, so the positive-only sum is tested
+
+
+def test_squash_hostile_values(kernel: fused.PostKernel) -> None:
+    sig = np.empty_like(HOSTILE)
+    total, count = kernel.squash(HOSTILE, sig)
+    want = postprocess.sigmoid(HOSTILE)
+    finite = ~np.isnan(HOSTILE)
+    np.testing.assert_allclose(sig[finite], want[finite], rtol=3e-7, atol=1e-37)
+    assert np.isnan(sig[~finite]).all()  # NaN stays NaN
+    assert ((sig[finite] >= 0) & (sig[finite] <= 1)).all()
+    positive = HOSTILE > 0  # NaN is not positive: it counts nowhere
+    assert count == int(positive.sum())
+    assert total == pytest.approx(float(want[positive].astype(np.float64).sum()), rel=1e-6)
+
+
+def test_squash_of_nothing(kernel: fused.PostKernel) -> None:
+    empty = np.empty(0, np.float32)
+    assert kernel.squash(empty, np.empty(0, np.float32)) == (0.0, 0)
+
+
+@pytest.mark.parametrize("score", [0.0, 0.3, 0.5, 0.51, 0.9, 1.0])
+def test_add_instance_matches_numpy(kernel: fused.PostKernel, score: float) -> None:
+    sig = postprocess.sigmoid(_logits(4097 * 3 + 1, seed=3))
+    sig[:3] = [0.5, 1.0, 0.0]
+    start = np.random.default_rng(4).uniform(0, 2, sig.size).astype(np.float32)
+    counts_start = np.random.default_rng(5).integers(0, 50, sig.size).astype(np.uint8)
+    probs, counts = start.copy(), counts_start.copy()
+    want_probs, want_counts = start.copy(), counts_start.copy()
+    kernel.add_instance(sig, probs, counts, np.float32(score))
+    postprocess._add_instance_band(sig[None], want_probs[None], want_counts[None], np.empty_like(sig[None]),
+                                   np.float32(score))
+    np.testing.assert_array_equal(probs, want_probs)  # the same one multiply and one add per pixel
+    np.testing.assert_array_equal(counts, want_counts)
+    assert (counts != counts_start).any() == (score > 0.5)
+
+
+def test_add_instance_never_adds_nan(kernel: fused.PostKernel) -> None:
+    """A NaN probability is not above 0.5, so it is not pasted (as ModelScope's ``probs > 0.5`` mask)."""
+    sig = np.array([np.nan, 0.9, np.nan], np.float32)
+    probs, counts = np.zeros(3, np.float32), np.zeros(3, np.uint8)
+    kernel.add_instance(sig, probs, counts, np.float32(1.0))
+    np.testing.assert_array_equal(probs, np.array([0.0, 0.9, 0.0], np.float32))
+    np.testing.assert_array_equal(counts, [0, 1, 0])
+
+
+def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
+    logits = _logits(64)
+    with pytest.raises(ValueError, match="differ"):
+        kernel.squash(logits, np.empty(63, np.float32))
+    with pytest.raises(ValueError, match="differ"):
+        kernel.add_instance(logits, np.empty(64, np.float32), np.empty(32, np.uint8), np.float32(0.9))
+    with pytest.raises(ctypes.ArgumentError):
+        kernel.squash(logits.astype(np.float64), np.empty(64, np.float64))
+    with pytest.raises(ctypes.ArgumentError):
+        kernel.squash(logits.reshape(8, 8)[:, ::2], np.empty((8, 4), np.float32))  # not contiguous
+    with pytest.raises(ctypes.ArgumentError):
+        kernel.add_instance(logits, np.empty(64, np.float32), np.empty(64, np.int8), np.float32(0.9))
+
+
+def test_calls_from_threads_equal_serial_calls(kernel: fused.PostKernel) -> None:
+    arrays = [_logits(300_000, seed=s) for s in range(8)]
+    serial = [kernel.squash(a, np.empty_like(a)) for a in arrays]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda a: kernel.squash(a, np.empty_like(a)), arrays))
+    assert threaded == serial
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("orig", [(720, 1280), (333, 517), (1000, 1000)])
+def test_to_result_with_the_kernel_equals_the_numpy_path(kernel: fused.PostKernel, mode: str,
+                                                         orig: tuple[int, int]) -> None:
+    meta = _meta(orig)
+    class_logits, mask_logits = synthetic_outputs(meta, seed=sum(orig))
+    ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode=mode, kernel=kernel)  # type: ignore[arg-type]
+    plain = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode=mode, kernel=None)  # type: ignore[arg-type]
+    assert len(np.unique(plain.label_map)) >= 4 and plain.num_people >= 2  # something to disagree about
+    agreement = float((ours.label_map == plain.label_map).mean())
+    assert agreement >= 0.99999, agreement  # ties broken by the last bit may differ, nothing more
+    np.testing.assert_array_equal(ours.person_masks, plain.person_masks)  # thresholded logits, not sig
+    np.testing.assert_allclose(ours.person_scores, plain.person_scores, rtol=1e-6)
+    assert [p.class_id for p in ours.parts] == [p.class_id for p in plain.parts]
+    np.testing.assert_allclose([p.score for p in ours.parts], [p.score for p in plain.parts], rtol=1e-6)
+
+
+def test_to_result_uses_the_built_kernel_by_default(kernel: fused.PostKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(fused.PostKernel, "squash", lambda self, *a: calls.append(1) or (0.0, 0))
+    meta = _meta((150, 200))
+    class_logits, mask_logits = synthetic_outputs(meta, seed=1)
+    result = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES)
+    assert calls  # the default went through the kernel (whose stand-in scored every mask 0) ...
+    assert result.num_people == 0 and not result.parts  # ... and its answers were used
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_a_library_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "libm2fp_post.so"
+    junk.write_bytes(b"not an ELF file")
+    with pytest.raises(OSError):
+        fused.PostKernel(junk)
+
+
+def test_a_foreign_library_is_refused() -> None:
+    libm = ctypes.util.find_library("m")
+    assert libm is not None
+    with pytest.raises(OSError, match="not m2fp's post-processing library"):
+        fused.PostKernel(Path(libm))
+
+
+def test_built_is_none_when_missing_and_warns_when_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(fused, "BUILT", tmp_path / "libm2fp_post.so")
+    fused.built.cache_clear()
+    try:
+        assert fused.built() is None  # not built: the numpy path, no warning
+        assert not caplog.records
+        fused.built.cache_clear()
+        (tmp_path / "libm2fp_post.so").write_bytes(b"\x7fELF broken")
+        with caplog.at_level(logging.WARNING):
+            assert fused.built() is None
+        assert "does not load" in caplog.text
+        meta = _meta((150, 200))
+        class_logits, mask_logits = synthetic_outputs(meta, seed=2)
+        assert to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES).num_people >= 2  # still works
+    finally:
+        fused.built.cache_clear()
+
+
+def test_a_copy_of_the_built_library_loads(kernel: fused.PostKernel, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.so"
+    shutil.copy(kernel.path, copy)
+    logits = _logits(1000)
+    assert fused.PostKernel(copy).squash(logits, np.empty_like(logits)) == kernel.squash(logits, np.empty_like(logits))
