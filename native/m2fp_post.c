@@ -3,8 +3,9 @@
  * imaging/postprocess.py squashes every query's upsampled mask with OpenCV and numpy in eight
  * passes over work-size arrays (negate, exp, add, reciprocal for the sigmoid; threshold, multiply,
  * sum, count for the mask score) and adds each instance in five (multiply, threshold, add, compare,
- * add). At 720p each pass streams 3.7 MB; here each is one pass. Results agree with the Python
- * path to float rounding (tests/imaging/test_postprocess_kernel.py).
+ * add), then averages and votes each class's map in seven more. At 720p each pass streams 3.7 MB;
+ * here each step is one pass. Results agree with the Python path to float rounding (the sigmoid)
+ * or exactly (the rest): tests/imaging/test_fused.py.
  *
  * Called through ctypes on row bands from several threads (ctypes releases the GIL): the functions
  * keep no state and write only the values they are given.
@@ -85,5 +86,23 @@ M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_
         int hit = p > 0.5f;
         probs[i] += hit ? p : 0.0f;
         counts[i] += (uint8_t)hit;
+    }
+}
+
+/* A class's pasted probabilities averaged over the instances pasted at each pixel, in place:
+ * probs /= max(counts, 1) (one pass for numpy's three). */
+M2FP_CLONES M2FP_EXPORT void m2fp_average(float *restrict probs, const uint8_t *restrict counts, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) probs[i] /= (float)(counts[i] > 1 ? counts[i] : 1);
+}
+
+/* One class's turn in the per-pixel argmax over classes taken in increasing order: where prob beats
+ * the best so far (strictly, so ties keep the lower class), best = prob and label = class_id (one
+ * pass for OpenCV's compare, max, and, max). */
+M2FP_CLONES M2FP_EXPORT void m2fp_vote(const float *restrict prob, int64_t n, uint8_t class_id, float *restrict best,
+                                       uint8_t *restrict labels) {
+    for (int64_t i = 0; i < n; ++i) {
+        int win = prob[i] > best[i];
+        best[i] = win ? prob[i] : best[i];
+        labels[i] = win ? class_id : labels[i];
     }
 }

@@ -102,6 +102,38 @@ def test_add_instance_never_adds_nan(kernel: fused.PostKernel) -> None:
     np.testing.assert_array_equal(counts, [0, 1, 0])
 
 
+def test_average_matches_numpy(kernel: fused.PostKernel) -> None:
+    rng = np.random.default_rng(6)
+    probs = rng.uniform(0, 40, 10_001).astype(np.float32)
+    counts = rng.integers(0, 100, probs.size).astype(np.uint8)
+    counts[:3] = [0, 1, 255]
+    want = probs / np.maximum(counts, 1).astype(np.float32)
+    kernel.average(probs, counts)
+    np.testing.assert_array_equal(probs, want)  # the same single division
+
+
+@pytest.mark.parametrize("out_hw", [(97, 131), (720, 1280)])
+def test_argmax_by_votes_equals_opencv(kernel: fused.PostKernel, out_hw: tuple[int, int]) -> None:
+    """Ties (equal maps, zeros everywhere) go to the lower class, as torch.argmax; resized maps too."""
+    rng = np.random.default_rng(sum(out_hw))
+    small = (out_hw[0] // 2 + 1, out_hw[1] // 2 + 3)
+    probs = {c: rng.uniform(0, 1, small).astype(np.float32) * (rng.uniform(0, 1, small) > 0.5) for c in
+             (1, 2, 5, 13, 19)}
+    probs[7] = probs[5].copy()  # a tie everywhere: 5 must keep it
+    for hw in (small, out_hw):
+        want = postprocess.argmax_label_map(probs, hw)
+        got = postprocess.argmax_label_map(probs, hw, kernel)
+        np.testing.assert_array_equal(got, want)
+        assert set(np.unique(got)) - {0} == {1, 2, 5, 13, 19}  # 7 never wins
+    assert (postprocess.argmax_label_map(probs, small, kernel) == 0).any()  # 0 where every class is 0
+
+
+def test_vote_refuses_a_class_beyond_uint8(kernel: fused.PostKernel) -> None:
+    a = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="uint8"):
+        kernel.vote(a, 256, a.copy(), np.zeros(4, np.uint8))
+
+
 def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
     logits = _logits(64)
     with pytest.raises(ValueError, match="differ"):

@@ -24,7 +24,7 @@ _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
 
 
 class PostKernel:
-    """The library's two functions over C-contiguous float32 arrays (one band of rows each call).
+    """The library's functions over C-contiguous arrays (one band of rows, or a whole map, per call).
 
     Raises:
         OSError: ``path`` is not a loadable library, or not this project's (another ABI).
@@ -44,6 +44,10 @@ class PostKernel:
         lib.m2fp_squash.restype = None
         lib.m2fp_add_instance.argtypes = [_floats, ctypes.c_int64, ctypes.c_float, _floats, _bytes]
         lib.m2fp_add_instance.restype = None
+        lib.m2fp_average.argtypes = [_floats, _bytes, ctypes.c_int64]
+        lib.m2fp_average.restype = None
+        lib.m2fp_vote.argtypes = [_floats, ctypes.c_int64, ctypes.c_uint8, _floats, _bytes]
+        lib.m2fp_vote.restype = None
         self.path = path
         self._lib = lib
 
@@ -60,6 +64,20 @@ class PostKernel:
         if not sig.shape == probs.shape == counts.shape:
             raise ValueError(f"sig {sig.shape}, probs {probs.shape} and counts {counts.shape} differ")
         self._lib.m2fp_add_instance(sig, sig.size, score, probs, counts)
+
+    def average(self, probs: np.ndarray, counts: np.ndarray) -> None:
+        """``probs /= max(counts, 1)``, in place."""
+        if probs.shape != counts.shape:
+            raise ValueError(f"probs {probs.shape} and counts {counts.shape} differ")
+        self._lib.m2fp_average(probs, counts, probs.size)
+
+    def vote(self, prob: np.ndarray, class_id: int, best: np.ndarray, labels: np.ndarray) -> None:
+        """Where ``prob > best``: ``best = prob`` and ``labels = class_id`` (an argmax, one class at a time)."""
+        if not prob.shape == best.shape == labels.shape:
+            raise ValueError(f"prob {prob.shape}, best {best.shape} and labels {labels.shape} differ")
+        if not 0 <= class_id <= 255:
+            raise ValueError(f"class id {class_id} does not fit a uint8 label map")
+        self._lib.m2fp_vote(prob, prob.size, class_id, best, labels)
 
 
 @functools.cache

@@ -172,17 +172,23 @@ def work_hw_for(meta: PreprocessMeta, mode: Mode) -> tuple[int, int]:
     return meta.resized_hw
 
 
-def argmax_label_map(class_probs: dict[int, np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
+def argmax_label_map(
+    class_probs: dict[int, np.ndarray], out_hw: tuple[int, int], kernel: fused.PostKernel | None = None
+) -> np.ndarray:
     """Per-pixel argmax over class probability maps, resized bilinearly to ``out_hw`` first.
 
     Classes absent from ``class_probs`` have probability 0; ties go to the lower class id and a
     pixel where every class is 0 is background (0), as ``torch.argmax`` over all classes gives.
-    Runs class by class so memory stays at a few ``out_hw`` buffers whatever the class count.
+    Runs class by class so memory stays at a few ``out_hw`` buffers whatever the class count;
+    ``kernel`` (the fused library) does each class's step in one pass, with the same result.
     """
     best = np.zeros(out_hw, np.float32)
     label_map = np.zeros(out_hw, np.uint8)
     for c in sorted(class_probs):
-        prob = resize_bilinear(class_probs[c], out_hw)
+        prob = np.ascontiguousarray(resize_bilinear(class_probs[c], out_hw))
+        if kernel is not None:
+            kernel.vote(prob, c, best, label_map)
+            continue
         better = cv2.compare(prob, best, cv2.CMP_GT)  # 255 where this class beats all before it
         cv2.max(best, prob, dst=best)
         # Classes come in increasing order, so every label set so far is below c: taking the
@@ -266,8 +272,11 @@ def to_result(
                     _on_bands(pool, bands, _add_instance_band, (sig, probs[label], counts[label], scratch), final)
 
     for c in probs:
-        probs[c] /= np.maximum(counts[c], 1).astype(np.float32)
-    label_map = argmax_label_map(probs, meta.orig_hw)
+        if fast is not None:
+            fast.average(probs[c], counts[c])
+        else:
+            probs[c] /= np.maximum(counts[c], 1).astype(np.float32)
+    label_map = argmax_label_map(probs, meta.orig_hw, fast)
 
     people.sort(key=lambda p: -p[0])
     masks = np.zeros((len(people), *meta.orig_hw), bool)
