@@ -26,7 +26,7 @@ help:
 	@echo "make openapi    regenerate openapi/openapi.json"
 	@echo "make bench      every benchmark in one run, then BENCHMARKS.md (~30 min; QUICK=1: ~5 min, tiny model)"
 	@echo "make bench-light the light segmenter vs MediaPipe's runtime, ms per frame"
-	@echo "make soak       $(SOAK_SECONDS) s of mixed valid/invalid load on a real server; RSS and fds in bench/results/soak.json"
+	@echo "make soak       $(SOAK_SECONDS) s of mixed valid/invalid load on a real server; RSS and fds in bench/studies/soak.json"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -132,7 +132,7 @@ docker:
 
 # The CI runs the same test for 60 s; this is the long one.
 soak: install-dev
-	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.json \
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/studies/soak.json \
 	  $(PY) -m pytest tests/integration/test_load.py -k soak -s -p no:cacheprovider --timeout=$$(( $(SOAK_SECONDS) + 900 ))
 
 clean:

@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="M2FP_INTRA_OP_THREADS (= the CPU limit)")
     p.add_argument("--phases", type=lambda v: [x.strip() for x in v.split(",")], default=None,
                    help="comma-separated subset, e.g. 'idle,720p x1' (default: all)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/deploy_resources.json"))
+    p.add_argument("--out", type=Path, default=Path("bench/studies/deploy_resources.json"))
     args = p.parse_args()
     emit(run(args), markdown, args.out)
 

@@ -6,7 +6,7 @@ core, ONNX Runtime with 1 intra-op thread; the two runtimes alternate in rounds 
 are compared, so the ratio holds on a noisy shared machine. The frame is scikit-image's
 astronaut resized (a real photo). MediaPipe (the reference) must be installed: make install-dev.
 
-    python bench/light_segmenter.py [--models models] [--rounds 5] [--frames 40] [-o bench/results/light_segmenter.json]
+    python bench/light_segmenter.py [--models models] [--rounds 5] [--frames 40] [-o bench/studies/light_segmenter.json]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="mediapipe wheel cache (default ~/.cache/m2fp)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--frames", type=int, default=40, help="frames per timed block")
-    parser.add_argument("-o", "--output", type=Path, default=Path("bench/results/light_segmenter.json"))
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench/studies/light_segmenter.json"))
     args = parser.parse_args()
     cpu = sorted(os.sched_getaffinity(0))[-1]
     os.sched_setaffinity(0, {cpu})  # one core for both runtimes (MediaPipe's XNNPACK may start threads)
