@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from m2fp_service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
-from m2fp_service.imaging.decode import ACCEPTED_FORMATS, DecodedImage, _to_rgb, decode_image
+from m2fp_service.imaging import decode
+from m2fp_service.imaging.decode import ACCEPTED_FORMATS, DecodedImage, _to_rgb, decode_image, probe_image
 
 BIG = 10**9  # max_pixels for tests that are not about the limit
 
@@ -490,3 +491,160 @@ def test_damaged_files_only_raise_service_errors(data: bytes) -> None:
         except ServiceError:
             continue
         assert out.rgb.dtype == np.uint8 and out.rgb.shape[2] == 3
+
+
+# --------------------------------------------------------------------------- probe_image: the header alone
+
+def _png_iccp_flood(chunks: int) -> bytes:
+    """A 4x4 PNG with ``chunks`` iCCP chunks of 1 MiB (compressed to ~1 kB each) before its IDAT."""
+    iccp = _chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(2**20 - 1), 9))
+    ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0))
+    idat = _chunk(b"IDAT", zlib.compress(b"\x00\x00\x00\x00\x00" * 4))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + iccp * chunks + idat + _chunk(b"IEND", b"")
+
+
+def _top_down_bmp() -> bytes:
+    data = bytearray(_BMP)
+    struct.pack_into("<i", data, 22, -96)  # negative height: rows stored top to bottom
+    return bytes(data)
+
+
+def _png_with_text() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * 5000, zip=True)
+    info.add_itxt("Title", "human parsing")
+    return _save(_NOISE, "PNG", pnginfo=info)
+
+
+_EXIF = Image.Exif()
+_EXIF[0x010F] = "m2fp test camera"
+PROBED = [  # real files of every accepted kind; each is 128x96
+    pytest.param(_PNG, id="png"),
+    pytest.param(_png_with_text(), id="png-text-chunks"),
+    pytest.param(_JPEG, id="jpeg"),
+    pytest.param(_save(_NOISE, "JPEG", progressive=True), id="jpeg-progressive"),
+    pytest.param(_save(_NOISE, "JPEG", exif=_EXIF.tobytes(), icc_profile=bytes(200_000)), id="jpeg-exif-icc-pieces"),
+    pytest.param(_WEBP, id="webp-lossy"),
+    pytest.param(_save(_NOISE, "WEBP", lossless=True), id="webp-lossless"),
+    pytest.param(_save(_NOISE.convert("RGBA"), "WEBP", quality=80, exif=_EXIF.tobytes()), id="webp-vp8x"),
+    pytest.param(_BMP, id="bmp"),
+    pytest.param(_top_down_bmp(), id="bmp-top-down"),
+]
+
+
+@pytest.mark.parametrize("data", PROBED)
+def test_probe_reads_the_size_pillow_reads(data: bytes) -> None:
+    header = probe_image(data, max_pixels=BIG)
+    with Image.open(io.BytesIO(data)) as im:
+        assert (header.format, header.size_wh) == (im.format, im.size) == (header.format, (128, 96))
+    with pytest.raises(ImageTooLarge, match=r"image is 128x96 = 12,288 pixels; the limit is 12,287 pixels"):
+        probe_image(data, max_pixels=128 * 96 - 1)
+    with pytest.raises(ImageTooLarge, match="longest side allowed is 127 pixels"):
+        probe_image(data, max_pixels=BIG, max_side=127)
+
+
+@pytest.mark.parametrize("data", PROBED)
+def test_probe_refuses_only_what_decoding_refuses(data: bytes) -> None:
+    """Every cut through the header (and a spread of cuts after it) and randomly damaged copies: what
+    the probe refuses, ``decode_image`` refuses with the same error class; a size the probe reads is
+    the size of the decoded picture."""
+    cuts = {*range(400), *range(400, len(data), max(1, len(data) // 300))}
+    variants = [data[:cut] for cut in sorted(cuts)]
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        damaged = bytearray(data)
+        for pos in rng.integers(0, min(len(data), 1024), size=2):
+            damaged[pos] = int(rng.integers(0, 256))
+        variants.append(bytes(damaged))
+    for variant in variants:
+        try:
+            header = probe_image(variant, max_pixels=BIG)
+        except ServiceError as refused:
+            with pytest.raises(type(refused)):
+                decode_image(variant, max_pixels=BIG)
+            continue
+        try:
+            out = decode_image(variant, max_pixels=BIG)
+        except ServiceError:
+            continue
+        assert header.size_wh in (None, (out.rgb.shape[1], out.rgb.shape[0]))
+
+
+def _jpeg_without_frame_header() -> bytes:
+    sof = _JPEG.index(b"\xff\xc0")
+    return _JPEG[:sof] + _JPEG[_JPEG.index(b"\xff\xc4", sof):]
+
+
+_JPEG_AFTER_APP0 = 20  # SOI (2) + APP0 JFIF (2 + 16)
+
+PROBE_REFUSALS = [
+    pytest.param(b"", InvalidImage, "empty upload", id="empty"),
+    pytest.param(b"hello, this is a plain text file\n", InvalidImage, "not a recognisable image", id="text"),
+    pytest.param(np.random.default_rng(0).bytes(4096), InvalidImage, "not a recognisable image", id="random"),
+    pytest.param(_GIF, UnsupportedMediaType, "GIF", id="gif"),
+    pytest.param(_SVG, UnsupportedMediaType, "SVG", id="svg"),
+    pytest.param(b"BMW 3 series", InvalidImage, "BMP header is corrupt", id="bm-text"),
+    pytest.param(_PNG[:20], InvalidImage, "PNG header is corrupt or incomplete", id="png-cut-in-ihdr"),
+    pytest.param(_JPEG[:100], InvalidImage, "JPEG header is corrupt or incomplete", id="jpeg-cut-before-sof"),
+    pytest.param(_JPEG[:200], InvalidImage, "JPEG header is corrupt or incomplete", id="jpeg-cut-after-sof"),
+    pytest.param(_jpeg_without_frame_header(), InvalidImage, "JPEG header is corrupt", id="jpeg-no-sof"),
+    pytest.param(_WEBP[:20], InvalidImage, "WEBP header is corrupt or incomplete", id="webp-cut"),
+    pytest.param(_BMP[:20], InvalidImage, "BMP header is corrupt or incomplete", id="bmp-cut"),
+    pytest.param(_png_header_only(60000, 50000), ImageTooLarge, "image is 60000x50000 = 3000.0 MP", id="png-bomb"),
+    pytest.param(_jpeg_header_only(60000, 50000), ImageTooLarge, "image is 60000x50000", id="jpeg-bomb"),
+    pytest.param(_bmp_header_only(40000, 40000), ImageTooLarge, "image is 40000x40000", id="bmp-bomb"),
+    pytest.param(webp_declaring("VP8 ", 16383, 16383), ImageTooLarge, "image is 16383x16383", id="webp-vp8-bomb"),
+    pytest.param(webp_declaring("VP8L", 16383, 16383), ImageTooLarge, "image is 16383x16383", id="webp-vp8l-bomb"),
+    pytest.param(webp_declaring("VP8X", 16383, 16383), ImageTooLarge, "image is 16383x16383", id="webp-vp8x-bomb"),
+    pytest.param(_png_header_only(20000, 10), ImageTooLarge, "longest side allowed is 16384", id="png-too-wide"),
+]
+
+
+@pytest.mark.parametrize(("data", "error", "fragment"), PROBE_REFUSALS)
+def test_probe_refuses_at_the_header(data: bytes, error: type[ServiceError], fragment: str) -> None:
+    with pytest.raises(error) as probed:
+        probe_image(data, max_pixels=40_000_000)
+    with pytest.raises(error) as decoded:
+        decode_image(data, max_pixels=40_000_000)
+    assert fragment in probed.value.message and fragment in decoded.value.message
+    if error is not InvalidImage or "header" not in fragment:  # cut headers: Pillow words its reason its own way
+        assert probed.value.message == decoded.value.message
+
+
+PROBE_PASSES = [  # (data, size the probe reads, what decoding says: None = it decodes)
+    pytest.param(_png_header_only(8, 8), (8, 8), "PNG image is truncated or corrupt", id="png-garbage-pixels"),
+    pytest.param(_PNG[:40], (128, 96), "PNG header is corrupt", id="png-cut-after-ihdr"),
+    pytest.param(_JPEG[: len(_JPEG) // 2], (128, 96), "JPEG image is truncated or corrupt", id="jpeg-cut-in-scan"),
+    pytest.param(_JPEG[:_JPEG_AFTER_APP0] + b"\x12" + _JPEG[_JPEG_AFTER_APP0:], None, None, id="jpeg-junk-byte"),
+    pytest.param(_JPEG[:_JPEG_AFTER_APP0] + b"\xff\xfe\x00\x02" * 1100 + _JPEG[_JPEG_AFTER_APP0:], None, None,
+                 id="jpeg-1100-segments"),
+    pytest.param(_png_iccp_flood(3), (4, 4), None, id="png-iccp-chunks"),
+]
+
+
+@pytest.mark.parametrize(("data", "size_wh", "fragment"), PROBE_PASSES)
+def test_probe_lets_through_what_only_decoding_settles(data: bytes, size_wh: tuple[int, int] | None,
+                                                       fragment: str | None) -> None:
+    assert probe_image(data, max_pixels=BIG).size_wh == size_wh
+    if fragment is None:
+        assert decode_image(data, max_pixels=BIG).rgb.shape[2] == 3
+    else:
+        with pytest.raises(InvalidImage, match=fragment):
+            decode_image(data, max_pixels=BIG)
+
+
+@pytest.mark.parametrize(("data", "fmt"), [(_png_iccp_flood(40), "PNG"), (_JPEG, "JPEG"), (_WEBP, "WEBP")])
+def test_probe_reads_png_jpeg_and_webp_headers_without_pillow(
+    data: bytes, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow's header parse is not bounded: it inflates every iCCP chunk before a PNG's IDAT (57 s for a
+    20 MB file of them, measured) and steps through JPEG junk a byte at a time. The probe reads these
+    headers itself; only the BMP header (fixed size, bounded palette) goes through Pillow."""
+
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"the probe handed the {fmt} file to Pillow")
+
+    monkeypatch.setitem(decode._OPENERS, fmt, refuse)
+    assert probe_image(data, max_pixels=BIG).format == fmt
