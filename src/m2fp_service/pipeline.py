@@ -3,6 +3,8 @@
 ``parse_image`` stops at the ``ParsingResult``; ``process`` goes on through the render stage
 (``outputs.render``), which the API, ``m2fp parse`` and video share. A ``ResultCache`` lets a
 picture seen again (the WebUI composing the same photo with other options) skip inference.
+``probe`` makes the decode stage's checks that need no pixels, so a caller can refuse a bad
+upload before it waits for a worker (the API does); the full decode stays with the rest.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from m2fp_service.engine import ParsingEngine
 from m2fp_service.errors import ServiceError
 from m2fp_service.imaging import postprocess, preprocess
-from m2fp_service.imaging.decode import decode_image
+from m2fp_service.imaging.decode import ImageHeader, decode_image, probe_image
 from m2fp_service.limits import ImageLimits
 from m2fp_service.outputs import Rendered, RenderRequest, render
 from m2fp_service.result import ParsingResult
 from m2fp_service.timings import STAGES, Timings
 
-__all__ = ["STAGES", "ImageLimits", "ResultCache", "Timings", "parse_array", "parse_image", "process"]
+__all__ = ["STAGES", "ImageHeader", "ImageLimits", "ResultCache", "Timings", "parse_array", "parse_image",
+           "probe", "process"]
 
 
 class ResultCache:
@@ -97,6 +102,19 @@ def parse_array(
     return result
 
 
+def probe(data: bytes, limits: ImageLimits) -> ImageHeader:
+    """The checks of ``decode`` that need no pixels (format, header, ``limits``); microseconds for real files.
+    Run them before a request waits for a worker, so a bad upload is refused at once; ``decode`` makes them
+    again (and the ones a header alone cannot settle)."""
+    return probe_image(data, max_pixels=limits.max_pixels, max_side=limits.max_side)
+
+
+def probe_background(data: bytes, limits: ImageLimits) -> ImageHeader:
+    """``probe`` for a backdrop picture; errors name the backdrop (not the photo)."""
+    with _as_backdrop():
+        return probe(data, limits)
+
+
 def decode(data: bytes, limits: ImageLimits, timings: Timings | None = None) -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 RGB within ``limits`` (typed errors otherwise)."""
     t = time.perf_counter()
@@ -137,8 +155,14 @@ def parse_cached(engine: ParsingEngine, image_rgb: np.ndarray, data: bytes, *, m
 
 def decode_background(data: bytes, limits: ImageLimits, timings: Timings | None = None) -> np.ndarray:
     """A backdrop picture's bytes -> RGB; errors name the backdrop (not the photo)."""
-    try:
+    with _as_backdrop():
         return decode(data, limits, timings)
+
+
+@contextmanager
+def _as_backdrop() -> Iterator[None]:
+    try:
+        yield
     except ServiceError as exc:
         raise type(exc)(f"background picture: {exc.message}") from None
 
