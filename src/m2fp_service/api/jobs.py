@@ -3,6 +3,9 @@
 A route calls ``run_upload_job`` with the file fields it accepts and a function that turns the
 upload into the job; the pool slot is reserved before the upload is read (bounded memory), the
 upload has its own time limit, and the job runs off the event loop within the request's limit.
+``make_job`` runs on the event loop once the upload is in and before the job waits for a worker:
+that is where a route refuses what needs no worker to judge (options, the image header via
+``pipeline.probe``), so a bad request is answered at once, not after the queue.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ async def run_upload_job(
     file_fields: tuple[str, ...] = (FILE_FIELD,),
 ) -> tuple[T, Timings]:
     """Admits the request, reads its multipart upload and runs ``make_job(upload, timings)()`` on a worker.
+
+    ``make_job`` itself runs here, on the event loop, before the job queues: it must be quick.
 
     Raises:
         Overloaded: the pool and its queue are full (503 + Retry-After), before anything is read.

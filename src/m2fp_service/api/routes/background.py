@@ -94,6 +94,9 @@ async def background(
         backdrop = upload.files.get(BACKGROUND_FIELD)
         render_request = params.to_request(backdrop is not None, engine.card.palette)
         data = upload.image
+        pipeline.probe(data, settings.image_limits())  # bad pictures are refused now, not after the queue
+        if backdrop is not None:
+            pipeline.probe_background(backdrop, settings.image_limits())
         return lambda: _compose(engine, data, backdrop, render_request, settings, cache, timings)
 
     (picture, people), timings = await run_upload_job(request, settings, pool, metrics, make_job,

@@ -124,6 +124,7 @@ async def parse(
             raise InvalidParameter("labels: given as query parameter and as form field, with different values")
         params = ParseParams.from_texts(outputs, upload.fields.get("outputs"), labels=form_labels or labels)
         data = upload.image
+        pipeline.probe(data, settings.image_limits())  # a bad image is refused now, not after the queue
         return lambda: parse_to_json(engine, data, params, settings, cache, timings)
 
     payload, timings = await run_upload_job(request, settings, pool, metrics, make_job)
