@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms, PngImagePlugin
 
 from m2fp_service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedMediaType
 from m2fp_service.imaging import decode
@@ -495,12 +495,20 @@ def test_damaged_files_only_raise_service_errors(data: bytes) -> None:
 
 # --------------------------------------------------------------------------- probe_image: the header alone
 
-def _png_iccp_flood(chunks: int) -> bytes:
-    """A 4x4 PNG with ``chunks`` iCCP chunks of 1 MiB (compressed to ~1 kB each) before its IDAT."""
-    iccp = _chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(2**20 - 1), 9))
+_MIB_OF_ZEROS = zlib.compress(bytes(2**20 - 1), 9)  # ~1 kB that Pillow inflates to (just under) its 1 MiB cap
+_ICCP = _chunk(b"iCCP", b"p\x00\x00" + _MIB_OF_ZEROS)
+
+
+def _png_with(before: bytes = b"", after: bytes = b"") -> bytes:
+    """A 4x4 grey PNG with the given chunks before its IDAT and after it."""
     ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0))
     idat = _chunk(b"IDAT", zlib.compress(b"\x00\x00\x00\x00\x00" * 4))
-    return b"\x89PNG\r\n\x1a\n" + ihdr + iccp * chunks + idat + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + ihdr + before + idat + after + _chunk(b"IEND", b"")
+
+
+def _png_iccp_flood(chunks: int) -> bytes:
+    """A 4x4 PNG with ``chunks`` iCCP chunks of 1 MiB (compressed to ~1 kB each) before its IDAT."""
+    return _png_with(before=_ICCP * chunks)
 
 
 def _top_down_bmp() -> bytes:
@@ -510,8 +518,6 @@ def _top_down_bmp() -> bytes:
 
 
 def _png_with_text() -> bytes:
-    from PIL import PngImagePlugin
-
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "x" * 5000, zip=True)
     info.add_itxt("Title", "human parsing")
@@ -520,9 +526,23 @@ def _png_with_text() -> bytes:
 
 _EXIF = Image.Exif()
 _EXIF[0x010F] = "m2fp test camera"
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _png_as_cameras_write_it() -> bytes:
+    """Pillow's PNG with a real sRGB profile, EXIF, plain, compressed and international text."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "m2fp test")
+    info.add_text("Comment", "a long comment " * 500, zip=True)
+    info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta xmlns:x='adobe:ns:meta/'/>", zip=True)
+    info.add_itxt("Title", "human parsing")
+    return _save(_NOISE, "PNG", icc_profile=_SRGB, exif=_EXIF.tobytes(), pnginfo=info)
+
+
 PROBED = [  # real files of every accepted kind; each is 128x96
     pytest.param(_PNG, id="png"),
     pytest.param(_png_with_text(), id="png-text-chunks"),
+    pytest.param(_png_as_cameras_write_it(), id="png-profile-text-exif"),
     pytest.param(_JPEG, id="jpeg"),
     pytest.param(_save(_NOISE, "JPEG", progressive=True), id="jpeg-progressive"),
     pytest.param(_save(_NOISE, "JPEG", exif=_EXIF.tobytes(), icc_profile=bytes(200_000)), id="jpeg-exif-icc-pieces"),
@@ -620,7 +640,7 @@ PROBE_PASSES = [  # (data, size the probe reads, what decoding says: None = it d
     pytest.param(_JPEG[:_JPEG_AFTER_APP0] + b"\x12" + _JPEG[_JPEG_AFTER_APP0:], None, None, id="jpeg-junk-byte"),
     pytest.param(_JPEG[:_JPEG_AFTER_APP0] + b"\xff\xfe\x00\x02" * 1100 + _JPEG[_JPEG_AFTER_APP0:], None, None,
                  id="jpeg-1100-segments"),
-    pytest.param(_png_iccp_flood(3), (4, 4), None, id="png-iccp-chunks"),
+    pytest.param(_png_iccp_flood(1), (4, 4), None, id="png-iccp-chunk"),
 ]
 
 
@@ -635,7 +655,7 @@ def test_probe_lets_through_what_only_decoding_settles(data: bytes, size_wh: tup
             decode_image(data, max_pixels=BIG)
 
 
-@pytest.mark.parametrize(("data", "fmt"), [(_png_iccp_flood(40), "PNG"), (_JPEG, "JPEG"), (_WEBP, "WEBP")])
+@pytest.mark.parametrize(("data", "fmt"), [(_png_iccp_flood(1), "PNG"), (_JPEG, "JPEG"), (_WEBP, "WEBP")])
 def test_probe_reads_png_jpeg_and_webp_headers_without_pillow(
     data: bytes, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -648,3 +668,80 @@ def test_probe_reads_png_jpeg_and_webp_headers_without_pillow(
 
     monkeypatch.setitem(decode._OPENERS, fmt, refuse)
     assert probe_image(data, max_pixels=BIG).format == fmt
+
+
+# --------------------------------------------------------------------------- PNG chunk bounds
+
+# Pillow reads every chunk of a PNG and inflates each iCCP and zTXt/iTXt chunk (up to 1 MiB); files
+# of such chunks the size of an upload (the default limit) took it about a minute.
+_UPLOAD_BYTES = 20 * 2**20
+
+
+def _flood(chunk: bytes, *, after_idat: bool = False) -> bytes:
+    """A PNG filled to the upload limit with copies of ``chunk``, before its IDAT or after it."""
+    copies = chunk * (_UPLOAD_BYTES // len(chunk))
+    return _png_with(after=copies) if after_idat else _png_with(before=copies)
+
+
+_ZTXT_NO_KEYWORD = _chunk(b"zTXt", b"\x00\x00" + _MIB_OF_ZEROS)  # Pillow inflates it, then drops it uncounted
+_ITXT_NOT_UTF8 = _chunk(b"iTXt", b"k\x00\x01\x00\x00\x00" + zlib.compress(b"\xff" * (2**20 - 1), 9))  # idem
+
+HOSTILE_PNGS = [  # (builds the file, words of the refusal); without the bounds each decoded, in 8 to 59 s
+    pytest.param(lambda: _flood(_ICCP), "more than one colour profile (iCCP chunk)", id="iccp-before-idat"),
+    pytest.param(lambda: _flood(_ICCP, after_idat=True), "more than one colour profile", id="iccp-after-idat"),
+    pytest.param(lambda: _flood(_ZTXT_NO_KEYWORD), "more than 64 text chunks", id="ztxt-no-keyword"),
+    pytest.param(lambda: _flood(_ITXT_NOT_UTF8, after_idat=True), "more than 64 text chunks", id="itxt-not-utf8"),
+    pytest.param(lambda: _flood(_chunk(b"prVt", b"")), "more than 32,768 chunks", id="empty-private-chunks"),
+    pytest.param(lambda: _flood(_chunk(b"IDAT", b""), after_idat=True), "more than 32,768 chunks", id="empty-idat"),
+]
+
+
+@pytest.mark.parametrize(("build", "words"), HOSTILE_PNGS)
+def test_png_chunk_floods_are_refused_before_pillow_reads_them(build: Callable[[], bytes], words: str) -> None:
+    data = build()
+    with pytest.raises(InvalidImage) as decoded:
+        decode_image(data, max_pixels=BIG)
+    with pytest.raises(InvalidImage) as probed:
+        probe_image(data, max_pixels=BIG)
+    assert words in decoded.value.message and "re-export it" in decoded.value.message
+    assert probed.value.message == decoded.value.message
+
+
+def _png_chunk_kinds(data: bytes) -> list[bytes]:
+    kinds: list[bytes] = []
+    pos = 8
+    while pos < len(data):
+        kinds.append(data[pos + 4 : pos + 8])
+        pos += 12 + struct.unpack_from(">I", data, pos)[0]
+    return kinds
+
+
+def test_png_with_a_profile_text_and_exif_still_decodes() -> None:
+    data = _png_as_cameras_write_it()
+    kinds = _png_chunk_kinds(data)
+    assert {b"iCCP", b"eXIf", b"tEXt", b"zTXt", b"iTXt"} <= set(kinds) and kinds.count(b"iCCP") == 1
+    assert probe_image(data, max_pixels=BIG).size_wh == (128, 96)
+    np.testing.assert_array_equal(decode_image(data, max_pixels=BIG).rgb, np.asarray(_NOISE))
+
+
+CHUNK_BOUNDS = [  # (chunks before IDAT, refused with these words or None: it decodes)
+    pytest.param(_ICCP, None, id="one-iccp"),
+    pytest.param(_ICCP * 2, "colour profile", id="two-iccp"),
+    pytest.param(_ZTXT_NO_KEYWORD * 64, None, id="64-text"),
+    pytest.param(_ZTXT_NO_KEYWORD * 64 + _chunk(b"iTXt", b"k\x00\x00\x00\x00\x00v"), "64 text chunks", id="65-text"),
+    pytest.param(_chunk(b"prVt", b"") * (32_768 - 2), None, id="32768-chunks"),  # IHDR and IDAT count too
+    pytest.param(_chunk(b"prVt", b"") * (32_768 - 1), "32,768 chunks", id="32769-chunks"),
+]
+
+
+@pytest.mark.parametrize(("before", "words"), CHUNK_BOUNDS)
+def test_png_chunk_bounds(before: bytes, words: str | None) -> None:
+    data = _png_with(before=before)
+    if words is None:
+        assert probe_image(data, max_pixels=BIG).size_wh == (4, 4)
+        assert decode_image(data, max_pixels=BIG).rgb.shape == (4, 4, 3)
+    else:
+        with pytest.raises(InvalidImage, match=words):
+            probe_image(data, max_pixels=BIG)
+        with pytest.raises(InvalidImage, match=words):
+            decode_image(data, max_pixels=BIG)

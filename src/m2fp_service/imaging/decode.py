@@ -5,13 +5,15 @@ the matching Pillow plugin class parses the header directly, so the size limits 
 *before* any pixel data is decoded. Going to the plugin class (instead of ``Image.open``) also
 means Pillow's global decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) does not run, except
 inside the WebP plugin, whose header we read and check first: an image over our own, per-call
-``max_pixels`` is refused with our message before Pillow looks at it. No global Pillow state is read or changed, and
-``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone, so truncated files fail.
+``max_pixels`` is refused with our message before Pillow looks at it. No global Pillow state is
+changed, nor read per call (Pillow's PNG text limits are read once, at import, to size our own
+chunk bound), and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone, so truncated files fail.
 
 Error mapping (see ``m2fp_service.errors``):
 
 * ``InvalidImage`` (422): empty upload; bytes that are no recognisable image (random data, plain
-  text, HTML, JSON, ...); an accepted format whose header or pixel data is corrupt or truncated.
+  text, HTML, JSON, ...); an accepted format whose header or pixel data is corrupt or truncated; a
+  PNG whose chunks only a hostile file has (see ``_check_png_chunks``).
 * ``UnsupportedMediaType`` (415): a recognisable file of a type we do not accept: GIF, TIFF,
   ICO/CUR, PSD, ICNS, DDS, QOI, JPEG 2000, JPEG XL, HEIC/HEIF, AVIF, and the vector/document
   formats SVG, PDF and PostScript/EPS. The fix for all of them is the same: convert to one of
@@ -21,12 +23,16 @@ Error mapping (see ``m2fp_service.errors``):
 ``probe_image`` makes the checks that need no pixels (format, declared size, limits) without
 decompressing anything, so a caller can refuse a bad upload before it queues for decoding. It
 reads JPEG, PNG and WebP headers itself: Pillow's header parse is not bounded (it inflates every
-PNG ``iCCP`` chunk before the first ``IDAT``: 57 s for a 20 MB file of them, measured).
+PNG ``iCCP`` chunk before the first ``IDAT``: 57 s for a 20 MB file of them, measured). For the
+same reason both functions walk a PNG's chunk headers first and refuse more than one ``iCCP``,
+more than 64 ``zTXt``/``iTXt`` or more than 32,768 chunks in all, which keeps Pillow's chunk
+reading under half a second.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,8 +113,9 @@ def probe_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> Image
     The format comes from the leading bytes and the size from the format's fixed header: PNG's
     ``IHDR``, WebP's first chunk, JPEG's frame header (found by walking at most
     ``_JPEG_MAX_SEGMENTS`` segments) and BMP's info header (through Pillow, whose BMP header read is
-    bounded). It refuses only what ``decode_image`` refuses too, with the same error class; what
-    it cannot judge it lets through, for ``decode_image`` to judge. A header that both declares an
+    bounded). A PNG's chunk headers are walked to ``IEND`` first, as ``decode_image`` walks them. It
+    refuses only what ``decode_image`` refuses too, with the same error class; what it cannot judge
+    it lets through, for ``decode_image`` to judge. A header that both declares an
     over-limit size and is corrupt in another way may get ``ImageTooLarge`` here where
     ``decode_image`` would raise ``InvalidImage``.
 
@@ -121,11 +128,14 @@ def probe_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> Image
         The format and, when read, the declared size.
 
     Raises:
-        InvalidImage: Empty, not an image, or a header cut short.
+        InvalidImage: Empty, not an image, a header cut short, or a PNG with more than one colour
+            profile or far more chunks than any real picture.
         UnsupportedMediaType: A recognised file type that is not accepted (GIF, TIFF, SVG, ...).
         ImageTooLarge: The header declares more than ``max_pixels`` pixels or a side longer than ``max_side``.
     """
     fmt = _accepted_format(data)
+    if fmt == "PNG":
+        _check_png_chunks(data)
     size_wh = _HEADER_READERS[fmt](data)
     if size_wh is not None:
         _check_size(size_wh, max_pixels=max_pixels, max_side=max_side)
@@ -157,11 +167,15 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int = 16384) -> Deco
         The decoded image.
 
     Raises:
-        InvalidImage: Empty, not an image, or a corrupt/truncated JPEG/PNG/WebP/BMP.
+        InvalidImage: Empty, not an image, a corrupt/truncated JPEG/PNG/WebP/BMP, or a PNG with more
+            than one colour profile or far more chunks than any real picture (checked before Pillow
+            reads them).
         UnsupportedMediaType: A recognised file type that is not accepted (GIF, TIFF, SVG, ...).
         ImageTooLarge: More than ``max_pixels`` pixels or a side longer than ``max_side``.
     """
     fmt = _accepted_format(data)
+    if fmt == "PNG":  # Pillow's chunk reading is not bounded: ours first
+        _check_png_chunks(data)
     declared = _webp_size(data) if fmt == "WEBP" else None
     if declared is not None:  # Pillow's WebP plugin runs its own bomb check while opening: ours first
         _check_size(declared, max_pixels=max_pixels, max_side=max_side)
@@ -251,6 +265,54 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
         and ihdr[11] == 0
     )
     return (int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")) if sound else None
+
+
+# Pillow reads a PNG's chunks one at a time up to IEND, before and after IDAT, in Python (2-4 us
+# each), and inflates every iCCP, zTXt and compressed iTXt chunk it meets, up to MAX_TEXT_CHUNK
+# (1 MiB, ~3 ms) apiece. Its MAX_TEXT_MEMORY (64 MiB) caps the text it keeps, but neither the iCCP
+# chunks nor the text it inflates and then drops (an empty keyword, iTXt that is not UTF-8): 20 MB
+# of such chunks take it about a minute (measured). Cameras, phones and editors write one profile,
+# a few text chunks (XMP, comments, prompts) and IDAT in pieces of 8 kB (libpng) to 64 kB (Pillow).
+_PNG_MAX_ICCP = 1  # the PNG specification allows one
+_PNG_TEXT_CHUNKS = (b"zTXt", b"iTXt")
+# Pillow's own text budget in whole chunks (64): at most 64 MiB inflated, however the text is dropped
+_PNG_MAX_TEXT_CHUNKS = PngImagePlugin.MAX_TEXT_MEMORY // PngImagePlugin.MAX_TEXT_CHUNK
+# 256 MB in libpng's 8 kB IDAT pieces, 12x the default upload limit; Pillow steps through them in ~0.1 s
+_PNG_MAX_CHUNKS = 32_768
+_PNG_CHUNK_HEADER = struct.Struct(">I4s")  # payload length, chunk type
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunks only a hostile file has, before Pillow reads them.
+
+    Walks the chunk headers from the signature to ``IEND`` (8 bytes each, payloads skipped, at most
+    ``_PNG_MAX_CHUNKS`` steps, ~20 ms). A chunk that runs off the end of the data ends the walk, and
+    Pillow decides about the truncation. The bounds keep Pillow's chunk reading under ~0.5 s.
+
+    Raises:
+        InvalidImage: More than one ``iCCP``, more than ``_PNG_MAX_TEXT_CHUNKS`` ``zTXt``/``iTXt``
+            or more than ``_PNG_MAX_CHUNKS`` chunks in all.
+    """
+    iccp = text = chunks = 0
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = _PNG_CHUNK_HEADER.unpack_from(data, pos)
+        if kind == b"IEND":
+            return
+        chunks += 1
+        iccp += kind == b"iCCP"
+        text += kind in _PNG_TEXT_CHUNKS
+        if iccp > _PNG_MAX_ICCP:
+            raise _hostile_png("more than one colour profile (iCCP chunk)", "the PNG specification forbids")
+        if text > _PNG_MAX_TEXT_CHUNKS:
+            raise _hostile_png(f"more than {_PNG_MAX_TEXT_CHUNKS} text chunks (zTXt, iTXt)")
+        if chunks > _PNG_MAX_CHUNKS:
+            raise _hostile_png(f"more than {_PNG_MAX_CHUNKS:,} chunks")
+        pos += 12 + length
+
+
+def _hostile_png(what: str, which: str = "no camera or editor writes") -> InvalidImage:
+    return InvalidImage(f"the PNG holds {what}, which {which}; re-export it and upload again")
 
 
 # JPEG markers Pillow reads as a 2-byte length plus payload, and those among them that set the size.
