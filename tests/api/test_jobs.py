@@ -12,6 +12,7 @@ import asyncio
 import io
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,18 @@ def bmp_header_declaring(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
 
 
+def png_with_colour_profiles(count: int) -> bytes:
+    """A sound 64x48 PNG with ``count`` iCCP chunks before its pixels, each ~1 kB that inflates to 1 MiB.
+
+    Pillow inflated every one (~3 ms each, about a minute for an upload's worth) on the worker.
+    """
+    payload = b"p\x00\x00" + zlib.compress(bytes(2**20 - 1), 9)
+    iccp = struct.pack(">I", len(payload)) + b"iCCP" + payload + struct.pack(">I", zlib.crc32(b"iCCP" + payload))
+    data = _save(Image.new("RGB", (64, 48)), "PNG")
+    ihdr_end = 8 + 25
+    return data[:ihdr_end] + iccp * count + data[ihdr_end:]
+
+
 def png_with_garbage_pixels(width: int, height: int) -> bytes:
     """A sound PNG header whose pixel data is not zlib: only decoding finds out."""
     data = png_header_only(width, height)
@@ -104,6 +117,8 @@ BAD_PHOTOS = [  # (file, status, code, words in the message)
     (("bomb.jpg", jpeg_header_declaring(60000, 50000), "image/jpeg"), 413, 1007, "60000x50000"),
     (("bomb.webp", webp_header_declaring(16383, 16383), "image/webp"), 413, 1007, "16383x16383"),
     (("bomb.bmp", bmp_header_declaring(40000, 40000), "image/bmp"), 413, 1007, "40000x40000"),
+    (("profiles.png", png_with_colour_profiles(18_000), "image/png"), 422, 1006,  # 18.9 MB, under the upload limit
+     "more than one colour profile"),
 ]
 
 
