@@ -270,8 +270,10 @@ def to_result(
     scratch = np.empty(work_hw if fast is None else (0, 0), np.float32)  # the OpenCV/numpy path's
     probs = np.empty(work_hw, np.float32)
     counts = np.empty(work_hw, np.uint8)  # <= 100 instances per pixel
-    best = np.zeros(meta.orig_hw, np.float32)
-    label_map = np.zeros(meta.orig_hw, np.uint8)
+    best = np.empty(meta.orig_hw, np.float32)
+    label_map = np.empty(meta.orig_hw, np.uint8)
+    best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
+    label_map.fill(0)
     mask_scores: dict[int, float] = {}
     in_sig = -1  # the query whose logits and sigmoid the buffers hold
     bands = _bands(work_hw[0])
