@@ -17,7 +17,7 @@ import pytest
 
 from m2fp_service.imaging import fused, postprocess
 from m2fp_service.imaging.postprocess import to_result
-from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, synthetic_outputs
+from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, argmax_label_map, synthetic_outputs
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
                     1e30, -1e30, np.inf, -np.inf, np.nan, 3e-39, -3e-39], np.float32)
@@ -121,11 +121,11 @@ def test_argmax_by_votes_equals_opencv(kernel: fused.PostKernel, out_hw: tuple[i
              (1, 2, 5, 13, 19)}
     probs[7] = probs[5].copy()  # a tie everywhere: 5 must keep it
     for hw in (small, out_hw):
-        want = postprocess.argmax_label_map(probs, hw)
-        got = postprocess.argmax_label_map(probs, hw, kernel)
+        want = argmax_label_map(probs, hw)
+        got = argmax_label_map(probs, hw, kernel)
         np.testing.assert_array_equal(got, want)
         assert set(np.unique(got)) - {0} == {1, 2, 5, 13, 19}  # 7 never wins
-    assert (postprocess.argmax_label_map(probs, small, kernel) == 0).any()  # 0 where every class is 0
+    assert (argmax_label_map(probs, small, kernel) == 0).any()  # 0 where every class is 0
 
 
 def test_vote_refuses_a_class_beyond_uint8(kernel: fused.PostKernel) -> None:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from m2fp_service.imaging import postprocess
 from m2fp_service.imaging.postprocess import (
-    argmax_label_map,
     mask_score,
     query_logits_at,
     resize_bilinear,
@@ -27,6 +26,7 @@ from m2fp_service.imaging.postprocess import (
     softmax,
     to_result,
     top_pairs,
+    vote,
     work_hw_for,
 )
 from m2fp_service.imaging.preprocess import PreprocessMeta, padded_hw, resized_hw
@@ -205,7 +205,7 @@ def test_mask_score_matches_modelscope_formula() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# argmax_label_map, work_hw_for
+# vote (the argmax, class by class), work_hw_for
 # ---------------------------------------------------------------------------------------------
 
 
@@ -240,6 +240,15 @@ ARGMAX = [
     pytest.param({1: _a([[0.0, 1.0]])}, (1, 4), [[0, 1, 1, 1]], id="resized-bilinearly-first"),
     pytest.param({1: _a([[0.0, 0.0, 1.0, 1.0]])}, (1, 2), [[0, 1]], id="downsized-bilinearly-first"),
 ]
+
+
+def argmax_label_map(class_probs: dict[int, np.ndarray], out_hw: tuple[int, int],
+                     kernel: Any = None) -> np.ndarray:
+    """The label map ``to_result`` builds from class maps: ``vote`` for each class in increasing order."""
+    best, label_map = np.zeros(out_hw, np.float32), np.zeros(out_hw, np.uint8)
+    for c in sorted(class_probs):
+        vote(class_probs[c], c, best, label_map, kernel)
+    return label_map
 
 
 @pytest.mark.parametrize(("probs", "out_hw", "expected"), ARGMAX)

@@ -190,28 +190,14 @@ def work_hw_for(meta: PreprocessMeta, mode: Mode) -> tuple[int, int]:
     return meta.resized_hw
 
 
-def argmax_label_map(
-    class_probs: dict[int, np.ndarray], out_hw: tuple[int, int], kernel: fused.PostKernel | None = None
-) -> np.ndarray:
-    """Per-pixel argmax over class probability maps, resized bilinearly to ``out_hw`` first.
-
-    Classes absent from ``class_probs`` have probability 0; ties go to the lower class id and a
-    pixel where every class is 0 is background (0), as ``torch.argmax`` over all classes gives.
-    Runs class by class (``vote``) so memory stays at a few ``out_hw`` buffers whatever the class
-    count.
-    """
-    best = np.zeros(out_hw, np.float32)
-    label_map = np.zeros(out_hw, np.uint8)
-    for c in sorted(class_probs):
-        vote(class_probs[c], c, best, label_map, kernel)
-    return label_map
-
-
 def vote(prob: np.ndarray, class_id: int, best: np.ndarray, label_map: np.ndarray,
          kernel: fused.PostKernel | None = None) -> None:
-    """One class's step of the argmax, classes taken in increasing order: where ``prob`` (resized
-    bilinearly to ``best``'s size first) beats ``best``, it becomes ``best`` and the label
-    ``class_id``. ``kernel`` (the fused library) does it in one pass, with the same result."""
+    """One class's step of the per-pixel argmax over class probability maps, classes taken in
+    increasing order: where ``prob`` (resized bilinearly to ``best``'s size first) beats ``best``,
+    it becomes ``best`` and the label ``class_id``. With ``best`` and ``label_map`` starting at 0,
+    absent classes count as probability 0, ties go to the lower class id and a pixel where every
+    class is 0 is background (0), as ``torch.argmax`` over all classes gives. ``kernel`` (the fused
+    library) does it in one pass, with the same result."""
     prob = np.ascontiguousarray(resize_bilinear(prob, best.shape))
     if kernel is not None:
         kernel.vote(prob, class_id, best, label_map)
