@@ -17,6 +17,7 @@ import pytest
 
 from m2fp_service.imaging import fused, postprocess
 from m2fp_service.imaging.postprocess import to_result
+from m2fp_service.imaging.preprocess import PreprocessMeta
 from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, argmax_label_map, synthetic_outputs
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
@@ -43,6 +44,17 @@ def _numpy_squash(logits: np.ndarray) -> tuple[np.ndarray, float, int]:
     return sig.ravel(), total, count
 
 
+def _identity(n: int) -> fused.Taps:
+    return fused.Taps(np.arange(n, dtype=np.int32)[:, None].copy(), np.ones((n, 1), np.float32), n)
+
+
+def _squash(kernel: fused.PostKernel, logits: np.ndarray, sig: np.ndarray) -> tuple[float, int]:
+    """The kernel's squash alone: a 1-D array as one row, resampled by identity taps."""
+    n = logits.size
+    return kernel.upsample_squash(logits.reshape(1, n), _identity(n), _identity(1), np.empty(2 * n + 1, np.float32),
+                                  sig.reshape(1, n))
+
+
 def _logits(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 6, n).astype(np.float32)
 
@@ -51,7 +63,7 @@ def _logits(n: int, seed: int = 0) -> np.ndarray:
 def test_squash_matches_numpy_at_every_length(kernel: fused.PostKernel, n: int) -> None:
     logits = _logits(n, seed=n)
     sig = np.full(n, -1.0, np.float32)  # every value must be written
-    total, count = kernel.squash(logits, sig)
+    total, count = _squash(kernel, logits, sig)
     want_sig, want_total, want_count = _numpy_squash(logits)
     np.testing.assert_allclose(sig, want_sig, rtol=3e-7, atol=1e-38)
     assert count == want_count == int((logits > 0).sum())
@@ -61,7 +73,7 @@ def test_squash_matches_numpy_at_every_length(kernel: fused.PostKernel, n: int) 
 
 def test_squash_hostile_values(kernel: fused.PostKernel) -> None:
     sig = np.empty_like(HOSTILE)
-    total, count = kernel.squash(HOSTILE, sig)
+    total, count = _squash(kernel, HOSTILE, sig)
     want = postprocess.sigmoid(HOSTILE)
     finite = ~np.isnan(HOSTILE)
     np.testing.assert_allclose(sig[finite], want[finite], rtol=3e-7, atol=1e-37)
@@ -74,7 +86,108 @@ def test_squash_hostile_values(kernel: fused.PostKernel) -> None:
 
 def test_squash_of_nothing(kernel: fused.PostKernel) -> None:
     empty = np.empty(0, np.float32)
-    assert kernel.squash(empty, np.empty(0, np.float32)) == (0.0, 0)
+    assert _squash(kernel, empty, np.empty(0, np.float32)) == (0.0, 0)
+
+
+# (orig_hw, resized_hw, padded_hw): the 720p photo; a small photo (the second resize shrinks); the
+# fast profile's geometry (no second resize); logits already at the padded size; a 1-pixel photo.
+RESAMPLINGS = [
+    pytest.param((720, 1280), (640, 1138), (640, 1152), (160, 288), id="720p"),
+    pytest.param((150, 200), (640, 853), (640, 864), (160, 216), id="small-photo"),
+    pytest.param((640, 1138), (640, 1138), (640, 1152), (160, 288), id="work-is-resized"),
+    pytest.param((333, 517), (256, 397), (256, 416), (256, 416), id="logits-at-padded-size"),
+    pytest.param((1, 1), (640, 640), (640, 640), (160, 160), id="one-pixel"),
+    pytest.param((97, 1301), (32, 429), (32, 448), (8, 112), id="odd-sizes"),
+]
+
+
+def _resampling(orig: tuple[int, int], resized: tuple[int, int], padded: tuple[int, int],
+                low_hw: tuple[int, int]) -> tuple[PreprocessMeta, fused.Taps, fused.Taps]:
+    meta = PreprocessMeta(orig_hw=orig, resized_hw=resized, padded_hw=padded)
+    cols = postprocess.composite_taps(low_hw[1], padded[1], resized[1], orig[1])
+    rows = postprocess.composite_taps(low_hw[0], padded[0], resized[0], orig[0])
+    return meta, cols, rows
+
+
+@pytest.mark.parametrize(("orig", "resized", "padded", "low_hw"), RESAMPLINGS)
+def test_upsample_squash_equals_opencv_resizes_then_squash(kernel: fused.PostKernel, orig: tuple[int, int],
+                                                           resized: tuple[int, int], padded: tuple[int, int],
+                                                           low_hw: tuple[int, int]) -> None:
+    meta, cols, rows = _resampling(orig, resized, padded, low_hw)
+    low = np.random.default_rng(sum(orig)).normal(0, 4, low_hw).astype(np.float32)
+    want = postprocess.query_logits_at(low, meta, orig)  # OpenCV's two resizes
+    want_sig, want_total, want_count = _numpy_squash(want)
+    logits = np.full(orig, np.nan, np.float32)  # every value must be written
+    sig = np.full(orig, np.nan, np.float32)
+    scratch = np.full((low_hw[0] + 1) * orig[1], np.nan, np.float32)  # stale values must not leak in
+    total, count = kernel.upsample_squash(low, cols, rows, scratch, sig, logits)
+    np.testing.assert_allclose(logits, want, rtol=0, atol=4e-6)  # |logits| < ~20: float rounding
+    np.testing.assert_allclose(sig.ravel(), want_sig, rtol=0, atol=3e-7)
+    assert abs(count - want_count) <= max(1, want_count // 100_000)  # a logit rounding across 0 at most
+    assert total == pytest.approx(want_total, rel=1e-5, abs=1e-5)
+    if orig[0] * orig[1] > 1:
+        assert 0 < want_count < orig[0] * orig[1]  # both signs, so the positive-only sum is tested
+    sig_only = np.empty_like(sig)
+    assert kernel.upsample_squash(low, cols, rows, scratch, sig_only) == (total, count)  # logits not kept
+    np.testing.assert_array_equal(sig_only, sig)
+
+
+def test_composite_taps_are_a_resampling() -> None:
+    """Weights sum to 1 (bilinear of bilinear), indices in range, at most 4 taps; cached and read-only."""
+    for n_low, n_padded, n_resized, n_work in [(160, 640, 640, 720), (288, 1152, 1138, 1280), (216, 864, 853, 200),
+                                               (1, 4, 4, 3), (112, 448, 429, 1301)]:
+        taps = postprocess.composite_taps(n_low, n_padded, n_resized, n_work)
+        assert len(taps) == n_work and taps.n_in == n_low
+        assert 1 <= taps.index.shape[1] <= 4
+        np.testing.assert_allclose(taps.weight.sum(1), 1.0, rtol=1e-6)
+        assert (taps.weight >= 0).all()
+        assert postprocess.composite_taps(n_low, n_padded, n_resized, n_work) is taps
+        with pytest.raises(ValueError):
+            taps.weight[0, 0] = 2.0
+
+
+def test_upsample_squash_on_bands_equals_one_call(kernel: fused.PostKernel) -> None:
+    meta, cols, rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    low = np.random.default_rng(1).normal(0, 4, (160, 288)).astype(np.float32)
+    whole_sig, whole_logits = np.empty((720, 1280), np.float32), np.empty((720, 1280), np.float32)
+    whole = kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), whole_sig, whole_logits)
+    sig, logits = np.empty_like(whole_sig), np.empty_like(whole_logits)
+    sums = []
+    for band in [slice(0, 1), slice(1, 300), slice(300, 719), slice(719, 720)]:
+        sums.append(kernel.upsample_squash(low, cols, rows.band(band), np.empty(161 * 1280, np.float32), sig[band],
+                                           logits[band]))
+    np.testing.assert_array_equal(sig, whole_sig)  # every pixel: the same operations in the same order
+    np.testing.assert_array_equal(logits, whole_logits)
+    assert sum(n for _, n in sums) == whole[1]
+    assert sum(t for t, _ in sums) == pytest.approx(whole[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_upsample_squash_a_non_finite_logit_reaches_only_what_it_weighs_on(kernel: fused.PostKernel,
+                                                                           bad: float) -> None:
+    """Zero weights are skipped, not multiplied (0 x inf is NaN): the bad value spoils exactly the
+    outputs whose composite weight on it is not 0, and the rest equal a run without it (to float
+    rounding in the rows drawn from the bad value's row, which takes the kernel's careful loop)."""
+    _, cols, rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    low = np.random.default_rng(2).normal(0, 4, (160, 288)).astype(np.float32)
+    clean_sig = np.empty((720, 1280), np.float32)
+    kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), clean_sig)
+    low[80, 144] = bad
+    logits, sig = np.empty((720, 1280), np.float32), np.empty((720, 1280), np.float32)
+    kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), sig, logits)
+    touched_rows = ((rows.index == 80) & (rows.weight != 0)).any(1)
+    touched_cols = ((cols.index == 144) & (cols.weight != 0)).any(1)
+    spoiled = touched_rows[:, None] & touched_cols[None, :]
+    assert 4 <= spoiled.sum() <= 12 * 12  # the pixels around the bad one's place (a ~4.4x upsampling)
+    assert not np.isfinite(logits[spoiled]).any()
+    np.testing.assert_array_equal(sig[~touched_rows], clean_sig[~touched_rows])
+    np.testing.assert_allclose(sig[~spoiled], clean_sig[~spoiled], rtol=0, atol=3e-7)
+    if np.isnan(bad):
+        assert np.isnan(sig[spoiled]).all()
+    elif bad > 0:
+        assert (sig[spoiled] == 1.0).all()
+    else:
+        assert (sig[spoiled] < 1e-37).all()  # the sigmoid's input is clamped at -88: ~6e-39
 
 
 @pytest.mark.parametrize("score", [0.0, 0.3, 0.5, 0.51, 0.9, 1.0])
@@ -134,25 +247,71 @@ def test_vote_refuses_a_class_beyond_uint8(kernel: fused.PostKernel) -> None:
         kernel.vote(a, 256, a.copy(), np.zeros(4, np.uint8))
 
 
+def test_add_instance_first_writes_what_adding_to_zeros_gives(kernel: fused.PostKernel) -> None:
+    sig = postprocess.sigmoid(_logits(10_007, seed=8))
+    probs = np.random.default_rng(9).uniform(0, 2, sig.size).astype(np.float32)  # stale: overwritten
+    counts = np.random.default_rng(10).integers(0, 50, sig.size).astype(np.uint8)
+    want_probs, want_counts = np.zeros_like(probs), np.zeros_like(counts)
+    kernel.add_instance(sig, probs, counts, np.float32(0.8), first=True)
+    kernel.add_instance(sig, want_probs, want_counts, np.float32(0.8))
+    np.testing.assert_array_equal(probs, want_probs)
+    np.testing.assert_array_equal(counts, want_counts)
+    assert 0 < counts.sum() < sig.size
+
+
 def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
     logits = _logits(64)
     with pytest.raises(ValueError, match="differ"):
-        kernel.squash(logits, np.empty(63, np.float32))
-    with pytest.raises(ValueError, match="differ"):
         kernel.add_instance(logits, np.empty(64, np.float32), np.empty(32, np.uint8), np.float32(0.9))
     with pytest.raises(ctypes.ArgumentError):
-        kernel.squash(logits.astype(np.float64), np.empty(64, np.float64))
-    with pytest.raises(ctypes.ArgumentError):
-        kernel.squash(logits.reshape(8, 8)[:, ::2], np.empty((8, 4), np.float32))  # not contiguous
-    with pytest.raises(ctypes.ArgumentError):
         kernel.add_instance(logits, np.empty(64, np.float32), np.empty(64, np.int8), np.float32(0.9))
+    _, cols, rows = _resampling((97, 131), (32, 43), (32, 64), (8, 16))
+    low, sig, scratch = np.zeros((8, 16), np.float32), np.empty((97, 131), np.float32), np.empty(9 * 131, np.float32)
+    kernel.upsample_squash(low, cols, rows, scratch, sig)  # right: no error
+    with pytest.raises(ValueError, match="do not match taps"):
+        kernel.upsample_squash(np.zeros((8, 15), np.float32), cols, rows, scratch, sig)
+    with pytest.raises(ValueError, match="expected"):
+        kernel.upsample_squash(low, cols, rows, scratch, sig[:96])
+    with pytest.raises(ValueError, match="expected"):
+        kernel.upsample_squash(low, cols, rows, scratch, sig, np.empty((97, 130), np.float32))
+    with pytest.raises(ValueError, match="scratch"):
+        kernel.upsample_squash(low, cols, rows, scratch[:-1], sig)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        kernel.upsample_squash(low, cols, rows, scratch, sig, np.empty((97, 131), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        kernel.upsample_squash(low, cols, rows, scratch, sig, np.empty((97, 262), np.float32)[:, ::2])
+    with pytest.raises(ctypes.ArgumentError):
+        kernel.upsample_squash(low.astype(np.float64), cols, rows, scratch, sig)
+    with pytest.raises(ctypes.ArgumentError):
+        kernel.upsample_squash(np.zeros((8, 32), np.float32)[:, ::2], cols, rows, scratch, sig)  # not contiguous
+
+
+def test_taps_are_checked_when_made() -> None:
+    index, weight = np.zeros((5, 2), np.int32), np.full((5, 2), 0.5, np.float32)
+    assert len(fused.Taps(index, weight, 1)) == 5
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\)"):
+        fused.Taps(index + 1, weight, 1)  # would read past the row
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        fused.Taps(index - 1, weight, 3)
+    with pytest.raises(ValueError, match="int32"):
+        fused.Taps(index.astype(np.int64), weight, 1)
+    with pytest.raises(ValueError, match="alike"):
+        fused.Taps(index, weight[:4], 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fused.Taps(np.zeros((5, 4), np.int32)[:, ::2], weight, 1)
 
 
 def test_calls_from_threads_equal_serial_calls(kernel: fused.PostKernel) -> None:
-    arrays = [_logits(300_000, seed=s) for s in range(8)]
-    serial = [kernel.squash(a, np.empty_like(a)) for a in arrays]
+    _, cols, rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    lows = [np.random.default_rng(s).normal(0, 4, (160, 288)).astype(np.float32) for s in range(8)]
+
+    def squash(low: np.ndarray) -> tuple[float, int]:
+        sig = np.empty((720, 1280), np.float32)
+        return kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), sig)
+
+    serial = [squash(low) for low in lows]
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda a: kernel.squash(a, np.empty_like(a)), arrays))
+        threaded = list(pool.map(squash, lows))
     assert threaded == serial
 
 
@@ -175,7 +334,7 @@ def test_to_result_with_the_kernel_equals_the_numpy_path(kernel: fused.PostKerne
 
 def test_to_result_uses_the_built_kernel_by_default(kernel: fused.PostKernel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(fused.PostKernel, "squash", lambda self, *a: calls.append(1) or (0.0, 0))
+    monkeypatch.setattr(fused.PostKernel, "upsample_squash", lambda self, *a: calls.append(1) or (0.0, 0))
     meta = _meta((150, 200))
     class_logits, mask_logits = synthetic_outputs(meta, seed=1)
     result = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES)
@@ -223,4 +382,5 @@ def test_a_copy_of_the_built_library_loads(kernel: fused.PostKernel, tmp_path: P
     copy = tmp_path / "copy.so"
     shutil.copy(kernel.path, copy)
     logits = _logits(1000)
-    assert fused.PostKernel(copy).squash(logits, np.empty_like(logits)) == kernel.squash(logits, np.empty_like(logits))
+    got = _squash(fused.PostKernel(copy), logits, np.empty_like(logits))
+    assert got == _squash(kernel, logits, np.empty_like(logits))

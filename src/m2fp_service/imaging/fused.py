@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,50 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 1  # m2fp_post_abi() of the library these signatures match
+ABI = 2  # m2fp_post_abi() of the library these signatures match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
+_ints = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+_nullable_floats = ctypes.c_void_p  # checked by hand: None, or a C-contiguous float32 array
+
+
+@dataclass(frozen=True)
+class Taps:
+    """A linear resampling along one axis: output ``o`` = ``sum_k weight[o, k] * input[index[o, k]]``
+    over the taps whose weight is not 0. Checked when made, so the kernel can trust the indices.
+
+    Attributes:
+        index: (n_out, K) int32, each in ``[0, n_in)``.
+        weight: (n_out, K) float32.
+        n_in: the input's length along the axis.
+    """
+
+    index: np.ndarray
+    weight: np.ndarray
+    n_in: int
+
+    def __post_init__(self) -> None:
+        index, weight = self.index, self.weight
+        if index.dtype != np.int32 or weight.dtype != np.float32:
+            raise ValueError(f"taps need int32 indices and float32 weights, got {index.dtype} and {weight.dtype}")
+        if index.ndim != 2 or index.shape != weight.shape or index.shape[1] < 1:
+            raise ValueError(f"taps need (n_out, K) indices and weights alike, got {index.shape} and {weight.shape}")
+        if not (index.flags.c_contiguous and weight.flags.c_contiguous):
+            raise ValueError("taps must be C-contiguous")
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= self.n_in):
+            raise ValueError(f"tap indices must lie in [0, {self.n_in})")
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def band(self, rows: slice) -> Taps:
+        """The taps of a band of outputs (views; no new check needed)."""
+        band = object.__new__(Taps)
+        object.__setattr__(band, "index", self.index[rows])
+        object.__setattr__(band, "weight", self.weight[rows])
+        object.__setattr__(band, "n_in", self.n_in)
+        return band
 
 
 class PostKernel:
@@ -39,10 +80,12 @@ class PostKernel:
         abi.restype = ctypes.c_int
         if abi() != ABI:
             raise OSError(f"{path}: ABI {abi()}, expected {ABI}; rebuild it with `make native`")
-        lib.m2fp_squash.argtypes = [_floats, ctypes.c_int64, _floats, ctypes.POINTER(ctypes.c_double),
-                                    ctypes.POINTER(ctypes.c_int64)]
-        lib.m2fp_squash.restype = None
-        lib.m2fp_add_instance.argtypes = [_floats, ctypes.c_int64, ctypes.c_float, _floats, _bytes]
+        lib.m2fp_upsample_squash.argtypes = [_floats, ctypes.c_int64, ctypes.c_int64, _ints, _floats, ctypes.c_int64,
+                                             ctypes.c_int64, _ints, _floats, ctypes.c_int64, ctypes.c_int64, _floats,
+                                             _nullable_floats, _floats, ctypes.POINTER(ctypes.c_double),
+                                             ctypes.POINTER(ctypes.c_int64)]
+        lib.m2fp_upsample_squash.restype = None
+        lib.m2fp_add_instance.argtypes = [_floats, ctypes.c_int64, ctypes.c_float, _floats, _bytes, ctypes.c_int]
         lib.m2fp_add_instance.restype = None
         lib.m2fp_average.argtypes = [_floats, _bytes, ctypes.c_int64]
         lib.m2fp_average.restype = None
@@ -51,19 +94,46 @@ class PostKernel:
         self.path = path
         self._lib = lib
 
-    def squash(self, logits: np.ndarray, sig: np.ndarray) -> tuple[float, int]:
-        """``sig = sigmoid(logits)``; returns (sum of ``sig`` where ``logits > 0``, how many such pixels)."""
-        if logits.shape != sig.shape:
-            raise ValueError(f"logits {logits.shape} and sig {sig.shape} differ")
+    def upsample_squash(self, low: np.ndarray, cols: Taps, rows: Taps, scratch: np.ndarray, sig: np.ndarray,
+                        logits: np.ndarray | None = None) -> tuple[float, int]:
+        """One query's low-resolution logits resampled (``rows`` x ``cols``: a band of output rows)
+        and squashed: ``sig = sigmoid(resampled)``, and ``logits = resampled`` when given.
+
+        Args:
+            low: (h, w) float32 logits.
+            cols: taps from ``w`` columns to the output's width.
+            rows: taps from ``h`` rows to this band's output rows.
+            scratch: float32 of at least (h + 1) * width values, not shared with another call in flight.
+            sig, logits: (len(rows), width) float32, written.
+
+        Returns:
+            (sum of ``sig`` where the resampled logits are > 0, how many such pixels).
+        """
+        out_hw = (len(rows), len(cols))
+        if low.ndim != 2 or (rows.n_in, cols.n_in) != low.shape:
+            raise ValueError(f"low logits {low.shape} do not match taps from {(rows.n_in, cols.n_in)}")
+        if sig.shape != out_hw or (logits is not None and logits.shape != out_hw):
+            raise ValueError(f"sig {sig.shape} / logits {None if logits is None else logits.shape}: expected {out_hw}")
+        if scratch.size < (low.shape[0] + 1) * out_hw[1]:
+            raise ValueError(f"scratch of {scratch.size} values, needs {(low.shape[0] + 1) * out_hw[1]}")
+        if logits is not None and (logits.dtype != np.float32 or not logits.flags.c_contiguous
+                                   or not logits.flags.writeable):
+            raise ValueError("logits must be a writeable C-contiguous float32 array")
         total, count = ctypes.c_double(), ctypes.c_int64()
-        self._lib.m2fp_squash(logits, logits.size, sig, ctypes.byref(total), ctypes.byref(count))
+        self._lib.m2fp_upsample_squash(low, low.shape[0], low.shape[1], cols.index, cols.weight, out_hw[1],
+                                       cols.index.shape[1], rows.index, rows.weight, out_hw[0], rows.index.shape[1],
+                                       scratch,
+                                       None if logits is None else logits.ctypes.data, sig, ctypes.byref(total),
+                                       ctypes.byref(count))
         return total.value, count.value
 
-    def add_instance(self, sig: np.ndarray, probs: np.ndarray, counts: np.ndarray, score: np.float32) -> None:
-        """Where ``sig * score > 0.5``: ``probs += sig * score`` and ``counts += 1``."""
+    def add_instance(self, sig: np.ndarray, probs: np.ndarray, counts: np.ndarray, score: np.float32,
+                     first: bool = False) -> None:
+        """Where ``sig * score > 0.5``: ``probs += sig * score`` and ``counts += 1``. With ``first``
+        (the class's first instance) ``probs`` and ``counts`` are written as if they held zeros."""
         if not sig.shape == probs.shape == counts.shape:
             raise ValueError(f"sig {sig.shape}, probs {probs.shape} and counts {counts.shape} differ")
-        self._lib.m2fp_add_instance(sig, sig.size, score, probs, counts)
+        self._lib.m2fp_add_instance(sig, sig.size, score, probs, counts, int(first))
 
     def average(self, probs: np.ndarray, counts: np.ndarray) -> None:
         """``probs /= max(counts, 1)``, in place."""

@@ -19,7 +19,10 @@ before the next class starts, so one class's maps are alive at a time.
 The per-pixel work of each query runs on row bands, one per thread (``THREADS``), in the fused
 kernel (``imaging/fused.py``) when it is built, else with OpenCV's SIMD kernels where numpy's
 float32 ``exp`` and masked operations are slow; every pixel gets the same operations in the same
-order whatever the number of bands.
+order whatever the number of bands. The kernel does a query's two resizes as the one resampling
+they compose to (``composite_taps``: columns at the low resolution, then rows), with the squash, in
+one pass: no padded-size or work-size logits are stored (a person's are, for its mask), and the
+results equal OpenCV's two resizes to float rounding (~2e-7 relative).
 
 ``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or (``fast``)
 the resized model-input size when that is smaller, with each class's probability map then
@@ -29,6 +32,7 @@ their logits.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Callable
@@ -93,6 +97,42 @@ def query_logits_at(
     else:
         cv2.resize(cropped, (work_hw[1], work_hw[0]), dst=out, interpolation=cv2.INTER_LINEAR)
     return out
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bilinear resize along one axis, half-pixel centres (OpenCV's ``INTER_LINEAR``, torch's
+    ``align_corners=False``), as (n_out, 2) source indices and float64 weights."""
+    if n_in == n_out:
+        index = np.arange(n_out)
+        return np.stack([index, index], 1), np.stack([np.ones(n_out), np.zeros(n_out)], 1)
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    first = np.floor(src).astype(np.int64)
+    frac = src - first
+    frac[first >= n_in - 1] = 0.0
+    first = np.minimum(first, n_in - 1)
+    return np.stack([first, np.minimum(first + 1, n_in - 1)], 1), np.stack([1.0 - frac, frac], 1)
+
+
+@functools.lru_cache(maxsize=16)  # one photo size after another (video frames): made once
+def composite_taps(n_low: int, n_padded: int, n_resized: int, n_work: int) -> fused.Taps:
+    """``query_logits_at`` along one axis (resize to the padded input, crop to the resized image,
+    resize to the work size) as one resampling: each output's weights on the low-resolution
+    logits, the products of the two resizes' weights summed in float64. Read-only (shared)."""
+    first_index, first_weight = bilinear_taps(n_low, n_padded)
+    second_index, second_weight = bilinear_taps(n_resized, n_work)  # into the crop: padded rows < n_resized
+    index = first_index[second_index].reshape(n_work, 4)  # the 2 x 2 products per output
+    weight = (second_weight[:, :, None] * first_weight[second_index]).reshape(n_work, 4)
+    base = index.min(1)
+    offset = index - base[:, None]
+    dense = np.zeros((n_work, int(offset.max()) + 1))
+    outputs = np.arange(n_work)
+    for j in range(4):  # one output per row in each column of products: no repeated index within an add
+        dense[outputs, offset[:, j]] += weight[:, j]
+    taps = np.minimum(base[:, None] + np.arange(dense.shape[1]), n_low - 1)  # a clipped tap has weight 0
+    result = fused.Taps(np.ascontiguousarray(taps, np.int32), dense.astype(np.float32), n_low)
+    result.index.flags.writeable = False
+    result.weight.flags.writeable = False
+    return result
 
 
 def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -250,7 +290,7 @@ def to_result(
     people: list[tuple[float, int, np.ndarray]] = []  # (score, query, (H, W) bool mask at the original size)
     parts: list[tuple[float, int, PartInstance]] = []
     fast = fused.built() if kernel == "built" else kernel
-    padded = np.empty(meta.padded_hw, np.float32)
+    padded = np.empty(meta.padded_hw if fast is None else (0, 0), np.float32)
     logits = np.empty(work_hw, np.float32)
     sig = np.empty(work_hw, np.float32)
     scratch = np.empty(work_hw if fast is None else (0, 0), np.float32)  # the OpenCV/numpy path's
@@ -261,20 +301,30 @@ def to_result(
     best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
     label_map.fill(0)
     mask_scores: dict[int, float] = {}
-    in_sig = -1  # the query whose logits and sigmoid the buffers hold
+    in_sig, with_logits = -1, False  # the query whose sigmoid (and logits, if with_logits) the buffers hold
     bands = _bands(work_hw[0])
+    if fast is not None:  # the two resizes as one resampling, done by the kernel with the squash
+        cols = composite_taps(mask_logits.shape[2], meta.padded_hw[1], meta.resized_hw[1], work_hw[1])
+        rows = composite_taps(mask_logits.shape[1], meta.padded_hw[0], meta.resized_hw[0], work_hw[0])
+        row_bands = [rows.band(band) for band in bands]
+        scratches = [np.empty((mask_logits.shape[1] + 1, work_hw[1]), np.float32) for _ in bands]
     # The per-pixel work runs on row bands in parallel (numpy, OpenCV and the kernel release the
     # GIL); each band's pixels get exactly the operations, in the same order, as without bands.
     with ThreadPoolExecutor(THREADS, thread_name_prefix="m2fp-post") as pool:
         for label, group in itertools.groupby(order, key=lambda pair: pair[0]):
             pasted = False
             for _, q, score in group:
-                if q != in_sig:  # a query is squashed once, unless it has pairs of several classes
-                    query_logits_at(mask_logits[q].astype(np.float32, copy=False), meta, work_hw, out=logits,
-                                    padded=padded)
+                # A query is squashed once, unless it has pairs of several classes (its logits are
+                # kept only for a person's mask).
+                if q != in_sig or (label == human and not with_logits):
+                    low = np.ascontiguousarray(mask_logits[q], dtype=np.float32)
+                    with_logits = fast is None or label == human
                     if fast is not None:
-                        sums = _on_bands(pool, bands, fast.squash, (logits, sig))
+                        sums = list(pool.map(fast.upsample_squash, itertools.repeat(low), itertools.repeat(cols),
+                                             row_bands, scratches, [sig[band] for band in bands],
+                                             [logits[band] if with_logits else None for band in bands]))
                     else:
+                        query_logits_at(low, meta, work_hw, out=logits, padded=padded)
                         sums = _on_bands(pool, bands, _squash_band, (logits, sig, scratch))
                     mask_scores.setdefault(q, sum(t for t, _ in sums) / (sum(n for _, n in sums) + 1e-6))
                     in_sig = q
@@ -288,14 +338,14 @@ def to_result(
                     parts.append((float(final), q, PartInstance(label, float(final))))
                 if final < settings.parsing_ins_score_thr or label >= num_parsing:
                     continue
-                if not pasted:
-                    probs.fill(0)
-                    counts.fill(0)
-                    pasted = True
-                if fast is not None:
-                    _on_bands(pool, bands, fast.add_instance, (sig, probs, counts), final)
+                if fast is not None:  # the class's first instance writes its sums, not adds to zeros
+                    _on_bands(pool, bands, fast.add_instance, (sig, probs, counts), final, not pasted)
                 else:
+                    if not pasted:
+                        probs.fill(0)
+                        counts.fill(0)
                     _on_bands(pool, bands, _add_instance_band, (sig, probs, counts, scratch), final)
+                pasted = True
             if pasted:
                 if fast is not None:
                     fast.average(probs, counts)
