@@ -18,8 +18,9 @@ JSON, an image body, files). The names:
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -174,27 +175,39 @@ def render(image_rgb: np.ndarray, result: ParsingResult, request: RenderRequest,
         composed = compose.composite(image_rgb, alpha, spec.options, background_rgb)
     t = timings.add("compose", t)
 
-    for name, array in arrays.items():
-        setattr(out, name, pictures.encode_png(array))
+    # Every picture is encoded in one batch, on the encoding threads.
+    jobs: list[Callable[[], bytes]] = [functools.partial(pictures.encode_png, array) for array in arrays.values()]
     if "masks" in wanted:
-        out.masks = [pictures.encode_png(pictures.class_mask(label_map, c)) for c in present]
-    if "people" in wanted:
-        out.people = _people(result, request.person_masks)
+        jobs += [functools.partial(_class_png, label_map, c) for c in present]
+    people = result.people_summary() if "people" in wanted else None
+    if people is not None and request.person_masks:
+        jobs += [functools.partial(_person_png, mask) for mask in result.person_masks]
+    if composed is not None and request.compose is not None:
+        jobs.append(functools.partial(pictures.encode_image, composed, request.compose.format,
+                                      request.compose.quality))
+    encoded = iter(pictures.encode_all(jobs))
+    for name in arrays:
+        setattr(out, name, next(encoded))
+    if "masks" in wanted:
+        out.masks = [next(encoded) for _ in present]
+    if people is not None:
+        if request.person_masks:
+            for person in people:
+                person["mask"] = next(encoded)
+        out.people = people
     if composed is not None and request.compose is not None:
         h, w = composed.shape[:2]
-        fmt = request.compose.format
-        out.composite = Picture(pictures.encode_image(composed, fmt, request.compose.quality), fmt, w, h,
-                                composed.shape[2] == 4)
+        out.composite = Picture(next(encoded), request.compose.format, w, h, composed.shape[2] == 4)
     timings.add("encode", t)
     return out
 
 
-def _people(result: ParsingResult, with_masks: bool) -> list[dict[str, Any]]:
-    people = result.people_summary()
-    if with_masks:
-        for i, person in enumerate(people):
-            person["mask"] = pictures.encode_png(result.person_masks[i].astype(np.uint8) * 255)
-    return people
+def _class_png(label_map: np.ndarray, class_id: int) -> bytes:
+    return pictures.encode_png(pictures.class_mask(label_map, class_id))
+
+
+def _person_png(mask: np.ndarray) -> bytes:
+    return pictures.encode_png(mask.astype(np.uint8) * 255)
 
 
 def parse_output_names(texts: Iterable[str | None], allowed: Iterable[str], field_name: str) -> frozenset[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 
 import cv2
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from m2fp_service.imaging import render
 from m2fp_service.imaging.render import (
     b64_png,
     class_mask,
@@ -276,3 +278,24 @@ def test_encode_png_of_non_contiguous_views(make: object) -> None:
     view = make()  # type: ignore[operator]
     with Image.open(io.BytesIO(encode_png(view))) as im:
         np.testing.assert_array_equal(np.asarray(im), view)
+
+
+def test_encode_all_returns_each_job_s_bytes_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    pictures = [rng.integers(0, 256, (37 + i, 53, 3), dtype=np.uint8) for i in range(7)]
+    jobs = [functools.partial(encode_png, p) for p in pictures]
+    serial = [job() for job in jobs]
+    assert render.encode_all(jobs) == serial  # on the threads: the same bytes, in the jobs' order
+    decoded = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in render.encode_all(jobs)]
+    for got, want in zip(decoded, pictures, strict=True):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(render, "THREADS", 1)
+    assert render.encode_all(jobs) == serial  # one thread: in the caller
+    assert render.encode_all([]) == []
+
+
+def test_encode_all_raises_a_job_s_error() -> None:
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    jobs = [functools.partial(encode_png, rgba), functools.partial(render.encode_image, rgba, "jpeg")]
+    with pytest.raises(ValueError, match="JPEG has no alpha"):
+        render.encode_all(jobs)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -42,7 +41,7 @@ from typing import Any, Literal, TypeVar
 import cv2
 import numpy as np
 
-from m2fp_service.imaging import fused
+from m2fp_service.imaging import THREADS, fused
 from m2fp_service.imaging.preprocess import PreprocessMeta
 from m2fp_service.modelcard import InferenceSettings
 from m2fp_service.result import ParsingResult, PartInstance
@@ -186,7 +185,6 @@ def _add_instance_band(
     np.add(counts, hit.view(np.uint8), out=counts)
 
 
-THREADS = max(1, min(2, os.cpu_count() or 1))  # per-pixel work: one band of rows per thread
 
 
 def _on_bands(
