@@ -20,7 +20,7 @@
 #endif
 #define M2FP_EXPORT __attribute__((visibility("default")))
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 2; }
+M2FP_EXPORT int m2fp_post_abi(void) { return 3; }
 
 /* exp(x) for x in [-88, 88] (callers clamp), without branches so loops over it vectorize: 2^n p(r)
  * with n = round(x / ln 2) (adding and subtracting 1.5 * 2^23 rounds to nearest), r = x - n ln 2 in
@@ -192,6 +192,18 @@ M2FP_CLONES M2FP_EXPORT void m2fp_vote(const float *restrict prob, int64_t n, ui
     for (int64_t i = 0; i < n; ++i) {
         int win = prob[i] > best[i];
         best[i] = win ? prob[i] : best[i];
+        labels[i] = win ? class_id : labels[i];
+    }
+}
+
+/* m2fp_average then m2fp_vote in one pass, for a class whose map is already at the label map's size:
+ * the same division and the same comparison per pixel, probs left as they were. */
+M2FP_CLONES M2FP_EXPORT void m2fp_average_vote(const float *restrict probs, const uint8_t *restrict counts, int64_t n,
+                                               uint8_t class_id, float *restrict best, uint8_t *restrict labels) {
+    for (int64_t i = 0; i < n; ++i) {
+        float p = probs[i] / (float)(counts[i] > 1 ? counts[i] : 1);
+        int win = p > best[i];
+        best[i] = win ? p : best[i];
         labels[i] = win ? class_id : labels[i];
     }
 }

@@ -241,6 +241,28 @@ def test_argmax_by_votes_equals_opencv(kernel: fused.PostKernel, out_hw: tuple[i
     assert (argmax_label_map(probs, small, kernel) == 0).any()  # 0 where every class is 0
 
 
+def test_average_vote_equals_average_then_vote(kernel: fused.PostKernel) -> None:
+    rng = np.random.default_rng(11)
+    probs = rng.uniform(0, 3, 20_011).astype(np.float32)
+    counts = rng.integers(0, 4, probs.size).astype(np.uint8)
+    counts[:2] = [0, 255]
+    best = rng.uniform(0, 1, probs.size).astype(np.float32)
+    labels = rng.integers(0, 7, probs.size).astype(np.uint8)
+    want_probs, want_best, want_labels = probs.copy(), best.copy(), labels.copy()
+    kernel.average(want_probs, counts)
+    kernel.vote(want_probs, 7, want_best, want_labels)
+    kept = probs.copy()
+    kernel.average_vote(probs, counts, best, labels, 7)
+    np.testing.assert_array_equal(best, want_best)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(probs, kept)  # left as it was
+    assert 0 < (labels == 7).mean() < 1
+    with pytest.raises(ValueError, match="differ"):
+        kernel.average_vote(probs, counts[:-1], best, labels, 7)
+    with pytest.raises(ValueError, match="uint8"):
+        kernel.average_vote(probs, counts, best, labels, 256)
+
+
 def test_vote_refuses_a_class_beyond_uint8(kernel: fused.PostKernel) -> None:
     a = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="uint8"):

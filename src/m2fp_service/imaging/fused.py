@@ -18,7 +18,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 2  # m2fp_post_abi() of the library these signatures match
+ABI = 3  # m2fp_post_abi() of the library these signatures match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -91,6 +91,8 @@ class PostKernel:
         lib.m2fp_average.restype = None
         lib.m2fp_vote.argtypes = [_floats, ctypes.c_int64, ctypes.c_uint8, _floats, _bytes]
         lib.m2fp_vote.restype = None
+        lib.m2fp_average_vote.argtypes = [_floats, _bytes, ctypes.c_int64, ctypes.c_uint8, _floats, _bytes]
+        lib.m2fp_average_vote.restype = None
         self.path = path
         self._lib = lib
 
@@ -148,6 +150,17 @@ class PostKernel:
         if not 0 <= class_id <= 255:
             raise ValueError(f"class id {class_id} does not fit a uint8 label map")
         self._lib.m2fp_vote(prob, prob.size, class_id, best, labels)
+
+
+    def average_vote(self, probs: np.ndarray, counts: np.ndarray, best: np.ndarray, labels: np.ndarray,
+                     class_id: int) -> None:
+        """``average`` then ``vote`` in one pass (``probs`` itself is left as it is)."""
+        if not probs.shape == counts.shape == best.shape == labels.shape:
+            raise ValueError(f"probs {probs.shape}, counts {counts.shape}, best {best.shape} and labels "
+                             f"{labels.shape} differ")
+        if not 0 <= class_id <= 255:
+            raise ValueError(f"class id {class_id} does not fit a uint8 label map")
+        self._lib.m2fp_average_vote(probs, counts, probs.size, class_id, best, labels)
 
 
 @functools.cache

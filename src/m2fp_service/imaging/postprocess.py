@@ -344,7 +344,9 @@ def to_result(
                         counts.fill(0)
                     _on_bands(pool, bands, _add_instance_band, (sig, probs, counts, scratch), final)
                 pasted = True
-            if pasted:
+            if pasted and fast is not None and work_hw == meta.orig_hw:  # no resize between: one pass
+                _on_bands(pool, bands, fast.average_vote, (probs, counts, best, label_map), label)
+            elif pasted:
                 if fast is not None:
                     fast.average(probs, counts)
                 else:
