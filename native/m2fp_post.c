@@ -1,11 +1,13 @@
 /* Post-processing's per-pixel work, fused: libm2fp_post.so (plain C, no dependencies).
  *
- * imaging/postprocess.py squashes every query's upsampled mask with OpenCV and numpy in eight
- * passes over work-size arrays (negate, exp, add, reciprocal for the sigmoid; threshold, multiply,
- * sum, count for the mask score) and adds each instance in five (multiply, threshold, add, compare,
- * add), then averages and votes each class's map in seven more. At 720p each pass streams 3.7 MB;
- * here each step is one pass. Results agree with the Python path to float rounding (the sigmoid)
- * or exactly (the rest): tests/imaging/test_fused.py.
+ * imaging/postprocess.py's OpenCV/numpy path takes each query's mask logits through two bilinear
+ * resizes (to the padded input, then the crop to the work size) and eight passes over work-size
+ * arrays (negate, exp, add, reciprocal for the sigmoid; threshold, multiply, sum, count for the mask
+ * score), adds each instance in five (multiply, threshold, add, compare, add), then averages and
+ * votes each class's map in seven more. At 720p each pass streams 3.7 MB. Here the two resizes are
+ * the one resampling they compose to, done with the squash in one pass, and each other step is one
+ * pass. Results agree with the Python path to float rounding (the resampling and the sigmoid) or
+ * exactly (the rest): tests/imaging/test_fused.py.
  *
  * Called through ctypes on row bands from several threads (ctypes releases the GIL): the functions
  * keep no state and write only the values they are given.
@@ -41,12 +43,15 @@ static inline float exp_clamped(float x) {
     return p * scale.f;
 }
 
-/* sigmoid(v); NaN gives NaN. */
+/* sigmoid(v); NaN gives NaN (the exponential is taken of 0 instead: converting NaN to an integer is
+ * undefined behaviour). */
 static inline float sigmoid(float v) {
     float t = -v;
     t = t < -88.0f ? -88.0f : t;
     t = t > 88.0f ? 88.0f : t;
-    return 1.0f / (1.0f + exp_clamped(t));
+    t = t == t ? t : 0.0f;
+    float s = 1.0f / (1.0f + exp_clamped(t));
+    return v == v ? s : v;
 }
 
 /* n logits squashed: sig = sigmoid(logits), and the mask score's parts added to *sum (the sum of

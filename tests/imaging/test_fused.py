@@ -122,7 +122,7 @@ def test_upsample_squash_equals_opencv_resizes_then_squash(kernel: fused.PostKer
     scratch = np.full((low_hw[0] + 1) * orig[1], np.nan, np.float32)  # stale values must not leak in
     total, count = kernel.upsample_squash(low, cols, rows, scratch, sig, logits)
     np.testing.assert_allclose(logits, want, rtol=0, atol=4e-6)  # |logits| < ~20: float rounding
-    np.testing.assert_allclose(sig.ravel(), want_sig, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(sig.ravel(), want_sig, rtol=0, atol=1e-6)  # sigmoid' <= 1/4 of the logits' bound
     assert abs(count - want_count) <= max(1, want_count // 100_000)  # a logit rounding across 0 at most
     assert total == pytest.approx(want_total, rel=1e-5, abs=1e-5)
     if orig[0] * orig[1] > 1:
@@ -302,6 +302,14 @@ def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
         kernel.upsample_squash(low, cols, rows, scratch, sig, np.empty((97, 131), np.float64))
     with pytest.raises(ValueError, match="C-contiguous float32"):
         kernel.upsample_squash(low, cols, rows, scratch, sig, np.empty((97, 262), np.float32)[:, ::2])
+    with pytest.raises(ValueError, match="overlap"):
+        kernel.upsample_squash(low, cols, rows, scratch, sig, sig)
+    with pytest.raises(ValueError, match="overlap"):
+        kernel.upsample_squash(low, cols, rows, sig.ravel(), sig)
+    frozen = sig.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        kernel.upsample_squash(low, cols, rows, scratch, frozen)
     with pytest.raises(ctypes.ArgumentError):
         kernel.upsample_squash(low.astype(np.float64), cols, rows, scratch, sig)
     with pytest.raises(ctypes.ArgumentError):
@@ -319,8 +327,14 @@ def test_taps_are_checked_when_made() -> None:
         fused.Taps(index.astype(np.int64), weight, 1)
     with pytest.raises(ValueError, match="alike"):
         fused.Taps(index, weight[:4], 1)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        fused.Taps(np.zeros((5, 4), np.int32)[:, ::2], weight, 1)
+    source = np.zeros((5, 4), np.int32)
+    taps = fused.Taps(source[:, ::2], weight, 1)  # kept as its own C-contiguous copy ...
+    assert taps.index.flags.c_contiguous
+    source[:] = 10**6  # ... so changing the caller's array afterwards cannot send the kernel out of bounds
+    assert taps.index.max() == 0
+    with pytest.raises(ValueError, match="read-only"):
+        taps.index[0, 0] = 10**6
+    assert not taps.band(slice(1, 3)).weight.flags.writeable
 
 
 def test_calls_from_threads_equal_serial_calls(kernel: fused.PostKernel) -> None:
@@ -352,6 +366,29 @@ def test_to_result_with_the_kernel_equals_the_numpy_path(kernel: fused.PostKerne
     np.testing.assert_allclose(ours.person_scores, plain.person_scores, rtol=1e-6)
     assert [p.class_id for p in ours.parts] == [p.class_id for p in plain.parts]
     np.testing.assert_allclose([p.score for p in ours.parts], [p.score for p in plain.parts], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_query_both_part_and_person_gets_its_person_mask_from_its_logits(kernel: fused.PostKernel,
+                                                                          mode: str) -> None:
+    """The kernel keeps a query's logits only for a person: a query whose part pair comes just before
+    its person pair (the last part class, then the human class) is squashed again with its logits."""
+    assert SETTINGS.human_class_index == SETTINGS.num_parsing == 20
+    meta = _meta((333, 517))
+    class_logits, mask_logits = synthetic_outputs(meta, seed=5)
+    class_logits[class_logits.argmax(1) == 19, 18] += 20  # nobody else in class 19
+    class_logits[0, :] = -10
+    class_logits[0, [19, 20]] = 10  # query 0: half class 19, half a person, in that order
+    class_logits[1, :] = -10
+    class_logits[1, [3, 20]] = 10  # query 1: class 3 and a person, far apart
+    ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode=mode, kernel=kernel)  # type: ignore[arg-type]
+    plain = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode=mode, kernel=None)  # type: ignore[arg-type]
+    assert 19 in [p.class_id for p in ours.parts] and 3 in [p.class_id for p in ours.parts]
+    np.testing.assert_array_equal(ours.person_masks, plain.person_masks)
+    np.testing.assert_allclose(ours.person_scores, plain.person_scores, rtol=1e-6)
+    work = postprocess.work_hw_for(meta, mode)
+    own = postprocess.resize_bilinear(postprocess.query_logits_at(mask_logits[0], meta, work), meta.orig_hw) > 0
+    assert any(np.array_equal(mask, own) for mask in ours.person_masks)  # query 0's own mask, not a neighbour's
 
 
 def test_to_result_uses_the_built_kernel_by_default(kernel: fused.PostKernel, monkeypatch: pytest.MonkeyPatch) -> None:

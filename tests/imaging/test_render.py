@@ -285,6 +285,7 @@ def test_encode_all_returns_each_job_s_bytes_in_order(monkeypatch: pytest.Monkey
     pictures = [rng.integers(0, 256, (37 + i, 53, 3), dtype=np.uint8) for i in range(7)]
     jobs = [functools.partial(encode_png, p) for p in pictures]
     serial = [job() for job in jobs]
+    monkeypatch.setattr(render, "THREADS", 2)  # the threaded path, even on a 1-CPU runner
     assert render.encode_all(jobs) == serial  # on the threads: the same bytes, in the jobs' order
     decoded = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in render.encode_all(jobs)]
     for got, want in zip(decoded, pictures, strict=True):
@@ -294,7 +295,8 @@ def test_encode_all_returns_each_job_s_bytes_in_order(monkeypatch: pytest.Monkey
     assert render.encode_all([]) == []
 
 
-def test_encode_all_raises_a_job_s_error() -> None:
+def test_encode_all_raises_a_job_s_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(render, "THREADS", 2)
     rgba = np.zeros((4, 4, 4), np.uint8)
     jobs = [functools.partial(encode_png, rgba), functools.partial(render.encode_image, rgba, "jpeg")]
     with pytest.raises(ValueError, match="JPEG has no alpha"):

@@ -42,13 +42,14 @@ class Taps:
     n_in: int
 
     def __post_init__(self) -> None:
-        index, weight = self.index, self.weight
+        index, weight = np.array(self.index, order="C"), np.array(self.weight, order="C")  # its own, read-only
+        index.flags.writeable = weight.flags.writeable = False
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "weight", weight)
         if index.dtype != np.int32 or weight.dtype != np.float32:
             raise ValueError(f"taps need int32 indices and float32 weights, got {index.dtype} and {weight.dtype}")
         if index.ndim != 2 or index.shape != weight.shape or index.shape[1] < 1:
             raise ValueError(f"taps need (n_out, K) indices and weights alike, got {index.shape} and {weight.shape}")
-        if not (index.flags.c_contiguous and weight.flags.c_contiguous):
-            raise ValueError("taps must be C-contiguous")
         if index.size and (int(index.min()) < 0 or int(index.max()) >= self.n_in):
             raise ValueError(f"tap indices must lie in [0, {self.n_in})")
 
@@ -56,7 +57,7 @@ class Taps:
         return int(self.index.shape[0])
 
     def band(self, rows: slice) -> Taps:
-        """The taps of a band of outputs (views; no new check needed)."""
+        """The taps of a band of outputs (read-only views of checked taps: no new check needed)."""
         band = object.__new__(Taps)
         object.__setattr__(band, "index", self.index[rows])
         object.__setattr__(band, "weight", self.weight[rows])
@@ -118,9 +119,13 @@ class PostKernel:
             raise ValueError(f"sig {sig.shape} / logits {None if logits is None else logits.shape}: expected {out_hw}")
         if scratch.size < (low.shape[0] + 1) * out_hw[1]:
             raise ValueError(f"scratch of {scratch.size} values, needs {(low.shape[0] + 1) * out_hw[1]}")
-        if logits is not None and (logits.dtype != np.float32 or not logits.flags.c_contiguous
-                                   or not logits.flags.writeable):
-            raise ValueError("logits must be a writeable C-contiguous float32 array")
+        if logits is not None and (logits.dtype != np.float32 or not logits.flags.c_contiguous):
+            raise ValueError("logits must be a C-contiguous float32 array")
+        written = [a for a in (scratch, sig, logits) if a is not None]
+        if not all(a.flags.writeable for a in written):
+            raise ValueError("scratch, sig and logits must be writeable")
+        if any(np.may_share_memory(a, b) for i, a in enumerate(written) for b in written[i + 1:]):
+            raise ValueError("scratch, sig and logits must not overlap")
         total, count = ctypes.c_double(), ctypes.c_int64()
         self._lib.m2fp_upsample_squash(low, low.shape[0], low.shape[1], cols.index, cols.weight, out_hw[1],
                                        cols.index.shape[1], rows.index, rows.weight, out_hw[0], rows.index.shape[1],
@@ -150,7 +155,6 @@ class PostKernel:
         if not 0 <= class_id <= 255:
             raise ValueError(f"class id {class_id} does not fit a uint8 label map")
         self._lib.m2fp_vote(prob, prob.size, class_id, best, labels)
-
 
     def average_vote(self, probs: np.ndarray, counts: np.ndarray, best: np.ndarray, labels: np.ndarray,
                      class_id: int) -> None:

@@ -22,7 +22,8 @@ float32 ``exp`` and masked operations are slow; every pixel gets the same operat
 order whatever the number of bands. The kernel does a query's two resizes as the one resampling
 they compose to (``composite_taps``: columns at the low resolution, then rows), with the squash, in
 one pass: no padded-size or work-size logits are stored (a person's are, for its mask), and the
-results equal OpenCV's two resizes to float rounding (~2e-7 relative).
+results equal OpenCV's two resizes to float rounding (~2e-7 relative at photo sizes; for a
+resized image only a pixel or so thick, OpenCV's own rounding is larger, ~1e-5).
 
 ``work_hw`` picks where the per-pixel work happens: the original size (``exact``), or (``fast``)
 the resized model-input size when that is smaller, with each class's probability map then
@@ -128,10 +129,7 @@ def composite_taps(n_low: int, n_padded: int, n_resized: int, n_work: int) -> fu
     for j in range(4):  # one output per row in each column of products: no repeated index within an add
         dense[outputs, offset[:, j]] += weight[:, j]
     taps = np.minimum(base[:, None] + np.arange(dense.shape[1]), n_low - 1)  # a clipped tap has weight 0
-    result = fused.Taps(np.ascontiguousarray(taps, np.int32), dense.astype(np.float32), n_low)
-    result.index.flags.writeable = False
-    result.weight.flags.writeable = False
-    return result
+    return fused.Taps(taps.astype(np.int32), dense.astype(np.float32), n_low)
 
 
 def sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -183,8 +181,6 @@ def _add_instance_band(
     probs += scratch
     hit = scratch > 0.5
     np.add(counts, hit.view(np.uint8), out=counts)
-
-
 
 
 def _on_bands(

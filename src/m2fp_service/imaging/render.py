@@ -83,7 +83,7 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
 def encode_all(jobs: Sequence[Callable[[], bytes]]) -> list[bytes]:
     """Runs encoding jobs on up to ``THREADS`` threads (OpenCV encodes with the GIL released);
     the results in the jobs' order. The seed envelope's 17 class masks and colour map of a 720p
-    photo took ~63 ms one after another and ~52 ms on two threads here."""
+    photo took 63-70 ms one after another and 43-52 ms on two threads here (medians, two runs)."""
     if len(jobs) < 2 or THREADS < 2:
         return [job() for job in jobs]
     with ThreadPoolExecutor(min(THREADS, len(jobs)), thread_name_prefix="m2fp-encode") as pool:
