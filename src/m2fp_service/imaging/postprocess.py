@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
@@ -243,6 +243,84 @@ def vote(prob: np.ndarray, class_id: int, best: np.ndarray, label_map: np.ndarra
     cv2.max(label_map, np.bitwise_and(better, np.uint8(class_id), out=better), dst=label_map)
 
 
+class _NumpyPixels:
+    """The per-pixel work of ``to_result`` with OpenCV and numpy, on row bands in ``pool``.
+
+    Holds one query's logits and sigmoid (``squash``) and one class's pasted sums (``add``) at a time.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, meta: PreprocessMeta, work_hw: tuple[int, int]) -> None:
+        self.pool, self.meta, self.work_hw = pool, meta, work_hw
+        self.bands = _bands(work_hw[0])
+        self.padded = np.empty(meta.padded_hw, np.float32)
+        self.logits = np.empty(work_hw, np.float32)  # the last squashed query's (always kept here)
+        self.sig = np.empty(work_hw, np.float32)
+        self.scratch = np.empty(work_hw, np.float32)
+        self.probs = np.empty(work_hw, np.float32)
+        self.counts = np.empty(work_hw, np.uint8)  # <= 100 instances per pixel
+        self.has_logits = True
+
+    def squash(self, low: np.ndarray, keep_logits: bool) -> tuple[float, int]:
+        """One query's (h, w) logits upsampled and squashed; returns its mask score's (sum, count)."""
+        query_logits_at(low, self.meta, self.work_hw, out=self.logits, padded=self.padded)
+        return _sum_pairs(_on_bands(self.pool, self.bands, _squash_band, (self.logits, self.sig, self.scratch)))
+
+    def add(self, final: np.float32, first: bool) -> None:
+        """Pastes the squashed query into its class's sums with score ``final`` (``first``: the class's first)."""
+        if first:
+            self.probs.fill(0)
+            self.counts.fill(0)
+        _on_bands(self.pool, self.bands, _add_instance_band, (self.sig, self.probs, self.counts, self.scratch), final)
+
+    def vote(self, class_id: int, best: np.ndarray, label_map: np.ndarray) -> None:
+        """The class's pasted sums averaged and voted into the label map."""
+        self.probs /= np.maximum(self.counts, 1).astype(np.float32)
+        vote(self.probs, class_id, best, label_map)
+
+
+class _FusedPixels:
+    """The same work in the fused kernel: a query's two resizes as the one resampling they compose
+    to (``composite_taps``), with the squash, in one pass that stores the logits only when asked."""
+
+    def __init__(self, kernel: fused.PostKernel, pool: ThreadPoolExecutor, meta: PreprocessMeta,
+                 work_hw: tuple[int, int], low_hw: tuple[int, int]) -> None:
+        self.pool, self.meta, self.work_hw, self.kernel = pool, meta, work_hw, kernel
+        self.bands = _bands(work_hw[0])
+        self.cols = composite_taps(low_hw[1], meta.padded_hw[1], meta.resized_hw[1], work_hw[1])
+        rows = composite_taps(low_hw[0], meta.padded_hw[0], meta.resized_hw[0], work_hw[0])
+        self.row_bands = [rows.band(band) for band in self.bands]
+        self.scratches = [np.empty((low_hw[0] + 1, work_hw[1]), np.float32) for _ in self.bands]
+        self.logits = np.empty(work_hw, np.float32)
+        self.sig = np.empty(work_hw, np.float32)
+        self.probs = np.empty(work_hw, np.float32)
+        self.counts = np.empty(work_hw, np.uint8)
+        self.has_logits = False
+
+    def squash(self, low: np.ndarray, keep_logits: bool) -> tuple[float, int]:
+        logits = [self.logits[band] if keep_logits else None for band in self.bands]
+        self.has_logits = keep_logits
+        return _sum_pairs(self.pool.map(self.kernel.upsample_squash, itertools.repeat(low), itertools.repeat(self.cols),
+                                        self.row_bands, self.scratches, [self.sig[band] for band in self.bands],
+                                        logits))
+
+    def add(self, final: np.float32, first: bool) -> None:  # the first instance writes, not adds to zeros
+        _on_bands(self.pool, self.bands, self.kernel.add_instance, (self.sig, self.probs, self.counts), final, first)
+
+    def vote(self, class_id: int, best: np.ndarray, label_map: np.ndarray) -> None:
+        if self.work_hw == best.shape:  # no resize between: averaging and vote in one pass
+            _on_bands(self.pool, self.bands, self.kernel.average_vote, (self.probs, self.counts, best, label_map),
+                      class_id)
+            return
+        self.kernel.average(self.probs, self.counts)
+        vote(self.probs, class_id, best, label_map, self.kernel)
+
+
+def _sum_pairs(sums: Iterable[tuple[float, int]]) -> tuple[float, int]:
+    """Bands' (sum, count) pairs added up, in band order."""
+    pairs = list(sums)
+    return sum(t for t, _ in pairs), sum(n for _, n in pairs)
+
+
 def to_result(
     class_logits: np.ndarray,
     mask_logits: np.ndarray,
@@ -284,70 +362,41 @@ def to_result(
     people: list[tuple[float, int, np.ndarray]] = []  # (score, query, (H, W) bool mask at the original size)
     parts: list[tuple[float, int, PartInstance]] = []
     fast = fused.built() if kernel == "built" else kernel
-    padded = np.empty(meta.padded_hw if fast is None else (0, 0), np.float32)
-    logits = np.empty(work_hw, np.float32)
-    sig = np.empty(work_hw, np.float32)
-    scratch = np.empty(work_hw if fast is None else (0, 0), np.float32)  # the OpenCV/numpy path's
-    probs = np.empty(work_hw, np.float32)
-    counts = np.empty(work_hw, np.uint8)  # <= 100 instances per pixel
     best = np.empty(meta.orig_hw, np.float32)
     label_map = np.empty(meta.orig_hw, np.uint8)
     best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
     label_map.fill(0)
     mask_scores: dict[int, float] = {}
-    in_sig, with_logits = -1, False  # the query whose sigmoid (and logits, if with_logits) the buffers hold
-    bands = _bands(work_hw[0])
-    if fast is not None:  # the two resizes as one resampling, done by the kernel with the squash
-        cols = composite_taps(mask_logits.shape[2], meta.padded_hw[1], meta.resized_hw[1], work_hw[1])
-        rows = composite_taps(mask_logits.shape[1], meta.padded_hw[0], meta.resized_hw[0], work_hw[0])
-        row_bands = [rows.band(band) for band in bands]
-        scratches = [np.empty((mask_logits.shape[1] + 1, work_hw[1]), np.float32) for _ in bands]
+    in_sig = -1  # the query whose sigmoid (and logits, if has_logits) the per-pixel buffers hold
     # The per-pixel work runs on row bands in parallel (numpy, OpenCV and the kernel release the
     # GIL); each band's pixels get exactly the operations, in the same order, as without bands.
     with ThreadPoolExecutor(THREADS, thread_name_prefix="m2fp-post") as pool:
+        pixels = (_NumpyPixels(pool, meta, work_hw) if fast is None
+                  else _FusedPixels(fast, pool, meta, work_hw, mask_logits.shape[1:]))
         for label, group in itertools.groupby(order, key=lambda pair: pair[0]):
             pasted = False
             for _, q, score in group:
                 # A query is squashed once, unless it has pairs of several classes (its logits are
-                # kept only for a person's mask).
-                if q != in_sig or (label == human and not with_logits):
-                    low = np.ascontiguousarray(mask_logits[q], dtype=np.float32)
-                    with_logits = fast is None or label == human
-                    if fast is not None:
-                        sums = list(pool.map(fast.upsample_squash, itertools.repeat(low), itertools.repeat(cols),
-                                             row_bands, scratches, [sig[band] for band in bands],
-                                             [logits[band] if with_logits else None for band in bands]))
-                    else:
-                        query_logits_at(low, meta, work_hw, out=logits, padded=padded)
-                        sums = _on_bands(pool, bands, _squash_band, (logits, sig, scratch))
-                    mask_scores.setdefault(q, sum(t for t, _ in sums) / (sum(n for _, n in sums) + 1e-6))
+                # needed only for a person's mask).
+                if q != in_sig or (label == human and not pixels.has_logits):
+                    total, count = pixels.squash(np.ascontiguousarray(mask_logits[q], dtype=np.float32),
+                                                 keep_logits=label == human)
+                    mask_scores.setdefault(q, total / (count + 1e-6))
                     in_sig = q
                 final = np.float32(score) * np.float32(mask_scores[q])
                 if label == human:
                     if final > settings.human_score_thr:
-                        mask = resize_bilinear(logits, meta.orig_hw) > 0  # no-op resize when work size = original
+                        mask = resize_bilinear(pixels.logits, meta.orig_hw) > 0  # no-op when work size = original
                         people.append((float(final), q, mask))
                     continue
                 if label != 0 and final >= settings.part_score_thr:
                     parts.append((float(final), q, PartInstance(label, float(final))))
                 if final < settings.parsing_ins_score_thr or label >= num_parsing:
                     continue
-                if fast is not None:  # the class's first instance writes its sums, not adds to zeros
-                    _on_bands(pool, bands, fast.add_instance, (sig, probs, counts), final, not pasted)
-                else:
-                    if not pasted:
-                        probs.fill(0)
-                        counts.fill(0)
-                    _on_bands(pool, bands, _add_instance_band, (sig, probs, counts, scratch), final)
+                pixels.add(final, first=not pasted)
                 pasted = True
-            if pasted and fast is not None and work_hw == meta.orig_hw:  # no resize between: one pass
-                _on_bands(pool, bands, fast.average_vote, (probs, counts, best, label_map), label)
-            elif pasted:
-                if fast is not None:
-                    fast.average(probs, counts)
-                else:
-                    probs /= np.maximum(counts, 1).astype(np.float32)
-                vote(probs, label, best, label_map, fast)
+            if pasted:
+                pixels.vote(label, best, label_map)
 
     people.sort(key=lambda p: (-p[0], p[1]))  # by score, ties by query (the order they were found in)
     parts.sort(key=lambda p: (-p[0], p[1]))
