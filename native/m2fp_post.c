@@ -183,32 +183,33 @@ M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_
     }
 }
 
-/* A class's pasted probabilities averaged over the instances pasted at each pixel, in place:
- * probs /= max(counts, 1) (one pass for numpy's three). */
-M2FP_CLONES M2FP_EXPORT void m2fp_average(float *restrict probs, const uint8_t *restrict counts, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) probs[i] /= (float)(counts[i] > 1 ? counts[i] : 1);
+/* A class's pasted sum at one pixel averaged over the instances pasted there. */
+static inline float averaged(float sum, uint8_t count) { return sum / (float)(count > 1 ? count : 1); }
+
+/* One pixel's turn in the per-pixel argmax over classes taken in increasing order: where prob beats
+ * the best so far (strictly, so ties keep the lower class), best = prob and label = class_id. */
+static inline void vote_at(float prob, uint8_t class_id, float *best, uint8_t *label) {
+    int win = prob > *best;
+    *best = win ? prob : *best;
+    *label = win ? class_id : *label;
 }
 
-/* One class's turn in the per-pixel argmax over classes taken in increasing order: where prob beats
- * the best so far (strictly, so ties keep the lower class), best = prob and label = class_id (one
- * pass for OpenCV's compare, max, and, max). */
+/* A class's pasted probabilities averaged, in place: probs /= max(counts, 1) (one pass for numpy's
+ * three). */
+M2FP_CLONES M2FP_EXPORT void m2fp_average(float *restrict probs, const uint8_t *restrict counts, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) probs[i] = averaged(probs[i], counts[i]);
+}
+
+/* One class's turn in the argmax (vote_at at every pixel: one pass for OpenCV's compare, max, and,
+ * max). */
 M2FP_CLONES M2FP_EXPORT void m2fp_vote(const float *restrict prob, int64_t n, uint8_t class_id, float *restrict best,
                                        uint8_t *restrict labels) {
-    for (int64_t i = 0; i < n; ++i) {
-        int win = prob[i] > best[i];
-        best[i] = win ? prob[i] : best[i];
-        labels[i] = win ? class_id : labels[i];
-    }
+    for (int64_t i = 0; i < n; ++i) vote_at(prob[i], class_id, best + i, labels + i);
 }
 
 /* m2fp_average then m2fp_vote in one pass, for a class whose map is already at the label map's size:
  * the same division and the same comparison per pixel, probs left as they were. */
 M2FP_CLONES M2FP_EXPORT void m2fp_average_vote(const float *restrict probs, const uint8_t *restrict counts, int64_t n,
                                                uint8_t class_id, float *restrict best, uint8_t *restrict labels) {
-    for (int64_t i = 0; i < n; ++i) {
-        float p = probs[i] / (float)(counts[i] > 1 ? counts[i] : 1);
-        int win = p > best[i];
-        best[i] = win ? p : best[i];
-        labels[i] = win ? class_id : labels[i];
-    }
+    for (int64_t i = 0; i < n; ++i) vote_at(averaged(probs[i], counts[i]), class_id, best + i, labels + i);
 }
