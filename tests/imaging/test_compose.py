@@ -1,12 +1,25 @@
-"""Pixel-exact tests of ``m2fp_service.imaging.compose`` on synthetic pictures and masks."""
+"""Pixel-exact tests of ``m2fp_service.imaging.compose`` on synthetic pictures and masks, each run
+both with the fused kernel and with the OpenCV/numpy steps it replaces."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from m2fp_service.imaging import compose
+from m2fp_service.imaging import compose, fused
 from m2fp_service.imaging.compose import ComposeOptions
+from tests.imaging.conftest import require_kernel
+
+
+@pytest.fixture(autouse=True, params=["kernel", "numpy"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the built kernel (a failure in CI when it is missing), then OpenCV/numpy."""
+    if request.param == "numpy":
+        monkeypatch.setattr(fused, "built", lambda: None)
+    else:
+        require_kernel()
+    return str(request.param)
+
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (20, 40, 230)
 

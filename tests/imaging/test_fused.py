@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,18 +21,6 @@ from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, argmax_labe
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
                     1e30, -1e30, np.inf, -np.inf, np.nan, 3e-39, -3e-39], np.float32)
-
-
-@pytest.fixture(scope="module")
-def kernel() -> fused.PostKernel:
-    """The built kernel: a failure in CI, a skip elsewhere when it is missing."""
-    built = fused.built()
-    if built is None:
-        reason = f"{fused.BUILT} is not built or does not load: build it with `make native`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return built
 
 
 def _numpy_squash(logits: np.ndarray) -> tuple[np.ndarray, float, int]:

@@ -23,7 +23,10 @@ from typing import Literal, get_args
 import cv2
 import numpy as np
 
+from m2fp_service.imaging import fused
+
 Mode = Literal["transparent", "blur", "color", "image", "pixelate"]
+KernelChoice = fused.PostKernel | None | Literal["built"]
 MODES: tuple[str, ...] = get_args(Mode)
 
 # Alpha below/above these is snapped to exactly 0/1: the guided filter's float noise must not
@@ -79,7 +82,7 @@ def matte(selected: np.ndarray, image_rgb: np.ndarray, *, refine: bool = True, f
 
 
 def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: float = 1e-3,
-                 scale: int | None = None) -> np.ndarray:
+                 scale: int | None = None, *, kernel: KernelChoice = "built") -> np.ndarray:
     """Fast colour guided filter of ``alpha`` with ``guide_rgb`` as guide.
 
     The filter's linear coefficients are computed at ``1/scale`` of the size, upsampled and
@@ -93,41 +96,42 @@ def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: flo
             within about ``radius + 2 * scale`` pixels of a place where ``alpha`` changes.
         eps: regularisation (guide in 0..1 units): larger keeps more of ``alpha``'s own shape.
         scale: subsampling of the coefficients (default: radius // 2, at least 1).
+        kernel: the per-pixel steps in the fused kernel: "built" (the package's build when it loads),
+            a ``fused.PostKernel``, or None (OpenCV/numpy, ``NumpyOps``). Same results within float
+            rounding.
 
     Returns:
         (H, W) float32 in 0..1, values within 1/255 of 0 or 1 snapped to them.
     """
-    alpha = np.asarray(alpha, np.float32)
+    alpha = np.ascontiguousarray(alpha, np.float32)
     h, w = alpha.shape
     s = max(1, radius // 2) if scale is None else max(1, scale)
     small_hw = (max(1, round(h / s)), max(1, round(w / s)))
     if small_hw != (h, w):
-        g = cv2.resize(guide_rgb, small_hw[::-1], interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-        p = cv2.resize(alpha, small_hw[::-1], interpolation=cv2.INTER_AREA)
+        g = shrink(guide_rgb, small_hw).astype(np.float32) / 255.0
+        p = shrink(alpha, small_hw)
     else:
         g, p = guide_rgb.astype(np.float32) / 255.0, alpha
     r = max(1, round(radius / max(h / small_hw[0], w / small_hw[1])))
-    a, b = _guided_coefficients(g, p, r, eps)
+    ops = _ops(kernel)
+    # The linear model q = a . I + b per pixel from the box means of the guide's products, box-averaged.
+    coef = _box(ops.guided_solve(_box(ops.guided_products(g, p), r), eps), r)  # (hs, ws, 4): a0, a1, a2, b
     # Where the guide explains nothing (a ~ 0 over the whole bilinear footprint) the filter would only
     # blur alpha; refinement is about following the photo's edges, so those pixels keep their alpha.
-    busy = (np.abs(a).sum(axis=2) > _REFINE_MIN_SLOPE).astype(np.uint8)
-    if not busy.any():
+    slope = (cv2.transform(np.abs(coef), _SUM_A) > _REFINE_MIN_SLOPE).astype(np.uint8)
+    if not slope.any():
         return alpha.copy()
-    busy = cv2.resize(cv2.dilate(busy, np.ones((3, 3), np.uint8)), (w, h), interpolation=cv2.INTER_NEAREST)
+    busy = cv2.resize(cv2.dilate(slope, np.ones((3, 3), np.uint8)), (w, h), interpolation=cv2.INTER_NEAREST)
     # q = a . I / 255 + b, then a contrast of 2 about 0.5: the filter spreads the mask's own error
     # over its window, the contrast keeps the border where the photo's edge is while solid regions
-    # return to 0 and 1. Both folded into the coefficients before they are upsampled (OpenCV, SIMD).
+    # return to 0 and 1. Both folded into the coefficients before they are upsampled.
     k = np.float32(_REFINE_CONTRAST)
-    a_full = cv2.resize(a * (k / np.float32(255.0)), (w, h), interpolation=cv2.INTER_LINEAR)
-    b_full = cv2.resize(b * k + np.float32(0.5 - 0.5 * _REFINE_CONTRAST), (w, h), interpolation=cv2.INTER_LINEAR)
-    q: np.ndarray = cv2.transform(cv2.multiply(a_full.reshape(h, w, 3), guide_rgb, dtype=cv2.CV_32F), _SUM3)
-    q = q.reshape(h, w) + b_full.reshape(h, w)
-    out = alpha.copy()
-    cv2.copyTo(_snap(q), busy, out)
-    return out
+    coef *= np.array([k / 255.0, k / 255.0, k / 255.0, k], np.float32)
+    coef[..., 3] += np.float32(0.5 - 0.5 * _REFINE_CONTRAST)
+    return ops.guided_apply(coef, np.ascontiguousarray(guide_rgb), busy, alpha)
 
 
-_SUM3 = np.ones((1, 3), np.float32)  # cv2.transform matrix: the sum of three channels
+_SUM_A = np.array([[1, 1, 1, 0]], np.float32)  # cv2.transform matrix: the sum of a's three channels
 
 
 def _nonzero(mask_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,34 +160,29 @@ def _sample(small: np.ndarray, ys: np.ndarray, xs: np.ndarray, hw: tuple[int, in
     return sampled
 
 
+def shrink(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``cv2.resize(x, hw[::-1], interpolation=INTER_AREA)``; when ``x`` is exactly ``hw`` times a power
+    of two, taken as halvings: OpenCV's area path is SIMD only for a factor of 2 (3x faster at 720p
+    for a factor of 4). The same averages but for the halvings' rounding (uint8: within 1)."""
+    h, w = x.shape[:2]
+    while (h, w) != tuple(hw) and h % 2 == 0 and w % 2 == 0 and (h // 2) % hw[0] == 0 and (w // 2) % hw[1] == 0:
+        h, w = h // 2, w // 2
+        x = cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA)
+    return x if (h, w) == tuple(hw) else cv2.resize(x, hw[::-1], interpolation=cv2.INTER_AREA)
+
+
+def _shrink_by(x: np.ndarray, f: int) -> np.ndarray:
+    """Area average over ``f`` x ``f`` blocks (``fx = 1/f``, OpenCV's integer-factor area path, not a
+    computed size: 3x faster), halving first while ``f`` is even (its SIMD path). ``f`` must not
+    exceed the picture's sides."""
+    while f % 2 == 0:
+        x = cv2.resize(x, (0, 0), fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        f //= 2
+    return x if f == 1 else cv2.resize(x, (0, 0), fx=1.0 / f, fy=1.0 / f, interpolation=cv2.INTER_AREA)
+
+
 def _box(x: np.ndarray, r: int) -> np.ndarray:
     return cv2.blur(x, (2 * r + 1, 2 * r + 1), borderType=cv2.BORDER_REFLECT)
-
-
-def _guided_coefficients(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel linear model ``q = a . I + b`` of the colour guided filter, box-averaged.
-
-    Returns ``(mean_a (H, W, 3), mean_b (H, W))`` float32.
-    """
-    mean_i = _box(guide, r)
-    mean_p = _box(p, r)
-    cov_ip = _box(guide * p[..., None], r) - mean_i * mean_p[..., None]
-    # Symmetric 3x3 covariance of the guide per pixel, plus eps on the diagonal.
-    rr, rg, rb, gg, gb, bb = (
-        _box(guide[..., i] * guide[..., j], r) - mean_i[..., i] * mean_i[..., j]
-        for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-    )
-    rr, gg, bb = rr + eps, gg + eps, bb + eps
-    # Closed-form inverse via the adjugate: cheaper than np.linalg.inv on (H, W, 3, 3).
-    i_rr, i_rg, i_rb = gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb
-    i_gg, i_gb, i_bb = rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg
-    det = rr * i_rr + rg * i_rg + rb * i_rb
-    c0, c1, c2 = cov_ip[..., 0], cov_ip[..., 1], cov_ip[..., 2]
-    a = np.stack([(i_rr * c0 + i_rg * c1 + i_rb * c2),
-                  (i_rg * c0 + i_gg * c1 + i_gb * c2),
-                  (i_rb * c0 + i_gb * c1 + i_bb * c2)], axis=-1) / det[..., None]
-    b = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
-    return _box(a.astype(np.float32), r), _box(b.astype(np.float32), r)
 
 
 def _snap(alpha: np.ndarray) -> np.ndarray:
@@ -214,7 +213,7 @@ def estimate_foreground(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int
     compositing ``I`` itself over a new backdrop drags the old background along (a halo). With
     F^ and B^ the local mean colours of the solid subject and solid background nearby (normalised
     box filters), blur-fusion (Forte & Pitie) estimates ``F = F^ + a (I - a F^ - (1 - a) B^)``.
-    The local means are computed at half scale and the formula only on the border pixels.
+    The local means are computed at a reduced scale and the formula only on the border pixels.
 
     Args:
         image_rgb: (H, W, 3) uint8.
@@ -225,9 +224,14 @@ def estimate_foreground(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int
     Returns:
         (H, W, 3) uint8: ``image_rgb`` where alpha is 0 or 1, the estimate elsewhere.
     """
+    return _subject(image_rgb, alpha, border_sums(image_rgb, alpha, radius_px))
+
+
+def _subject(image_rgb: np.ndarray, alpha: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """``estimate_foreground`` from the local sums ``border_sums`` gives."""
     ys, xs = border_pixels(alpha)
     out = image_rgb.copy()
-    out.reshape(-1, 3)[ys * alpha.shape[1] + xs] = _foreground_at(image_rgb, alpha, ys, xs, radius_px)
+    out.reshape(-1, 3)[ys * alpha.shape[1] + xs] = _foreground_at(image_rgb, alpha, ys, xs, sums)
     return out
 
 
@@ -237,32 +241,18 @@ def border_pixels(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _foreground_at(image_rgb: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray,
-                   radius_px: int | None = None) -> np.ndarray:
+                   sums: np.ndarray) -> np.ndarray:
     """``estimate_foreground``'s values at the pixels (ys, xs): (N, 3) uint8.
 
     F^ and B^ are the mean colours of the nearby *solid* subject (alpha = 1) and background
-    (alpha = 0) pixels; where none is within ``radius``, a four times wider neighbourhood is used.
-    The box sums are computed at a reduced scale and divided only at the pixels asked for.
+    (alpha = 0) pixels, from ``border_sums``; where none is within its radius, a four times wider
+    neighbourhood is used. The sums are sampled, and divided, only at the pixels asked for.
     """
     if not len(ys):
         return np.zeros((0, 3), np.uint8)
     h, w = alpha.shape
-    radius = radius_px if radius_px is not None else 2 * default_refine_radius((h, w)) + 4
-    s = max(1, min(4, min(h, w) // 160))
-    small_wh = (max(1, w // s), max(1, h // s))
-    img_s = cv2.resize(image_rgb, small_wh, interpolation=cv2.INTER_AREA) if s > 1 else image_rgb
-    img_s = img_s.astype(np.float32) / 255.0
-    solid_fg = np.greater_equal(alpha, 1.0).view(np.uint8)
-    solid_bg = np.less_equal(alpha, 0.0).view(np.uint8)
-    if s > 1:
-        solid_fg = cv2.resize(solid_fg * np.uint8(255), small_wh, interpolation=cv2.INTER_AREA)
-        solid_bg = cv2.resize(solid_bg * np.uint8(255), small_wh, interpolation=cv2.INTER_AREA)
-        scale = 1.0 / 255.0
-    else:
-        scale = 1.0
-    r = max(1, radius // s)
-    f_hat = _mean_at(img_s, solid_fg.astype(np.float32) * scale, r, ys, xs, (h, w))
-    b_hat = _mean_at(img_s, solid_bg.astype(np.float32) * scale, r, ys, xs, (h, w))
+    f_hat = _mean_at(sums[0], sums[1], ys, xs, (h, w))
+    b_hat = _mean_at(sums[2], sums[3], ys, xs, (h, w))
     flat = ys * w + xs
     a = np.take(alpha.reshape(-1), flat)[:, None]
     i = np.take(image_rgb.reshape(-1, 3), flat, axis=0).astype(np.float32) * np.float32(1.0 / 255.0)
@@ -274,20 +264,46 @@ def _foreground_at(image_rgb: np.ndarray, alpha: np.ndarray, ys: np.ndarray, xs:
     return values
 
 
-def _mean_at(image: np.ndarray, weight: np.ndarray, r: int, ys: np.ndarray, xs: np.ndarray,
+def border_sums(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int | None = None) -> np.ndarray:
+    """The local sums blur-fusion's means come from, at a reduced scale: (4, h, w, 4) float32.
+
+    For the solid subject (alpha = 1), then the solid background (alpha = 0), each over a
+    (2r+1)^2 box and a four times wider one: the sums of colour (0..1) times weight, and of weight.
+
+    Args:
+        radius_px: ``r`` in full-resolution pixels (default: twice the refinement radius plus 4).
+    """
+    h, w = alpha.shape
+    radius = radius_px if radius_px is not None else 2 * default_refine_radius((h, w)) + 4
+    s = max(1, min(4, min(h, w) // 160))
+    small_wh = (max(1, w // s), max(1, h // s))
+    # r, g, b in 0..1, then 1 for the weight (RGBA from OpenCV: numpy's strided writes cost 20x more)
+    colour = cv2.cvtColor(shrink(image_rgb, small_wh[::-1]), cv2.COLOR_RGB2RGBA).astype(np.float32)
+    colour *= np.float32(1.0 / 255.0)
+    r = max(1, radius // s)
+    sums = np.empty((4, small_wh[1], small_wh[0], 4), np.float32)
+    for side, solid in enumerate((cv2.inRange(alpha, 1.0, np.inf), cv2.inRange(alpha, -np.inf, 0.0))):  # 0 or 255
+        weight = shrink(solid, small_wh[::-1]).astype(np.float32)
+        weighted = colour * (weight * np.float32(1.0 / 255.0))[..., None]
+        sums[2 * side] = _box(weighted, r)
+        sums[2 * side + 1] = _box(weighted, 4 * r)
+    return sums
+
+
+def _mean_at(narrow: np.ndarray, wide: np.ndarray, ys: np.ndarray, xs: np.ndarray,
              hw: tuple[int, int]) -> np.ndarray:
-    """(N, 3) weighted local mean of ``image`` over a (2r+1)^2 box at full-resolution pixels (ys, xs);
-    a 4x wider box where the first holds no weight; NaN where neither does."""
-    premul = image * weight[..., None]
-    num, den = _sample(_box(premul, r), ys, xs, hw), _sample(_box(weight, r), ys, xs, hw)
+    """(N, 3) weighted local mean at full-resolution pixels (ys, xs) from ``border_sums``' narrow box
+    sums; the wide box's where the narrow holds no weight; NaN where neither does."""
+    sampled = _sample(narrow, ys, xs, hw)
+    num, den = sampled[:, :3], sampled[:, 3]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean: np.ndarray = num / den[:, None]
     empty = den <= 1e-3
     if empty.any():
-        wide_num = _sample(_box(premul, 4 * r), ys[empty], xs[empty], hw)
-        wide_den = _sample(_box(weight, 4 * r), ys[empty], xs[empty], hw)
+        far = _sample(wide, ys[empty], xs[empty], hw)
+        wide_num, wide_den = far[:, :3], far[:, 3:]
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean[empty] = np.where(wide_den[:, None] > 1e-4, wide_num / wide_den[:, None], np.nan)
+            mean[empty] = np.where(wide_den > 1e-4, wide_num / wide_den, np.nan)
     return mean
 
 
@@ -319,11 +335,8 @@ def normalized_blur(image_rgb: np.ndarray, weight: np.ndarray, sigma_px: float) 
     f = max(1, min(int(sigma_px // 3), h, w))
     w8 = _weight_u8(weight)
     premul = _premultiplied(image_rgb, w8)
-    if f > 1:  # fx = 1/f (not a computed size) keeps OpenCV on its integer-factor area path: 3x faster
-        def down(x: np.ndarray) -> np.ndarray:
-            return cv2.resize(x, (0, 0), fx=1.0 / f, fy=1.0 / f, interpolation=cv2.INTER_AREA)
-
-        premul, w8, image_rgb = down(premul), down(w8), down(image_rgb)
+    if f > 1:
+        premul, w8, image_rgb = _shrink_by(premul, f), _shrink_by(w8, f), _shrink_by(image_rgb, f)
     sigma = max(0.3, sigma_px / f)
     num = cv2.GaussianBlur(premul.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
     den = cv2.GaussianBlur(w8.astype(np.float32) / 255.0, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)[..., None]
@@ -346,9 +359,10 @@ def normalized_pixelate(image_rgb: np.ndarray, weight: np.ndarray, block_px: int
     k = max(1, int(block_px))
     grid_wh = (max(1, round(w / k)), max(1, round(h / k)))
     w8 = _weight_u8(weight)
-    num = cv2.resize(_premultiplied(image_rgb, w8), grid_wh, interpolation=cv2.INTER_AREA).astype(np.float32)
-    den = cv2.resize(w8, grid_wh, interpolation=cv2.INTER_AREA).astype(np.float32)[..., None] / 255.0
-    plain = cv2.resize(image_rgb, grid_wh, interpolation=cv2.INTER_AREA)
+    grid_hw = grid_wh[::-1]
+    num = shrink(_premultiplied(image_rgb, w8), grid_hw).astype(np.float32)
+    den = shrink(w8, grid_hw).astype(np.float32)[..., None] / 255.0
+    plain = shrink(image_rgb, grid_hw)
     blocks = np.where(den > 1e-2, num / np.maximum(den, 1e-2), plain)
     blocks = np.clip(blocks + 0.5, 0, 255).astype(np.uint8)
     return cv2.resize(blocks, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -385,7 +399,7 @@ def backdrop(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
 
 
 def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
-              background_rgb: np.ndarray | None = None) -> np.ndarray:
+              background_rgb: np.ndarray | None = None, *, kernel: KernelChoice = "built") -> np.ndarray:
     """The composed picture.
 
     Args:
@@ -393,18 +407,82 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         alpha: (H, W) float32 0..1 from ``matte``: 1 keeps the photo's pixel.
         options: what replaces the rest.
         background_rgb: (h, w, 3) uint8, any size, for ``mode="image"``.
+        kernel: the border's colour and the blend in the fused kernel, as for ``refine_alpha``.
 
     Returns:
         (H, W, 4) uint8 RGBA for ``transparent`` (colour decontaminated at the border), else
         (H, W, 3) uint8 RGB: the photo where alpha is 1, the backdrop where it is 0, and between
         them the subject's estimated own colour blended over the backdrop.
     """
-    alpha = np.asarray(alpha, np.float32)
-    subject = estimate_foreground(image_rgb, alpha)  # the border takes the subject's own colour
+    alpha = np.ascontiguousarray(alpha, np.float32)
+    image_rgb = np.ascontiguousarray(image_rgb)
     back = backdrop(image_rgb, alpha, options, background_rgb)
-    if back is None:
-        rgba: np.ndarray = np.dstack([subject, _weight_u8(alpha)])
-        return rgba
-    # alpha * subject + (1 - alpha) * backdrop, in one SIMD pass (exact where alpha is 0 or 1)
-    out: np.ndarray = cv2.blendLinear(subject, back, alpha, 1.0 - alpha)
-    return out
+    return _ops(kernel).compose(image_rgb, alpha, back, border_sums(image_rgb, alpha))
+
+
+class NumpyOps:
+    """The per-pixel steps of refinement and compositing with OpenCV and numpy: the reference the
+    fused kernel (``fused.PostKernel``, the same methods) is tested against, and the fallback where
+    it is not built."""
+
+    @staticmethod
+    def guided_products(guide: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """(H, W, 13) float32: I (3), p, I p (3), then rr, rg, rb, gg, gb, bb of I I^T."""
+        h, w = p.shape
+        products = np.empty((h, w, 13), np.float32)
+        products[..., 0:3] = guide
+        products[..., 3] = p
+        np.multiply(guide, p[..., None], out=products[..., 4:7])
+        for n, (i, j) in enumerate(_PAIRS):
+            np.multiply(guide[..., i], guide[..., j], out=products[..., 7 + n])
+        return products
+
+    @staticmethod
+    def guided_solve(means: np.ndarray, eps: float) -> np.ndarray:
+        """(H, W, 4) float32 (a0, a1, a2, b) from the box means of ``guided_products``."""
+        h, w = means.shape[:2]
+        planes = np.ascontiguousarray(means.transpose(2, 0, 1))  # (13, H, W): whole planes
+        mean_i, mean_p = planes[0:3], planes[3]
+        c0, c1, c2 = planes[4:7] - mean_i * mean_p  # covariance of guide and p
+        # Symmetric 3x3 covariance of the guide per pixel, plus eps on the diagonal.
+        rr, rg, rb, gg, gb, bb = (planes[7 + n] - mean_i[i] * mean_i[j] for n, (i, j) in enumerate(_PAIRS))
+        rr, gg, bb = rr + eps, gg + eps, bb + eps
+        # Closed-form inverse via the adjugate: cheaper than np.linalg.inv on (H, W, 3, 3).
+        i_rr, i_rg, i_rb = gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb
+        i_gg, i_gb, i_bb = rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg
+        inv_det = 1.0 / (rr * i_rr + rg * i_rg + rb * i_rb)
+        coef = np.empty((h, w, 4), np.float32)
+        a0, a1, a2 = ((i_rr * c0 + i_rg * c1 + i_rb * c2) * inv_det, (i_rg * c0 + i_gg * c1 + i_gb * c2) * inv_det,
+                      (i_rb * c0 + i_gb * c1 + i_bb * c2) * inv_det)
+        coef[..., 0], coef[..., 1], coef[..., 2] = a0, a1, a2
+        coef[..., 3] = mean_p - (a0 * mean_i[0] + a1 * mean_i[1] + a2 * mean_i[2])
+        return coef
+
+    @staticmethod
+    def guided_apply(coef: np.ndarray, guide: np.ndarray, busy: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """``snap(a . guide + b)`` where ``busy``, ``alpha`` elsewhere, the coefficients upsampled."""
+        h, w = alpha.shape
+        full = cv2.resize(coef, (w, h), interpolation=cv2.INTER_LINEAR)
+        q = np.einsum("hwc,hwc->hw", full[..., :3], guide.astype(np.float32)) + full[..., 3]
+        out = alpha.copy()
+        cv2.copyTo(_snap(q), busy, out)
+        return out
+
+    @staticmethod
+    def compose(image: np.ndarray, alpha: np.ndarray, back: np.ndarray | None, sums: np.ndarray) -> np.ndarray:
+        """The border's own colour (``estimate_foreground``) blended over ``back``; RGBA without it."""
+        subject = _subject(image, alpha, sums)
+        if back is None:
+            rgba: np.ndarray = np.dstack([subject, _weight_u8(alpha)])
+            return rgba
+        # alpha * subject + (1 - alpha) * backdrop, in one SIMD pass (exact where alpha is 0 or 1)
+        out: np.ndarray = cv2.blendLinear(subject, back, alpha, 1.0 - alpha)
+        return out
+
+
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
+def _ops(kernel: KernelChoice) -> fused.PostKernel | NumpyOps:
+    fast = fused.built() if kernel == "built" else kernel
+    return fast if fast is not None else NumpyOps()

@@ -1,8 +1,9 @@
-"""Post-processing's fused per-pixel kernel, ``libm2fp_post.so`` (``native/m2fp_post.c``), via ctypes.
+"""The fused per-pixel kernels of post-processing and compositing, ``libm2fp_post.so``
+(``native/m2fp_post.c``), via ctypes.
 
 Built by ``native/build.py`` (``make native``) beside the deformable-attention kernel. Where it is
 absent (no compiler at install time) or does not load (built for another machine), post-processing
-runs its OpenCV/numpy path: the same results within float rounding, slower.
+and compositing run their OpenCV/numpy paths: the same results within float rounding, slower.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 3  # m2fp_post_abi() of the library these signatures match
+ABI = 4  # m2fp_post_abi() of the library these signatures match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -61,6 +62,33 @@ class Taps:
         return Taps(self.index[rows], self.weight[rows], self.n_in)
 
 
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bilinear resize along one axis, half-pixel centres (OpenCV's ``INTER_LINEAR``, torch's
+    ``align_corners=False``), as (n_out, 2) source indices and float64 weights."""
+    if n_in == n_out:
+        index = np.arange(n_out)
+        return np.stack([index, index], 1), np.stack([np.ones(n_out), np.zeros(n_out)], 1)
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    first = np.floor(src).astype(np.int64)
+    frac = src - first
+    frac[first >= n_in - 1] = 0.0
+    first = np.minimum(first, n_in - 1)
+    return np.stack([first, np.minimum(first + 1, n_in - 1)], 1), np.stack([1.0 - frac, frac], 1)
+
+
+@functools.lru_cache(maxsize=16)  # one frame size after another: made once
+def bilinear(n_in: int, n_out: int) -> Taps:
+    """``bilinear_taps`` as kernel taps (read-only, shared)."""
+    index, weight = bilinear_taps(n_in, n_out)
+    return Taps(index.astype(np.int32), weight.astype(np.float32), n_in)
+
+
+def _check_image(name: str, array: np.ndarray, shape: tuple[int, ...], dtype: type) -> None:
+    if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array of shape {shape}, got "
+                         f"{array.dtype.name} {array.shape}")
+
+
 class PostKernel:
     """The library's functions over C-contiguous arrays (one band of rows, or a whole map, per call).
 
@@ -90,6 +118,16 @@ class PostKernel:
         lib.m2fp_vote.restype = None
         lib.m2fp_average_vote.argtypes = [_floats, _bytes, ctypes.c_int64, ctypes.c_uint8, _floats, _bytes]
         lib.m2fp_average_vote.restype = None
+        lib.m2fp_guided_products.argtypes = [_floats, _floats, ctypes.c_int64, _floats]
+        lib.m2fp_guided_products.restype = None
+        lib.m2fp_guided_solve.argtypes = [_floats, ctypes.c_int64, ctypes.c_float, _floats]
+        lib.m2fp_guided_solve.restype = None
+        lib.m2fp_guided_apply.argtypes = [_floats, ctypes.c_int64, ctypes.c_int64, _ints, _floats, _ints, _floats,
+                                          _bytes, _bytes, _floats, ctypes.c_int64, ctypes.c_int64, _floats, _floats]
+        lib.m2fp_guided_apply.restype = None
+        lib.m2fp_compose.argtypes = [_bytes, _floats, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, _floats,
+                                     ctypes.c_int64, ctypes.c_int64, _ints, _floats, _ints, _floats, _floats, _bytes]
+        lib.m2fp_compose.restype = None
         self.path = path
         self._lib = lib
 
@@ -161,6 +199,85 @@ class PostKernel:
         if not 0 <= class_id <= 255:
             raise ValueError(f"class id {class_id} does not fit a uint8 label map")
         self._lib.m2fp_average_vote(probs, counts, probs.size, class_id, best, labels)
+
+    def guided_products(self, guide: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """(h, w, 13) float32, the products the colour guided filter box-averages: I (3), p, I p (3),
+        then rr, rg, rb, gg, gb, bb of I I^T.
+
+        Args:
+            guide: (h, w, 3) float32. p: (h, w) float32.
+        """
+        h, w = p.shape
+        _check_image("guide", guide, (h, w, 3), np.float32)
+        _check_image("p", p, (h, w), np.float32)
+        out = np.empty((h, w, 13), np.float32)
+        self._lib.m2fp_guided_products(guide, p, h * w, out)
+        return out
+
+    def guided_solve(self, means: np.ndarray, eps: float) -> np.ndarray:
+        """(h, w, 4) float32, the guided filter's a (three channels) and b per pixel, from the box
+        means (h, w, 13) of ``guided_products``; ``eps`` is added to the guide's variances."""
+        if means.ndim != 3 or means.shape[2] != 13:
+            raise ValueError(f"means must be (h, w, 13), got {means.shape}")
+        _check_image("means", means, means.shape, np.float32)
+        out = np.empty((*means.shape[:2], 4), np.float32)
+        self._lib.m2fp_guided_solve(means, means.shape[0] * means.shape[1], eps, out)
+        return out
+
+    def guided_apply(self, coef: np.ndarray, guide: np.ndarray, busy: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """The guided filter's output where ``busy``, ``alpha`` elsewhere (``compose.refine_alpha``):
+        ``snap(a . guide + b)`` with ``coef`` = (a0, a1, a2, b) bilinearly upsampled to the guide.
+
+        Args:
+            coef: (hs, ws, 4) float32, the small map of coefficients (on the guide's 0..255 values).
+            guide: (h, w, 3) uint8.
+            busy: (h, w) uint8, non-zero where the filter's output is taken.
+            alpha: (h, w) float32, kept where ``busy`` is 0.
+
+        Returns:
+            (h, w) float32, a new array.
+        """
+        h, w = alpha.shape
+        if coef.ndim != 3 or coef.shape[2] != 4 or min(coef.shape) < 1:
+            raise ValueError(f"coefficients must be (hs, ws, 4), got {coef.shape}")
+        _check_image("coef", coef, coef.shape, np.float32)
+        _check_image("guide", guide, (h, w, 3), np.uint8)
+        _check_image("busy", busy, (h, w), np.uint8)
+        _check_image("alpha", alpha, (h, w), np.float32)
+        rows, cols = bilinear(coef.shape[0], h), bilinear(coef.shape[1], w)
+        out = np.empty((h, w), np.float32)
+        tmp = np.empty(coef.shape[1] * 4, np.float32)
+        self._lib.m2fp_guided_apply(coef, coef.shape[0], coef.shape[1], rows.index, rows.weight, cols.index,
+                                    cols.weight, guide, busy, alpha, h, w, tmp, out)
+        return out
+
+    def compose(self, image: np.ndarray, alpha: np.ndarray, back: np.ndarray | None, sums: np.ndarray) -> np.ndarray:
+        """The composed picture (``compose.composite``): the border's own colour estimated from the
+        local sums and blended over ``back``; RGBA with alpha when ``back`` is None.
+
+        Args:
+            image: (h, w, 3) uint8.
+            alpha: (h, w) float32 0..1.
+            back: (h, w, 3) uint8, or None.
+            sums: (4, hs, ws, 4) float32, ``compose.border_sums``.
+
+        Returns:
+            (h, w, 3) uint8, or (h, w, 4) without ``back``; a new array.
+        """
+        h, w = alpha.shape
+        if sums.ndim != 4 or sums.shape[0] != 4 or sums.shape[3] != 4 or min(sums.shape) < 1:
+            raise ValueError(f"sums must be (4, hs, ws, 4), got {sums.shape}")
+        _check_image("sums", sums, sums.shape, np.float32)
+        _check_image("image", image, (h, w, 3), np.uint8)
+        _check_image("alpha", alpha, (h, w), np.float32)
+        if back is not None:
+            _check_image("backdrop", back, (h, w, 3), np.uint8)
+        rows, cols = bilinear(sums.shape[1], h), bilinear(sums.shape[2], w)
+        out = np.empty((h, w, 3 if back is not None else 4), np.uint8)
+        self._lib.m2fp_compose(image, alpha, None if back is None else back.ctypes.data, h, w, sums, sums.shape[1],
+                               sums.shape[2], rows.index, rows.weight, cols.index, cols.weight,
+                               np.empty(9 * w, np.float32), out)
+        return out
 
 
 @functools.cache

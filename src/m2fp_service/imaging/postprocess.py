@@ -99,27 +99,13 @@ def query_logits_at(
     return out
 
 
-def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """A bilinear resize along one axis, half-pixel centres (OpenCV's ``INTER_LINEAR``, torch's
-    ``align_corners=False``), as (n_out, 2) source indices and float64 weights."""
-    if n_in == n_out:
-        index = np.arange(n_out)
-        return np.stack([index, index], 1), np.stack([np.ones(n_out), np.zeros(n_out)], 1)
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    first = np.floor(src).astype(np.int64)
-    frac = src - first
-    frac[first >= n_in - 1] = 0.0
-    first = np.minimum(first, n_in - 1)
-    return np.stack([first, np.minimum(first + 1, n_in - 1)], 1), np.stack([1.0 - frac, frac], 1)
-
-
 @functools.lru_cache(maxsize=16)  # one photo size after another (video frames): made once
 def composite_taps(n_low: int, n_padded: int, n_resized: int, n_work: int) -> fused.Taps:
     """``query_logits_at`` along one axis (resize to the padded input, crop to the resized image,
     resize to the work size) as one resampling: each output's weights on the low-resolution
     logits, the products of the two resizes' weights summed in float64. Read-only (shared)."""
-    first_index, first_weight = bilinear_taps(n_low, n_padded)
-    second_index, second_weight = bilinear_taps(n_resized, n_work)  # into the crop: padded rows < n_resized
+    first_index, first_weight = fused.bilinear_taps(n_low, n_padded)
+    second_index, second_weight = fused.bilinear_taps(n_resized, n_work)  # into the crop: padded rows < n_resized
     index = first_index[second_index].reshape(n_work, 4)  # the 2 x 2 products per output
     weight = (second_weight[:, :, None] * first_weight[second_index]).reshape(n_work, 4)
     base = index.min(1)
