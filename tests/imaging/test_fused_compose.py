@@ -44,6 +44,13 @@ def _differ(a: np.ndarray, b: np.ndarray, tol: float) -> float:
     return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)) > tol))
 
 
+def assert_snapped(alpha: np.ndarray) -> None:
+    """No value within 1/255 of 0 or 1 but those: the promise of ``refine_alpha``."""
+    tol = np.float32(1 / 255)
+    assert not ((alpha > 0) & (alpha <= tol)).any(), "values just above 0 must be snapped to 0"
+    assert not ((alpha > 1 - tol) & (alpha < 1)).any(), "values just below 1 must be snapped to 1"
+
+
 # ---------------------------------------------------------------------------------------------
 # each step alone
 
@@ -90,6 +97,8 @@ def test_guided_apply_equals_numpy(kernel: fused.PostKernel, hw: tuple[int, int]
     alpha = rng.random(hw, np.float32)
     ours, theirs = kernel.guided_apply(coef, guide, busy, alpha), NumpyOps.guided_apply(coef, guide, busy, alpha)
     np.testing.assert_array_equal(ours[busy == 0], alpha[busy == 0])
+    assert_snapped(ours[busy == 1])
+    assert_snapped(theirs[busy == 1])
     if hw[0] * hw[1] > 100:
         assert {0.0, 1.0} <= set(np.unique(ours[busy == 1])), "snapped values must be among those checked"
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-5  # a value at a snap threshold may go either way
@@ -160,6 +169,10 @@ def test_wrong_arrays_are_refused_before_any_read(kernel: fused.PostKernel) -> N
         kernel.guided_solve(np.zeros((4, 4, 12), np.float32), 1e-3)
     with pytest.raises(ValueError, match="p"):
         kernel.guided_products(np.zeros((4, 4, 3), np.float32), np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        kernel.guided_apply(coef, image[:0], busy[:0], alpha[:0])
+    with pytest.raises(ValueError, match="empty"):
+        kernel.compose(image[:, :0].copy(), alpha[:, :0].copy(), None, sums)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +187,9 @@ def test_refine_alpha_equals_numpy(kernel: fused.PostKernel, hw: tuple[int, int]
     theirs = compose.refine_alpha(coarse.astype(np.float32), image, radius, kernel=None)
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-3
     assert _differ(ours, theirs, 1e-4) < 1e-3
+    changed = ours != coarse
+    assert_snapped(ours[changed])
+    assert_snapped(theirs[changed])
     if hw == (720, 1280):
         changed = ours != coarse
         assert 0.001 < changed.mean() < 0.2, "the refinement must move the border, and only the border"
@@ -191,3 +207,35 @@ def test_composite_equals_numpy(kernel: fused.PostKernel, hw: tuple[int, int], m
     assert ours.shape == theirs.shape and ours.dtype == np.uint8
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert _differ(ours, theirs, 0) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["color", "transparent"])
+def test_composite_of_alpha_outside_0_1_and_nan(kernel: fused.PostKernel, mode: str) -> None:
+    """Alpha that is NaN, infinite or out of range means the same on both paths: clipped, NaN as 0."""
+    image, _ = scene((8, 16))
+    alpha = soft_alpha((8, 16))
+    alpha[0, :8] = [np.nan, np.inf, -np.inf, -0.5, 2.0, 1e30, -1e-3, 0.4]
+    options = ComposeOptions(mode=mode, color_rgb=(0, 0, 255))  # type: ignore[arg-type]
+    ours = compose.composite(image, alpha, options, kernel=kernel)
+    theirs = compose.composite(image, alpha, options, kernel=None)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    kept = [1, 4, 5]  # inf, 2, 1e30: the photo's pixel
+    replaced = [0, 2, 3, 6]  # NaN, -inf, -0.5, -1e-3: the backdrop
+    if mode == "transparent":
+        assert (ours[0, kept, 3] == 255).all() and (ours[0, replaced, 3] == 0).all()
+        np.testing.assert_array_equal(ours[0, kept, :3], image[0, kept])
+    else:
+        np.testing.assert_array_equal(ours[0, kept], image[0, kept])
+        assert (ours[0, replaced] == (0, 0, 255)).all()
+
+
+def test_composite_without_a_border_skips_the_sums(kernel: fused.PostKernel) -> None:
+    image, coarse = scene((64, 96))
+    alpha = coarse.astype(np.float32)
+    assert compose.border_sums(image, alpha).shape == (4, 1, 1, 4)
+    for mode in ("color", "transparent", "blur"):
+        options = ComposeOptions(mode=mode)  # type: ignore[arg-type]
+        ours = compose.composite(image, alpha, options, kernel=kernel)
+        theirs = compose.composite(image, alpha, options, kernel=None)
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(ours[coarse][:, :3], image[coarse])

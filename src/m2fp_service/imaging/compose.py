@@ -145,25 +145,24 @@ def _nonzero(mask_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sample(small: np.ndarray, ys: np.ndarray, xs: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear samples of a low-resolution map at full-resolution pixels (ys, xs), half-pixel centres,
-    as ``cv2.resize(small, hw[::-1], INTER_LINEAR)`` gives them there. Returns (N,) or (N, C) float32."""
-    n = len(ys)
-    cols = 1024  # cv2.remap wants maps narrower than 32767: lay the N points out as rows of 1024
-    rows = -(-n // cols)
-    map_x = np.zeros(rows * cols, np.float32)
-    map_y = np.zeros(rows * cols, np.float32)
-    map_x[:n] = (xs + 0.5) * (small.shape[1] / hw[1]) - 0.5
-    map_y[:n] = (ys + 0.5) * (small.shape[0] / hw[0]) - 0.5
-    out = cv2.remap(small, map_x.reshape(rows, cols), map_y.reshape(rows, cols), cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_REPLICATE)
-    sampled: np.ndarray = out.reshape(rows * cols, *small.shape[2:])[:n]
+    """Bilinear samples of a low-resolution (h, w, C) map at full-resolution pixels (ys, xs), half-pixel
+    centres, as ``cv2.resize(small, hw[::-1], INTER_LINEAR)`` gives them there (the kernel's taps,
+    ``fused.bilinear``, in float32). Returns (N, C) float32."""
+    rows, cols = fused.bilinear(small.shape[0], hw[0]), fused.bilinear(small.shape[1], hw[1])
+    r, v = rows.index[ys], rows.weight[ys][..., None]  # (N, 2), (N, 2, 1)
+    c, u = cols.index[xs], cols.weight[xs][..., None]
+    top = u[:, 0] * small[r[:, 0], c[:, 0]] + u[:, 1] * small[r[:, 0], c[:, 1]]
+    bottom = u[:, 0] * small[r[:, 1], c[:, 0]] + u[:, 1] * small[r[:, 1], c[:, 1]]
+    sampled: np.ndarray = v[:, 0] * top + v[:, 1] * bottom
     return sampled
 
 
 def shrink(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """``cv2.resize(x, hw[::-1], interpolation=INTER_AREA)``; when ``x`` is exactly ``hw`` times a power
     of two, taken as halvings: OpenCV's area path is SIMD only for a factor of 2 (3x faster at 720p
-    for a factor of 4). The same averages but for the halvings' rounding (uint8: within 1)."""
+    for a factor of 4). The same averages but for the halvings' rounding: uint8 ties round up at
+    each halving (+0.25 of a level on average at a factor of 4), so callers that divide by small
+    weights (pixelate) resize directly."""
     h, w = x.shape[:2]
     while (h, w) != tuple(hw) and h % 2 == 0 and w % 2 == 0 and (h // 2) % hw[0] == 0 and (w // 2) % hw[1] == 0:
         h, w = h // 2, w // 2
@@ -173,8 +172,8 @@ def shrink(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def _shrink_by(x: np.ndarray, f: int) -> np.ndarray:
     """Area average over ``f`` x ``f`` blocks (``fx = 1/f``, OpenCV's integer-factor area path, not a
-    computed size: 3x faster), halving first while ``f`` is even (its SIMD path). ``f`` must not
-    exceed the picture's sides."""
+    computed size: 3x faster), halving first while ``f`` is even (its SIMD path; uint8 ties round up,
+    as in ``shrink``). ``f`` must not exceed the picture's sides."""
     while f % 2 == 0:
         x = cv2.resize(x, (0, 0), fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
         f //= 2
@@ -269,6 +268,7 @@ def border_sums(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int | None 
 
     For the solid subject (alpha = 1), then the solid background (alpha = 0), each over a
     (2r+1)^2 box and a four times wider one: the sums of colour (0..1) times weight, and of weight.
+    Zeros of (4, 1, 1, 4) when every pixel is solid (no border pixel samples them).
 
     Args:
         radius_px: ``r`` in full-resolution pixels (default: twice the refinement radius plus 4).
@@ -277,12 +277,15 @@ def border_sums(image_rgb: np.ndarray, alpha: np.ndarray, radius_px: int | None 
     radius = radius_px if radius_px is not None else 2 * default_refine_radius((h, w)) + 4
     s = max(1, min(4, min(h, w) // 160))
     small_wh = (max(1, w // s), max(1, h // s))
+    solids = (cv2.inRange(alpha, 1.0, np.inf), cv2.inRange(alpha, -np.inf, 0.0))  # 0 or 255
+    if cv2.countNonZero(solids[0]) + cv2.countNonZero(solids[1]) == alpha.size:  # no border: nothing to sample
+        return np.zeros((4, 1, 1, 4), np.float32)
     # r, g, b in 0..1, then 1 for the weight (RGBA from OpenCV: numpy's strided writes cost 20x more)
     colour = cv2.cvtColor(shrink(image_rgb, small_wh[::-1]), cv2.COLOR_RGB2RGBA).astype(np.float32)
     colour *= np.float32(1.0 / 255.0)
     r = max(1, radius // s)
     sums = np.empty((4, small_wh[1], small_wh[0], 4), np.float32)
-    for side, solid in enumerate((cv2.inRange(alpha, 1.0, np.inf), cv2.inRange(alpha, -np.inf, 0.0))):  # 0 or 255
+    for side, solid in enumerate(solids):
         weight = shrink(solid, small_wh[::-1]).astype(np.float32)
         weighted = colour * (weight * np.float32(1.0 / 255.0))[..., None]
         sums[2 * side] = _box(weighted, r)
@@ -359,10 +362,9 @@ def normalized_pixelate(image_rgb: np.ndarray, weight: np.ndarray, block_px: int
     k = max(1, int(block_px))
     grid_wh = (max(1, round(w / k)), max(1, round(h / k)))
     w8 = _weight_u8(weight)
-    grid_hw = grid_wh[::-1]
-    num = shrink(_premultiplied(image_rgb, w8), grid_hw).astype(np.float32)
-    den = shrink(w8, grid_hw).astype(np.float32)[..., None] / 255.0
-    plain = shrink(image_rgb, grid_hw)
+    num = cv2.resize(_premultiplied(image_rgb, w8), grid_wh, interpolation=cv2.INTER_AREA).astype(np.float32)
+    den = cv2.resize(w8, grid_wh, interpolation=cv2.INTER_AREA).astype(np.float32)[..., None] / 255.0
+    plain = cv2.resize(image_rgb, grid_wh, interpolation=cv2.INTER_AREA)
     blocks = np.where(den > 1e-2, num / np.maximum(den, 1e-2), plain)
     blocks = np.clip(blocks + 0.5, 0, 255).astype(np.uint8)
     return cv2.resize(blocks, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -404,7 +406,8 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
 
     Args:
         image_rgb: (H, W, 3) uint8 photo.
-        alpha: (H, W) float32 0..1 from ``matte``: 1 keeps the photo's pixel.
+        alpha: (H, W) float32 0..1 from ``matte``: 1 keeps the photo's pixel (values outside are
+            clipped to it, NaN counts as 0).
         options: what replaces the rest.
         background_rgb: (h, w, 3) uint8, any size, for ``mode="image"``.
         kernel: the border's colour and the blend in the fused kernel, as for ``refine_alpha``.
@@ -415,6 +418,8 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         them the subject's estimated own colour blended over the backdrop.
     """
     alpha = np.ascontiguousarray(alpha, np.float32)
+    if alpha.size and not (alpha.min() >= 0.0 and alpha.max() <= 1.0):  # NaN compares false too
+        alpha = np.clip(np.nan_to_num(alpha, nan=0.0), 0.0, 1.0)  # one meaning for both paths: 0..1
     image_rgb = np.ascontiguousarray(image_rgb)
     back = backdrop(image_rgb, alpha, options, background_rgb)
     return _ops(kernel).compose(image_rgb, alpha, back, border_sums(image_rgb, alpha))

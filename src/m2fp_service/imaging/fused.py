@@ -84,6 +84,8 @@ def bilinear(n_in: int, n_out: int) -> Taps:
 
 
 def _check_image(name: str, array: np.ndarray, shape: tuple[int, ...], dtype: type) -> None:
+    if 0 in shape:
+        raise ValueError(f"{name} is empty: {shape}")
     if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array of shape {shape}, got "
                          f"{array.dtype.name} {array.shape}")
