@@ -283,13 +283,12 @@ M2FP_CLONES M2FP_EXPORT void m2fp_guided_solve(const float *restrict means, int6
  * coef: (hs, ws, 4). row_idx, row_w: (h, 2) into coef's rows. col_idx, col_w: (w, 2) into its
  * columns. guide: (h, w, 3). busy: (h, w), non-zero where the filter applies. alpha, out: (h, w).
  * tmp: ws * 4 floats. */
-M2FP_CLONES M2FP_EXPORT void m2fp_guided_apply(const float *restrict coef, int64_t hs, int64_t ws,
+M2FP_CLONES M2FP_EXPORT void m2fp_guided_apply(const float *restrict coef, int64_t ws,
                                                const int32_t *restrict row_idx, const float *restrict row_w,
                                                const int32_t *restrict col_idx, const float *restrict col_w,
                                                const uint8_t *restrict guide, const uint8_t *restrict busy,
                                                const float *restrict alpha, int64_t h, int64_t w,
                                                float *restrict tmp, float *restrict out) {
-    (void)hs;
     for (int64_t y = 0; y < h; ++y) {
         const float *top = coef + (int64_t)row_idx[2 * y] * ws * 4, *bottom = coef + (int64_t)row_idx[2 * y + 1] * ws * 4;
         float v0 = row_w[2 * y], v1 = row_w[2 * y + 1];

@@ -26,7 +26,6 @@ import numpy as np
 from m2fp_service.imaging import fused
 
 Mode = Literal["transparent", "blur", "color", "image", "pixelate"]
-KernelChoice = fused.PostKernel | None | Literal["built"]
 MODES: tuple[str, ...] = get_args(Mode)
 
 # Alpha below/above these is snapped to exactly 0/1: the guided filter's float noise must not
@@ -82,7 +81,7 @@ def matte(selected: np.ndarray, image_rgb: np.ndarray, *, refine: bool = True, f
 
 
 def refine_alpha(alpha: np.ndarray, guide_rgb: np.ndarray, radius: int, eps: float = 1e-3,
-                 scale: int | None = None, *, kernel: KernelChoice = "built") -> np.ndarray:
+                 scale: int | None = None, *, kernel: fused.Choice = "built") -> np.ndarray:
     """Fast colour guided filter of ``alpha`` with ``guide_rgb`` as guide.
 
     The filter's linear coefficients are computed at ``1/scale`` of the size, upsampled and
@@ -402,7 +401,7 @@ def backdrop(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
 
 
 def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
-              background_rgb: np.ndarray | None = None, *, kernel: KernelChoice = "built") -> np.ndarray:
+              background_rgb: np.ndarray | None = None, *, kernel: fused.Choice = "built") -> np.ndarray:
     """The composed picture.
 
     Args:
@@ -489,6 +488,6 @@ class NumpyOps:
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 
 
-def _ops(kernel: KernelChoice) -> fused.PostKernel | NumpyOps:
-    fast = fused.built() if kernel == "built" else kernel
+def _ops(kernel: fused.Choice) -> fused.PostKernel | NumpyOps:
+    fast = fused.chosen(kernel)
     return fast if fast is not None else NumpyOps()

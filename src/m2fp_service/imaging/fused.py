@@ -13,6 +13,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class PostKernel:
         lib.m2fp_guided_products.restype = None
         lib.m2fp_guided_solve.argtypes = [_floats, ctypes.c_int64, ctypes.c_float, _floats]
         lib.m2fp_guided_solve.restype = None
-        lib.m2fp_guided_apply.argtypes = [_floats, ctypes.c_int64, ctypes.c_int64, _ints, _floats, _ints, _floats,
+        lib.m2fp_guided_apply.argtypes = [_floats, ctypes.c_int64, _ints, _floats, _ints, _floats,
                                           _bytes, _bytes, _floats, ctypes.c_int64, ctypes.c_int64, _floats, _floats]
         lib.m2fp_guided_apply.restype = None
         lib.m2fp_compose.argtypes = [_bytes, _floats, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, _floats,
@@ -249,7 +250,7 @@ class PostKernel:
         rows, cols = bilinear(coef.shape[0], h), bilinear(coef.shape[1], w)
         out = np.empty((h, w), np.float32)
         tmp = np.empty(coef.shape[1] * 4, np.float32)
-        self._lib.m2fp_guided_apply(coef, coef.shape[0], coef.shape[1], rows.index, rows.weight, cols.index,
+        self._lib.m2fp_guided_apply(coef, coef.shape[1], rows.index, rows.weight, cols.index,
                                     cols.weight, guide, busy, alpha, h, w, tmp, out)
         return out
 
@@ -280,6 +281,14 @@ class PostKernel:
                                sums.shape[2], rows.index, rows.weight, cols.index, cols.weight,
                                np.empty(9 * w, np.float32), out)
         return out
+
+
+Choice = PostKernel | None | Literal["built"]  # what callers pass as ``kernel=``
+
+
+def chosen(kernel: Choice) -> PostKernel | None:
+    """The kernel a caller asked for: "built" is the package's own build when it loads (``built``)."""
+    return built() if kernel == "built" else kernel
 
 
 @functools.cache

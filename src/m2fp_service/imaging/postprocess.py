@@ -315,7 +315,7 @@ def to_result(
     classes: list[str],
     mode: Mode = "exact",
     trained: bool = True,
-    kernel: fused.PostKernel | None | Literal["built"] = "built",
+    kernel: fused.Choice = "built",
 ) -> ParsingResult:
     """Turns one image's raw outputs into a ParsingResult at the original resolution.
 
@@ -347,7 +347,7 @@ def to_result(
     order = sorted(zip(labels[live].tolist(), queries[live].tolist(), scores[live].tolist(), strict=True))
     people: list[tuple[float, int, np.ndarray]] = []  # (score, query, (H, W) bool mask at the original size)
     parts: list[tuple[float, int, PartInstance]] = []
-    fast = fused.built() if kernel == "built" else kernel
+    fast = fused.chosen(kernel)
     best = np.empty(meta.orig_hw, np.float32)
     label_map = np.empty(meta.orig_hw, np.uint8)
     best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
