@@ -35,7 +35,7 @@ HEADERS_DEB = "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
 HEADERS_URL = "http://deb.debian.org/debian/pool/main/o/onnxruntime/" + HEADERS_DEB
 HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m2fp"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DORT_API_MANUAL_INIT",
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DORT_API_MANUAL_INIT", "-Wno-psabi",
          "-Wall", "-Wextra"]
 # No -ffast-math: NaN and the order of additions stay as written. Without trapping maths the
 # compiler may turn the loops' selects into blends, `omp simd` lets it vectorise the sums, and
@@ -101,7 +101,8 @@ def _compile(command: list[str], output: Path) -> Path:
 def build_msda(output: Path) -> Path:
     include = headers()
     compiler = shlex.split(os.environ.get("CXX", "c++"))
-    return _compile([*compiler, *FLAGS, f"-I{include}", str(HERE / "m2fp_msda.cc")], output)
+    return _compile([*compiler, *FLAGS, f"-I{include}", str(HERE / "m2fp_msda.cc"), str(HERE / "m2fp_winograd.cc")],
+                    output)
 
 
 def build_post(output: Path) -> Path:

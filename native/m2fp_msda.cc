@@ -19,6 +19,8 @@
 // weighted and summed over levels and points.
 #include <onnxruntime_lite_custom_op.h>
 
+#include "m2fp_winograd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -221,11 +223,12 @@ Ort::Status MSDeformAttnChecked(OrtKernelContext* context, const Ort::Custom::Te
 static const char* kDomain = "ai.m2fp";
 
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
-extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 1; }
+// 2: the Winograd convolution ops are there too.
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 2; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op;
+  static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
   static std::unique_ptr<Ort::CustomOpDomain> domain;  // one for every session, alive until unload
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {  // a runtime older than these headers: say so with the oldest API there is
@@ -234,9 +237,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   try {
     std::call_once(once, [api] {
       Ort::Global<void>::api_ = api;
-      op.reset(Ort::Custom::CreateLiteCustomOp("MSDeformAttn", "CPUExecutionProvider", MSDeformAttnChecked));
       auto d = std::make_unique<Ort::CustomOpDomain>(kDomain);
-      d->Add(op.get());
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("MSDeformAttn", "CPUExecutionProvider", MSDeformAttnChecked));
+      d->Add(ops.back().get());
+      m2fp_add_winograd_ops(*d, ops);
       domain = std::move(d);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
