@@ -44,13 +44,35 @@ def read_card(model_path: Path) -> ModelCard:
     return _card_of(_open(model_path, options), model_path)
 
 
-def _open(model_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = None) -> ort.InferenceSession:
     return open_session(model_path, options, f"model file {model_path} not found; export one with `m2fp export -o "
-                        f"{model_path}` (see README: --checkpoint DIR, the ModelScope hub, or --random-init)")
+                        f"{model_path}` (see README: --checkpoint DIR, the ModelScope hub, or --random-init)", model)
 
 
-def open_session(model_path: Path, options: ort.SessionOptions, missing: str) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of ``model_path``.
+def winograd_graph(model_path: Path, kernel: Path | None) -> bytes | None:
+    """``model_path``'s graph with its large 3x3 convolutions as Winograd ops (``winograd.rewrite``;
+    the kernel library runs them), serialised; None without the kernel or when none qualifies."""
+    if kernel is None or not model_path.is_file():
+        return None
+    import onnx  # only here: a cache hit never needs it
+
+    from m2fp_service import winograd
+
+    try:
+        model = onnx.load(str(model_path))
+    except Exception:  # noqa: BLE001 - ONNX Runtime says what is wrong with the file when it opens it
+        return None
+    count = winograd.rewrite(model)
+    if not count:
+        return None
+    log.info("%d 3x3 convolution(s) run as Winograd F(4x4, 3x3)", count)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def open_session(model_path: Path, options: ort.SessionOptions, missing: str,
+                 model: bytes | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of ``model_path`` (or of ``model``, that file's graph rewritten).
 
     Raises:
         ModelLoadError: ``missing`` when there is no such file; ONNX Runtime's reason when it cannot load it.
@@ -58,7 +80,8 @@ def open_session(model_path: Path, options: ort.SessionOptions, missing: str) ->
     if not model_path.is_file():
         raise ModelLoadError(missing)
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model_path) if model is None else model, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
 
@@ -100,6 +123,10 @@ class EngineOptions:
 # nodes of models exported since it exists. Without it ONNX Runtime runs those nodes' ONNX
 # function (standard ops, the same result within float rounding, several times slower).
 BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
+# The same library runs the Winograd convolutions of ``winograd.rewrite``, applied to the graph when
+# a session is built with it (then kept in the optimised-graph cache). Part of the cache key: change
+# it when the rewrite's choices change.
+WINOGRAD_REWRITE = "1"
 
 
 def msda_kernel_path(setting: str) -> Path | None:
@@ -152,6 +179,7 @@ def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None
     if kernel is not None:
         kstat = kernel.stat()
         library = f"{kernel.resolve()}|{kstat.st_size}|{kstat.st_mtime_ns}"
+        library += f"|winograd {WINOGRAD_REWRITE}"  # the rewrite done with it (winograd.py)
     key = hashlib.sha256(
         f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}|{library}".encode()
     ).hexdigest()[:16]
@@ -180,7 +208,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 1:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 2:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -220,7 +248,7 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     so = _base_options(options, kernel)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not options.optimized_cache:
-        return _open(model_path, so), "cache off"
+        return _open(model_path, so, winograd_graph(model_path, kernel)), "cache off"
     if not model_path.is_file():
         return _open(model_path, so), "no model"
     cached = cache_path_for(model_path, options.cache_dir, kernel)
@@ -239,11 +267,11 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     except OSError as exc:
         log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start; "
                     "set M2FP_ORT_CACHE_DIR to a writable folder to start faster", cached.parent, exc.strerror)
-        return _open(model_path, so), f"cache not writable: {cached.parent}"
+        return _open(model_path, so, winograd_graph(model_path, kernel)), f"cache not writable: {cached.parent}"
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
-        session = _open(model_path, so)
+        session = _open(model_path, so, winograd_graph(model_path, kernel))
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the cache is as shareable as the model
@@ -282,6 +310,8 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
+        # 3x3 convolutions running as Winograd F(4x4, 3x3) (the rewrite's count, kept in the optimised graph).
+        self.winograd_convolutions = int(self.session.get_modelmeta().custom_metadata_map.get("m2fp_winograd", "0"))
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
         except ValueError as exc:
@@ -299,8 +329,8 @@ class ParsingEngine:
         }:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self.load_seconds = time.perf_counter() - t0
-        log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s)", self.load_seconds,
-                 self.cache_status, self.deformable_attention)
+        log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d)",
+                 self.load_seconds, self.cache_status, self.deformable_attention, self.winograd_convolutions)
         self.warm = False
         if warmup:
             self.warm_up()

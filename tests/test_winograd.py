@@ -1,0 +1,253 @@
+"""3x3 convolutions as Winograd F(4x4, 3x3) (``winograd.rewrite`` + ``native/m2fp_winograd.cc``).
+
+Each comparison runs a small model twice in the real ONNX Runtime: as written (ONNX Runtime's own
+convolution) and rewritten, with the kernel library registered.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from m2fp_service import winograd
+from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_library() -> Path:
+    """The built library: a failure in CI, a skip elsewhere when it is missing."""
+    if not BUILT_MSDA_KERNEL.is_file():
+        reason = f"{BUILT_MSDA_KERNEL} is missing: build it with `make native`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return BUILT_MSDA_KERNEL
+
+
+def conv_model(c: int, k: int, *, relu: bool = True, bias: bool = True, seed: int = 0,
+               **attrs: object) -> onnx.ModelProto:
+    """x (N, c, H, W) -> Conv 3x3 (pads 1 unless given) [-> Relu] -> y."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"))
+        inputs.append("b")
+    attrs = {"pads": [1, 1, 1, 1], **attrs}
+    nodes = [helper.make_node("Conv", inputs, ["c" if relu else "y"], name="conv", **attrs)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, c, None, None])
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, library: bool) -> np.ndarray:
+    so = session_options(2)
+    if library:
+        so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+
+def rewritten(model: onnx.ModelProto, size: tuple[int, int] = winograd.NOMINAL_SIZE) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert winograd.rewrite(copy, size) == 1
+    return copy
+
+
+def assert_same(expected: np.ndarray, got: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    assert float(np.abs(expected).max()) > 0.1  # the comparison means something
+    # F(4x4, 3x3) in float32: ~1e-5 of the output's scale (Lavin & Gray's points 0, +-1, +-2)
+    assert float(np.abs(got - expected).max()) <= 1e-4 * float(np.abs(expected).max())
+
+
+@pytest.mark.parametrize("relu,bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("n,c,k,h,w", [(1, 128, 128, 40, 72), (2, 136, 256, 13, 17), (1, 256, 128, 5, 3)])
+def test_rewritten_convolution_matches(n: int, c: int, k: int, h: int, w: int, relu: bool, bias: bool) -> None:
+    model = conv_model(c, k, relu=relu, bias=bias)
+    fast = rewritten(model, (h, w))
+    assert [node.op_type for node in fast.graph.node] == [
+        "Winograd4x3Input", "MatMul", "Winograd4x3OutputRelu" if relu else "Winograd4x3Output"]
+    x = np.random.default_rng(1).standard_normal((n, c, h, w)).astype(np.float32)
+    expected = run(model, x, library=False)
+    if relu:
+        assert (expected == 0).mean() > 0.2  # the activation is there to be matched
+    assert_same(expected, run(fast, x, library=True))
+
+
+@pytest.mark.parametrize("band_bytes", [1 << 20, 1])
+def test_bands_match_and_cover_every_size(band_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolution run in bands of tile rows: the same result at the nominal size, at sizes
+    that are not multiples of 4, and at sizes with fewer tile rows than bands (empty bands)."""
+    monkeypatch.setattr(winograd, "MAX_BAND_BYTES", band_bytes)
+    model = conv_model(128, 128)
+    fast = rewritten(model, (64, 40))
+    bands = sum(node.op_type == "Winograd4x3Input" for node in fast.graph.node)
+    assert bands == (3 if band_bytes == 1 << 20 else 16)  # 36*16*10*128*4 B = 2.9 MB; 1 B: one tile row each
+    assert fast.graph.node[-1].op_type == "Concat"
+    rng = np.random.default_rng(2)
+    for h, w in [(64, 40), (61, 38), (9, 5), (2, 7), (1, 1)]:
+        x = rng.standard_normal((1, 128, h, w)).astype(np.float32)
+        assert_same(run(model, x, library=False), run(fast, x, library=True))
+
+
+@pytest.mark.parametrize("attrs,c,k", [
+    ({"strides": [2, 2]}, 128, 128),
+    ({"dilations": [2, 2], "pads": [2, 2, 2, 2]}, 128, 128),
+    ({"group": 2}, 256, 128),
+    ({"pads": [0, 0, 0, 0]}, 128, 128),
+    ({"pads": [1, 1, 0, 0]}, 128, 128),
+    ({}, 64, 128),    # too few channels in
+    ({}, 128, 64),    # too few out
+    ({}, 132, 128),   # not a multiple of 8
+], ids=["stride", "dilation", "group", "no-pad", "uneven-pad", "thin-in", "thin-out", "odd-channels"])
+def test_convolutions_that_do_not_qualify_are_left_alone(attrs: dict[str, object], c: int, k: int) -> None:
+    if attrs.get("group") == 2:
+        model = conv_model(c, k, relu=False)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((k, c // 2, 3, 3), np.float32), "w"))
+        model.graph.node[0].attribute.append(helper.make_attribute("group", 2))
+    else:
+        model = conv_model(c, k, **attrs)
+    before = model.SerializeToString()
+    assert winograd.rewrite(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_quantised_and_1x1_convolutions_are_left_alone() -> None:
+    """INT8 (QDQ) weights come from a DequantizeLinear, not a float initialiser."""
+    model = conv_model(128, 128, relu=False)
+    weight = model.graph.initializer[0]
+    q = numpy_helper.from_array(np.zeros(numpy_helper.to_array(weight).shape, np.int8), "wq")
+    model.graph.initializer.extend([q, numpy_helper.from_array(np.float32(0.01), "s"),
+                                    numpy_helper.from_array(np.int8(0), "z")])
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]))
+    del model.graph.initializer[0]
+    assert winograd.rewrite(model) == 0
+    one = conv_model(128, 128)
+    one.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((128, 128, 1, 1), np.float32), "w"))
+    assert winograd.rewrite(one) == 0
+
+
+def test_residual_blocks_are_left_alone() -> None:
+    """conv3x3 -> Relu -> conv1x1 -> Add(x): ONNX Runtime fuses that Add only if the block stays its own."""
+    model = conv_model(128, 128)
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.ones((128, 128, 1, 1), np.float32) / 128, "w1"))
+    graph.output[0].name = "z"
+    graph.node.extend([helper.make_node("Conv", ["y", "w1"], ["p"]), helper.make_node("Add", ["p", "x"], ["z"])])
+    assert winograd.rewrite(model) == 0
+
+
+def test_relu_is_fused_only_when_it_is_the_sole_reader() -> None:
+    model = conv_model(128, 128)
+    model.graph.node.append(helper.make_node("Sigmoid", ["c"], ["s"]))
+    model.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
+    fast = rewritten(model, (16, 16))
+    ops = [node.op_type for node in fast.graph.node]
+    assert "Winograd4x3Output" in ops and "Relu" in ops and "Winograd4x3OutputRelu" not in ops
+    x = np.random.default_rng(3).standard_normal((1, 128, 16, 16)).astype(np.float32)
+    so = session_options(1)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    got = ort.InferenceSession(fast.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = ort.InferenceSession(model.SerializeToString(), session_options(1),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        assert_same(a, b)
+
+
+def test_the_filter_leaves_and_the_count_is_recorded() -> None:
+    model = conv_model(128, 256)
+    fast = rewritten(model, (16, 16))
+    names = {t.name for t in fast.graph.initializer}
+    assert "w" not in names  # read by nothing any more
+    (u,) = [t for t in fast.graph.initializer if t.name.endswith("_winograd_U")]
+    assert list(u.dims) == [36, 128, 256]
+    assert {p.key: p.value for p in fast.metadata_props}[winograd.METADATA_KEY] == "1"
+
+
+def one_op(op: str, inputs: dict[str, np.ndarray]) -> onnx.ModelProto:
+    kinds = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
+    graph = helper.make_graph(
+        [helper.make_node(op, list(inputs), ["out"], domain=winograd.DOMAIN)], "g",
+        [helper.make_tensor_value_info(name, kinds[a.dtype], [None] * a.ndim) for name, a in inputs.items()],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(winograd.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def band(index: int, count: int) -> np.ndarray:
+    return np.array([index, count], np.int64)
+
+
+X = np.ones((1, 16, 8, 8), np.float32)
+M = np.ones((36, 4, 16), np.float32)  # 2x2 tiles of an 8x8 picture, 16 channels out
+
+
+@pytest.mark.parametrize("op,inputs,message", [
+    ("Winograd4x3Input", {"x": X, "band": band(2, 2)}, "band must be"),
+    ("Winograd4x3Input", {"x": X, "band": band(-1, 2)}, "band must be"),
+    ("Winograd4x3Input", {"x": X, "band": band(0, 0)}, "band must be"),
+    ("Winograd4x3Input", {"x": X, "band": band(0, 65)}, "band must be"),
+    ("Winograd4x3Input", {"x": X, "band": np.array([0, 1, 2], np.int64)}, "band must hold"),
+    ("Winograd4x3Input", {"x": np.ones((1, 12, 8, 8), np.float32), "band": band(0, 1)}, "multiple of 8"),
+    ("Winograd4x3Input", {"x": np.ones((16, 8, 8), np.float32), "band": band(0, 1)}, "must be \\(N, C, H, W\\)"),
+    ("Winograd4x3Output", {"m": M[:, :3], "bias": np.zeros(16, np.float32), "like": X, "band": band(0, 1)},
+     "has 3 tiles, the picture 4"),
+    ("Winograd4x3Output", {"m": M[:35], "bias": np.zeros(16, np.float32), "like": X, "band": band(0, 1)},
+     "m must be \\(36"),
+    ("Winograd4x3Output", {"m": M, "bias": np.zeros(8, np.float32), "like": X, "band": band(0, 1)}, "bias must be"),
+    ("Winograd4x3OutputRelu", {"m": M[:, :, :12], "bias": np.zeros(12, np.float32), "like": X,
+                               "band": band(0, 1)}, "multiple of 8"),
+    ("Winograd4x3OutputRelu", {"m": M, "bias": np.zeros(16, np.float32), "like": X, "band": band(1, 1)},
+     "band must be"),
+], ids=["index=count", "negative", "no-bands", "too-many", "three-values", "12-channels", "rank-3", "tiles",
+        "35-planes", "bias", "out-12-channels", "out-band"])
+def test_hostile_inputs_are_refused(op: str, inputs: dict[str, np.ndarray], message: str) -> None:
+    so = session_options(1)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    session = ort.InferenceSession(one_op(op, inputs).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with pytest.raises((ort_errors.InvalidArgument, ort_errors.Fail, ort_errors.RuntimeException), match=message):
+        session.run(None, inputs)
+
+
+def test_output_of_an_empty_band_is_empty() -> None:
+    """A band with no tile rows (a picture shorter than its bands): empty tensors, no error."""
+    so = session_options(1)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    x = np.ones((1, 16, 3, 8), np.float32)  # one tile row
+    v = ort.InferenceSession(one_op("Winograd4x3Input", {"x": x, "band": band(0, 2)}).SerializeToString(), so,
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x, "band": band(0, 2)})[0]
+    assert v.shape == (36, 0, 16)
+    inputs = {"m": np.ones((36, 0, 16), np.float32), "bias": np.zeros(16, np.float32), "like": x, "band": band(0, 2)}
+    y = ort.InferenceSession(one_op("Winograd4x3Output", inputs).SerializeToString(), so,
+                             providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    assert y.shape == (1, 16, 0, 8)
+
+
+@pytest.mark.slow
+def test_engine_runs_the_full_model_s_decoder_convolution_as_winograd(full_model_path: Path, tmp_path: Path) -> None:
+    """The full-size M2FP: its pixel decoder's 3x3 convolution (256 channels at 1/4 size) is
+    rewritten, and said so also when the optimised graph comes from the cache. (Its labels against
+    ModelScope's pipeline: tests/test_reference.py, through this same engine.)"""
+    options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
+    first = ParsingEngine(full_model_path, options=options, warmup=False)
+    assert (first.cache_status, first.winograd_convolutions) == ("cache written", 1)
+    again = ParsingEngine(full_model_path, options=options, warmup=False)
+    assert (again.cache_status, again.winograd_convolutions) == ("cache hit", 1)
+    plain = ParsingEngine(full_model_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path,
+                                                                 msda_kernel="off"), warmup=False)
+    assert plain.winograd_convolutions == 0
+    x = np.random.default_rng(4).uniform(0, 255, (1, 3, 128, 192)).astype(np.float32)
+    want, got = plain.run(x), first.run(x)
+    np.testing.assert_allclose(got.class_logits, want.class_logits, rtol=1e-3, atol=1e-3)
+    assert float(np.abs(got.mask_logits - want.mask_logits).max()) <= 1e-3 * float(np.abs(want.mask_logits).max())
