@@ -163,7 +163,7 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
         rows = [(kind.removeprefix("tuning-"), hw, v) for kind, (hw, v) in sorted(tuning.items())]
         hw0 = rows[0][1]
         if ("ort-fp32", hw0) in net:
-            rows.append(("engine: all optimisations, threads sleep, arena shrinks after each run", hw0,
+            rows.append(("engine: all optimisations, threads sleep, arena shrinks after each run, Winograd", hw0,
                          net[("ort-fp32", hw0)]))
         base = net.get(("ort-fp32", hw0))
         for name, hw, v in rows:
