@@ -264,6 +264,9 @@ class ModelInfo(BaseModel):
         description="How the encoder's deformable attention runs: `fused` = the service's kernel "
                     "(M2FP_MSDA_KERNEL, `make native`), `standard` = ONNX's standard ops (several times slower "
                     "on that part; the kernel is not built or is turned off, or the model predates it)")
+    winograd_convolutions: int = Field(
+        0, ge=0, description="How many 3x3 convolutions run as Winograd F(4x4, 3x3) (the same library; on "
+                             "M2FP FP32 models the pixel decoder's, 1; 0 without the library or for INT8 models)")
 
 
 class LabelSetOut(BaseModel):
