@@ -98,14 +98,12 @@ def _input_shapes(model: onnx.ModelProto, size: tuple[int, int]) -> dict[str, li
     """Every tensor's shape at input size ``size`` (ONNX shape inference on a copy); {} if it fails."""
     # A copy without the weights' values (shape inference reads their dims; small integer tensors,
     # which shape computations may read, are kept): 1.8 s -> 0.3 s on M2FP.
-    probe = onnx.ModelProto()
-    weights = list(model.graph.initializer)
-    del model.graph.initializer[:]
-    try:
-        probe.CopyFrom(model)
-    finally:
-        model.graph.initializer.extend(weights)
-    for tensor in weights:
+    probe = onnx.ModelProto(ir_version=model.ir_version)
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    for field in ("node", "input", "output", "value_info"):
+        getattr(probe.graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.FLOAT and np.prod(tensor.dims) > 64:
             probe.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
         else:
@@ -159,13 +157,14 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
     not load without it.
     """
     graph = model.graph
+    nodes = list(graph.node)
     weights = {t.name: t for t in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             readers[name].append(node)
     outputs = {o.name for o in graph.output}
-    used_names = {n.name for n in graph.node} | {t.name for t in graph.initializer}
+    used_names = {n.name for n in nodes} | {t.name for t in graph.initializer}
 
     def fresh(stem: str) -> str:
         name, k = stem, 0
@@ -177,15 +176,12 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
 
     shapes: dict[str, list[int]] | None = None
     count = 0
-    dropped: set[int] = set()
+    fused_relus: set[str] = set()  # output names of the Relus taken into a rewritten convolution
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
-    index = {id(n): i for i, n in enumerate(graph.node)}
-    for i, node in enumerate(graph.node):
-        if i in dropped or not qualifies(node, weights):
+    for i, node in enumerate(nodes):
+        if not qualifies(node, weights) or _feeds_residual(node, readers):
             continue
         weight = numpy_helper.to_array(weights[node.input[1]])
-        if _feeds_residual(node, readers):
-            continue
         out_channels = weight.shape[0]
         if len(node.input) > 2 and node.input[2]:
             bias_name = node.input[2]
@@ -197,7 +193,7 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
         if (len(after) == 1 and after[0].op_type == "Relu" and after[0].domain in ("", "ai.onnx")
                 and result not in outputs):
             op, result = "Winograd4x3OutputRelu", after[0].output[0]
-            dropped.add(index[id(after[0])])
+            fused_relus.add(result)
         stem = node.name or f"conv{i}"
         u_name = fresh(f"{stem}_winograd_U")
         graph.initializer.append(numpy_helper.from_array(transformed_filter(weight), u_name))
@@ -205,13 +201,13 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
         if shapes is None:
             shapes = _input_shapes(model, nominal_size)
         bands = bands_for(shapes.get(x))
-        nodes, parts = [], []
+        replacement, parts = [], []
         for b in range(bands):
             band = fresh(f"{stem}_winograd_band{b}")
             graph.initializer.append(numpy_helper.from_array(np.array([b, bands], np.int64), band))
             v, m = fresh(f"{stem}_winograd_v{b}"), fresh(f"{stem}_winograd_m{b}")
             part = result if bands == 1 else fresh(f"{stem}_winograd_y{b}")
-            nodes += [
+            replacement += [
                 helper.make_node("Winograd4x3Input", [x, band], [v], name=fresh(f"{stem}_winograd_in"), domain=DOMAIN),
                 helper.make_node("MatMul", [v, u_name], [m], name=fresh(f"{stem}_winograd_gemm")),
                 helper.make_node(op, [m, bias_name, x, band], [part], name=fresh(f"{stem}_winograd_out"),
@@ -219,18 +215,18 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
             ]
             parts.append(part)
         if bands > 1:
-            nodes.append(helper.make_node("Concat", parts, [result], axis=2, name=fresh(f"{stem}_winograd_rows")))
+            replacement.append(helper.make_node("Concat", parts, [result], axis=2, name=fresh(f"{stem}_winograd_rows")))
         # The result's rank and channels (the library's ops declare no output shape): without them ONNX
         # Runtime's layout optimiser leaves a following MaxPool in NCHW, and every residual block
         # after it loses its fused Add and Relu.
         _declare(graph, result, out_channels)
-        new_nodes[i] = nodes
+        new_nodes[i] = replacement
         count += 1
     if not count:
         return 0
     rewritten = []
-    for i, node in enumerate(graph.node):
-        if i in dropped:
+    for i, node in enumerate(nodes):
+        if node.op_type == "Relu" and node.output[0] in fused_relus:
             continue
         rewritten.extend(new_nodes.get(i, [node]))
     del graph.node[:]
