@@ -53,6 +53,21 @@ def photo_jpeg(photo: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def kernel_library() -> Path:
+    """The built custom-op library (``make native``): a failure in CI, a skip elsewhere when it is missing."""
+    import os
+
+    from m2fp_service.engine import BUILT_MSDA_KERNEL
+
+    if not BUILT_MSDA_KERNEL.is_file():
+        reason = f"{BUILT_MSDA_KERNEL} is missing: build it with `make native`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return BUILT_MSDA_KERNEL
+
+
 @pytest.fixture(scope="session")
 def full_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full-size CIHP ResNet-101 architecture, confident untrained weights, exported (slow)."""

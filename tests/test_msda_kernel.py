@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,8 @@ ATOL = 1e-4  # float32 sums of a few dozen products of values ~1
 ENCODER_LEVELS = ((16, 24), (8, 12), (4, 6))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_library() -> Path:
-    """The built kernel: a failure in CI, a skip elsewhere when it is missing."""
-    if not BUILT_MSDA_KERNEL.is_file():
-        reason = f"{BUILT_MSDA_KERNEL} is missing: build the MSDA kernel with `make native`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return BUILT_MSDA_KERNEL
+# The built library: a failure in CI, a skip elsewhere when it is missing (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernel_library")
 
 
 @functools.cache

@@ -6,7 +6,6 @@ convolution) and rewritten, with the kernel library registered.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from m2fp_service import winograd
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel_library() -> Path:
-    """The built library: a failure in CI, a skip elsewhere when it is missing."""
-    if not BUILT_MSDA_KERNEL.is_file():
-        reason = f"{BUILT_MSDA_KERNEL} is missing: build it with `make native`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return BUILT_MSDA_KERNEL
+# The built library: a failure in CI, a skip elsewhere when it is missing (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernel_library")
 
 
 def conv_model(c: int, k: int, *, relu: bool = True, bias: bool = True, seed: int = 0,
