@@ -242,3 +242,17 @@ def test_engine_runs_the_full_model_s_decoder_convolution_as_winograd(full_model
     want, got = plain.run(x), first.run(x)
     np.testing.assert_allclose(got.class_logits, want.class_logits, rtol=1e-3, atol=1e-3)
     assert float(np.abs(got.mask_logits - want.mask_logits).max()) <= 1e-3 * float(np.abs(want.mask_logits).max())
+
+
+def test_a_rewrite_that_fails_leaves_the_graph_as_exported(tiny_model_path: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    def broken(model: onnx.ModelProto, nominal_size: tuple[int, int] = winograd.NOMINAL_SIZE) -> int:
+        raise ValueError("an unexpected graph")
+
+    monkeypatch.setattr(winograd, "rewrite", broken)
+    with caplog.at_level("WARNING", logger="m2fp.engine"):
+        engine = ParsingEngine(tiny_model_path, options=EngineOptions(intra_op_threads=1, cache_dir=tmp_path))
+    assert engine.winograd_convolutions == 0 and engine.deformable_attention == "fused"
+    assert "the Winograd rewrite failed" in caplog.text and "an unexpected graph" in caplog.text
+    assert engine.run(np.zeros((1, 3, 64, 64), np.float32)).mask_logits.shape[-2:] == (16, 16)

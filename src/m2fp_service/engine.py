@@ -62,7 +62,12 @@ def winograd_graph(model_path: Path, kernel: Path | None) -> bytes | None:
         model = onnx.load(str(model_path))
     except Exception:  # noqa: BLE001 - ONNX Runtime says what is wrong with the file when it opens it
         return None
-    count = winograd.rewrite(model)
+    try:
+        count = winograd.rewrite(model)
+    except Exception as exc:  # noqa: BLE001 - a graph the rewrite does not understand runs as exported
+        log.warning("the Winograd rewrite failed on %s (%s: %s); running the graph as exported", model_path,
+                    type(exc).__name__, exc)
+        return None
     if not count:
         return None
     log.info("%d 3x3 convolution(s) run as Winograd F(4x4, 3x3)", count)
@@ -310,8 +315,10 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
-        # 3x3 convolutions running as Winograd F(4x4, 3x3) (the rewrite's count, kept in the optimised graph).
-        self.winograd_convolutions = int(self.session.get_modelmeta().custom_metadata_map.get("m2fp_winograd", "0"))
+        # 3x3 convolutions running as Winograd F(4x4, 3x3) (the rewrite's count, winograd.METADATA_KEY, kept
+        # in the optimised graph; a cache hit does not import the rewrite).
+        count = self.session.get_modelmeta().custom_metadata_map.get("m2fp_winograd", "0")
+        self.winograd_convolutions = int(count) if count.isdigit() and kernel is not None else 0
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
         except ValueError as exc:
