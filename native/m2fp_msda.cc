@@ -19,6 +19,7 @@
 // weighted and summed over levels and points.
 #include <onnxruntime_lite_custom_op.h>
 
+#include "m2fp_checked.h"
 #include "m2fp_winograd.h"
 
 #include <algorithm>
@@ -203,19 +204,10 @@ Ort::Status MSDeformAttn(OrtKernelContext* context, const Ort::Custom::Tensor<fl
   return Ort::Status{nullptr};
 }
 
-// ONNX Runtime calls the kernel through C: no exception may leave it.
 Ort::Status MSDeformAttnChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& value,
                                 const Ort::Custom::Tensor<int64_t>& shapes, const Ort::Custom::Tensor<float>& grids,
                                 const Ort::Custom::Tensor<float>& weights, Ort::Custom::Tensor<float>& out) {
-  try {
-    return MSDeformAttn(context, value, shapes, grids, weights, out);
-  } catch (const Ort::Exception& e) {
-    return Ort::Status(("ai.m2fp::MSDeformAttn: " + std::string(e.what())).c_str(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return Ort::Status(("ai.m2fp::MSDeformAttn: " + std::string(e.what())).c_str(), ORT_FAIL);
-  } catch (...) {
-    return Ort::Status("ai.m2fp::MSDeformAttn: unknown error", ORT_FAIL);
-  }
+  return m2fp::checked("MSDeformAttn", [&] { return MSDeformAttn(context, value, shapes, grids, weights, out); });
 }
 
 }  // namespace

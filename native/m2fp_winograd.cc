@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "m2fp_checked.h"
 #include "m2fp_winograd.h"
 
 namespace {
@@ -44,8 +45,8 @@ namespace {
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 constexpr int64_t kLanes = 8;
 
-inline v8 load(const float* p) { return *reinterpret_cast<const v8*>(p); }
-inline void store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
+__attribute__((always_inline)) inline v8 load(const float* p) { return *reinterpret_cast<const v8*>(p); }
+__attribute__((always_inline)) inline void store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
 
 // A picture's tiles, and the band of tile rows [r0, r0 + rows) that one op call covers.
 struct Plan {
@@ -238,35 +239,23 @@ Ort::Status Output(OrtKernelContext* context, const Ort::Custom::Tensor<float>& 
   return Ort::Status{nullptr};
 }
 
-template <typename F>
-Ort::Status checked(const char* name, F&& body) {
-  try {
-    return body();
-  } catch (const Ort::Exception& e) {
-    return Ort::Status(("ai.m2fp::" + std::string(name) + ": " + e.what()).c_str(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return Ort::Status(("ai.m2fp::" + std::string(name) + ": " + e.what()).c_str(), ORT_FAIL);
-  } catch (...) {
-    return Ort::Status(("ai.m2fp::" + std::string(name) + ": unknown error").c_str(), ORT_FAIL);
-  }
-}
-
 Ort::Status InputChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                          const Ort::Custom::Tensor<int64_t>& band, Ort::Custom::Tensor<float>& v) {
-  return checked("Winograd4x3Input", [&] { return Input(context, x, band, v); });
+  return m2fp::checked("Winograd4x3Input", [&] { return Input(context, x, band, v); });
 }
 
 Ort::Status OutputChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& m,
                           const Ort::Custom::Tensor<float>& bias, const Ort::Custom::Tensor<float>& like,
                           const Ort::Custom::Tensor<int64_t>& band, Ort::Custom::Tensor<float>& y) {
-  return checked("Winograd4x3Output", [&] { return Output(context, m, bias, like, band, y, false, "Winograd4x3Output"); });
+  return m2fp::checked("Winograd4x3Output",
+                       [&] { return Output(context, m, bias, like, band, y, false, "Winograd4x3Output"); });
 }
 
 Ort::Status OutputReluChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& m,
                               const Ort::Custom::Tensor<float>& bias, const Ort::Custom::Tensor<float>& like,
                               const Ort::Custom::Tensor<int64_t>& band, Ort::Custom::Tensor<float>& y) {
-  return checked("Winograd4x3OutputRelu",
-                 [&] { return Output(context, m, bias, like, band, y, true, "Winograd4x3OutputRelu"); });
+  return m2fp::checked("Winograd4x3OutputRelu",
+                       [&] { return Output(context, m, bias, like, band, y, true, "Winograd4x3OutputRelu"); });
 }
 
 }  // namespace

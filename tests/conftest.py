@@ -8,7 +8,9 @@ so every test sees several classes and several people, not an empty result.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -53,18 +55,21 @@ def photo_jpeg(photo: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def missing_native(what: str) -> NoReturn:
+    """A native build the test needs is missing: a failure in CI (`make test` builds it), a skip elsewhere."""
+    reason = f"{what} is not built or does not load: build it with `make native`"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def kernel_library() -> Path:
-    """The built custom-op library (``make native``): a failure in CI, a skip elsewhere when it is missing."""
-    import os
-
+    """The built custom-op library (deformable attention, Winograd convolutions)."""
     from m2fp_service.engine import BUILT_MSDA_KERNEL
 
     if not BUILT_MSDA_KERNEL.is_file():
-        reason = f"{BUILT_MSDA_KERNEL} is missing: build it with `make native`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_native(str(BUILT_MSDA_KERNEL))
     return BUILT_MSDA_KERNEL
 
 

@@ -17,7 +17,6 @@ from m2fp_service import engine as engine_module
 from m2fp_service.cancel import CancelToken, current_token
 from m2fp_service.config import Settings
 from m2fp_service.engine import (
-    BUILT_MSDA_KERNEL,
     EngineOptions,
     ParsingEngine,
     RawOutputs,
@@ -234,15 +233,6 @@ def test_a_cancelled_job_does_not_start_inference_and_other_runs_are_untouched(e
 # --- the fused deformable-attention kernel (native/m2fp_msda.cc, `make native`) ---------------
 
 
-@pytest.fixture(scope="module")
-def built_kernel() -> Path:
-    if not BUILT_MSDA_KERNEL.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{BUILT_MSDA_KERNEL} is not built: `make test` runs `make native` first")
-        pytest.skip("the fused kernel is not built (make native)")
-    return BUILT_MSDA_KERNEL
-
-
 def test_exported_model_calls_the_fused_node(tiny_model_path: Path) -> None:
     model = onnx.load(str(tiny_model_path))
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == ("ai.m2fp", "MSDeformAttn")]
@@ -251,13 +241,13 @@ def test_exported_model_calls_the_fused_node(tiny_model_path: Path) -> None:
 
 
 def test_engine_runs_the_kernel_when_built_and_standard_ops_when_off(
-        tiny_model_path: Path, tmp_path: Path, photo: np.ndarray, built_kernel: Path) -> None:
+        tiny_model_path: Path, tmp_path: Path, photo: np.ndarray, kernel_library: Path) -> None:
     fused = _cached_engine(tiny_model_path, tmp_path)
     plain = _cached_engine(tiny_model_path, tmp_path, msda_kernel="off")
-    assert (fused.deformable_attention, fused.msda_kernel) == ("fused", built_kernel)
+    assert (fused.deformable_attention, fused.msda_kernel) == ("fused", kernel_library)
     assert (plain.deformable_attention, plain.msda_kernel) == ("standard", None)
     # Two optimised graphs: one keeps the custom nodes, the other has their function inlined.
-    assert cache_path_for(tiny_model_path, tmp_path, built_kernel) != cache_path_for(tiny_model_path, tmp_path)
+    assert cache_path_for(tiny_model_path, tmp_path, kernel_library) != cache_path_for(tiny_model_path, tmp_path)
     assert len(list(tmp_path.glob(".tiny.ort-*.onnx"))) == 2
     tensor, _ = prepare(photo, fused.card.input_policy)
     a, b = fused.run(tensor).mask_logits, plain.run(tensor).mask_logits
@@ -286,12 +276,12 @@ def test_another_library_by_path_is_refused(tiny_model_path: Path, tmp_path: Pat
         _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(foreign))
 
 
-def test_kernel_by_path_is_used(tiny_model_path: Path, tmp_path: Path, built_kernel: Path) -> None:
-    engine = _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(built_kernel))
-    assert (engine.deformable_attention, engine.msda_kernel) == ("fused", built_kernel)
+def test_kernel_by_path_is_used(tiny_model_path: Path, tmp_path: Path, kernel_library: Path) -> None:
+    engine = _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(kernel_library))
+    assert (engine.deformable_attention, engine.msda_kernel) == ("fused", kernel_library)
 
 
-def test_a_broken_built_kernel_falls_back_with_a_warning(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray,
+def test_a_broken_kernel_library_falls_back_with_a_warning(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray,
                                                          caplog: pytest.LogCaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     broken = tmp_path / "libm2fp_msda.so"
@@ -306,7 +296,7 @@ def test_a_broken_built_kernel_falls_back_with_a_warning(tiny_model_path: Path, 
 
 def test_auto_opens_without_the_kernel_when_only_the_kernel_session_fails(
         tiny_model_path: Path, tmp_path: Path, photo: np.ndarray, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch, built_kernel: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, kernel_library: Path) -> None:
     """`auto` promises a fallback: a model that ONNX Runtime refuses only with the kernel registered
     (e.g. a future runtime whose checks the custom node fails) still opens, on standard ops."""
     real = engine_module._open_optimized
@@ -323,7 +313,7 @@ def test_auto_opens_without_the_kernel_when_only_the_kernel_session_fails(
     assert "does not load with the fused kernel" in caplog.text
     assert parse_array(engine, photo).num_people >= 2
     with pytest.raises(ModelLoadError, match="simulated refusal"):  # asked for by path: no fallback
-        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(built_kernel))
+        _cached_engine(tiny_model_path, tmp_path, msda_kernel=str(kernel_library))
 
 
 def test_msda_kernel_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
