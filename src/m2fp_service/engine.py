@@ -7,6 +7,8 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -51,28 +53,28 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 
 def winograd_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with its large 3x3 convolutions as Winograd ops (``winograd.rewrite``;
-    the kernel library runs them), serialised; None without the kernel or when none qualifies."""
+    the kernel library runs them), serialised; None without the kernel or when none qualifies.
+
+    The rewrite runs in a child process (``python -m m2fp_service.winograd``): parsing and
+    serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the
+    server's event loop (health checks) while the model loads in the background.
+    """
     if kernel is None or not model_path.is_file():
         return None
-    import onnx  # only here: a cache hit never needs it
-
-    from m2fp_service import winograd
-
     try:
-        model = onnx.load(str(model_path))
-    except Exception:  # noqa: BLE001 - ONNX Runtime says what is wrong with the file when it opens it
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.winograd", str(model_path)],
+                               capture_output=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("the Winograd rewrite did not run on %s (%s); running the graph as exported", model_path, exc)
         return None
-    try:
-        count = winograd.rewrite(model)
-    except Exception as exc:  # noqa: BLE001 - a graph the rewrite does not understand runs as exported
-        log.warning("the Winograd rewrite failed on %s (%s: %s); running the graph as exported", model_path,
-                    type(exc).__name__, exc)
+    if child.returncode != 0:
+        log.warning("the Winograd rewrite failed on %s (%s); running the graph as exported", model_path,
+                    child.stderr.decode(errors="replace").strip().splitlines()[-1:] or child.returncode)
         return None
-    if not count:
+    if not child.stdout:
         return None
-    log.info("%d 3x3 convolution(s) run as Winograd F(4x4, 3x3)", count)
-    data: bytes = model.SerializeToString()
-    return data
+    log.info("%s", child.stderr.decode(errors="replace").strip())
+    return child.stdout
 
 
 def open_session(model_path: Path, options: ort.SessionOptions, missing: str,

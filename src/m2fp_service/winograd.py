@@ -245,3 +245,24 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
     return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m m2fp_service.winograd MODEL``: the rewritten model on stdout (nothing when no
+    convolution qualifies), what was done on stderr. The engine runs it in a child process."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m m2fp_service.winograd MODEL.onnx", file=sys.stderr)
+        return 2
+    model = onnx.load(args[0])
+    count = rewrite(model)
+    if count:
+        sys.stdout.buffer.write(model.SerializeToString())
+    print(f"{count} 3x3 convolution(s) run as Winograd F(4x4, 3x3)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
