@@ -13,9 +13,16 @@ MatMul (MLAS) and one holding one 3x3 Conv (NCHWc kernels); int8 through the sam
 graphs quantized statically (QDQ, per-channel weights, fused by ONNX Runtime into integer
 kernels). Each floor uses the best call of any probe of its kind: floor = FLOPs / rate.
 
+This machine's speed drifts by 20-40% within minutes (a shared VM), so a floor measured now and a
+network timed minutes later give a ratio that moves with the drift. The interleaved measurement
+takes both under the same conditions: in one process, each round times the probe that set the
+floor (FP32, then INT8), one network run of the service's engine in FP32 and one in INT8, and the
+probes again; each round's ratio uses that round's best probe call. Its median over the rounds is
+the ratio the targets are judged by.
+
 Usage (``make bench`` runs it)::
 
-    python bench/floor.py [--quick] [--seconds 1.5]
+    python bench/floor.py [--quick] [--seconds 1.5] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -251,28 +259,31 @@ def _quantized(proto: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto:
         return onnx.load(str(dst))
 
 
-def rate_probes(seconds: float, quick: bool = False) -> list[dict[str, Any]]:
-    """Sustained rates (GFLOP/s; int8 rows: giga integer multiply-adds x 2 per second).
+Probe = tuple[dict[str, Any], Callable[[], Any], float]
+
+
+def probes(quick: bool = False) -> list[Probe]:
+    """The rate probes: (label: probe, dtype, shape, threads), a call, and the FLOPs of one call.
 
     float32: numpy matmul (OpenBLAS), ORT MatMul (MLAS), ORT 3x3 Conv (NCHWc), 2 threads and 1.
     int8: the same ORT MatMul and Conv graphs quantized statically (QDQ).
     """
     rng = np.random.default_rng(0)
-    rows: list[dict[str, Any]] = []
+    out: list[Probe] = []
     threads_list = (THREADS,) if quick else (THREADS, 1)
     for m, k, n in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         flops = 2.0 * m * k * n
         c = np.empty((m, n), np.float32)
-        rows.append({"probe": "numpy matmul", "dtype": "fp32", "shape": f"{m}x{k}x{n}", "threads": THREADS,
-                     **_sustained(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), flops, seconds)})
+        out.append(({"probe": "numpy matmul", "dtype": "fp32", "shape": f"{m}x{k}x{n}", "threads": THREADS},
+                    lambda a=a, b=b, c=c: np.matmul(a, b, out=c), flops))
         proto = _single_op_model(helper.make_node("MatMul", ["X", "W"], ["Y"]), [m, k], [m, n], b)
         for dtype, p in (("fp32", proto), ("int8", _quantized(proto, a))):
             for threads in threads_list:
                 session = _ort_session(p, threads)
-                rows.append({"probe": "ORT MatMul", "dtype": dtype, "shape": f"{m}x{k}x{n}", "threads": threads,
-                             **_sustained(lambda s=session, a=a: s.run(["Y"], {"X": a}), flops, seconds)})
+                out.append(({"probe": "ORT MatMul", "dtype": dtype, "shape": f"{m}x{k}x{n}", "threads": threads},
+                            lambda s=session, a=a: s.run(["Y"], {"X": a}), flops))
     for channels, (h, w) in CONV_PROBES[-1:] if quick else CONV_PROBES:
         weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) * 0.01
         x = rng.standard_normal((1, channels, h, w), dtype=np.float32)
@@ -282,10 +293,14 @@ def rate_probes(seconds: float, quick: bool = False) -> list[dict[str, Any]]:
         for dtype, p in (("fp32", proto), ("int8", _quantized(proto, x))):
             for threads in threads_list:
                 session = _ort_session(p, threads)
-                rows.append({"probe": "ORT Conv 3x3", "dtype": dtype, "shape": f"{channels}ch {h}x{w}",
-                             "threads": threads,
-                             **_sustained(lambda s=session, x=x: s.run(["Y"], {"X": x}), flops, seconds)})
-    return rows
+                out.append(({"probe": "ORT Conv 3x3", "dtype": dtype, "shape": f"{channels}ch {h}x{w}",
+                             "threads": threads}, lambda s=session, x=x: s.run(["Y"], {"X": x}), flops))
+    return out
+
+
+def rate_probes(seconds: float, probe_list: list[Probe]) -> list[dict[str, Any]]:
+    """Sustained rates of every probe (GFLOP/s; int8 rows: giga integer multiply-adds x 2 per second)."""
+    return [{**label, **_sustained(run, flops, seconds)} for label, run, flops in probe_list]
 
 
 def best_rate(rows: list[dict[str, Any]], dtype: str, threads: int = THREADS) -> dict[str, Any]:
@@ -298,6 +313,68 @@ def best_rate(rows: list[dict[str, Any]], dtype: str, threads: int = THREADS) ->
             "probe_per_cpu_s": f"{per_cpu['probe']} {per_cpu['shape']} ({per_cpu['threads']} thread(s))"}
 
 
+def interleaved(sizes: list[tuple[int, int]], flops: dict[str, Any], probe_list: list[Probe], best: dict[str, Any],
+                rounds: int, seconds: float, quick: bool) -> dict[str, Any]:
+    """The network against its floor with both measured in the same moments (see the module's text).
+
+    For each size and round: the best FP32 and INT8 probes (those that set this run's floors), one
+    run of the service's engine on each model, the probes again. Returns per size the rounds'
+    ratios (FP32 ÷ floor, INT8 ÷ its floor, FP32 ÷ INT8) and the times they come from.
+    """
+    from common import engine, models, photo_at
+
+    from m2fp_service.imaging.preprocess import pad_to_input
+    from m2fp_service.modelcard import InputPolicy
+
+    chosen = {dtype: next((run, f) for label, run, f in probe_list
+                          if f"{label['probe']} {label['shape']}" == best[dtype]["probe"]
+                          and label["dtype"] == dtype and label["threads"] == THREADS)
+              for dtype in ("fp32", "int8")}
+
+    def rate(dtype: str) -> float:
+        run, f = chosen[dtype]
+        return f / _best_call(run, seconds) / 1e9
+
+    m = models(quick)
+    engines = {"fp32": engine(m.fp32), "int8": engine(m.int8)}
+    out: dict[str, Any] = {}
+    for hw in sizes:
+        key = f"{hw[0]}x{hw[1]}"
+        gflop = flops[key]["flops"] / 1e9
+        x = pad_to_input(photo_at(hw), InputPolicy())
+        for e in engines.values():
+            e.run(x)  # warm-up: the arena grows to this size once
+        rows = []
+        for _ in range(rounds):
+            before = {d: rate(d) for d in chosen}
+            times = {}
+            for dtype, e in engines.items():
+                t = time.perf_counter()
+                e.run(x)
+                times[dtype] = time.perf_counter() - t
+            after = {d: rate(d) for d in chosen}
+            rates = {d: max(before[d], after[d]) for d in chosen}
+            rows.append({"fp32_s": times["fp32"], "int8_s": times["int8"], "fp32_gflops": rates["fp32"],
+                         "int8_gops": rates["int8"], "fp32_vs_floor": times["fp32"] / (gflop / rates["fp32"]),
+                         "int8_vs_floor": times["int8"] / (gflop / rates["int8"]),
+                         "int8_speedup": times["fp32"] / times["int8"]})
+            print(f"  {key}: {rows[-1]}", file=sys.stderr, flush=True)
+        out[key] = {"rounds": rows, **{k: statistics.median(r[k] for r in rows) for k in
+                                       ("fp32_vs_floor", "int8_vs_floor", "int8_speedup")}}
+    return out
+
+
+def _best_call(run: Callable[[], Any], seconds: float) -> float:
+    """The fastest of the calls of ``run`` made in ``seconds`` (after one warm-up), in seconds."""
+    run()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import NETWORK_SIZES, loadavg, models, write_json
@@ -305,23 +382,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 512x512, fewer probes")
     parser.add_argument("--seconds", type=float, default=1.5, help="sampling window per rate probe")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (0: none)")
     args = parser.parse_args(argv)
     model = models(args.quick).fp32
     sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES
     load_before = loadavg()
     print("measuring rates ...", file=sys.stderr, flush=True)
-    rates = rate_probes(args.seconds, args.quick)
+    probe_list = probes(args.quick)
+    rates = rate_probes(args.seconds, probe_list)
     flops = {}
     for hw in sizes:
         print(f"counting FLOPs at {hw[0]}x{hw[1]} ...", file=sys.stderr, flush=True)
         flops[f"{hw[0]}x{hw[1]}"] = count_flops(model, hw)
+    best = {"fp32": best_rate(rates, "fp32"), "int8": best_rate(rates, "int8")}
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "model": str(model), "threads": THREADS, "loadavg_before": load_before, "loadavg_after": loadavg(),
-        "rates": rates,
-        "best": {"fp32": best_rate(rates, "fp32"), "int8": best_rate(rates, "int8")},
-        "flops": flops,
+        "model": str(model), "threads": THREADS, "loadavg_before": load_before,
+        "rates": rates, "best": best, "flops": flops,
     }
+    if args.rounds:
+        print("the network against its floor, interleaved ...", file=sys.stderr, flush=True)
+        report["interleaved"] = interleaved(sizes, flops, probe_list, best, args.rounds, min(args.seconds, 0.5),
+                                            args.quick)
+    report["loadavg_after"] = loadavg()
     path = write_json("floor", report)
     print(f"wrote {path}", file=sys.stderr)
     return 0

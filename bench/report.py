@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,25 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
         noted = next(iter(floor["flops"].values()))["noted_not_counted"]
         lines += ["", "Not in the FLOP count (output elements at the first size): " + ", ".join(
             f"{op} ×{v['nodes']}: {v['output_elements'] / 1e6:.1f} M" for op, v in noted.items()) + "."]
+    inter = floor.get("interleaved") if floor else None
+    if inter:
+        lines += ["", "**Interleaved, one process** (the targets are judged by these): this machine's speed drifts by "
+                  "20–40% within minutes, so a floor probed at one moment and a network timed minutes later give a "
+                  "ratio that moves with the drift. Here each round times the probes that set the floors, one run of "
+                  "the engine on each model, and the probes again; each ratio uses its own round's best probe call. "
+                  "Median (min–max) over the rounds:", "",
+                  "| input | rounds | FP32 ÷ floor | INT8 ÷ its floor | INT8 speed-up vs FP32 | FP32 s | INT8 s | "
+                  "FP32 rate GFLOP/s | INT8 rate G-ops/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for hw, v in inter.items():
+            rows = v["rounds"]
+            cells = [hw, str(len(rows))]
+            for k, unit in (("fp32_vs_floor", "×"), ("int8_vs_floor", "×"), ("int8_speedup", "×"), ("fp32_s", ""),
+                            ("int8_s", ""), ("fp32_gflops", ""), ("int8_gops", "")):
+                vals = [r[k] for r in rows]
+                digits = 0 if k.endswith(("gflops", "gops")) else 2 if unit else 3
+                cells.append(f"{statistics.median(vals):.{digits}f}{unit} ({min(vals):.{digits}f}–"
+                             f"{max(vals):.{digits}f})")
+            lines.append("| " + " | ".join(cells) + " |")
     std = [hw for hw in sizes if ("ort-fp32-std", hw) in net or ("ort-int8-std", hw) in net]
     if std:
         lines += ["", "The fused deformable-attention kernel (`make native`) against the same models with it off "
@@ -176,10 +196,18 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
     if big:
         ratio, speedup = verdict[big]
         cr, cs = cpu_verdict.get(big, (None, None))
-        lines += ["", f"Targets at {big}: FP32 ≤ 1.5× the floor: {_pass(ratio <= 1.5)} (wall {ratio:.2f}×"
-                  + (f", CPU-seconds {cr:.2f}×" if cr else "") + "); INT8 ≥ 2.5× faster than FP32: "
-                  + (f"{_pass(speedup >= 2.5)} (wall {speedup:.2f}×" + (f", CPU-seconds {cs:.2f}×" if cs else "") + ")"
-                     if speedup else "not run") + "."]
+        judged = inter.get(big) if inter else None
+        if judged:  # the interleaved medians; the separate processes' figures beside them
+            lines += ["", f"Targets at {big}: FP32 ≤ 1.5× the floor: {_pass(judged['fp32_vs_floor'] <= 1.5)} "
+                      f"(interleaved {judged['fp32_vs_floor']:.2f}×; pyperf wall {ratio:.2f}×"
+                      + (f", CPU-seconds {cr:.2f}×" if cr else "") + "); INT8 ≥ 2.5× faster than FP32: "
+                      f"{_pass(judged['int8_speedup'] >= 2.5)} (interleaved {judged['int8_speedup']:.2f}×"
+                      + (f"; pyperf wall {speedup:.2f}×" if speedup else "") + ")."]
+        else:
+            lines += ["", f"Targets at {big}: FP32 ≤ 1.5× the floor: {_pass(ratio <= 1.5)} (wall {ratio:.2f}×"
+                      + (f", CPU-seconds {cr:.2f}×" if cr else "") + "); INT8 ≥ 2.5× faster than FP32: "
+                      + (f"{_pass(speedup >= 2.5)} (wall {speedup:.2f}×" + (f", CPU-seconds {cs:.2f}×" if cs else "")
+                         + ")" if speedup else "not run") + "."]
     if e2e:
         c = e2e["checks"]
         same = c["ours-int8"]["people"] == c["ours-fp32"]["people"]
