@@ -12,7 +12,11 @@
 - **Start-up**: process start to the first ``/readyz`` 200 (model loaded and warmed up), per
   model, with the optimised-graph cache cold (disabled) and warm (written by the previous start).
 
-Each path warms up once, then times ``--repeat`` requests/runs. Writes bench/results/e2e.json.
+The paths run interleaved: all processes are started first (the reference child waits for
+commands on its stdin), each warms up once, then each of ``--repeat`` rounds makes one run/request
+per path in turn. This machine's speed drifts by 20-40% within minutes; within a round every path
+sees the same machine, so each round gives its own "reference ÷ ours" ratio and the report takes
+their median. Writes bench/results/e2e.json.
 """
 
 from __future__ import annotations
@@ -52,7 +56,12 @@ from PIL import Image  # noqa: E402
 # --------------------------------------------------------------------------------------------
 
 
-def child_reference(config: str, jpeg: Path, repeat: int, scratch: Path) -> dict[str, Any]:
+REPLY = "M2FP-BENCH "  # marks the child's answers among whatever else the libraries print
+
+
+def child_reference(config: str, jpeg: Path, scratch: Path) -> None:
+    """The reference pipeline, driven by lines on stdin: ``run`` (answers one run's stage times) and
+    ``finish`` (saves the last run's label map, answers peak RSS and people), each answer a line of JSON."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -78,9 +87,15 @@ def child_reference(config: str, jpeg: Path, repeat: int, scratch: Path) -> dict
 
     model.forward = timed_forward
     data = jpeg.read_bytes()
-    runs = []
     label_map, people = None, 0
-    for i in range(repeat + 1):
+    print(REPLY + "{}", flush=True)  # loaded
+    for line in sys.stdin:
+        if line.strip() == "finish":
+            assert label_map is not None, "finish before any run"
+            np.save(scratch / "reference_labels.npy", label_map)
+            print(REPLY + json.dumps({"peak_rss_mb": peak_rss_mb(), "people": people,
+                                      "torch_threads": torch.get_num_threads()}), flush=True)
+            return
         t0 = time.perf_counter()
         image = Image.open(io.BytesIO(data)).convert("RGB")
         t1 = time.perf_counter()
@@ -91,32 +106,45 @@ def child_reference(config: str, jpeg: Path, repeat: int, scratch: Path) -> dict
         t3 = time.perf_counter()
         result = pipe.postprocess(out)
         t4 = time.perf_counter()
-        if i == repeat:
-            parsing = out["eval_result"][0]["parsing"]
-            label_map = parsing["semantic_outputs"].argmax(0).numpy().astype(np.uint8)
-            people = sum(1 for label in result["labels"] if label == "human")
+        parsing = out["eval_result"][0]["parsing"]
+        label_map = parsing["semantic_outputs"].argmax(0).numpy().astype(np.uint8)
+        people = sum(1 for label in result["labels"] if label == "human")
         del inputs, out, result
-        if i:
-            runs.append({"total": t4 - t0, "decode": t1 - t0, "preprocess": t2 - t1, "infer": last["network"],
-                         "postprocess": t3 - t2 - last["network"], "encode": t4 - t3})
-    assert label_map is not None
-    np.save(scratch / "reference_labels.npy", label_map)
-    return {"runs": runs, "peak_rss_mb": peak_rss_mb(), "people": people, "torch_threads": torch.get_num_threads()}
+        print(REPLY + json.dumps({"total": t4 - t0, "decode": t1 - t0, "preprocess": t2 - t1, "infer": last["network"],
+                                  "postprocess": t3 - t2 - last["network"], "encode": t4 - t3}), flush=True)
 
 
-def run_reference(m: Models, jpeg: Path, repeat: int, scratch: Path) -> dict[str, Any]:
-    out = scratch / "reference.json"
-    meter = BusyMeter()
-    proc = subprocess.run([sys.executable, __file__, "--child", "reference", "--config", m.config, "--jpeg", str(jpeg),
-                           "--repeat", str(repeat), "--scratch", str(scratch), "--child-out", str(out)],
-                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONWARNINGS": "ignore"},
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"reference child failed ({proc.returncode})")
-    result = json.loads(out.read_text())
-    result["other_cores"] = meter.other_cores()
-    return result
+class Reference:
+    """The reference child process (``child_reference``)."""
+
+    def __init__(self, m: Models, jpeg: Path, scratch: Path) -> None:
+        self.log = (scratch / "reference.log").open("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", "reference", "--config", m.config, "--jpeg", str(jpeg),
+             "--scratch", str(scratch)],
+            env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONWARNINGS": "ignore"},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return dict(json.loads(line[len(REPLY):]))
+        self.log.seek(0)
+        sys.stderr.write(self.log.read()[-6000:])
+        raise SystemExit(f"reference child failed ({self.proc.wait()})")
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def finish(self) -> dict[str, Any]:
+        result = self.ask("finish")
+        self.proc.wait(60)
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,29 +212,35 @@ def _server_timing(header: str) -> dict[str, float]:
     return out
 
 
-def run_ours(model: Path, jpeg: bytes, repeat: int, env: dict[str, str] | None = None) -> dict[str, Any]:
-    import requests
+class Ours:
+    """A real server on one model; ``request`` times one ``POST /api/parse`` of the JPEG."""
 
-    server = Server(model, env)
-    meter = BusyMeter([server.proc.pid])
-    try:
-        files = {"image": ("photo.jpg", jpeg, "image/jpeg")}
-        runs = []
-        for i in range(repeat + 1):
-            t = time.perf_counter()
-            r = requests.post(server.url + "/api/parse", files=files, timeout=600)
-            wall = time.perf_counter() - t
-            r.raise_for_status()
-            if i:
-                runs.append({"total": wall, **_server_timing(r.headers.get("Server-Timing", ""))})
-        peak = server.peak_rss_mb()
-        check = requests.post(server.url + "/api/parse?outputs=label,people", files=files, timeout=600).json()["data"]
-        label_png = check.get("label_map") or check["label"]  # the field's name in the response schema
-        labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(label_png))))
-    finally:
-        server.stop()
-    return {"runs": runs, "peak_rss_mb": peak, "startup_s": server.startup_s, "people": len(check["people"]),
-            "labels": labels, "other_cores": meter.other_cores()}
+    def __init__(self, model: Path, jpeg: bytes, env: dict[str, str] | None = None) -> None:
+        self.server = Server(model, env)
+        self.files = {"image": ("photo.jpg", jpeg, "image/jpeg")}
+
+    def request(self) -> dict[str, float]:
+        import requests
+
+        t = time.perf_counter()
+        r = requests.post(self.server.url + "/api/parse", files=self.files, timeout=600)
+        wall = time.perf_counter() - t
+        r.raise_for_status()
+        return {"total": wall, **_server_timing(r.headers.get("Server-Timing", ""))}
+
+    def finish(self) -> tuple[dict[str, Any], np.ndarray]:
+        """Peak RSS, start-up time and people, and the label map; the server stopped."""
+        import requests
+
+        try:
+            peak = self.server.peak_rss_mb()
+            check = requests.post(self.server.url + "/api/parse?outputs=label,people", files=self.files,
+                                  timeout=600).json()["data"]
+            label_png = check.get("label_map") or check["label"]  # the field's name in the response schema
+            labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(label_png))))
+        finally:
+            self.server.stop()
+        return {"peak_rss_mb": peak, "startup_s": self.server.startup_s, "people": len(check["people"])}, labels
 
 
 def startup(model: Path, repeat: int) -> dict[str, Any]:
@@ -239,33 +273,55 @@ def main() -> None:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--jpeg", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = child_reference(args.config, args.jpeg, args.repeat, args.scratch)
-        args.child_out.write_text(json.dumps(result))
+        child_reference(args.config, args.jpeg, args.scratch)
         return
     m = models(args.quick)
     jpeg = photo_jpeg()
     report: dict[str, Any] = {"loadavg_before": loadavg(), "repeat": args.repeat, "jpeg_bytes": len(jpeg),
                               "photo": "astronaut + mirror image, 1280x720, JPEG q90", "config": m.config}
-    with tempfile.TemporaryDirectory(prefix="m2fp-e2e-") as tmp:
-        scratch = Path(tmp)
-        (scratch / "photo.jpg").write_bytes(jpeg)
-        print("e2e: reference pipeline ...", file=sys.stderr, flush=True)
-        ref = run_reference(m, scratch / "photo.jpg", args.repeat, scratch)
-        ref_labels = np.load(scratch / "reference_labels.npy")
-    paths = {"reference": ref}
     variants = {"ours-fp32": (m.fp32, {}), "ours-int8": (m.int8, {}),
                 "ours-int8-fast": (m.int8, {"M2FP_INPUT_PROFILE": "fast"}),
                 "ours-fp32-fast": (m.fp32, {"M2FP_INPUT_PROFILE": "fast"})}
     labels: dict[str, np.ndarray] = {}
-    for name, (model, env) in variants.items():
-        print(f"e2e: {name} ...", file=sys.stderr, flush=True)
-        paths[name] = run_ours(model, jpeg, args.repeat, env)
-        labels[name] = paths[name].pop("labels")
-    for result in paths.values():
-        result["stages"] = summarize(result.pop("runs"))
+    with tempfile.TemporaryDirectory(prefix="m2fp-e2e-") as tmp:
+        scratch = Path(tmp)
+        (scratch / "photo.jpg").write_bytes(jpeg)
+        print("e2e: starting the reference pipeline and the servers ...", file=sys.stderr, flush=True)
+        reference = Reference(m, scratch / "photo.jpg", scratch)
+        ours: dict[str, Ours] = {}
+        try:
+            for name, (model, env) in variants.items():
+                ours[name] = Ours(model, jpeg, env)
+            meter = BusyMeter([reference.proc.pid, *(o.server.proc.pid for o in ours.values())])
+            calls = {"reference": lambda: reference.ask("run"), **{name: o.request for name, o in ours.items()}}
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
+            for i in range(args.repeat + 1):  # the first round warms up
+                for name, call in calls.items():
+                    result = call()
+                    if i:
+                        runs[name].append(result)
+                print(f"e2e: round {i} " + ", ".join(f"{n} {r[-1]['total']:.2f} s" for n, r in runs.items())
+                      if i else "e2e: warm-up round done", file=sys.stderr, flush=True)
+            other = meter.other_cores()
+            paths: dict[str, dict[str, Any]] = {"reference": reference.finish()}
+            ref_labels = np.load(scratch / "reference_labels.npy")
+            for name, o in ours.items():
+                paths[name], labels[name] = o.finish()
+        finally:
+            for o in ours.values():
+                if o.server.proc.poll() is None:
+                    o.server.stop()
+            if reference.proc.poll() is None:
+                reference.proc.kill()
+                reference.proc.wait()
+    for name, result in paths.items():
+        result["stages"] = summarize(runs[name])
+        result["other_cores"] = other
+        result["vs_reference"] = stats([r["total"] / own["total"] for r, own in zip(runs["reference"], runs[name],
+                                                                                     strict=True)])
+    ref = paths["reference"]
     checks = {name: {"label_agreement_vs_reference": float((lab == ref_labels).mean()),
                      "people": paths[name]["people"]} for name, lab in labels.items()}
     checks["ours-int8"]["label_agreement_vs_fp32"] = float((labels["ours-int8"] == labels["ours-fp32"]).mean())
