@@ -1,12 +1,14 @@
 """Builds the native kernels into ``src/m2fp_service/native/``; each is optional (without it the same
 results come from standard code, slower).
 
-- ``libm2fp_msda.so`` (``m2fp_msda.cc``): the fused deformable-attention kernel, an ONNX Runtime
-  custom-op library. It needs ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not
-  ship. They come from Debian's ``libonnxruntime-dev`` package (fetched from the Debian archive,
-  checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API is versioned and
-  backward compatible, so a library built against 1.21's headers (``ORT_API_VERSION`` 21) loads in
-  any newer runtime. Needs a C++17 compiler (``$CXX``, default ``c++``).
+- ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``): the custom-op
+  library (fused deformable attention, Winograd convolutions, the fused feed-forward block; on x86-64
+  the feed-forward products are built a second time for AVX2 + FMA and picked at run time). It
+  needs ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They come
+  from Debian's ``libonnxruntime-dev`` package (fetched from the Debian archive, checked against a
+  pinned SHA-256, cached in ``~/.cache/m2fp``): the C API is versioned and backward compatible, so
+  a library built against 1.21's headers (``ORT_API_VERSION`` 21) loads in any newer runtime.
+  Needs a C++17 compiler (``$CXX``, default ``c++``).
 - ``libm2fp_post.so`` (``m2fp_post.c``): post-processing's fused per-pixel loops, plain C with no
   dependencies, loaded through ctypes (``imaging/fused.py``). Needs a C compiler (``$CC``, default ``cc``).
 
@@ -22,10 +24,12 @@ import argparse
 import hashlib
 import io
 import os
+import platform
 import shlex
 import subprocess
 import sys
 import tarfile
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -101,8 +105,18 @@ def _compile(command: list[str], output: Path) -> Path:
 def build_msda(output: Path) -> Path:
     include = headers()
     compiler = shlex.split(os.environ.get("CXX", "c++"))
-    return _compile([*compiler, *FLAGS, f"-I{include}", str(HERE / "m2fp_msda.cc"), str(HERE / "m2fp_winograd.cc")],
-                    output)
+    sources = [str(HERE / name) for name in ("m2fp_msda.cc", "m2fp_winograd.cc", "m2fp_ffn.cc", "m2fp_ffn_kernel.cc")]
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            # The feed-forward products once more, for AVX2 + FMA (picked at run time; see m2fp_ffn_kernel.cc).
+            v3 = Path(tmp) / "m2fp_ffn_kernel_v3.o"
+            command = [*compiler, *FLAGS, f"-I{include}", "-march=x86-64-v3", "-DM2FP_FFN_ROWS=m2fp_ffn_rows_v3", "-c",
+                       str(HERE / "m2fp_ffn_kernel.cc"), "-o", str(v3)]
+            print(" ".join(command), file=sys.stderr)
+            subprocess.run(command, check=True)
+            extra = ["-DM2FP_FFN_V3", str(v3)]
+        return _compile([*compiler, *FLAGS, f"-I{include}", *sources, *extra], output)
 
 
 def build_post(output: Path) -> Path:

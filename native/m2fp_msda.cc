@@ -20,6 +20,7 @@
 #include <onnxruntime_lite_custom_op.h>
 
 #include "m2fp_checked.h"
+#include "m2fp_ffn.h"
 #include "m2fp_winograd.h"
 
 #include <algorithm>
@@ -215,8 +216,8 @@ Ort::Status MSDeformAttnChecked(OrtKernelContext* context, const Ort::Custom::Te
 static const char* kDomain = "ai.m2fp";
 
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
-// 2: the Winograd convolution ops are there too.
-extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 2; }
+// 2: the Winograd convolution ops are there too; 3: and the feed-forward op.
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 3; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
@@ -233,6 +234,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("MSDeformAttn", "CPUExecutionProvider", MSDeformAttnChecked));
       d->Add(ops.back().get());
       m2fp_add_winograd_ops(*d, ops);
+      m2fp_add_feedforward_ops(*d, ops);
       domain = std::move(d);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
