@@ -248,13 +248,14 @@ def test_a_rewrite_that_fails_leaves_the_graph_as_exported(tiny_model_path: Path
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """The rewrite runs in a child process; one that fails (here: the file is not a model) is logged
     and the graph runs as exported."""
-    from m2fp_service.engine import winograd_graph
+    from m2fp_service.engine import rewritten_graph
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     with caplog.at_level("WARNING", logger="m2fp.engine"):
-        assert winograd_graph(broken, BUILT_MSDA_KERNEL) is None
-    assert "the Winograd rewrite failed" in caplog.text
-    assert winograd_graph(tiny_model_path, BUILT_MSDA_KERNEL) is None  # nothing qualifies: no bytes
+        assert rewritten_graph(broken, BUILT_MSDA_KERNEL) is None
+    assert "the graph rewrites failed" in caplog.text
+    graph = rewritten_graph(tiny_model_path, BUILT_MSDA_KERNEL)  # only its feed-forward blocks qualify
+    assert graph is not None and not any("winograd" in n.name for n in onnx.load_from_string(graph).graph.node)
     engine = ParsingEngine(tiny_model_path, options=EngineOptions(intra_op_threads=1, cache_dir=tmp_path))
     assert engine.winograd_convolutions == 0 and engine.deformable_attention == "fused"

@@ -51,24 +51,25 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
                         f"{model_path}` (see README: --checkpoint DIR, the ModelScope hub, or --random-init)", model)
 
 
-def winograd_graph(model_path: Path, kernel: Path | None) -> bytes | None:
-    """``model_path``'s graph with its large 3x3 convolutions as Winograd ops (``winograd.rewrite``;
-    the kernel library runs them), serialised; None without the kernel or when none qualifies.
+def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
+    """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
+    convolutions, fused feed-forward blocks), serialised; None without the kernel or when nothing
+    qualifies.
 
-    The rewrite runs in a child process (``python -m m2fp_service.winograd``): parsing and
+    The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
     serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the
     server's event loop (health checks) while the model loads in the background.
     """
     if kernel is None or not model_path.is_file():
         return None
     try:
-        child = subprocess.run([sys.executable, "-m", "m2fp_service.winograd", str(model_path)],
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", str(model_path)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("the Winograd rewrite did not run on %s (%s); running the graph as exported", model_path, exc)
+        log.warning("the graph rewrites did not run on %s (%s); running the graph as exported", model_path, exc)
         return None
     if child.returncode != 0:
-        log.warning("the Winograd rewrite failed on %s (%s); running the graph as exported", model_path,
+        log.warning("the graph rewrites failed on %s (%s); running the graph as exported", model_path,
                     child.stderr.decode(errors="replace").strip().splitlines()[-1:] or child.returncode)
         return None
     if not child.stdout:
@@ -130,10 +131,10 @@ class EngineOptions:
 # nodes of models exported since it exists. Without it ONNX Runtime runs those nodes' ONNX
 # function (standard ops, the same result within float rounding, several times slower).
 BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
-# The same library runs the Winograd convolutions of ``winograd.rewrite``, applied to the graph when
-# a session is built with it (then kept in the optimised-graph cache). Part of the cache key: change
-# it when the rewrite's choices change.
-WINOGRAD_REWRITE = "1"
+# The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
+# feed-forward blocks), applied when a session is built with it (then kept in the optimised-graph
+# cache). Part of the cache key: change it when a rewrite's choices change.
+GRAPH_REWRITES = "2"
 
 
 def msda_kernel_path(setting: str) -> Path | None:
@@ -186,7 +187,7 @@ def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None
     if kernel is not None:
         kstat = kernel.stat()
         library = f"{kernel.resolve()}|{kstat.st_size}|{kstat.st_mtime_ns}"
-        library += f"|winograd {WINOGRAD_REWRITE}"  # the rewrite done with it (winograd.py)
+        library += f"|rewrites {GRAPH_REWRITES}"  # the rewrites done with it (rewrite.py)
     key = hashlib.sha256(
         f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}|{library}".encode()
     ).hexdigest()[:16]
@@ -215,7 +216,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 2:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 3:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -255,7 +256,7 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     so = _base_options(options, kernel)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not options.optimized_cache:
-        return _open(model_path, so, winograd_graph(model_path, kernel)), "cache off"
+        return _open(model_path, so, rewritten_graph(model_path, kernel)), "cache off"
     if not model_path.is_file():
         return _open(model_path, so), "no model"
     cached = cache_path_for(model_path, options.cache_dir, kernel)
@@ -274,11 +275,11 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     except OSError as exc:
         log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start; "
                     "set M2FP_ORT_CACHE_DIR to a writable folder to start faster", cached.parent, exc.strerror)
-        return _open(model_path, so, winograd_graph(model_path, kernel)), f"cache not writable: {cached.parent}"
+        return _open(model_path, so, rewritten_graph(model_path, kernel)), f"cache not writable: {cached.parent}"
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
-        session = _open(model_path, so, winograd_graph(model_path, kernel))
+        session = _open(model_path, so, rewritten_graph(model_path, kernel))
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the cache is as shareable as the model
@@ -317,10 +318,13 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
-        # 3x3 convolutions running as Winograd F(4x4, 3x3) (the rewrite's count, winograd.METADATA_KEY, kept
-        # in the optimised graph; a cache hit does not import the rewrite).
-        count = self.session.get_modelmeta().custom_metadata_map.get("m2fp_winograd", "0")
-        self.winograd_convolutions = int(count) if count.isdigit() and kernel is not None else 0
+        # What the graph rewrites replaced (their counts, winograd/feedforward.METADATA_KEY, kept in the
+        # optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
+        # Winograd F(4x4, 3x3), feed-forward blocks running as one fused op.
+        meta = self.session.get_modelmeta().custom_metadata_map
+        counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward")]
+        self.winograd_convolutions, self.feedforward_blocks = (
+            int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
         except ValueError as exc:
@@ -338,8 +342,9 @@ class ParsingEngine:
         }:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self.load_seconds = time.perf_counter() - t0
-        log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d)",
-                 self.load_seconds, self.cache_status, self.deformable_attention, self.winograd_convolutions)
+        log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d; "
+                 "fused feed-forward blocks: %d)", self.load_seconds, self.cache_status, self.deformable_attention,
+                 self.winograd_convolutions, self.feedforward_blocks)
         self.warm = False
         if warmup:
             self.warm_up()

@@ -267,6 +267,11 @@ class ModelInfo(BaseModel):
     winograd_convolutions: int = Field(
         0, ge=0, description="How many 3x3 convolutions run as Winograd F(4x4, 3x3) (the same library; on "
                              "M2FP FP32 models the pixel decoder's, 1; 0 without the library or for INT8 models)")
+    feedforward_blocks: int = Field(
+        0, ge=0, description="How many feed-forward blocks (MatMul, Add, Relu, MatMul, Add) run as one fused op "
+                             "(the same library; on M2FP FP32 models 25: the pixel decoder's 6 encoder layers, the 9 "
+                             "decoder layers and the 10 mask-embedding MLPs; INT8 models keep only the last in float, "
+                             "10; 0 without the library)")
 
 
 class LabelSetOut(BaseModel):

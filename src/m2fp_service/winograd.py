@@ -14,8 +14,8 @@ the product is ONNX Runtime's own batched GEMM. Same results within float roundi
 relative). On M2FP this is the pixel decoder's 3x3 convolution at 1/4 size, its costliest single
 node (~7-10% of the network), which runs 1.8-2.7x faster; the rest of the graph is as before.
 
-The model file is not changed: the rewrite is done when a session is built and kept in the
-optimised-graph cache. Quantised (QDQ) convolutions are left alone (their weights are not float
+The model file is not changed: the rewrite is done when a session is built (``rewrite.py``) and
+kept in the optimised-graph cache. Quantised (QDQ) convolutions are left alone (their weights are not float
 initialisers), so INT8 models run as before. Nothing here imports onnxruntime.
 """
 
@@ -245,24 +245,3 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
     return count
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m m2fp_service.winograd MODEL``: the rewritten model on stdout (nothing when no
-    convolution qualifies), what was done on stderr. The engine runs it in a child process."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m m2fp_service.winograd MODEL.onnx", file=sys.stderr)
-        return 2
-    model = onnx.load(args[0])
-    count = rewrite(model)
-    if count:
-        sys.stdout.buffer.write(model.SerializeToString())
-    print(f"{count} 3x3 convolution(s) run as Winograd F(4x4, 3x3)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -72,7 +72,7 @@ async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
             file=engine.model_path.name, trained=card.trained, license=card.license, source=card.source,
             architecture=card.architecture, exporter=card.exporter, notes=card.notes,
             load_seconds=round(engine.load_seconds, 3), deformable_attention=engine.deformable_attention,
-            winograd_convolutions=engine.winograd_convolutions,
+            winograd_convolutions=engine.winograd_convolutions, feedforward_blocks=engine.feedforward_blocks,
         )
     return InfoResponse(
         service="m2fp-service",

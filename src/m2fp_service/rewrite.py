@@ -1,0 +1,44 @@
+"""The graph rewrites the custom-op library makes possible, applied when a session is built with it.
+
+- ``winograd.rewrite``: large 3x3 convolutions as Winograd F(4x4, 3x3).
+- ``feedforward.rewrite``: transformer feed-forward blocks (MatMul, Add, Relu, MatMul, Add) as one
+  ``ai.m2fp::FeedForward`` node.
+
+The model file is not changed: the engine runs ``python -m m2fp_service.rewrite MODEL`` in a child
+process (parsing and serialising a 230 MB protobuf holds the GIL for up to a second at a time) and
+opens the rewritten bytes; the optimised-graph cache keeps the result. Each rewrite records its
+count in the graph's metadata. Nothing here imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import onnx
+
+from m2fp_service import feedforward, winograd
+
+
+def apply(model: onnx.ModelProto) -> dict[str, int]:
+    """Applies every rewrite to ``model`` in place; returns how many nodes each one replaced."""
+    return {"winograd_convolutions": winograd.rewrite(model), "feedforward_blocks": feedforward.rewrite(model)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m m2fp_service.rewrite MODEL``: the rewritten model on stdout (nothing when no
+    rewrite applies), what was done on stderr."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m m2fp_service.rewrite MODEL.onnx", file=sys.stderr)
+        return 2
+    model = onnx.load(args[0])
+    counts = apply(model)
+    if any(counts.values()):
+        sys.stdout.buffer.write(model.SerializeToString())
+    print(f"graph rewrites: {counts['winograd_convolutions']} 3x3 convolution(s) as Winograd F(4x4, 3x3), "
+          f"{counts['feedforward_blocks']} feed-forward block(s) fused", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
