@@ -13,8 +13,8 @@ padding needed: every size is a multiple of 32).
   ``ai.m2fp::MSDeformAttn`` nodes run as their ONNX function's standard ops.
 - Session tuning at 512x512 (``--tuning``): the engine's settings (all graph optimisations,
   idle threads sleep, arena shrinking after each run, the pixel decoder's 3x3 convolution as
-  Winograd F(4x4, 3x3)) against one change each: spinning threads, basic graph optimisations only,
-  the memory arena off, the graph as exported (no Winograd rewrite).
+  Winograd F(4x4, 3x3), the feed-forward blocks fused) against one change each: spinning threads,
+  basic graph optimisations only, the memory arena off, the graph as exported (no graph rewrites).
 
 Usage (``make bench`` runs it)::
 
@@ -86,12 +86,12 @@ def _tuned_run(model: Path, variant: str) -> Any:
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant == "spinning" else "0")
         so.enable_cpu_mem_arena = variant != "no-arena"
-        from m2fp_service.engine import usable_msda_kernel, winograd_graph
+        from m2fp_service.engine import rewritten_graph, usable_msda_kernel
 
         kernel = usable_msda_kernel("auto")  # as the engine runs it
         if kernel is not None:
             so.register_custom_ops_library(str(kernel))
-        graph = None if variant == "no-winograd" else winograd_graph(model, kernel)
+        graph = None if variant == "no-rewrites" else rewritten_graph(model, kernel)
         session = ort.InferenceSession(str(model) if graph is None else graph, so, providers=["CPUExecutionProvider"])
         _cache[variant] = lambda x: session.run(None, {"image": x})
     return _cache[variant]
@@ -139,7 +139,7 @@ def main() -> None:
                                    metadata={"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}"})
     if args.tuning:
         hw = (512, 512)
-        for variant in ("spinning", "basic-opt", "no-arena", "no-winograd"):
+        for variant in ("spinning", "basic-opt", "no-arena", "no-rewrites"):
             kind = f"tuning-{variant}"
             runner.bench_time_func(f"network {kind} {hw[0]}x{hw[1]}", bench, kind, hw, args.quick,
                                    metadata={"kind": kind, "input_hw": f"{hw[0]}x{hw[1]}"})

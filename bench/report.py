@@ -183,7 +183,7 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
         rows = [(kind.removeprefix("tuning-"), hw, v) for kind, (hw, v) in sorted(tuning.items())]
         hw0 = rows[0][1]
         if ("ort-fp32", hw0) in net:
-            rows.append(("engine: all optimisations, threads sleep, arena shrinks after each run, Winograd", hw0,
+            rows.append(("engine: all optimisations, threads sleep, arena shrinks after each run, graph rewrites", hw0,
                          net[("ort-fp32", hw0)]))
         base = net.get(("ort-fp32", hw0))
         for name, hw, v in rows:
@@ -218,22 +218,29 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
     return lines
 
 
-def section_winograd(w: dict[str, Any] | None) -> list[str]:
+def section_rewrites(w: dict[str, Any] | None) -> list[str]:
     if not w or not w.get("rows"):
         return []
-    lines = ["", f"The Winograd rewrite ({w['convolutions']} 3×3 convolution(s) as F(4×4, 3×3): "
-             + ", ".join(f"`{n}`" for n in w["replaced_nodes"] if not n.endswith("_nchwc"))
-             + "): the FP32 model as exported vs as the engine runs it, one process, runs alternating, ONNX "
-             f"Runtime's profiler on ({w['rounds']} runs each); seconds, median (min–max). The node times are "
-             "the convolution's own against the rewrite's nodes (transforms, products, concatenation): far "
-             "steadier than whole runs on a noisy machine.", "",
-             "| input | convolution as exported | as Winograd | speed-up | whole run as exported | with Winograd | "
-             "node time saved, of the whole run |", "|---|---:|---:|---:|---:|---:|---:|"]
+    counts = w["counts"]
+    convs = [n for n in w["replaced_nodes"]["winograd"] if not n.endswith("_nchwc")]
+    lines = ["", f"The graph rewrites (`rewrite.py`): {counts['winograd']} 3×3 convolution(s) as Winograd F(4×4, 3×3) "
+             "(" + ", ".join(f"`{n}`" for n in convs if "Conv" in n) + f") and {counts['feedforward']} feed-forward "
+             "blocks (MatMul, Add, Relu, MatMul, Add) as one fused op. The FP32 model as exported vs as the engine "
+             f"runs it, one process, runs alternating, ONNX Runtime's profiler on ({w['rounds']} runs each); "
+             "seconds, median (min–max). The node times are the replaced nodes' own against the rewrite's nodes: "
+             "far steadier than whole runs on a noisy machine.", "",
+             "| input | convolution as exported | as Winograd | speed-up | feed-forward blocks as exported | fused | "
+             "speed-up | whole run as exported | rewritten | node time saved, of the whole run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in w["rows"]:
-        a, b = r["plain_node_s"]["median"], r["winograd_node_s"]["median"]
-        lines.append(f"| {r['input_hw']} | {fmt_s(r['plain_node_s'], 3)} | {fmt_s(r['winograd_node_s'], 3)} | "
-                     f"{a / b:.2f}× | {fmt_s(r['plain_s'])} | {fmt_s(r['winograd_s'])} | "
-                     f"{(a - b) / r['plain_s']['median']:.1%} |")
+        cells = [r["input_hw"]]
+        saved = 0.0
+        for kind in ("winograd", "feedforward"):
+            a, b = r[f"{kind}_plain_node_s"], r[f"{kind}_rewritten_node_s"]
+            cells += [fmt_s(a, 3), fmt_s(b, 3), f"{a['median'] / b['median']:.2f}×" if b["median"] else "–"]
+            saved += a["median"] - b["median"]
+        cells += [fmt_s(r["plain_s"]), fmt_s(r["rewritten_s"]), f"{saved / r['plain_s']['median']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -443,7 +450,7 @@ def main() -> None:
     lines += section_machine(run)
     e2e = read_json("e2e")
     lines += section_network(read_json("floor"), network_rows(net_path) if net_path.is_file() else {}, e2e)
-    lines += section_winograd(read_json("winograd"))
+    lines += section_rewrites(read_json("rewrites"))
     lines += section_e2e(e2e)
     lines += section_stages(read_json("stages"))
     lines += section_compose(read_json("compose"))

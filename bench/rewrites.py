@@ -1,11 +1,18 @@
-"""The Winograd rewrite, node by node: the FP32 model as exported vs as the engine rewrites it.
+"""The graph rewrites, node by node: the FP32 model as exported vs as the engine rewrites it.
 
 One process, both sessions (the engine's settings, the kernel library registered), runs alternating
-on the benchmark photo at each size, with ONNX Runtime's profiler on: the rewritten convolution's
-own nodes against the convolution they replace (a node's time is far steadier than a whole run's on
-a noisy machine), and the whole run. Writes ``bench/results/winograd.json``.
+on the benchmark photo at each size, with ONNX Runtime's profiler on. For each rewrite, the nodes it
+replaced (as exported) against the nodes it put in their place (a node's time is far steadier than
+a whole run's on a noisy machine), and the whole run:
 
-    python bench/winograd.py [--quick] [--rounds N]
+- Winograd: the 3x3 convolution(s) (and a Relu taken in) against the transforms, products and
+  concatenation (``m2fp_service.winograd``);
+- feed-forward: each fused block's MatMul, Add, Relu, MatMul, Add against its ``FeedForward`` node
+  (``m2fp_service.feedforward``).
+
+Writes ``bench/results/rewrites.json``.
+
+    python bench/rewrites.py [--quick] [--rounds N]
 """
 
 from __future__ import annotations
@@ -35,18 +42,37 @@ def _session(graph: bytes | str, kernel: Path, prefix: str) -> Any:
     return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
 
-def _profile(session: Any, replaced: set[str]) -> tuple[list[float], list[float]]:
-    """(seconds per run, seconds per run in the nodes named in ``replaced`` or from the rewrite)."""
+def _profile(session: Any, parts: dict[str, Any]) -> tuple[list[float], dict[str, list[float]]]:
+    """(seconds per run, {part: seconds per run in the nodes ``parts[part]`` picks by name and op type})."""
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"][1:]  # the first is the warm-up
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    whole, part = [], []
+    whole, part = [], {name: [] for name in parts}
     for run in runs:
         start, end = run["ts"], run["ts"] + run["dur"]
         whole.append(run["dur"] / 1e6)
-        part.append(sum(e["dur"] for e in nodes if start <= e["ts"] < end
-                        and ("winograd" in e["name"] or e["name"].removesuffix("_kernel_time") in replaced)) / 1e6)
+        inside = [e for e in nodes if start <= e["ts"] < end]
+        for name, pick in parts.items():
+            part[name].append(sum(e["dur"] for e in inside
+                                  if pick(e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])) / 1e6)
     return whole, part
+
+
+def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
+    """The names of the exported graph's nodes each rewrite replaced (and the names ONNX Runtime
+    gives a convolution it converts to its own layout, "<output>_nchwc")."""
+    from m2fp_service import feedforward
+
+    kept = {n.name for n in rewritten.graph.node}
+    g = feedforward._Graph(original.graph)
+    ffn = {n.name for first in original.graph.node if f"{first.name}_feedforward" in kept
+           for n in feedforward._chain(first, g)}
+    produced = {o for n in rewritten.graph.node for o in n.output}
+    # The convolutions the Winograd rewrite replaced (and the Relus it took in): their outputs are still made.
+    conv = {n.name for n in original.graph.node if n.op_type in ("Conv", "Relu") and n.output[0] in produced
+            and n.name not in kept and n.name not in ffn}
+    conv |= {f"{o}_nchwc" for n in original.graph.node if n.name in conv for o in n.output}
+    return {"winograd": conv, "feedforward": ffn}
 
 
 def main() -> None:
@@ -56,27 +82,22 @@ def main() -> None:
     args = ap.parse_args()
     import onnx
 
-    from m2fp_service import winograd
-    from m2fp_service.engine import usable_msda_kernel, winograd_graph
+    from m2fp_service import feedforward, winograd
+    from m2fp_service.engine import rewritten_graph, usable_msda_kernel
     from m2fp_service.imaging.preprocess import pad_to_input
     from m2fp_service.modelcard import InputPolicy
 
     m = models(args.quick)
     kernel = usable_msda_kernel("auto")
-    graph = winograd_graph(m.fp32, kernel) if kernel is not None else None
+    graph = rewritten_graph(m.fp32, kernel) if kernel is not None else None
     if graph is None:
-        write_json("winograd", {"skipped": "no kernel library, or no convolution qualifies (the quick model's are "
-                                           "thin)"})
+        write_json("rewrites", {"skipped": "no kernel library, or nothing qualifies"})
         return
     rewritten = onnx.load_from_string(graph)
-    produced = {o for n in rewritten.graph.node for o in n.output}
     original = onnx.load(str(m.fp32), load_external_data=False)
-    # The convolutions the rewrite replaced (and the Relus it took in): nodes whose outputs it now makes.
-    replaced = {n.name for n in original.graph.node if n.op_type in ("Conv", "Relu")
-                and n.output[0] in produced and n.name not in {r.name for r in rewritten.graph.node}}
-    # ONNX Runtime renames a convolution it fuses or converts to its own layout ("<output>_nchwc"):
-    outputs = {o for n in original.graph.node if n.name in replaced for o in n.output}
-    replaced |= {f"{o}_nchwc" for o in outputs}
+    replaced = replaced_nodes(original, rewritten)
+    old = {kind: (lambda name, op, names=names: name in names) for kind, names in replaced.items()}
+    new = {"winograd": lambda name, op: "winograd" in name, "feedforward": lambda name, op: op == "FeedForward"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hw in NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES:
@@ -86,14 +107,18 @@ def main() -> None:
             for _ in range(args.rounds + 1):
                 plain.run(None, {"image": x})
                 fast.run(None, {"image": x})
-            plain_whole, plain_part = _profile(plain, replaced)
-            fast_whole, fast_part = _profile(fast, replaced)
-            rows.append({"input_hw": f"{hw[0]}x{hw[1]}", "plain_s": stats(plain_whole), "winograd_s": stats(fast_whole),
-                         "plain_node_s": stats(plain_part), "winograd_node_s": stats(fast_part)})
+            plain_whole, plain_part = _profile(plain, old)
+            fast_whole, fast_part = _profile(fast, new)
+            rows.append({"input_hw": f"{hw[0]}x{hw[1]}", "plain_s": stats(plain_whole),
+                         "rewritten_s": stats(fast_whole),
+                         **{f"{kind}_plain_node_s": stats(plain_part[kind]) for kind in old},
+                         **{f"{kind}_rewritten_node_s": stats(fast_part[kind]) for kind in new}})
             print(rows[-1], file=sys.stderr, flush=True)
-    count = int({p.key: p.value for p in rewritten.metadata_props}[winograd.METADATA_KEY])
-    write_json("winograd", {"convolutions": count, "rounds": args.rounds,
-                            "replaced_nodes": sorted(replaced), "rows": rows})
+    meta = {p.key: p.value for p in rewritten.metadata_props}
+    write_json("rewrites", {"counts": {"winograd": int(meta.get(winograd.METADATA_KEY, 0)),
+                                       "feedforward": int(meta.get(feedforward.METADATA_KEY, 0))},
+                            "rounds": args.rounds, "replaced_nodes": {k: sorted(v) for k, v in replaced.items()},
+                            "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``make bench``: every benchmark on this machine in one go, then BENCHMARKS.md.
 
 Order: models (exported into models/ if missing) -> floor (FLOPs, rates) -> network (pyperf)
--> the Winograd rewrite node by node (ORT profiles) -> end to end + start-up -> stages and palette
+-> the graph rewrites node by node (ORT profiles) -> end to end + start-up -> stages and palette
 merge (pytest-benchmark) -> compositing (pytest-benchmark) -> video and live -> load (Locust) ->
 report. Raw JSON goes to bench/results/
 (gitignored); BENCHMARKS.md is generated from it.
@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="floor,network,winograd,e2e,stages,compose,video,load",
+    ap.add_argument("--only", default="floor,network,rewrites,e2e,stages,compose,video,load",
                     help="comma-separated steps to run")
     args = ap.parse_args()
     started, t0 = dt.datetime.now().astimezone().isoformat(timespec="seconds"), time.perf_counter()
@@ -45,7 +45,7 @@ def main() -> int:
         "floor": [py, str(BENCH / "floor.py"), *(["--rounds", "2", *q] if args.quick else ["--rounds", "5"])],
         "network": [py, str(BENCH / "network.py"), "-o", str(RESULTS / "network.json"), "--processes",
                     "1", "--values", "1" if args.quick else "2", "--tuning", *q],
-        "winograd": [py, str(BENCH / "winograd.py"), *(["--rounds", "1", *q] if args.quick else ["--rounds", "4"])],
+        "rewrites": [py, str(BENCH / "rewrites.py"), *(["--rounds", "1", *q] if args.quick else ["--rounds", "4"])],
         "e2e": [py, str(BENCH / "e2e.py"), *(["--repeat", "1", "--startup-repeat", "1", *q] if args.quick
                                              else ["--repeat", "2", "--startup-repeat", "2"])],
         "stages": [py, "-m", "pytest", str(BENCH / "test_stages.py"), "-q", "-p", "no:cacheprovider",
