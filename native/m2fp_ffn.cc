@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -34,22 +35,32 @@ void pack(const float* w, int64_t depth, int64_t n, float* out) {
 }
 
 // The products for this CPU: AVX2 + FMA when it has them (and the library was built for x86-64).
+// M2FP_FFN_KERNEL=generic forces the generic build (read once per process; the tests use it).
 using Rows = void (*)(const m2fp::FfnTask&, int64_t, int64_t, float*);
-Rows rows_for_this_cpu() {
+struct Choice {
+  Rows rows;
+  const char* name;
+};
+Choice choose() {
+  const char* forced = std::getenv("M2FP_FFN_KERNEL");
+  if (forced != nullptr && std::string(forced) == "generic") return {m2fp_ffn_rows_generic, "generic"};
 #if defined(M2FP_FFN_V3)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return m2fp_ffn_rows_v3;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {m2fp_ffn_rows_v3, "x86-64-v3"};
 #endif
-  return m2fp_ffn_rows_generic;
+  return {m2fp_ffn_rows_generic, "generic"};
+}
+const Choice& chosen() {
+  static const Choice choice = choose();
+  return choice;
 }
 
 void task_of(void* data, size_t index) {
-  static const Rows rows_of = rows_for_this_cpu();
   const m2fp::FfnTask& t = *static_cast<const m2fp::FfnTask*>(data);
   const int64_t r0 = static_cast<int64_t>(index) * t.block;
   thread_local std::vector<float> hidden;  // one block's hidden rows, per thread, kept between calls
   if (hidden.size() < static_cast<size_t>(t.block * t.f)) hidden.resize(static_cast<size_t>(t.block * t.f));
-  rows_of(t, r0, std::min(t.block, t.rows - r0), hidden.data());
+  chosen().rows(t, r0, std::min(t.block, t.rows - r0), hidden.data());
 }
 
 Ort::Status fail(const std::string& message) {
@@ -110,6 +121,9 @@ Ort::Status FeedForwardChecked(OrtKernelContext* context, const Ort::Custom::Ten
 }
 
 }  // namespace
+
+// Which build of the products this process runs: "x86-64-v3" or "generic" (ctypes; the tests ask).
+extern "C" __attribute__((visibility("default"))) const char* m2fp_ffn_kernel(void) { return chosen().name; }
 
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep) {
   keep.emplace_back(Ort::Custom::CreateLiteCustomOp("FeedForward", "CPUExecutionProvider", FeedForwardChecked));

@@ -67,9 +67,9 @@ __attribute__((always_inline)) inline void kernel(int64_t depth, const float* __
   const v8 z0 = load(bias), z1 = load(bias + 8);
   v8 r[12] = {c00 + z0, c01 + z1, c10 + z0, c11 + z1, c20 + z0, c21 + z1,
               c30 + z0, c31 + z1, c40 + z0, c41 + z1, c50 + z0, c51 + z1};
-  if (kRelu) {
+  if (kRelu) {  // max(0, v), NaN kept (as ONNX's Relu)
     const v8 zero{};
-    for (v8& v : r) v = v > zero ? v : zero;
+    for (v8& v : r) v = v < zero ? zero : v;
   }
   for (int64_t i = 0; i < rows; ++i) {
     store(out + i * ldo, r[2 * i]);

@@ -36,7 +36,7 @@ class _Graph:
         self.source = {name: name for name in self.dims}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            for name in node.input:
+            for name in _names_read([node]):  # a node with a subgraph reads what its body reads too
                 self.readers.setdefault(name, []).append(node)
             if node.op_type == "Identity" and node.input[0] in self.source:
                 self.source[node.output[0]] = self.source[node.input[0]]
@@ -128,6 +128,10 @@ def rewrite(model: onnx.ModelProto) -> int:
     nodes = [n for n in nodes if not (n.op_type == "Identity" and n.input[0] in g.source and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)
+    known = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | set(g.dims)
+    stale = [v for v in graph.value_info if v.name not in known]  # the fused blocks' intermediates
+    for value in stale:
+        graph.value_info.remove(value)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(len(fused))})
