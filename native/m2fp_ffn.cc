@@ -8,7 +8,7 @@
 // biases and the Relu as the products are stored. The products use a register-blocked kernel (6
 // rows x 16 columns of output held in 12 vector registers, the filter matrices packed once per call
 // into 16-column panels), which on AVX2 runs faster than ONNX Runtime's own GEMM for these shapes
-// (bench/feedforward.py). The graph rewrite is `m2fp_service/feedforward.py`. F and E are multiples of 16.
+// (bench/rewrites.py). The graph rewrite is `m2fp_service/feedforward.py`. F and E are multiples of 16.
 #include <onnxruntime_lite_custom_op.h>
 
 #include <algorithm>

@@ -218,7 +218,8 @@ def test_a_chain_becomes_one_node_with_the_same_result(bias_first: bool, identit
 
 
 def test_an_identity_read_elsewhere_is_kept_and_an_existing_opset_reused() -> None:
-    """Only Identity copies that nothing reads any more go (w1's, read by another MatMul, stays);
+    """Only the fused blocks' Identity copies that nothing reads any more go (w1's, read by another
+    MatMul, stays; an unread one the blocks never read is not the rewrite's business);
     a model that already imports ai.m2fp (the exporter's MSDeformAttn) does not get it twice. F = E,
     so that b1 and b2 swapped would run and only the numbers would tell."""
     w = weights(16, 32, 32, seed=7)  # F = E: biases swapped would still run
@@ -226,8 +227,9 @@ def test_an_identity_read_elsewhere_is_kept_and_an_existing_opset_reused() -> No
     model.opset_import.append(helper.make_opsetid(feedforward.DOMAIN, 1))
     model.graph.node.append(helper.make_node("MatMul", ["x", "w1_id"], ["side"], name="side"))
     model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    model.graph.node.append(helper.make_node("Identity", ["w2"], ["unread"], name="unrelated"))  # not the rewrite's
     fast = rewritten(model)
-    assert [n.op_type for n in fast.graph.node] == ["Identity", "FeedForward", "MatMul"]
+    assert [n.op_type for n in fast.graph.node] == ["Identity", "FeedForward", "MatMul", "Identity"]
     assert fast.graph.node[0].output[0] == "w1_id"
     assert sum(o.domain == feedforward.DOMAIN for o in fast.opset_import) == 1
     x = np.random.default_rng(8).standard_normal((1, 9, 16)).astype(np.float32)

@@ -8,8 +8,9 @@ whose hidden tensor (tokens x F: 62 MB per pixel-decoder encoder layer at 640x11
 read four times. ``rewrite`` replaces each such chain with one ``FeedForward(x, W1, b1, W2, b2)``
 node (``native/m2fp_ffn.cc``), which keeps a block of hidden rows in cache between the two products
 and folds in the biases and the Relu: 1.3x faster than the five nodes at the encoder's shape on this
-project's 2-core AVX2 machine (``bench/feedforward.py``). Only ``onnx`` is used here; the engine
-applies it with the Winograd rewrite, in a child process, when it builds a session with the library.
+project's 2-core AVX2 machine (``bench/rewrites.py`` measures it inside the network). Only ``onnx``
+is used here; the engine applies it with the Winograd rewrite (``rewrite.py``, in a child process)
+when it builds a session with the library.
 
 A chain qualifies when both weights and biases are float initialisers, directly or through
 ``Identity`` nodes (the exporter shares equal tensors that way; INT8 models, whose weights are
@@ -122,10 +123,12 @@ def rewrite(model: onnx.ModelProto) -> int:
         gone.update(id(n) for n in chain)
     if not fused:
         return 0
+    operands = _names_read([n for n in graph.node if id(n) in gone])
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) in fused or id(n) not in gone]
-    # Identity copies of weights that only the fused nodes' old operands read are dropped.
+    # Identity copies of weights that only the fused blocks' old nodes read are dropped.
     read = _names_read(nodes) | g.outputs
-    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.input[0] in g.source and n.output[0] not in read)]
+    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.input[0] in g.source
+                                      and n.output[0] in operands and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)
     known = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | set(g.dims)
