@@ -109,7 +109,7 @@ def child_reference(config: str, jpeg: Path, scratch: Path) -> None:
         parsing = out["eval_result"][0]["parsing"]
         label_map = parsing["semantic_outputs"].argmax(0).numpy().astype(np.uint8)
         people = sum(1 for label in result["labels"] if label == "human")
-        del inputs, out, result
+        del inputs, out, result, parsing  # nothing of this run lives into the next (its peak RSS)
         print(REPLY + json.dumps({"total": t4 - t0, "decode": t1 - t0, "preprocess": t2 - t1, "infer": last["network"],
                                   "postprocess": t3 - t2 - last["network"], "encode": t4 - t3}), flush=True)
 
@@ -172,13 +172,17 @@ class Server:
         full_env = {**os.environ, "M2FP_WORKERS": "1", "M2FP_INTRA_OP_THREADS": str(THREADS),
                     "M2FP_LOG_LEVEL": "warning", "M2FP_REQUEST_TIMEOUT_S": "600", "M2FP_RESULT_CACHE_MB": "0",
                     **(env or {})}
+        # Its stderr goes to a file: a pipe nobody reads would block a server that logs a lot while it
+        # waits for its next round.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - as long as the server lives; closed by stop()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "m2fp_service.cli", "serve", "--model", str(model),
                                       "--port", str(self.port)], env=full_env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode()[-3000:] if self.proc.stderr else ""
+                self.log.seek(0)
+                err = self.log.read().decode(errors="replace")[-3000:]
                 raise SystemExit(f"server exited: {err}")
             try:
                 if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
@@ -201,6 +205,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def _server_timing(header: str) -> dict[str, float]:

@@ -368,7 +368,7 @@ def _best_call(run: Callable[[], Any], seconds: float) -> float:
     """The fastest of the calls of ``run`` made in ``seconds`` (after one warm-up), in seconds."""
     run()
     best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while best == float("inf") or time.perf_counter() - start < seconds:  # at least one timed call
         t = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t)

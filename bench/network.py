@@ -9,8 +9,9 @@ padding needed: every size is a multiple of 32).
   graph's forward (normalise, backbone, pixel decoder, decoder) in eager mode, 2 threads.
 - ``ort-fp32`` / ``ort-int8``: the service's ``ParsingEngine.run`` on the exported models (with the
   fused deformable-attention kernel, ``make native``, as the service runs them).
-- ``ort-fp32-std`` / ``ort-int8-std``: the same with the kernel off (``msda_kernel="off"``): the
-  ``ai.m2fp::MSDeformAttn`` nodes run as their ONNX function's standard ops.
+- ``ort-fp32-std`` / ``ort-int8-std``: the same with the custom-op library off (``msda_kernel="off"``):
+  the ``ai.m2fp::MSDeformAttn`` nodes run as their ONNX function's standard ops, and the graph as
+  exported (no Winograd convolution, no fused feed-forward blocks).
 - Session tuning at 512x512 (``--tuning``): the engine's settings (all graph optimisations,
   idle threads sleep, arena shrinking after each run, the pixel decoder's 3x3 convolution as
   Winograd F(4x4, 3x3), the feed-forward blocks fused) against one change each: spinning threads,

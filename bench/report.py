@@ -157,9 +157,10 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
             lines.append("| " + " | ".join(cells) + " |")
     std = [hw for hw in sizes if ("ort-fp32-std", hw) in net or ("ort-int8-std", hw) in net]
     if std:
-        lines += ["", "The fused deformable-attention kernel (`make native`) against the same models with it off "
-                  "(`M2FP_MSDA_KERNEL=off`: the `ai.m2fp::MSDeformAttn` nodes run as their ONNX function's standard "
-                  "ops), same run; speed-up = standard ÷ fused:", "",
+        lines += ["", "The custom-op library (`make native`: fused deformable attention, and the graph rewrites it "
+                  "runs) against the same models with it off (`M2FP_MSDA_KERNEL=off`: the `ai.m2fp::MSDeformAttn` "
+                  "nodes run as their ONNX function's standard ops, the graph as exported), same run; speed-up = "
+                  "standard ÷ fused:", "",
                   "| input | FP32 standard ops | FP32 fused | speed-up (wall / CPU-s) | INT8 standard ops | "
                   "INT8 fused | speed-up (wall / CPU-s) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for hw in std:

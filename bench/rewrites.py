@@ -65,7 +65,7 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
 
     kept = {n.name for n in rewritten.graph.node}
     g = feedforward._Graph(original.graph)
-    ffn = {n.name for first in original.graph.node if f"{first.name}_feedforward" in kept
+    ffn = {n.name for first in original.graph.node if f"{first.name or first.output[0]}_feedforward" in kept
            for n in feedforward._chain(first, g)}
     produced = {o for n in rewritten.graph.node for o in n.output}
     # The convolutions the Winograd rewrite replaced (and the Relus it took in): their outputs are still made.

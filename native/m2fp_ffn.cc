@@ -12,6 +12,7 @@
 #include <onnxruntime_lite_custom_op.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -46,7 +47,7 @@ Choice choose() {
   if (forced != nullptr && std::string(forced) == "generic") return {m2fp_ffn_rows_generic, "generic"};
 #if defined(M2FP_FFN_V3)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {m2fp_ffn_rows_v3, "x86-64-v3"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {m2fp_ffn_rows_v3, "avx2-fma"};
 #endif
   return {m2fp_ffn_rows_generic, "generic"};
 }
@@ -55,12 +56,24 @@ const Choice& chosen() {
   return choice;
 }
 
+// One call: its operands, and whether a task failed (a task runs on a pool thread, through C: no
+// exception may leave it; the op reports the failure after ParallelFor).
+struct Call {
+  m2fp::FfnTask t;
+  std::atomic<bool> failed{false};
+};
+
 void task_of(void* data, size_t index) {
-  const m2fp::FfnTask& t = *static_cast<const m2fp::FfnTask*>(data);
+  Call& call = *static_cast<Call*>(data);
+  const m2fp::FfnTask& t = call.t;
   const int64_t r0 = static_cast<int64_t>(index) * t.block;
-  thread_local std::vector<float> hidden;  // one block's hidden rows, per thread, kept between calls
-  if (hidden.size() < static_cast<size_t>(t.block * t.f)) hidden.resize(static_cast<size_t>(t.block * t.f));
-  chosen().rows(t, r0, std::min(t.block, t.rows - r0), hidden.data());
+  try {
+    thread_local std::vector<float> hidden;  // one block's hidden rows, per thread, kept between calls
+    if (hidden.size() < static_cast<size_t>(t.block * t.f)) hidden.resize(static_cast<size_t>(t.block * t.f));
+    chosen().rows(t, r0, std::min(t.block, t.rows - r0), hidden.data());
+  } catch (...) {  // std::bad_alloc from the buffer
+    call.failed = true;
+  }
 }
 
 Ort::Status fail(const std::string& message) {
@@ -90,7 +103,8 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
   ys.back() = e;
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < xs.size(); ++i) rows *= xs[i];
-  m2fp::FfnTask t{};
+  Call call;
+  m2fp::FfnTask& t = call.t;
   t.y = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
   std::vector<float> packed1(static_cast<size_t>(d * f)), packed2(static_cast<size_t>(f * e));
@@ -105,11 +119,13 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
   t.d = d;
   t.f = f;
   t.e = e;
-  // Blocks of up to 48 rows (a multiple of 6), at least 8 of them when there are enough rows, so
-  // that a few hundred rows still keep every thread busy.
+  // Blocks of 6 * ceil(rows / 48) rows, at most 48: 5 to 8 tasks for 49 to 383 rows, so that a
+  // hundred rows still keep two threads busy. Not smaller: every task reads all of w1 and w2, and
+  // for few rows that reading is most of the work.
   t.block = std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock);
   const int64_t blocks = (rows + t.block - 1) / t.block;
-  Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>(blocks), 0, &t);
+  Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>(blocks), 0, &call);
+  if (call.failed) return Ort::Status("ai.m2fp::FeedForward: out of memory for a block's hidden rows", ORT_FAIL);
   return Ort::Status{nullptr};
 }
 
@@ -122,7 +138,7 @@ Ort::Status FeedForwardChecked(OrtKernelContext* context, const Ort::Custom::Ten
 
 }  // namespace
 
-// Which build of the products this process runs: "x86-64-v3" or "generic" (ctypes; the tests ask).
+// Which build of the products this process runs: "avx2-fma" or "generic" (ctypes; the tests ask).
 extern "C" __attribute__((visibility("default"))) const char* m2fp_ffn_kernel(void) { return chosen().name; }
 
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep) {

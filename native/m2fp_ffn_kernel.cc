@@ -1,11 +1,11 @@
 // The register-blocked products of ai.m2fp::FeedForward (m2fp_ffn.cc): one block of rows,
 //   hidden = relu(x @ w1 + b1), y = hidden @ w2 + b2.
 // Built twice (native/build.py): with the compiler's defaults (M2FP_FFN_ROWS = m2fp_ffn_rows_generic)
-// and, on x86-64, with -march=x86-64-v3 (AVX2 + FMA; m2fp_ffn_rows_v3), which m2fp_ffn.cc picks when
-// the CPU has it. A whole translation unit for the ISA, not a target attribute: GCC 12 turns the
-// broadcast below into one `vbroadcastss` from memory only when the unit is compiled for AVX2
-// (under target("avx2") or target_clones it builds the vector lane by lane, and the kernel runs
-// at about half the speed).
+// and, on x86-64, with -mavx2 -mfma (m2fp_ffn_rows_v3), which m2fp_ffn.cc picks when the CPU has
+// both. A whole translation unit for the ISA, not a target attribute: GCC 12 turns the broadcast
+// below into one `vbroadcastss` from memory only when the unit is compiled for AVX2 (under
+// target("avx2") or target_clones it builds the vector lane by lane, and the kernel runs at about
+// half the speed).
 #include <algorithm>
 #include <cstdint>
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -113,11 +114,11 @@ def assert_close(expected: np.ndarray, got: np.ndarray, rtol: float = 1e-5) -> N
     ((1, 16), 16, 16), ((5, 24), 64, 32), ((6, 256), 1024, 256), ((7, 24), 16, 16), ((48, 256), 1024, 256),
     ((49, 24), 64, 32), ((100, 16), 64, 256), ((301, 256), 1024, 256),
     ((24,), 64, 32), ((3, 100, 16), 1024, 32), ((2, 3, 5, 24), 16, 32), ((4, 13, 256), 64, 16),
-    ((0, 24), 64, 32), ((2, 0, 16), 16, 16),
+    ((2, 400, 24), 64, 32), ((0, 24), 64, 32), ((2, 0, 16), 16, 16),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_op_matches_numpy_and_the_unfused_graph(shape: tuple[int, ...], f: int, e: int) -> None:
     """Every row of x, whatever its rank and however its rows fall into 6-row groups and blocks
-    (1, 5, 6, 7, 48, 49, 100, 301 rows; several blocks; batch > 1), gets relu(x w1 + b1) w2 + b2:
+    (1, 5, 6, 7, 48, 49, 100, 301, 800 rows; several blocks, full 48-row ones; batch > 1), gets relu(x w1 + b1) w2 + b2:
     the float64 result, and ONNX Runtime's own for the five nodes. No rows: an empty y."""
     w = weights(shape[-1], f, e, seed=sum(shape) + f + e)
     x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
@@ -149,7 +150,12 @@ def test_the_generic_build_gives_the_same_results() -> None:
     library = ctypes.CDLL(str(BUILT_MSDA_KERNEL))
     library.m2fp_ffn_kernel.restype = ctypes.c_char_p
     here = library.m2fp_ffn_kernel().decode()
-    assert here in ("x86-64-v3", "generic")
+    flags = set()
+    if Path("/proc/cpuinfo").is_file():
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    on_avx2 = platform.machine() == "x86_64" and {"avx2", "fma"} <= flags
+    assert here == ("avx2-fma" if on_avx2 else "generic")  # this CPU's build is the one that runs here
     probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_ffn_kernel.restype = ctypes.c_char_p; "
              "print(lib.m2fp_ffn_kernel().decode())")
     env = {**os.environ, "M2FP_FFN_KERNEL": "generic"}
@@ -159,7 +165,7 @@ def test_the_generic_build_gives_the_same_results() -> None:
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                             "-k", "op_matches or nan_row"], env=env, capture_output=True, text=True, check=False)
     assert child.returncode == 0, child.stdout[-3000:]
-    assert "15 passed" in child.stdout  # 14 shapes and the NaN row
+    assert "16 passed" in child.stdout  # 15 shapes and the NaN row
 
 
 def operands(d: int = 16, f: int = 16, e: int = 16, rows: int = 4) -> dict[str, np.ndarray]:
@@ -213,8 +219,6 @@ def test_a_chain_becomes_one_node_with_the_same_result(bias_first: bool, identit
     assert [(o.domain, o.version) for o in fast.opset_import] == [("", 17), ("ai.m2fp", 1)]
     x = np.random.default_rng(6).standard_normal((2, 7, 24)).astype(np.float32)
     assert_close(run(model, {"x": x}, library=False).astype(np.float64), run(fast, {"x": x}))
-    again = rewritten(fast, count=0)  # nothing left to fuse; the opset is not added twice
-    assert again.SerializeToString() == fast.SerializeToString()
 
 
 def test_an_identity_read_elsewhere_is_kept_and_an_existing_opset_reused() -> None:

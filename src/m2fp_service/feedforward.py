@@ -119,7 +119,7 @@ def rewrite(model: onnx.ModelProto) -> int:
             continue
         chain = _chain(node, g)
         fused[id(node)] = helper.make_node("FeedForward", inputs, [chain[-1].output[0]],
-                                           name=f"{node.name}_feedforward", domain=DOMAIN)
+                                           name=f"{node.name or node.output[0]}_feedforward", domain=DOMAIN)
         gone.update(id(n) for n in chain)
     if not fused:
         return 0
