@@ -16,7 +16,9 @@ namespace m2fp {
 constexpr int64_t kFfnRows = 6;      // output rows per kernel call
 constexpr int64_t kFfnColumns = 16;  // output columns per kernel call (two vectors of 8)
 
-// One call's operands: x (rows, d), w1 and w2 packed into 16-column panels (k x 16 each), y (rows, e).
+// One call's operands: x (rows, d), y (rows, e), the weights w1 (d, f) and w2 (f, e). The columns
+// j..j+15 of w1 start at w1 + j * w1_step, one row of them after the other w1_ld floats apart: packed
+// into 16-column panels (step d, ld 16) or as they are (step 1, ld f); w2 likewise.
 struct FfnTask {
   const float* x;
   float* y;
@@ -25,6 +27,7 @@ struct FfnTask {
   const float* w2;
   const float* b2;
   int64_t rows, d, f, e, block;
+  int64_t w1_step, w1_ld, w2_step, w2_ld;
 };
 
 }  // namespace m2fp

@@ -30,11 +30,11 @@ __attribute__((always_inline)) inline v8 broadcast(const float* p) {
 }
 
 // out[i][0..16) = a[i] @ panel + bias (then max(0, .) when kRelu), for the `rows` (<= 6) rows of a
-// (row stride lda); panel: the K x 16 columns of a packed filter; out has row stride ldo.
+// (row stride lda); panel: K rows of 16 columns of a filter, ldb floats apart; out has row stride ldo.
 template <bool kRelu>
 __attribute__((always_inline)) inline void kernel(int64_t depth, const float* __restrict a, int64_t lda,
-                                                  const float* __restrict panel, const float* bias, float* out,
-                                                  int64_t ldo, int64_t rows) {
+                                                  const float* __restrict panel, int64_t ldb, const float* bias,
+                                                  float* out, int64_t ldo, int64_t rows) {
   const float* a0 = a;  // rows past the end read row 0 again; only `rows` rows are stored
   const float* a1 = rows > 1 ? a + lda : a;
   const float* a2 = rows > 2 ? a + 2 * lda : a;
@@ -62,7 +62,7 @@ __attribute__((always_inline)) inline void kernel(int64_t depth, const float* __
     s = broadcast(a5 + k);
     c50 += s * b0;
     c51 += s * b1;
-    panel += kColumns;
+    panel += ldb;
   }
   const v8 z0 = load(bias), z1 = load(bias + 8);
   v8 r[12] = {c00 + z0, c01 + z1, c10 + z0, c11 + z1, c20 + z0, c21 + z1,
@@ -82,16 +82,18 @@ __attribute__((always_inline)) inline void kernel(int64_t depth, const float* __
 void M2FP_FFN_ROWS(const m2fp::FfnTask& t, int64_t r0, int64_t rows, float* hidden) {
   const float* x = t.x + r0 * t.d;
   for (int64_t j = 0; j < t.f; j += kColumns) {  // hidden = relu(x @ w1 + b1), rows x F
-    const float* panel = t.w1 + j * t.d;
+    const float* panel = t.w1 + j * t.w1_step;
     for (int64_t i = 0; i < rows; i += kRows) {
-      kernel<true>(t.d, x + i * t.d, t.d, panel, t.b1 + j, hidden + i * t.f + j, t.f, std::min(kRows, rows - i));
+      kernel<true>(t.d, x + i * t.d, t.d, panel, t.w1_ld, t.b1 + j, hidden + i * t.f + j, t.f,
+                   std::min(kRows, rows - i));
     }
   }
   float* y = t.y + r0 * t.e;
   for (int64_t j = 0; j < t.e; j += kColumns) {  // y = hidden @ w2 + b2
-    const float* panel = t.w2 + j * t.f;
+    const float* panel = t.w2 + j * t.w2_step;
     for (int64_t i = 0; i < rows; i += kRows) {
-      kernel<false>(t.f, hidden + i * t.f, t.f, panel, t.b2 + j, y + i * t.e + j, t.e, std::min(kRows, rows - i));
+      kernel<false>(t.f, hidden + i * t.f, t.f, panel, t.w2_ld, t.b2 + j, y + i * t.e + j, t.e,
+                    std::min(kRows, rows - i));
     }
   }
 }
