@@ -195,6 +195,16 @@ def _busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Starts the process's peak RSS (VmHWM) afresh from its current RSS (Linux: clear_refs 5); False
+    when the kernel or permissions do not allow it."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_mb(pid: int | None = None) -> float:
     """The process's peak resident set size (VmHWM) in MB."""
     path = Path(f"/proc/{pid or 'self'}/status")
