@@ -6,9 +6,10 @@
 // pixel decoder's 15120 tokens and F = 1024) is written and read back four times; here each task
 // takes a block of rows and keeps its hidden rows in cache between the two products, adding the
 // biases and the Relu as the products are stored. The products use a register-blocked kernel (6
-// rows x 16 columns of output held in 12 vector registers, the filter matrices packed once per call
-// into 16-column panels when there are many rows), which on AVX2 runs faster than ONNX Runtime's own GEMM for these shapes
-// (bench/rewrites.py). The graph rewrite is `m2fp_service/feedforward.py`. F and E are multiples of 16.
+// rows x 16 columns of output held in 12 vector registers; the filter matrices packed once per call
+// into 16-column panels when there are many rows), which on AVX2 runs faster than ONNX Runtime's own
+// GEMM for these shapes (bench/rewrites.py). The graph rewrite is `m2fp_service/feedforward.py`.
+// F and E are multiples of 16.
 #include <onnxruntime_lite_custom_op.h>
 
 #include <algorithm>
@@ -93,13 +94,20 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
                         Ort::Custom::Tensor<float>& y) {
   const std::vector<int64_t> xs = x.Shape(), w1s = w1.Shape(), w2s = w2.Shape();
   if (xs.empty()) return fail("x must have a last dimension (..., D)");
-  if (w1s.size() != 2 || w1s[0] != xs.back()) return fail("w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
+  const std::string weights = "; w1 " + dims(w1s) + ", w2 " + dims(w2s);
+  if (w1s.size() != 2 || w1s[0] != xs.back()) {
+    return fail("w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
+  }
   const int64_t d = w1s[0], f = w1s[1];
-  if (w2s.size() != 2 || w2s[0] != f) return fail("w2 must be (F, E) with F = w1's columns; w1 " + dims(w1s) + ", w2 " + dims(w2s));
+  if (w2s.size() != 2 || w2s[0] != f) return fail("w2 must be (F, E) with F = w1's columns" + weights);
   const int64_t e = w2s[1];
-  if (f % kColumns != 0 || e % kColumns != 0) return fail("F and E must be multiples of 16; w1 " + dims(w1s) + ", w2 " + dims(w2s));
-  if (b1.Shape() != std::vector<int64_t>{f}) return fail("b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
-  if (b2.Shape() != std::vector<int64_t>{e}) return fail("b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
+  if (f % kColumns != 0 || e % kColumns != 0) return fail("F and E must be multiples of 16" + weights);
+  if (b1.Shape() != std::vector<int64_t>{f}) {
+    return fail("b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
+  }
+  if (b2.Shape() != std::vector<int64_t>{e}) {
+    return fail("b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
+  }
   std::vector<int64_t> ys = xs;
   ys.back() = e;
   int64_t rows = 1;
