@@ -64,9 +64,7 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
     from m2fp_service import feedforward
 
     kept = {n.name for n in rewritten.graph.node}
-    g = feedforward._Graph(original.graph)
-    ffn = {n.name for first in original.graph.node if f"{first.name or first.output[0]}_feedforward" in kept
-           for n in feedforward._chain(first, g)}
+    ffn = {n.name for block in feedforward.blocks(original.graph) for n in block.nodes}
     produced = {o for n in rewritten.graph.node for o in n.output}
     # The convolutions the Winograd rewrite replaced (and the Relus it took in): their outputs are still made.
     conv = {n.name for n in original.graph.node if n.op_type in ("Conv", "Relu") and n.output[0] in produced

@@ -20,6 +20,8 @@ and every intermediate tensor has exactly one reader and is not a graph output.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import onnx
 from onnx import helper
 
@@ -59,9 +61,15 @@ class _Graph:
         return source if source is not None and self.dims[source] == [size] else None
 
 
-def match(first: onnx.NodeProto, g: _Graph) -> list[str] | None:
-    """The FeedForward inputs [x, W1, b1, W2, b2] of the block that starts with MatMul ``first``
-    (the block's five nodes: ``first`` and its sole readers), or None."""
+class Block(NamedTuple):
+    """A qualifying feed-forward block: its FeedForward inputs [x, W1, b1, W2, b2] and its five nodes."""
+
+    inputs: list[str]
+    nodes: list[onnx.NodeProto]
+
+
+def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The block that starts with MatMul ``first`` (``first`` and its sole readers), or None."""
     w1 = g.weight(first.input[1]) if first.op_type == "MatMul" else None
     if w1 is None or len(g.dims[w1]) != 2:
         return None
@@ -83,17 +91,20 @@ def match(first: onnx.NodeProto, g: _Graph) -> list[str] | None:
         return None
     if any(o in g.outputs for n in (first, add1, relu, second) for o in n.output):
         return None
-    return [first.input[0], w1, b1, w2, b2]
+    return Block([first.input[0], w1, b1, w2, b2], [first, add1, relu, second, add2])
 
 
-def _chain(first: onnx.NodeProto, g: _Graph) -> list[onnx.NodeProto]:
-    """The five nodes of a matched block, in order."""
-    nodes = [first]
-    for op_type in ("Add", "Relu", "MatMul", "Add"):
-        reader = g.sole_reader(nodes[-1].output[0], op_type)
-        assert reader is not None
-        nodes.append(reader)
-    return nodes
+def blocks(graph: onnx.GraphProto) -> list[Block]:
+    """The graph's qualifying blocks in node order; where two overlap (an MLP of three layers), the first."""
+    g = _Graph(graph)
+    found: list[Block] = []
+    taken: set[int] = set()
+    for node in graph.node:
+        block = None if id(node) in taken else match(node, g)
+        if block is not None:
+            found.append(block)
+            taken.update(id(n) for n in block.nodes)
+    return found
 
 
 def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
@@ -110,28 +121,22 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
 def rewrite(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying feed-forward blocks in place (main graph only); returns how many."""
     graph = model.graph
-    g = _Graph(graph)
-    fused: dict[int, onnx.NodeProto] = {}  # id of the block's first node -> its FeedForward node
-    gone: set[int] = set()
-    for node in graph.node:
-        inputs = None if id(node) in gone else match(node, g)
-        if inputs is None:
-            continue
-        chain = _chain(node, g)
-        fused[id(node)] = helper.make_node("FeedForward", inputs, [chain[-1].output[0]],
-                                           name=f"{node.name or node.output[0]}_feedforward", domain=DOMAIN)
-        gone.update(id(n) for n in chain)
-    if not fused:
+    found = blocks(graph)
+    if not found:
         return 0
+    fused = {id(b.nodes[0]): helper.make_node(  # the block's first node -> its FeedForward node
+        "FeedForward", b.inputs, [b.nodes[-1].output[0]],
+        name=f"{b.nodes[0].name or b.nodes[0].output[0]}_feedforward", domain=DOMAIN) for b in found}
+    gone = {id(n) for b in found for n in b.nodes}
+    weights = {t.name for t in graph.initializer}
     operands = _names_read([n for n in graph.node if id(n) in gone])
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) in fused or id(n) not in gone]
     # Identity copies of weights that only the fused blocks' old nodes read are dropped.
-    read = _names_read(nodes) | g.outputs
-    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.input[0] in g.source
-                                      and n.output[0] in operands and n.output[0] not in read)]
+    read = _names_read(nodes) | {o.name for o in graph.output}
+    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in operands and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)
-    known = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | set(g.dims)
+    known = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | weights
     stale = [v for v in graph.value_info if v.name not in known]  # the fused blocks' intermediates
     for value in stale:
         graph.value_info.remove(value)
