@@ -146,6 +146,7 @@ class Reference:
     def finish(self) -> dict[str, Any]:
         result = self.ask("finish")
         self.proc.wait(60)
+        self.log.close()
         return result
 
 
