@@ -333,7 +333,7 @@ def interleaved(sizes: list[tuple[int, int]], flops: dict[str, Any], probe_list:
 
     def rate(dtype: str) -> float:
         run, f = chosen[dtype]
-        return f / _best_call(run, seconds) / 1e9
+        return _sustained(run, f, seconds)["gflops_best"]
 
     m = models(quick)
     engines = {"fp32": engine(m.fp32), "int8": engine(m.int8)}
@@ -362,17 +362,6 @@ def interleaved(sizes: list[tuple[int, int]], flops: dict[str, Any], probe_list:
         out[key] = {"rounds": rows, **{k: statistics.median(r[k] for r in rows) for k in
                                        ("fp32_vs_floor", "int8_vs_floor", "int8_speedup")}}
     return out
-
-
-def _best_call(run: Callable[[], Any], seconds: float) -> float:
-    """The fastest of the calls of ``run`` made in ``seconds`` (after one warm-up), in seconds."""
-    run()
-    best, start = float("inf"), time.perf_counter()
-    while best == float("inf") or time.perf_counter() - start < seconds:  # at least one timed call
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
