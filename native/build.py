@@ -109,10 +109,11 @@ def build_msda(output: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
         if platform.machine().lower() in ("x86_64", "amd64"):
-            # The feed-forward products once more, for AVX2 + FMA (picked at run time when the CPU has
+            # The feed-forward and linear products once more, for AVX2 + FMA (picked at run time when the CPU has
             # both; see m2fp_ffn_kernel.cc). A compiler that cannot leaves the generic build alone.
             v3 = Path(tmp) / "m2fp_ffn_kernel_v3.o"
-            command = [*compiler, *FLAGS, f"-I{include}", "-mavx2", "-mfma", "-DM2FP_FFN_ROWS=m2fp_ffn_rows_v3", "-c",
+            command = [*compiler, *FLAGS, f"-I{include}", "-mavx2", "-mfma", "-DM2FP_FFN_ROWS=m2fp_ffn_rows_v3",
+                       "-DM2FP_LINEAR_ROWS=m2fp_linear_rows_v3", "-c",
                        str(HERE / "m2fp_ffn_kernel.cc"), "-o", str(v3)]
             print(" ".join(command), file=sys.stderr)
             if subprocess.run(command, check=False).returncode == 0:

@@ -8,8 +8,13 @@
 // biases and the Relu as the products are stored. The products use a register-blocked kernel (6
 // rows x 16 columns of output held in 12 vector registers; the filter matrices packed once per call
 // into 16-column panels when there are many rows), which on AVX2 runs faster than ONNX Runtime's own
-// GEMM for these shapes (bench/rewrites.py). The graph rewrite is `m2fp_service/feedforward.py`.
-// F and E are multiples of 16.
+// GEMM for these shapes (bench/rewrites.py). F and E are multiples of 16.
+//
+// And a linear layer on the same kernel, ai.m2fp::Linear (the attention's projections):
+//
+//   y = x @ w + b                        x (..., D), w (D, E), b (E) -> y (..., E)
+//
+// The graph rewrites are `m2fp_service/feedforward.py`.
 #include <onnxruntime_lite_custom_op.h>
 
 #include <algorithm>
@@ -39,19 +44,22 @@ void pack(const float* w, int64_t depth, int64_t n, float* out) {
 
 // The products for this CPU: AVX2 + FMA when it has them (and the library was built for x86-64).
 // M2FP_FFN_KERNEL=generic forces the generic build (read once per process; the tests use it).
-using Rows = void (*)(const m2fp::FfnTask&, int64_t, int64_t, float*);
 struct Choice {
-  Rows rows;
+  void (*ffn)(const m2fp::FfnTask&, int64_t, int64_t, float*);
+  void (*linear)(const m2fp::LinearTask&, int64_t, int64_t);
   const char* name;
 };
 Choice choose() {
+  const Choice generic{m2fp_ffn_rows_generic, m2fp_linear_rows_generic, "generic"};
   const char* forced = std::getenv("M2FP_FFN_KERNEL");
-  if (forced != nullptr && std::string(forced) == "generic") return {m2fp_ffn_rows_generic, "generic"};
+  if (forced != nullptr && std::string(forced) == "generic") return generic;
 #if defined(M2FP_FFN_V3)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {m2fp_ffn_rows_v3, "avx2-fma"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {m2fp_ffn_rows_v3, m2fp_linear_rows_v3, "avx2-fma"};
+  }
 #endif
-  return {m2fp_ffn_rows_generic, "generic"};
+  return generic;
 }
 const Choice& chosen() {
   static const Choice choice = choose();
@@ -72,14 +80,20 @@ void task_of(void* data, size_t index) {
   try {
     thread_local std::vector<float> hidden;  // one block's hidden rows, per thread, kept between calls
     if (hidden.size() < static_cast<size_t>(t.block * t.f)) hidden.resize(static_cast<size_t>(t.block * t.f));
-    chosen().rows(t, r0, std::min(t.block, t.rows - r0), hidden.data());
+    chosen().ffn(t, r0, std::min(t.block, t.rows - r0), hidden.data());
   } catch (...) {  // std::bad_alloc from the buffer
     call.failed = true;
   }
 }
 
-Ort::Status fail(const std::string& message) {
-  return Ort::Status(("ai.m2fp::FeedForward: " + message).c_str(), ORT_INVALID_ARGUMENT);
+void linear_task_of(void* data, size_t index) {
+  const m2fp::LinearTask& t = *static_cast<const m2fp::LinearTask*>(data);
+  const int64_t r0 = static_cast<int64_t>(index) * t.block;
+  chosen().linear(t, r0, std::min(t.block, t.rows - r0));
+}
+
+Ort::Status fail(const char* op, const std::string& message) {
+  return Ort::Status((std::string("ai.m2fp::") + op + ": " + message).c_str(), ORT_INVALID_ARGUMENT);
 }
 
 std::string dims(const std::vector<int64_t>& shape) {
@@ -88,70 +102,102 @@ std::string dims(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+// The rows of x (..., D): the product of its leading dimensions.
+int64_t rows_of(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
+}
+
+// w (depth, n) for a call on `rows` rows. Many rows: packed into 16-column panels once (each
+// panel's rows contiguous, read by every block) in `packed`; a few (the decoder's 100 queries): read
+// in place, without copying it per call (at a few hundred rows both run about as fast as ONNX
+// Runtime's nodes, within the noise of calls of a few milliseconds; at 15120 rows, packed,
+// 1.3-1.6x faster).
+m2fp::Filter filter_of(const float* w, const float* b, int64_t depth, int64_t n, int64_t rows,
+                       std::vector<float>& packed) {
+  if (rows < kPackRows) return {w, b, 1, n};
+  packed.resize(static_cast<size_t>(depth * n));
+  pack(w, depth, n, packed.data());
+  return {packed.data(), b, depth, kColumns};
+}
+
+// Tasks of 6 * ceil(rows / 48) rows, at most 48: 5 to 8 tasks for 49 to 383 rows, so that a hundred
+// rows still keep two threads busy. Not smaller: every task reads all of the filters, and for few
+// rows that reading is most of the work.
+int64_t block_of(int64_t rows) { return std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock); }
+
 Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                         const Ort::Custom::Tensor<float>& w1, const Ort::Custom::Tensor<float>& b1,
                         const Ort::Custom::Tensor<float>& w2, const Ort::Custom::Tensor<float>& b2,
                         Ort::Custom::Tensor<float>& y) {
   const std::vector<int64_t> xs = x.Shape(), w1s = w1.Shape(), w2s = w2.Shape();
-  if (xs.empty()) return fail("x must have a last dimension (..., D)");
+  const char* op = "FeedForward";
+  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
   const std::string weights = "; w1 " + dims(w1s) + ", w2 " + dims(w2s);
   if (w1s.size() != 2 || w1s[0] != xs.back()) {
-    return fail("w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
+    return fail(op, "w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
   }
   const int64_t d = w1s[0], f = w1s[1];
-  if (w2s.size() != 2 || w2s[0] != f) return fail("w2 must be (F, E) with F = w1's columns" + weights);
+  if (w2s.size() != 2 || w2s[0] != f) return fail(op, "w2 must be (F, E) with F = w1's columns" + weights);
   const int64_t e = w2s[1];
-  if (f % kColumns != 0 || e % kColumns != 0) return fail("F and E must be multiples of 16" + weights);
+  if (f % kColumns != 0 || e % kColumns != 0) return fail(op, "F and E must be multiples of 16" + weights);
   if (b1.Shape() != std::vector<int64_t>{f}) {
-    return fail("b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
+    return fail(op, "b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
   }
   if (b2.Shape() != std::vector<int64_t>{e}) {
-    return fail("b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
+    return fail(op, "b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
   }
   std::vector<int64_t> ys = xs;
   ys.back() = e;
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < xs.size(); ++i) rows *= xs[i];
+  const int64_t rows = rows_of(xs);
   Call call;
   m2fp::FfnTask& t = call.t;
   t.y = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
-  // Many rows: the weights packed into 16-column panels once (each panel's rows contiguous, read
-  // by every block); a few (the decoder's 100 queries): read in place, without copying them per
-  // call (at a few hundred rows both run about as fast as ONNX Runtime's nodes, within the noise of
-  // calls of a few milliseconds; at 15120 rows, packed, 1.3-1.6x faster).
   std::vector<float> packed1, packed2;
   t.x = x.Data();
-  t.b1 = b1.Data();
-  t.b2 = b2.Data();
-  if (rows >= kPackRows) {
-    packed1.resize(static_cast<size_t>(d * f));
-    packed2.resize(static_cast<size_t>(f * e));
-    pack(w1.Data(), d, f, packed1.data());
-    pack(w2.Data(), f, e, packed2.data());
-    t.w1 = packed1.data();
-    t.w2 = packed2.data();
-    t.w1_step = d;
-    t.w2_step = f;
-    t.w1_ld = t.w2_ld = kColumns;
-  } else {
-    t.w1 = w1.Data();
-    t.w2 = w2.Data();
-    t.w1_step = t.w2_step = 1;
-    t.w1_ld = f;
-    t.w2_ld = e;
-  }
+  t.w1 = filter_of(w1.Data(), b1.Data(), d, f, rows, packed1);
+  t.w2 = filter_of(w2.Data(), b2.Data(), f, e, rows, packed2);
   t.rows = rows;
   t.d = d;
   t.f = f;
   t.e = e;
-  // Blocks of 6 * ceil(rows / 48) rows, at most 48: 5 to 8 tasks for 49 to 383 rows, so that a
-  // hundred rows still keep two threads busy. Not smaller: every task reads all of w1 and w2, and
-  // for few rows that reading is most of the work.
-  t.block = std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock);
+  t.block = block_of(rows);
   const int64_t blocks = (rows + t.block - 1) / t.block;
   Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>(blocks), 0, &call);
   if (call.failed) return Ort::Status("ai.m2fp::FeedForward: out of memory for a block's hidden rows", ORT_FAIL);
+  return Ort::Status{nullptr};
+}
+
+Ort::Status Linear(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& w,
+                   const Ort::Custom::Tensor<float>& b, Ort::Custom::Tensor<float>& y) {
+  const std::vector<int64_t> xs = x.Shape(), ws = w.Shape();
+  const char* op = "Linear";
+  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
+  if (ws.size() != 2 || ws[0] != xs.back()) {
+    return fail(op, "w must be (D, E) with D = x's last dimension; x " + dims(xs) + ", w " + dims(ws));
+  }
+  const int64_t d = ws[0], e = ws[1];
+  if (e % kColumns != 0) return fail(op, "E must be a multiple of 16; w " + dims(ws));
+  if (b.Shape() != std::vector<int64_t>{e}) {
+    return fail(op, "b must be (E) = (" + std::to_string(e) + "), not " + dims(b.Shape()));
+  }
+  std::vector<int64_t> ys = xs;
+  ys.back() = e;
+  const int64_t rows = rows_of(xs);
+  m2fp::LinearTask t{};
+  t.y = y.Allocate(ys);
+  if (rows == 0) return Ort::Status{nullptr};
+  std::vector<float> packed;
+  t.x = x.Data();
+  t.w = filter_of(w.Data(), b.Data(), d, e, rows, packed);
+  t.rows = rows;
+  t.d = d;
+  t.e = e;
+  t.block = block_of(rows);
+  const int64_t blocks = (rows + t.block - 1) / t.block;
+  Ort::KernelContext(context).ParallelFor(linear_task_of, static_cast<size_t>(blocks), 0, &t);
   return Ort::Status{nullptr};
 }
 
@@ -162,12 +208,20 @@ Ort::Status FeedForwardChecked(OrtKernelContext* context, const Ort::Custom::Ten
   return m2fp::checked("FeedForward", [&] { return FeedForward(context, x, w1, b1, w2, b2, y); });
 }
 
+Ort::Status LinearChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                          const Ort::Custom::Tensor<float>& w, const Ort::Custom::Tensor<float>& b,
+                          Ort::Custom::Tensor<float>& y) {
+  return m2fp::checked("Linear", [&] { return Linear(context, x, w, b, y); });
+}
+
 }  // namespace
 
-// Which build of the products this process runs: "avx2-fma" or "generic" (ctypes; the tests ask).
+// Which build of the products (FeedForward's and Linear's) this process runs: "avx2-fma" or "generic" (ctypes; the tests ask).
 extern "C" __attribute__((visibility("default"))) const char* m2fp_ffn_kernel(void) { return chosen().name; }
 
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep) {
   keep.emplace_back(Ort::Custom::CreateLiteCustomOp("FeedForward", "CPUExecutionProvider", FeedForwardChecked));
+  domain.Add(keep.back().get());
+  keep.emplace_back(Ort::Custom::CreateLiteCustomOp("Linear", "CPUExecutionProvider", LinearChecked));
   domain.Add(keep.back().get());
 }

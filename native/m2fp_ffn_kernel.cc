@@ -1,8 +1,9 @@
-// The register-blocked products of ai.m2fp::FeedForward (m2fp_ffn.cc): one block of rows,
-//   hidden = relu(x @ w1 + b1), y = hidden @ w2 + b2.
-// Built twice (native/build.py): with the compiler's defaults (M2FP_FFN_ROWS = m2fp_ffn_rows_generic)
-// and, on x86-64, with -mavx2 -mfma (m2fp_ffn_rows_v3), which m2fp_ffn.cc picks when the CPU has
-// both. A whole translation unit for the ISA, not a target attribute: GCC 12 turns the broadcast
+// The register-blocked products of ai.m2fp::FeedForward and ai.m2fp::Linear (m2fp_ffn.cc), one
+// block of rows at a time:
+//   FeedForward: hidden = relu(x @ w1 + b1), y = hidden @ w2 + b2;    Linear: y = x @ w + b.
+// Built twice (native/build.py): with the compiler's defaults (M2FP_FFN_ROWS = m2fp_ffn_rows_generic,
+// M2FP_LINEAR_ROWS = m2fp_linear_rows_generic) and, on x86-64, with -mavx2 -mfma (the _v3 names),
+// which m2fp_ffn.cc picks when the CPU has both. A whole translation unit for the ISA, not a target attribute: GCC 12 turns the broadcast
 // below into one `vbroadcastss` from memory only when the unit is compiled for AVX2 (under
 // target("avx2") or target_clones it builds the vector lane by lane, and the kernel runs at about
 // half the speed).
@@ -13,6 +14,9 @@
 
 #ifndef M2FP_FFN_ROWS
 #define M2FP_FFN_ROWS m2fp_ffn_rows_generic
+#endif
+#ifndef M2FP_LINEAR_ROWS
+#define M2FP_LINEAR_ROWS m2fp_linear_rows_generic
 #endif
 
 namespace {
@@ -77,24 +81,26 @@ __attribute__((always_inline)) inline void kernel(int64_t depth, const float* __
   }
 }
 
-}  // namespace
-
-void M2FP_FFN_ROWS(const m2fp::FfnTask& t, int64_t r0, int64_t rows, float* hidden) {
-  const float* x = t.x + r0 * t.d;
-  for (int64_t j = 0; j < t.f; j += kColumns) {  // hidden = relu(x @ w1 + b1), rows x F
-    const float* panel = t.w1 + j * t.w1_step;
+// out (rows x n, row stride ldo) = a (rows x depth, row stride lda) @ w + its bias (then max(0, .)
+// when kRelu), 16 columns at a time.
+template <bool kRelu>
+void product(const float* a, int64_t lda, int64_t depth, const m2fp::Filter& w, int64_t n, float* out, int64_t ldo,
+             int64_t rows) {
+  for (int64_t j = 0; j < n; j += kColumns) {
+    const float* panel = w.w + j * w.step;
     for (int64_t i = 0; i < rows; i += kRows) {
-      kernel<true>(t.d, x + i * t.d, t.d, panel, t.w1_ld, t.b1 + j, hidden + i * t.f + j, t.f,
-                   std::min(kRows, rows - i));
-    }
-  }
-  float* y = t.y + r0 * t.e;
-  for (int64_t j = 0; j < t.e; j += kColumns) {  // y = hidden @ w2 + b2
-    const float* panel = t.w2 + j * t.w2_step;
-    for (int64_t i = 0; i < rows; i += kRows) {
-      kernel<false>(t.f, hidden + i * t.f, t.f, panel, t.w2_ld, t.b2 + j, y + i * t.e + j, t.e,
-                    std::min(kRows, rows - i));
+      kernel<kRelu>(depth, a + i * lda, lda, panel, w.ld, w.b + j, out + i * ldo + j, ldo, std::min(kRows, rows - i));
     }
   }
 }
 
+}  // namespace
+
+void M2FP_FFN_ROWS(const m2fp::FfnTask& t, int64_t r0, int64_t rows, float* hidden) {
+  product<true>(t.x + r0 * t.d, t.d, t.d, t.w1, t.f, hidden, t.f, rows);  // hidden = relu(x @ w1 + b1)
+  product<false>(hidden, t.f, t.f, t.w2, t.e, t.y + r0 * t.e, t.e, rows);  // y = hidden @ w2 + b2
+}
+
+void M2FP_LINEAR_ROWS(const m2fp::LinearTask& t, int64_t r0, int64_t rows) {
+  product<false>(t.x + r0 * t.d, t.d, t.d, t.w, t.e, t.y + r0 * t.e, t.e, rows);
+}

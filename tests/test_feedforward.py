@@ -354,9 +354,10 @@ def test_rewrite_command_writes_the_fused_model(tiny_copy: Path, tmp_path: Path)
     assert child.returncode == 0, child.stderr.decode()
     fused = onnx.load_from_string(child.stdout)
     assert sum(n.op_type == "FeedForward" for n in fused.graph.node) == 8
-    assert metadata(fused)[feedforward.METADATA_KEY] == "8"
+    assert sum(n.op_type == "Linear" for n in fused.graph.node) == 26
+    assert metadata(fused)[feedforward.METADATA_KEY] == "8" and metadata(fused)[feedforward.LINEAR_METADATA_KEY] == "26"
     stderr = child.stderr.decode()
-    assert "8 feed-forward block(s) fused" in stderr and "convolution(s) as Winograd" in stderr
+    assert "8 feed-forward block(s) fused, 26 linear layer(s) fused" in stderr and "convolution(s) as Winograd" in stderr
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", str(broken)], capture_output=True,

@@ -16,10 +16,15 @@ A chain qualifies when both weights and biases are float initialisers, directly 
 ``Identity`` nodes (the exporter shares equal tensors that way; INT8 models, whose weights are
 quantised, are left alone), F and E are multiples of 16 (the kernel's 16-column panels),
 and every intermediate tensor has exactly one reader and is not a graph output.
+
+``rewrite_linear`` then does the same for the linear layers left (``MatMul(x, W) -> Add(b)``, the
+attention's projections: 88 on M2FP), as ``ai.m2fp::Linear(x, W, b)`` on the same kernel: the
+bias is added as the product is stored instead of in a pass of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import onnx
@@ -27,6 +32,7 @@ from onnx import helper
 
 DOMAIN = "ai.m2fp"
 METADATA_KEY = "m2fp_feedforward"  # how many blocks were fused (kept in the optimised graph)
+LINEAR_METADATA_KEY = "m2fp_linear"  # how many linear layers were
 COLUMNS = 16
 
 
@@ -62,7 +68,8 @@ class _Graph:
 
 
 class Block(NamedTuple):
-    """A qualifying feed-forward block: its FeedForward inputs [x, W1, b1, W2, b2] and its five nodes."""
+    """A qualifying chain: its fused op's inputs and the nodes it replaces (a feed-forward block:
+    [x, W1, b1, W2, b2] and five nodes; a linear layer: [x, W, b], MatMul and Add)."""
 
     inputs: list[str]
     nodes: list[onnx.NodeProto]
@@ -94,13 +101,24 @@ def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
     return Block([first.input[0], w1, b1, w2, b2], [first, add1, relu, second, add2])
 
 
-def blocks(graph: onnx.GraphProto) -> list[Block]:
-    """The graph's qualifying blocks in node order; where two overlap (an MLP of three layers), the first."""
+def match_linear(node: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The linear layer MatMul ``node`` starts (``node`` and the Add of a bias, its sole reader), or None."""
+    w = g.weight(node.input[1]) if node.op_type == "MatMul" else None
+    if w is None or len(g.dims[w]) != 2 or g.dims[w][1] % COLUMNS or node.output[0] in g.outputs:
+        return None
+    add = g.sole_reader(node.output[0], "Add")
+    b = add and g.bias(add, node.output[0], g.dims[w][1])
+    return Block([node.input[0], w, b], [node, add]) if add and b else None
+
+
+def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
+    """The graph's qualifying chains in node order (feed-forward blocks, or linear layers with
+    ``matcher=match_linear``); where two overlap (an MLP of three layers), the first."""
     g = _Graph(graph)
     found: list[Block] = []
     taken: set[int] = set()
     for node in graph.node:
-        block = None if id(node) in taken else match(node, g)
+        block = None if id(node) in taken else matcher(node, g)
         if block is not None:
             found.append(block)
             taken.update(id(n) for n in block.nodes)
@@ -120,13 +138,23 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
 
 def rewrite(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying feed-forward blocks in place (main graph only); returns how many."""
+    return _fuse(model, blocks(model.graph), "FeedForward", METADATA_KEY)
+
+
+def rewrite_linear(model: onnx.ModelProto) -> int:
+    """Fuses ``model``'s qualifying linear layers in place (main graph only; after ``rewrite``, so
+    the feed-forward blocks' layers are taken already); returns how many."""
+    return _fuse(model, blocks(model.graph, match_linear), "Linear", LINEAR_METADATA_KEY)
+
+
+def _fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> int:
+    """Replaces each chain of ``found`` with one ``op_type`` node; its count goes to metadata ``key``."""
     graph = model.graph
-    found = blocks(graph)
     if not found:
         return 0
-    fused = {id(b.nodes[0]): helper.make_node(  # the block's first node -> its FeedForward node
-        "FeedForward", b.inputs, [b.nodes[-1].output[0]],
-        name=f"{b.nodes[0].name or b.nodes[0].output[0]}_feedforward", domain=DOMAIN) for b in found}
+    fused = {id(b.nodes[0]): helper.make_node(  # the chain's first node -> its fused node
+        op_type, b.inputs, [b.nodes[-1].output[0]],
+        name=f"{b.nodes[0].name or b.nodes[0].output[0]}_{op_type.lower()}", domain=DOMAIN) for b in found}
     gone = {id(n) for b in found for n in b.nodes}
     weights = {t.name for t in graph.initializer}
     operands = _names_read([n for n in graph.node if id(n) in gone])
@@ -142,5 +170,5 @@ def rewrite(model: onnx.ModelProto) -> int:
         graph.value_info.remove(value)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(len(fused))})
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: str(len(fused))})
     return len(fused)

@@ -3,6 +3,7 @@
 - ``winograd.rewrite``: large 3x3 convolutions as Winograd F(4x4, 3x3).
 - ``feedforward.rewrite``: transformer feed-forward blocks (MatMul, Add, Relu, MatMul, Add) as one
   ``ai.m2fp::FeedForward`` node.
+- ``feedforward.rewrite_linear``: the linear layers left (MatMul, Add) as ``ai.m2fp::Linear`` nodes.
 
 The model file is not changed: the engine runs ``python -m m2fp_service.rewrite MODEL`` in a child
 process (parsing and serialising a 230 MB protobuf holds the GIL for up to a second at a time) and
@@ -21,7 +22,8 @@ from m2fp_service import feedforward, winograd
 
 def apply(model: onnx.ModelProto) -> dict[str, int]:
     """Applies every rewrite to ``model`` in place; returns how many nodes each one replaced."""
-    return {"winograd_convolutions": winograd.rewrite(model), "feedforward_blocks": feedforward.rewrite(model)}
+    return {"winograd_convolutions": winograd.rewrite(model), "feedforward_blocks": feedforward.rewrite(model),
+            "linear_layers": feedforward.rewrite_linear(model)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(counts.values()):
         sys.stdout.buffer.write(model.SerializeToString())
     print(f"graph rewrites: {counts['winograd_convolutions']} 3x3 convolution(s) as Winograd F(4x4, 3x3), "
-          f"{counts['feedforward_blocks']} feed-forward block(s) fused", file=sys.stderr)
+          f"{counts['feedforward_blocks']} feed-forward block(s) fused, {counts['linear_layers']} linear layer(s) fused",
+          file=sys.stderr)
     return 0
 
 

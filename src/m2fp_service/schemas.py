@@ -272,6 +272,10 @@ class ModelInfo(BaseModel):
                              "(the same library; on M2FP FP32 models 25: the pixel decoder's 6 encoder layers, the 9 "
                              "decoder layers and the 10 mask-embedding MLPs; INT8 models keep only the last in float, "
                              "10; 0 without the library)")
+    linear_layers: int = Field(
+        0, ge=0, description="How many of the other linear layers (MatMul, Add: the attention's projections) run as "
+                             "one fused op (the same library; on M2FP FP32 models 88; INT8 models, the float ones "
+                             "left, 31; 0 without the library)")
 
 
 class LabelSetOut(BaseModel):
