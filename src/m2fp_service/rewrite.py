@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(counts.values()):
         sys.stdout.buffer.write(model.SerializeToString())
     print(f"graph rewrites: {counts['winograd_convolutions']} 3x3 convolution(s) as Winograd F(4x4, 3x3), "
-          f"{counts['feedforward_blocks']} feed-forward block(s) fused, {counts['linear_layers']} linear layer(s) fused",
-          file=sys.stderr)
+          f"{counts['feedforward_blocks']} feed-forward block(s) fused, "
+          f"{counts['linear_layers']} linear layer(s) fused", file=sys.stderr)
     return 0
 
 
