@@ -225,18 +225,24 @@ def section_rewrites(w: dict[str, Any] | None) -> list[str]:
     counts = w["counts"]
     convs = [n for n in w["replaced_nodes"]["winograd"] if not n.endswith("_nchwc")]
     lines = ["", f"The graph rewrites (`rewrite.py`): {counts['winograd']} 3×3 convolution(s) as Winograd F(4×4, 3×3) "
-             "(" + ", ".join(f"`{n}`" for n in convs if "Conv" in n) + f") and {counts['feedforward']} feed-forward "
-             "blocks (MatMul, Add, Relu, MatMul, Add) as one fused op. The FP32 model as exported vs as the engine "
-             f"runs it, one process, runs alternating, ONNX Runtime's profiler on ({w['rounds']} runs each); "
+             "(" + ", ".join(f"`{n}`" for n in convs if "Conv" in n) + f"), {counts['feedforward']} feed-forward "
+             "blocks (MatMul, Add, Relu, MatMul, Add) as one fused op and "
+             f"{counts.get('linear', 0)} linear layers (MatMul, Add) as another. The FP32 model as exported vs as "
+             f"the engine runs it, one process, runs alternating, ONNX Runtime's profiler on ({w['rounds']} runs "
+             "each); "
              "seconds, median (min–max). The node times are the replaced nodes' own against the rewrite's nodes: "
              "far steadier than whole runs on a noisy machine.", "",
              "| input | convolution as exported | as Winograd | speed-up | feed-forward blocks as exported | fused | "
-             "speed-up | whole run as exported | rewritten | node time saved, of the whole run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed-up | linear layers as exported | fused | speed-up | whole run as exported | rewritten | "
+             "node time saved, of the whole run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in w["rows"]:
         cells = [r["input_hw"]]
         saved = 0.0
-        for kind in ("winograd", "feedforward"):
+        for kind in ("winograd", "feedforward", "linear"):
+            if f"{kind}_plain_node_s" not in r:  # results from before the linear rewrite
+                cells += ["–"] * 3
+                continue
             a, b = r[f"{kind}_plain_node_s"], r[f"{kind}_rewritten_node_s"]
             cells += [fmt_s(a, 3), fmt_s(b, 3), f"{a['median'] / b['median']:.2f}×" if b["median"] else "–"]
             saved += a["median"] - b["median"]
