@@ -125,7 +125,9 @@ m2fp::Filter filter_of(const float* w, const float* b, int64_t depth, int64_t n,
 // Tasks of 6 * ceil(rows / 48) rows, at most 48: 5 to 8 tasks for 49 to 383 rows, so that a hundred
 // rows still keep two threads busy. Not smaller: every task reads all of the filters, and for few
 // rows that reading is most of the work.
-int64_t block_of(int64_t rows) { return std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock); }
+int64_t block_of(int64_t rows) {
+  return std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock);
+}
 
 Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                         const Ort::Custom::Tensor<float>& w1, const Ort::Custom::Tensor<float>& b1,
