@@ -2,8 +2,8 @@
 results come from standard code, slower).
 
 - ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``): the custom-op
-  library (fused deformable attention, Winograd convolutions, the fused feed-forward block; on x86-64
-  the feed-forward products are built a second time for AVX2 + FMA and picked at run time). It
+  library (fused deformable attention, Winograd convolutions, the fused feed-forward block and linear
+  layer; on x86-64 their products are built a second time for AVX2 + FMA and picked at run time). It
   needs ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They come
   from Debian's ``libonnxruntime-dev`` package (fetched from the Debian archive, checked against a
   pinned SHA-256, cached in ``~/.cache/m2fp``): the C API is versioned and backward compatible, so
@@ -109,8 +109,8 @@ def build_msda(output: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
         if platform.machine().lower() in ("x86_64", "amd64"):
-            # The feed-forward and linear products once more, for AVX2 + FMA (picked at run time when the CPU has
-            # both; see m2fp_ffn_kernel.cc). A compiler that cannot leaves the generic build alone.
+            # The feed-forward and linear products once more, for AVX2 + FMA (picked at run time when the
+            # CPU has both; see m2fp_ffn_kernel.cc). A compiler that cannot leaves the generic build alone.
             v3 = Path(tmp) / "m2fp_ffn_kernel_v3.o"
             command = [*compiler, *FLAGS, f"-I{include}", "-mavx2", "-mfma", "-DM2FP_FFN_ROWS=m2fp_ffn_rows_v3",
                        "-DM2FP_LINEAR_ROWS=m2fp_linear_rows_v3", "-c",

@@ -7,8 +7,8 @@
 #include <memory>
 #include <vector>
 
-// Adds ai.m2fp::FeedForward and ai.m2fp::Linear to `domain`; `keep` owns the op object (it must outlive every session
-// that uses the domain).
+// Adds ai.m2fp::FeedForward and ai.m2fp::Linear to `domain`; `keep` owns the op objects (they must
+// outlive every session that uses the domain).
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep);
 
 namespace m2fp {

@@ -53,8 +53,8 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 
 def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
-    convolutions, fused feed-forward blocks and linear layers), serialised; None without the kernel or when nothing
-    qualifies.
+    convolutions, fused feed-forward blocks and linear layers), serialised; None without the kernel
+    or when nothing qualifies.
 
     The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
     serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the

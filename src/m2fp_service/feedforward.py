@@ -32,7 +32,7 @@ from onnx import helper
 
 DOMAIN = "ai.m2fp"
 METADATA_KEY = "m2fp_feedforward"  # how many blocks were fused (kept in the optimised graph)
-LINEAR_METADATA_KEY = "m2fp_linear"  # how many linear layers were
+LINEAR_METADATA_KEY = "m2fp_linear"  # how many linear layers were fused
 COLUMNS = 16
 
 
