@@ -119,7 +119,8 @@ def build_msda(output: Path) -> Path:
             if subprocess.run(command, check=False).returncode == 0:
                 extra = ["-DM2FP_FFN_V3", str(v3)]
             else:
-                print("the AVX2 build of the feed-forward products failed: the generic one only", file=sys.stderr)
+                print("the AVX2 build of the feed-forward and linear products failed: the generic one only",
+                      file=sys.stderr)
         return _compile([*compiler, *FLAGS, f"-I{include}", *sources, *extra], output)
 
 

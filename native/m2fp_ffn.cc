@@ -10,9 +10,10 @@
 // into 16-column panels when there are many rows), which on AVX2 runs faster than ONNX Runtime's own
 // GEMM for these shapes (bench/rewrites.py). F and E are multiples of 16.
 //
-// And a linear layer on the same kernel, ai.m2fp::Linear (the attention's projections):
+// And a linear layer on the same kernel, ai.m2fp::Linear (the layers left after the feed-forward
+// fusion: the attention's projections, the mask MLPs' last layers):
 //
-//   y = x @ w + b                        x (..., D), w (D, E), b (E) -> y (..., E)
+//   y = x @ w + b                        x (..., D), w (D, E), b (E) -> y (..., E); E a multiple of 16
 //
 // The graph rewrites are `m2fp_service/feedforward.py`.
 #include <onnxruntime_lite_custom_op.h>
@@ -116,6 +117,8 @@ int64_t rows_of(const std::vector<int64_t>& shape) {
 // 1.3-1.6x faster).
 m2fp::Filter filter_of(const float* w, const float* b, int64_t depth, int64_t n, int64_t rows,
                        std::vector<float>& packed) {
+  static const float kNothing = 0.0f;  // depth 0 (y = the bias): no panel is read, none offset from null
+  if (depth == 0) return {&kNothing, b, 0, 0};
   if (rows < kPackRows) return {w, b, 1, n};
   packed.resize(static_cast<size_t>(depth * n));
   pack(w, depth, n, packed.data());

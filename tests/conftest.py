@@ -65,7 +65,8 @@ def missing_native(what: str) -> NoReturn:
 
 @pytest.fixture(scope="module")
 def kernel_library() -> Path:
-    """The built custom-op library (deformable attention, Winograd convolutions)."""
+    """The built custom-op library (deformable attention, Winograd convolutions, fused feed-forward
+    blocks and linear layers)."""
     from m2fp_service.engine import BUILT_MSDA_KERNEL
 
     if not BUILT_MSDA_KERNEL.is_file():

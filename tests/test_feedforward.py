@@ -404,6 +404,10 @@ def declined_layer(kind: str) -> onnx.ModelProto:
         return chain_model(layer(16, 24))
     if kind == "weight-is-input":
         return chain_model(w, as_inputs=("w1",))
+    if kind == "weight-first":  # MatMul(W, x) is W @ x, not x @ W (square, so the graph is valid)
+        model = chain_model(layer(32, 32, seed=14))
+        model.graph.node[0].input[:] = list(reversed(model.graph.node[0].input))
+        return model
     if kind == "weight-rank-3":  # (2, 32, 32) with a (32) bias: a batched product, not (D, E)
         return chain_model({"w1": np.ones((2, 32, 32), np.float32), "b1": w["b1"]})
     if kind == "product-read-twice":
@@ -474,7 +478,7 @@ def declined(kind: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("kind", ["F-24", "E-8", "weights-are-inputs", "bias-is-input", "relu-is-output", "p1", "a1",
                                   "h", "p2", "h-in-a-subgraph", "sigmoid", "b1-length-1", "b2-rank-2", "qdq",
                                   *(f"linear-{k}" for k in (
-                                      "E-24", "weight-is-input", "weight-rank-3", "product-read-twice",
+                                      "E-24", "weight-is-input", "weight-first", "weight-rank-3", "product-read-twice",
                                       "product-in-a-subgraph", "product-is-output", "bias-1xE", "bias-length-1",
                                       "bias-E+16", "bias-is-input", "bias-computed", "sub", "qdq", "int32"))])
 def test_chains_that_do_not_qualify_are_left_alone(kind: str) -> None:
