@@ -231,7 +231,9 @@ def section_rewrites(w: dict[str, Any] | None) -> list[str]:
              f"the engine runs it, one process, runs alternating, ONNX Runtime's profiler on ({w['rounds']} runs "
              "each); "
              "seconds, median (min–max). The node times are the replaced nodes' own against the rewrite's nodes: "
-             "far steadier than whole runs on a noisy machine.", "",
+             "far steadier than whole runs on a noisy machine. (The first encoder layer's value projection, which "
+             "ONNX Runtime fuses with a Transpose under another name, is missing from the linear layers as "
+             "exported; with the rewrite that Transpose runs on its own, in neither column.)", "",
              "| input | convolution as exported | as Winograd | speed-up | feed-forward blocks as exported | fused | "
              "speed-up | linear layers as exported | fused | speed-up | whole run as exported | rewritten | "
              "node time saved, of the whole run |",

@@ -17,9 +17,9 @@ A chain qualifies when both weights and biases are float initialisers, directly 
 quantised, are left alone), F and E are multiples of 16 (the kernel's 16-column panels),
 and every intermediate tensor has exactly one reader and is not a graph output.
 
-``rewrite_linear`` then does the same for the linear layers left (``MatMul(x, W) -> Add(b)``, the
-attention's projections: 88 on M2FP), as ``ai.m2fp::Linear(x, W, b)`` on the same kernel: the
-bias is added as the product is stored instead of in a pass of its own.
+``rewrite_linear`` then does the same for the linear layers left (``MatMul(x, W) -> Add(b)``: the
+attention's projections and the mask MLPs' last layers, 88 on M2FP), as ``ai.m2fp::Linear(x, W, b)``
+on the same kernel: the bias is added as the product is stored instead of in a pass of its own.
 """
 
 from __future__ import annotations

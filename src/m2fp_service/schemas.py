@@ -273,9 +273,9 @@ class ModelInfo(BaseModel):
                              "decoder layers and the 10 mask-embedding MLPs; INT8 models keep only the last in float, "
                              "10; 0 without the library)")
     linear_layers: int = Field(
-        0, ge=0, description="How many of the other linear layers (MatMul, Add: the attention's projections) run as "
-                             "one fused op (the same library; on M2FP FP32 models 88; INT8 models, the float ones "
-                             "left, 31; 0 without the library)")
+        0, ge=0, description="How many of the linear layers left (MatMul, Add: the attention's projections, the mask "
+                             "MLPs' last layers) run as one fused op (the same library; on M2FP FP32 models 88; INT8 "
+                             "models, the float ones left, 31; 0 without the library)")
 
 
 class LabelSetOut(BaseModel):
