@@ -75,32 +75,6 @@ class Block(NamedTuple):
     nodes: list[onnx.NodeProto]
 
 
-def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
-    """The block that starts with MatMul ``first`` (``first`` and its sole readers), or None."""
-    w1 = g.weight(first.input[1]) if first.op_type == "MatMul" else None
-    if w1 is None or len(g.dims[w1]) != 2:
-        return None
-    f = g.dims[w1][1]
-    add1 = g.sole_reader(first.output[0], "Add")
-    relu = add1 and g.sole_reader(add1.output[0], "Relu")
-    second = relu and g.sole_reader(relu.output[0], "MatMul")
-    if not (add1 and relu and second) or second.input[0] != relu.output[0]:
-        return None
-    w2 = g.weight(second.input[1])
-    if w2 is None or len(g.dims[w2]) != 2 or g.dims[w2][0] != f:
-        return None
-    e = g.dims[w2][1]
-    add2 = g.sole_reader(second.output[0], "Add")
-    if add2 is None or f % COLUMNS or e % COLUMNS:
-        return None
-    b1, b2 = g.bias(add1, first.output[0], f), g.bias(add2, second.output[0], e)
-    if b1 is None or b2 is None:
-        return None
-    if any(o in g.outputs for n in (first, add1, relu, second) for o in n.output):
-        return None
-    return Block([first.input[0], w1, b1, w2, b2], [first, add1, relu, second, add2])
-
-
 def match_linear(node: onnx.NodeProto, g: _Graph) -> Block | None:
     """The linear layer MatMul ``node`` starts (``node`` and the Add of a bias, its sole reader), or None."""
     w = g.weight(node.input[1]) if node.op_type == "MatMul" else None
@@ -109,6 +83,20 @@ def match_linear(node: onnx.NodeProto, g: _Graph) -> Block | None:
     add = g.sole_reader(node.output[0], "Add")
     b = add and g.bias(add, node.output[0], g.dims[w][1])
     return Block([node.input[0], w, b], [node, add]) if add and b else None
+
+
+def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The block that starts with MatMul ``first``: a linear layer, a Relu, a second linear layer
+    whose D is the first's E, each node its predecessor's sole reader; or None."""
+    one = match_linear(first, g)
+    relu = g.sole_reader(one.nodes[1].output[0], "Relu") if one else None
+    second = g.sole_reader(relu.output[0], "MatMul") if relu else None
+    two = match_linear(second, g) if relu and second and second.input[0] == relu.output[0] else None
+    if not (one and relu and two) or g.dims[two.inputs[1]][0] != g.dims[one.inputs[1]][1]:
+        return None
+    if any(o in g.outputs for n in (one.nodes[1], relu) for o in n.output):
+        return None
+    return Block([*one.inputs, *two.inputs[1:]], [*one.nodes, relu, *two.nodes])
 
 
 def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
