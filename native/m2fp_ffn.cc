@@ -132,6 +132,11 @@ int64_t block_of(int64_t rows) {
   return std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock);
 }
 
+// task(data, i) for the i-th block of `block` rows, on ONNX Runtime's intra-op pool.
+void for_blocks(OrtKernelContext* context, void (*task)(void*, size_t), int64_t rows, int64_t block, void* data) {
+  Ort::KernelContext(context).ParallelFor(task, static_cast<size_t>((rows + block - 1) / block), 0, data);
+}
+
 Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                         const Ort::Custom::Tensor<float>& w1, const Ort::Custom::Tensor<float>& b1,
                         const Ort::Custom::Tensor<float>& w2, const Ort::Custom::Tensor<float>& b2,
@@ -156,21 +161,13 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
   std::vector<int64_t> ys = xs;
   ys.back() = e;
   const int64_t rows = rows_of(xs);
-  Call call;
-  m2fp::FfnTask& t = call.t;
-  t.y = y.Allocate(ys);
+  float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
   std::vector<float> packed1, packed2;
-  t.x = x.Data();
-  t.w1 = filter_of(w1.Data(), b1.Data(), d, f, rows, packed1);
-  t.w2 = filter_of(w2.Data(), b2.Data(), f, e, rows, packed2);
-  t.rows = rows;
-  t.d = d;
-  t.f = f;
-  t.e = e;
-  t.block = block_of(rows);
-  const int64_t blocks = (rows + t.block - 1) / t.block;
-  Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>(blocks), 0, &call);
+  Call call;
+  call.t = {x.Data(), out, filter_of(w1.Data(), b1.Data(), d, f, rows, packed1),
+            filter_of(w2.Data(), b2.Data(), f, e, rows, packed2), rows, d, f, e, block_of(rows)};
+  for_blocks(context, task_of, rows, call.t.block, &call);
   if (call.failed) return Ort::Status("ai.m2fp::FeedForward: out of memory for a block's hidden rows", ORT_FAIL);
   return Ort::Status{nullptr};
 }
@@ -191,18 +188,11 @@ Ort::Status Linear(OrtKernelContext* context, const Ort::Custom::Tensor<float>& 
   std::vector<int64_t> ys = xs;
   ys.back() = e;
   const int64_t rows = rows_of(xs);
-  m2fp::LinearTask t{};
-  t.y = y.Allocate(ys);
+  float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
   std::vector<float> packed;
-  t.x = x.Data();
-  t.w = filter_of(w.Data(), b.Data(), d, e, rows, packed);
-  t.rows = rows;
-  t.d = d;
-  t.e = e;
-  t.block = block_of(rows);
-  const int64_t blocks = (rows + t.block - 1) / t.block;
-  Ort::KernelContext(context).ParallelFor(linear_task_of, static_cast<size_t>(blocks), 0, &t);
+  m2fp::LinearTask t{x.Data(), out, filter_of(w.Data(), b.Data(), d, e, rows, packed), rows, d, e, block_of(rows)};
+  for_blocks(context, linear_task_of, rows, t.block, &t);
   return Ort::Status{nullptr};
 }
 
