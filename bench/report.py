@@ -229,10 +229,9 @@ def section_rewrites(w: dict[str, Any] | None) -> list[str]:
              "blocks (MatMul, Add, Relu, MatMul, Add) as one fused op and "
              f"{counts.get('linear', 0)} linear layers (MatMul, Add) as another. The FP32 model as exported vs as "
              f"the engine runs it, one process, runs alternating, ONNX Runtime's profiler on ({w['rounds']} runs "
-             "each); "
-             "seconds, median (min–max). The node times are the replaced nodes' own against the rewrite's nodes: "
-             "far steadier than whole runs on a noisy machine. (The first encoder layer's value projection, which "
-             "ONNX Runtime fuses with a Transpose under another name, is missing from the linear layers as "
+             "each); seconds, median (min–max). The node times are the replaced nodes' own against the rewrite's "
+             "nodes: far steadier than whole runs on a noisy machine. (The first encoder layer's value projection, "
+             "which ONNX Runtime fuses with a Transpose under another name, is missing from the linear layers as "
              "exported; with the rewrite that Transpose runs on its own, in neither column.)", "",
              "| input | convolution as exported | as Winograd | speed-up | feed-forward blocks as exported | fused | "
              "speed-up | linear layers as exported | fused | speed-up | whole run as exported | rewritten | "
@@ -293,7 +292,8 @@ def section_e2e(e2e: dict[str, Any] | None) -> list[str]:
     if loads:
         lines += ["", "Our peak RSS above is serving's (each server's peak was reset once it was ready); while "
                   "loading, the servers peaked at " + ", ".join(f"{n} {v:.0f} MB" for n, v in loads.items())
-                  + " (FP32 1.0–1.1 GB when the engine rewrites the graph, i.e. without a warm optimised-graph cache)."]
+                  + " (with a warm optimised-graph cache; a start without it also rewrites the graph, which holds "
+                  "the model twice for a moment: README, Measurements)."]
 
     def around(r: dict[str, Any]) -> float:
         s = r["stages"]
