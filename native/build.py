@@ -3,12 +3,13 @@ results come from standard code, slower).
 
 - ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``): the custom-op
   library (fused deformable attention, Winograd convolutions, the fused feed-forward block and linear
-  layer; on x86-64 their products are built a second time for AVX2 + FMA and picked at run time). It
-  needs ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They come
-  from Debian's ``libonnxruntime-dev`` package (fetched from the Debian archive, checked against a
-  pinned SHA-256, cached in ``~/.cache/m2fp``): the C API is versioned and backward compatible, so
-  a library built against 1.21's headers (``ORT_API_VERSION`` 21) loads in any newer runtime.
-  Needs a C++17 compiler (``$CXX``, default ``c++``).
+  layer; on x86-64 their products are built twice more, for AVX2 + FMA and for AVX-512, and the
+  widest the CPU runs is picked at run time). It needs ONNX Runtime's C/C++ API headers, which the
+  onnxruntime wheel does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched
+  from the Debian archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API
+  is versioned and backward compatible, so a library built against 1.21's headers
+  (``ORT_API_VERSION`` 21) loads in any newer runtime. Needs a C++17 compiler (``$CXX``, default
+  ``c++``).
 - ``libm2fp_post.so`` (``m2fp_post.c``): post-processing's fused per-pixel loops, plain C with no
   dependencies, loaded through ctypes (``imaging/fused.py``). Needs a C compiler (``$CC``, default ``cc``).
 
@@ -109,18 +110,20 @@ def build_msda(output: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
         if platform.machine().lower() in ("x86_64", "amd64"):
-            # The feed-forward and linear products once more, for AVX2 + FMA (picked at run time when the
-            # CPU has both; see m2fp_ffn_kernel.cc). A compiler that cannot leaves the generic build alone.
-            v3 = Path(tmp) / "m2fp_ffn_kernel_v3.o"
-            command = [*compiler, *FLAGS, f"-I{include}", "-mavx2", "-mfma", "-DM2FP_FFN_ROWS=m2fp_ffn_rows_v3",
-                       "-DM2FP_LINEAR_ROWS=m2fp_linear_rows_v3", "-c",
-                       str(HERE / "m2fp_ffn_kernel.cc"), "-o", str(v3)]
-            print(" ".join(command), file=sys.stderr)
-            if subprocess.run(command, check=False).returncode == 0:
-                extra = ["-DM2FP_FFN_V3", str(v3)]
-            else:
-                print("the AVX2 build of the feed-forward and linear products failed: the generic one only",
-                      file=sys.stderr)
+            # The feed-forward and linear products once more for AVX2 + FMA and once for AVX-512 (the
+            # widest the CPU runs is picked at run time; see m2fp_ffn_kernel.cc). A build the compiler
+            # cannot make is left out, the others stay.
+            builds = {"v3": ["-mavx2", "-mfma"], "v4": ["-mavx2", "-mfma", "-mavx512f", "-DM2FP_FFN_LANES=16"]}
+            for level, isa in builds.items():
+                obj = Path(tmp) / f"m2fp_ffn_kernel_{level}.o"
+                command = [*compiler, *FLAGS, f"-I{include}", *isa, f"-DM2FP_FFN_PRODUCT=m2fp_ffn_product_{level}",
+                           "-c", str(HERE / "m2fp_ffn_kernel.cc"), "-o", str(obj)]
+                print(" ".join(command), file=sys.stderr)
+                if subprocess.run(command, check=False).returncode == 0:
+                    extra += [f"-DM2FP_FFN_{level.upper()}", str(obj)]
+                else:
+                    print(f"the {level} build of the feed-forward and linear products failed: left out",
+                          file=sys.stderr)
         return _compile([*compiler, *FLAGS, f"-I{include}", *sources, *extra], output)
 
 

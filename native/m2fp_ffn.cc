@@ -5,10 +5,11 @@
 // As separate ops (MatMul, Add, Relu, MatMul, Add) the hidden tensor (rows x F, 62 MB for the
 // pixel decoder's 15120 tokens and F = 1024) is written and read back four times; here each task
 // takes a block of rows and keeps its hidden rows in cache between the two products, adding the
-// biases and the Relu as the products are stored. The products use a register-blocked kernel (6
-// rows x 16 columns of output held in 12 vector registers; the filter matrices packed once per call
-// into 16-column panels when there are many rows), which on AVX2 runs faster than ONNX Runtime's own
-// GEMM for these shapes (bench/rewrites.py). F and E are multiples of 16.
+// biases and the Relu as the products are stored. The products use a register-blocked kernel
+// (m2fp_ffn_kernel.cc: on AVX-512, 12 rows x 32 columns of output in 24 registers; on AVX2, 6 x 16 in
+// 12) on the filter matrices packed into 16-column panels, which runs faster than ONNX Runtime's own
+// GEMM for these shapes (bench/rewrites.py). F and E are multiples of 16. Few rows (the decoder's
+// 100 queries) go one layer at a time, split by columns instead.
 //
 // And a linear layer on the same kernel, ai.m2fp::Linear (the layers left after the feed-forward
 // fusion: the attention's projections, the mask MLPs' last layers):
@@ -31,34 +32,38 @@
 
 namespace {
 
-constexpr int64_t kRows = m2fp::kFfnRows;
 constexpr int64_t kColumns = m2fp::kFfnColumns;
-constexpr int64_t kBlock = 48;      // rows per task, at most (its hidden rows stay in cache)
-constexpr int64_t kPackRows = 384;  // from this many rows on, the weights are packed first
+constexpr int64_t kBlock = 48;      // rows of a row block: whole tiles of every build (6 or 12 rows)
+constexpr int64_t kManyRows = 384;  // from this many rows on, by row blocks (fewer: by column chunks)
 
-// w (K, N) row-major -> N/16 panels, each K x 16 contiguous.
-void pack(const float* w, int64_t depth, int64_t n, float* out) {
-  for (int64_t j = 0; j < n; j += kColumns) {
-    for (int64_t k = 0; k < depth; ++k) std::memcpy(out + j * depth + k * kColumns, w + k * n + j, kColumns * sizeof(float));
+// `columns` columns of w (depth rows, ldw floats apart) -> columns / 16 panels, each depth x 16
+// contiguous.
+void pack(const float* w, int64_t ldw, int64_t depth, int64_t columns, float* out) {
+  for (int64_t j = 0; j < columns; j += kColumns) {
+    for (int64_t k = 0; k < depth; ++k) std::memcpy(out + j * depth + k * kColumns, w + k * ldw + j, kColumns * sizeof(float));
   }
 }
 
-// The products for this CPU: AVX2 + FMA when it has them (and the library was built for x86-64).
-// M2FP_FFN_KERNEL=generic forces the generic build (read once per process; the tests use it).
+// The product for this CPU: the widest build it runs (AVX-512, else AVX2 + FMA, else generic; the
+// first two only where the library was built for x86-64). M2FP_FFN_KERNEL=generic or =avx2-fma caps
+// the choice at that build (read once per process; the tests use it to run every build).
 struct Choice {
-  void (*ffn)(const m2fp::FfnTask&, int64_t, int64_t, float*);
-  void (*linear)(const m2fp::LinearTask&, int64_t, int64_t);
+  void (*product)(const m2fp::Product&);
   const char* name;
 };
 Choice choose() {
-  const Choice generic{m2fp_ffn_rows_generic, m2fp_linear_rows_generic, "generic"};
-  const char* forced = std::getenv("M2FP_FFN_KERNEL");
-  if (forced != nullptr && std::string(forced) == "generic") return generic;
-#if defined(M2FP_FFN_V3)
+  const Choice generic{m2fp_ffn_product_generic, "generic"};
+  const char* env = std::getenv("M2FP_FFN_KERNEL");
+  const std::string cap = env == nullptr ? "" : env;
+  if (cap == "generic") return generic;
+#if defined(M2FP_FFN_V3) || defined(M2FP_FFN_V4)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {m2fp_ffn_rows_v3, m2fp_linear_rows_v3, "avx2-fma"};
-  }
+#endif
+#if defined(M2FP_FFN_V4)
+  if (cap != "avx2-fma" && __builtin_cpu_supports("avx512f")) return {m2fp_ffn_product_v4, "avx512"};
+#endif
+#if defined(M2FP_FFN_V3)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {m2fp_ffn_product_v3, "avx2-fma"};
 #endif
   return generic;
 }
@@ -67,30 +72,111 @@ const Choice& chosen() {
   return choice;
 }
 
-// One call: its operands, and whether a task failed (a task runs on a pool thread, through C: no
-// exception may leave it; the op reports the failure after ParallelFor).
-struct Call {
-  m2fp::FfnTask t;
+// One layer of a call: y = x @ w + b (then max(0, .) when relu); w (depth, n) row-major, as given.
+struct Layer {
+  const float* w;
+  const float* b;
+  int64_t depth, n;
+  bool relu;
+};
+
+// `layer`'s filter, its columns [j0, j0 + columns) packed into `panels` (zero depth: nothing to pack,
+// and no panel is read; none is offset from a null pointer either).
+m2fp::Filter packed(const Layer& layer, int64_t j0, int64_t columns, std::vector<float>& panels) {
+  static const float kNothing = 0.0f;
+  if (layer.depth == 0) return {&kNothing, layer.b + j0};
+  if (panels.size() < static_cast<size_t>(layer.depth * columns)) panels.resize(static_cast<size_t>(layer.depth * columns));
+  pack(layer.w + j0, layer.n, layer.depth, columns, panels.data());
+  return {panels.data(), layer.b + j0};
+}
+
+// Many rows: task i takes rows [i * kBlock, (i + 1) * kBlock) through the call's one or two layers
+// (filters packed once per call, read by every task), a FeedForward's hidden rows in a per-thread
+// buffer that stays in cache between its two products.
+// (A task runs on a pool thread, through C: no exception may leave it; the op reports a failure
+// after ParallelFor.)
+struct RowBlocks {
+  const float* x;
+  float* y;
+  int64_t rows, d;
+  m2fp::Filter w1, w2;
+  int64_t f, e;  // f == 0: one layer (Linear), x @ w1 -> y (rows, e)
   std::atomic<bool> failed{false};
 };
 
-void task_of(void* data, size_t index) {
-  Call& call = *static_cast<Call*>(data);
-  const m2fp::FfnTask& t = call.t;
-  const int64_t r0 = static_cast<int64_t>(index) * t.block;
+void row_block(void* data, size_t index) {
+  RowBlocks& c = *static_cast<RowBlocks*>(data);
+  const int64_t r0 = static_cast<int64_t>(index) * kBlock, rows = std::min(kBlock, c.rows - r0);
+  const float* x = c.x + r0 * c.d;
+  float* y = c.y + r0 * c.e;
+  if (c.f == 0) {
+    chosen().product({x, c.d, rows, c.d, c.w1, c.e, y, c.e, false});
+    return;
+  }
   try {
     thread_local std::vector<float> hidden;  // one block's hidden rows, per thread, kept between calls
-    if (hidden.size() < static_cast<size_t>(t.block * t.f)) hidden.resize(static_cast<size_t>(t.block * t.f));
-    chosen().ffn(t, r0, std::min(t.block, t.rows - r0), hidden.data());
+    if (hidden.size() < static_cast<size_t>(kBlock * c.f)) hidden.resize(static_cast<size_t>(kBlock * c.f));
+    chosen().product({x, c.d, rows, c.d, c.w1, c.f, hidden.data(), c.f, true});
+    chosen().product({hidden.data(), c.f, rows, c.f, c.w2, c.e, y, c.e, false});
   } catch (...) {  // std::bad_alloc from the buffer
-    call.failed = true;
+    c.failed = true;
   }
 }
 
-void linear_task_of(void* data, size_t index) {
-  const m2fp::LinearTask& t = *static_cast<const m2fp::LinearTask*>(data);
-  const int64_t r0 = static_cast<int64_t>(index) * t.block;
-  chosen().linear(t, r0, std::min(t.block, t.rows - r0));
+// Few rows: task i takes the columns [i * chunk, (i + 1) * chunk) of one layer, for every row, and
+// reads only those columns of the filter (split by rows, every task would read all of it), packed
+// into panels first (in place, a panel's rows lie n floats apart: for n a multiple of 1024 they fall
+// into the same few cache sets).
+struct ColumnChunks {
+  const float* x;
+  int64_t rows;
+  Layer layer;
+  float* y;
+  int64_t chunk;
+  std::atomic<bool> failed{false};
+};
+
+void column_chunk(void* data, size_t index) {
+  ColumnChunks& c = *static_cast<ColumnChunks*>(data);
+  const int64_t j0 = static_cast<int64_t>(index) * c.chunk, columns = std::min(c.chunk, c.layer.n - j0);
+  const int64_t depth = c.layer.depth;
+  try {
+    thread_local std::vector<float> panels;  // per thread, kept between calls
+    chosen().product({c.x, depth, c.rows, depth, packed(c.layer, j0, columns, panels), columns, c.y + j0, c.layer.n,
+                      c.layer.relu});
+  } catch (...) {  // std::bad_alloc from the buffer
+    c.failed = true;
+  }
+}
+
+// task(data, i) for i in [0, count), on ONNX Runtime's intra-op pool.
+void parallel(OrtKernelContext* context, void (*task)(void*, size_t), int64_t count, void* data) {
+  Ort::KernelContext(context).ParallelFor(task, static_cast<size_t>(count), 0, data);
+}
+
+// y = x @ w + b (then relu) for few rows, in column chunks of 32 * ceil(n / 256): about 8 tasks.
+bool by_columns(OrtKernelContext* context, const float* x, int64_t rows, const Layer& layer, float* y) {
+  ColumnChunks c{x, rows, layer, y,
+                 std::max<int64_t>(2 * kColumns, (layer.n + 16 * kColumns - 1) / (16 * kColumns) * 2 * kColumns)};
+  parallel(context, column_chunk, (layer.n + c.chunk - 1) / c.chunk, &c);
+  return !c.failed;
+}
+
+// y (rows, E) from x (rows, D) through `first` and, for FeedForward, `second` (second.n == 0: none).
+// Many rows go by row blocks; few (the decoder's 100 queries) one layer after the other by column
+// chunks, a FeedForward's hidden rows (rows x F) in between. False: out of memory.
+bool run(OrtKernelContext* context, const float* x, int64_t rows, const Layer& first, const Layer& second, float* y) {
+  if (rows < kManyRows) {
+    if (second.n == 0) return by_columns(context, x, rows, first, y);
+    std::vector<float> hidden(static_cast<size_t>(rows * first.n));
+    return by_columns(context, x, rows, first, hidden.data()) && by_columns(context, hidden.data(), rows, second, y);
+  }
+  std::vector<float> panels1, panels2;
+  const bool ffn = second.n != 0;
+  RowBlocks c{x, y, rows, first.depth, packed(first, 0, first.n, panels1),
+              ffn ? packed(second, 0, second.n, panels2) : m2fp::Filter{}, ffn ? first.n : 0, ffn ? second.n : first.n};
+  parallel(context, row_block, (rows + kBlock - 1) / kBlock, &c);
+  return !c.failed;
 }
 
 Ort::Status fail(const char* op, const std::string& message) {
@@ -108,33 +194,6 @@ int64_t rows_of(const std::vector<int64_t>& shape) {
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
   return rows;
-}
-
-// w (depth, n) for a call on `rows` rows. Many rows: packed into 16-column panels once (each
-// panel's rows contiguous, read by every block) in `packed`; a few (the decoder's 100 queries): read
-// in place, without copying it per call (at a few hundred rows both run about as fast as ONNX
-// Runtime's nodes, within the noise of calls of a few milliseconds; at 15120 rows, packed,
-// 1.3-1.6x faster).
-m2fp::Filter filter_of(const float* w, const float* b, int64_t depth, int64_t n, int64_t rows,
-                       std::vector<float>& packed) {
-  static const float kNothing = 0.0f;  // depth 0 (y = the bias): no panel is read, none offset from null
-  if (depth == 0) return {&kNothing, b, 0, 0};
-  if (rows < kPackRows) return {w, b, 1, n};
-  packed.resize(static_cast<size_t>(depth * n));
-  pack(w, depth, n, packed.data());
-  return {packed.data(), b, depth, kColumns};
-}
-
-// Tasks of 6 * ceil(rows / 48) rows, at most 48: 5 to 8 tasks for 49 to 383 rows, so that a hundred
-// rows still keep two threads busy. Not smaller: every task reads all of the filters, and for few
-// rows that reading is most of the work.
-int64_t block_of(int64_t rows) {
-  return std::clamp<int64_t>((rows + 8 * kRows - 1) / (8 * kRows) * kRows, kRows, kBlock);
-}
-
-// task(data, i) for the i-th block of `block` rows, on ONNX Runtime's intra-op pool.
-void for_blocks(OrtKernelContext* context, void (*task)(void*, size_t), int64_t rows, int64_t block, void* data) {
-  Ort::KernelContext(context).ParallelFor(task, static_cast<size_t>((rows + block - 1) / block), 0, data);
 }
 
 Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
@@ -163,12 +222,9 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
   const int64_t rows = rows_of(xs);
   float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
-  std::vector<float> packed1, packed2;
-  Call call;
-  call.t = {x.Data(), out, filter_of(w1.Data(), b1.Data(), d, f, rows, packed1),
-            filter_of(w2.Data(), b2.Data(), f, e, rows, packed2), rows, d, f, e, block_of(rows)};
-  for_blocks(context, task_of, rows, call.t.block, &call);
-  if (call.failed) return Ort::Status("ai.m2fp::FeedForward: out of memory for a block's hidden rows", ORT_FAIL);
+  if (!run(context, x.Data(), rows, {w1.Data(), b1.Data(), d, f, true}, {w2.Data(), b2.Data(), f, e, false}, out)) {
+    return Ort::Status("ai.m2fp::FeedForward: out of memory for its buffers", ORT_FAIL);
+  }
   return Ort::Status{nullptr};
 }
 
@@ -190,9 +246,9 @@ Ort::Status Linear(OrtKernelContext* context, const Ort::Custom::Tensor<float>& 
   const int64_t rows = rows_of(xs);
   float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
-  std::vector<float> packed;
-  m2fp::LinearTask t{x.Data(), out, filter_of(w.Data(), b.Data(), d, e, rows, packed), rows, d, e, block_of(rows)};
-  for_blocks(context, linear_task_of, rows, t.block, &t);
+  if (!run(context, x.Data(), rows, {w.Data(), b.Data(), d, e, false}, {}, out)) {
+    return Ort::Status("ai.m2fp::Linear: out of memory for its buffers", ORT_FAIL);
+  }
   return Ort::Status{nullptr};
 }
 
@@ -211,7 +267,8 @@ Ort::Status LinearChecked(OrtKernelContext* context, const Ort::Custom::Tensor<f
 
 }  // namespace
 
-// Which build of the products (FeedForward's and Linear's) this process runs: "avx2-fma" or "generic" (ctypes; the tests ask).
+// Which build of the product (FeedForward's and Linear's) this process runs: "avx512", "avx2-fma" or "generic"
+// (ctypes; the tests ask).
 extern "C" __attribute__((visibility("default"))) const char* m2fp_ffn_kernel(void) { return chosen().name; }
 
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep) {

@@ -13,41 +13,31 @@ void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::uniq
 
 namespace m2fp {
 
-constexpr int64_t kFfnRows = 6;      // output rows per kernel call
-constexpr int64_t kFfnColumns = 16;  // output columns per kernel call (two vectors of 8)
+constexpr int64_t kFfnColumns = 16;  // columns of a filter panel (two vectors of 8 or one of 16)
 
-// A filter matrix w (depth, n) and its bias (n): the columns j..j+15 of w start at w + j * step, one
-// row of them after the other ld floats apart: packed into 16-column panels (step depth, ld 16) or
-// as they are (step 1, ld n).
+// A filter matrix w (depth, n) packed into 16-column panels (columns j..j+15 at w + j * depth: depth
+// rows of 16 floats one after the other), and its bias (n).
 struct Filter {
   const float* w;
   const float* b;
-  int64_t step, ld;
 };
 
-// One FeedForward call's operands: x (rows, d), y (rows, e), the filters w1 (d, f) and w2 (f, e);
-// tasks of `block` rows.
-struct FfnTask {
-  const float* x;
-  float* y;
-  Filter w1, w2;
-  int64_t rows, d, f, e, block;
-};
-
-// One Linear call's operands: x (rows, d), y (rows, e), the filter w (d, e); tasks of `block` rows.
-struct LinearTask {
-  const float* x;
-  float* y;
+// out (rows, n) = a @ w + b, then max(0, .) when `relu`: a (rows, depth) with row stride lda, out
+// with row stride ldo; n a multiple of 16.
+struct Product {
+  const float* a;
+  int64_t lda, rows, depth;
   Filter w;
-  int64_t rows, d, e, block;
+  int64_t n;
+  float* out;
+  int64_t ldo;
+  bool relu;
 };
 
 }  // namespace m2fp
 
-// Rows [r0, r0 + rows) of y (FeedForward: through `hidden`, rows x f floats): m2fp_ffn_kernel.cc
-// built for any CPU, and for AVX2 + FMA (x86-64 only; the library is then built with M2FP_FFN_V3
-// defined).
-void m2fp_ffn_rows_generic(const m2fp::FfnTask& t, int64_t r0, int64_t rows, float* hidden);
-void m2fp_ffn_rows_v3(const m2fp::FfnTask& t, int64_t r0, int64_t rows, float* hidden);
-void m2fp_linear_rows_generic(const m2fp::LinearTask& t, int64_t r0, int64_t rows);
-void m2fp_linear_rows_v3(const m2fp::LinearTask& t, int64_t r0, int64_t rows);
+// The product (m2fp_ffn_kernel.cc) built for any CPU, for AVX2 + FMA and for AVX-512 (x86-64 only;
+// the library is then built with M2FP_FFN_V3 and M2FP_FFN_V4 defined, each where its build succeeded).
+void m2fp_ffn_product_generic(const m2fp::Product& p);
+void m2fp_ffn_product_v3(const m2fp::Product& p);
+void m2fp_ffn_product_v4(const m2fp::Product& p);

@@ -156,16 +156,23 @@ def check_op(x: np.ndarray, w: Weights) -> None:
     assert_close(unfused.astype(np.float64), got)
 
 
-@pytest.mark.parametrize("shape,f,e", [
+FFN_SHAPES = [  # x's shape (D last), F, E
     ((1, 16), 16, 16), ((5, 24), 64, 32), ((6, 256), 1024, 256), ((7, 24), 16, 16), ((48, 256), 1024, 256),
     ((49, 24), 64, 32), ((100, 16), 64, 256), ((301, 256), 1024, 256),
     ((24,), 64, 32), ((3, 100, 16), 1024, 32), ((2, 3, 5, 24), 16, 32), ((4, 13, 256), 64, 16),
     ((2, 400, 24), 64, 32), ((0, 24), 64, 32), ((2, 0, 16), 16, 16),
-], ids=shape_id)
+    ((13, 40), 272, 48), ((23, 16), 80, 112), ((383, 24), 48, 16), ((385, 40), 48, 80), ((2, 300, 37), 112, 48),
+]
+
+
+@pytest.mark.parametrize("shape,f,e", FFN_SHAPES, ids=shape_id)
 def test_op_matches_numpy_and_the_unfused_graph(shape: tuple[int, ...], f: int, e: int) -> None:
-    """Every row of x, whatever its rank and however its rows fall into 6-row groups and blocks
-    (1, 5, 6, 7, 48, 49, 100, 301, 800 rows; several blocks, full 48-row ones; batch > 1), gets relu(x w1 + b1) w2 + b2:
-    the float64 result, and ONNX Runtime's own for the five nodes. No rows: an empty y."""
+    """Every row of x, whatever its rank and however its rows fall into tiles (6 or 12 rows), column
+    chunks (fewer than 384 rows: 1, 5, 6, 7, 13, 23, 48, 49, 100, 301, 383) and row blocks (from 384 on:
+    385, 600, 800; full 48-row blocks and a remainder), and its columns into 16- and 32-column tiles
+    (F, E of 16 to 1024: 48, 80, 112, 272 end in a 16-column one; 272 in a short last chunk), gets
+    relu(x w1 + b1) w2 + b2: the float64 result, and ONNX Runtime's own for the five nodes. No rows:
+    an empty y."""
     w = weights(shape[-1], f, e, seed=sum(shape) + f + e)
     x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
     check_op(x, w)
@@ -178,14 +185,15 @@ LINEAR_SHAPES = [  # x's shape (D last; 37 is not a multiple of 16), E
     ((47, 37), 96), ((48, 37), 256), ((49, 37), 16), ((383, 37), 96), ((384, 37), 96), ((384, 256), 256),
     ((800, 37), 256), ((2, 400, 24), 16), ((3, 127, 37), 256), ((2, 3, 64, 37), 96), ((2, 2, 2, 16), 16),
     ((4, 1), 16), ((3, 0), 16), ((400, 0), 32),
+    ((13, 37), 272), ((23, 16), 48), ((385, 40), 80), ((12, 24), 112),
 ]
 
 
 @pytest.mark.parametrize("shape,e", LINEAR_SHAPES, ids=shape_id)
 def test_linear_op_matches_numpy_and_the_unfused_graph(shape: tuple[int, ...], e: int) -> None:
-    """ai.m2fp::Linear: every row of x, whatever its rank (1-4) and however its rows fall into 6-row
-    groups and tasks (0 to 800 rows: tasks of 6 to 48 rows and their remainders; w read in place
-    below 384 rows, packed into 16-column panels from 384 on), gets x w + b: the float64 result, and
+    """ai.m2fp::Linear: every row of x, whatever its rank (1-4) and however its rows fall into tiles
+    (6 or 12 rows), column chunks (below 384 rows) and 48-row blocks (from 384 on), and E into 16- and
+    32-column tiles (48, 80, 112, 272 end in a 16-column one), gets x w + b: the float64 result, and
     ONNX Runtime's own for MatMul and Add. D of any size (37, 1; 0: y = b); no rows: an empty y."""
     x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
     check_op(x, layer(shape[-1], e, seed=sum(shape) + e))
@@ -194,7 +202,7 @@ def test_linear_op_matches_numpy_and_the_unfused_graph(shape: tuple[int, ...], e
 @pytest.mark.parametrize("op,rows", [("FeedForward", 8), ("FeedForward", 400), ("Linear", 8), ("Linear", 400)])
 def test_a_nan_row_stays_nan(op: str, rows: int) -> None:
     """A NaN in x reaches y as it does through ONNX's Relu (kept, not turned into 0), and through a
-    linear layer; other rows are finite. With the weights read in place and packed."""
+    linear layer; other rows are finite. By column chunks (8 rows) and by row blocks (400)."""
     w = weights(16, 32, 16, seed=3) if op == "FeedForward" else layer(16, 32, seed=3)
     x = np.random.default_rng(4).standard_normal((rows, 16)).astype(np.float32)
     x[5, 3] = np.nan
@@ -204,30 +212,44 @@ def test_a_nan_row_stays_nan(op: str, rows: int) -> None:
     assert np.isfinite(np.delete(got, 5, axis=0)).all()
 
 
-def test_the_generic_build_gives_the_same_results() -> None:
-    """M2FP_FFN_KERNEL=generic (read once per process) runs the products built for any CPU instead
-    of the AVX2 build, for FeedForward and Linear alike: their op tests pass on it too, in a child
-    process that says which build ran."""
+def cpu_flags() -> set[str]:
+    if not Path("/proc/cpuinfo").is_file():
+        return set()
+    return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            for f in line.split(":", 1)[1].split()}
+
+
+def test_the_widest_build_this_cpu_runs_is_the_one_chosen() -> None:
+    """The library picks the AVX-512 build of the product on a CPU with AVX-512, else the AVX2 + FMA
+    one, else the generic one (each built on x86-64; native/build.py)."""
     library = ctypes.CDLL(str(BUILT_MSDA_KERNEL))
     library.m2fp_ffn_kernel.restype = ctypes.c_char_p
-    here = library.m2fp_ffn_kernel().decode()
-    flags = set()
-    if Path("/proc/cpuinfo").is_file():
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
-    on_avx2 = platform.machine() == "x86_64" and {"avx2", "fma"} <= flags
-    assert here == ("avx2-fma" if on_avx2 else "generic")  # this CPU's build is the one that runs here
+    flags, x86 = cpu_flags(), platform.machine() == "x86_64"
+    widest = ("avx512" if x86 and "avx512f" in flags else "avx2-fma" if x86 and {"avx2", "fma"} <= flags
+              else "generic")
+    assert library.m2fp_ffn_kernel().decode() == widest
+
+
+@pytest.mark.parametrize("cap", ["generic", "avx2-fma"])
+def test_every_narrower_build_gives_the_same_results(cap: str) -> None:
+    """M2FP_FFN_KERNEL=generic or =avx2-fma (read once per process) caps the build of the product at
+    that one, for FeedForward and Linear alike: their op tests pass on it too, in a child process that
+    says which build ran. (avx2-fma: on a CPU with AVX2 and FMA; elsewhere the generic build runs.)"""
+    if cap == "avx2-fma" and not (platform.machine() == "x86_64" and {"avx2", "fma"} <= cpu_flags()):
+        cap_runs = "generic"
+    else:
+        cap_runs = cap
     probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_ffn_kernel.restype = ctypes.c_char_p; "
              "print(lib.m2fp_ffn_kernel().decode())")
-    env = {**os.environ, "M2FP_FFN_KERNEL": "generic"}
+    env = {**os.environ, "M2FP_FFN_KERNEL": cap}
     which = subprocess.run([sys.executable, "-c", probe, str(BUILT_MSDA_KERNEL)], env=env, capture_output=True,
                            text=True, check=True)
-    assert which.stdout.strip() == "generic"
+    assert which.stdout.strip() == cap_runs
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                             "-k", "op_matches or nan_row"], env=env, capture_output=True, text=True, check=False)
     assert child.returncode == 0, child.stdout[-3000:]
-    # 15 block shapes, the layer shapes, the NaN rows (2 ops x 2 row counts)
-    assert f"{15 + len(LINEAR_SHAPES) + 4} passed" in child.stdout
+    # the block shapes, the layer shapes, the NaN rows (2 ops x 2 row counts)
+    assert f"{len(FFN_SHAPES) + len(LINEAR_SHAPES) + 4} passed" in child.stdout
 
 
 def operands(d: int = 16, f: int = 16, e: int = 16, rows: int = 4) -> dict[str, np.ndarray]:
