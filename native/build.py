@@ -106,7 +106,8 @@ def _compile(command: list[str], output: Path) -> Path:
 def build_msda(output: Path) -> Path:
     include = headers()
     compiler = shlex.split(os.environ.get("CXX", "c++"))
-    sources = [str(HERE / name) for name in ("m2fp_msda.cc", "m2fp_winograd.cc", "m2fp_ffn.cc", "m2fp_ffn_kernel.cc")]
+    sources = [str(HERE / name) for name in ("m2fp_msda.cc", "m2fp_winograd.cc", "m2fp_ffn.cc", "m2fp_ffn_kernel.cc",
+                                             "m2fp_softmax.cc")]
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
         if platform.machine().lower() in ("x86_64", "amd64"):

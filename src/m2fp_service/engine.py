@@ -53,7 +53,7 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 
 def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
-    convolutions, fused feed-forward blocks and linear layers), serialised; None without the kernel
+    convolutions, fused feed-forward blocks and linear layers, softmaxes), serialised; None without the kernel
     or when nothing qualifies.
 
     The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
@@ -132,9 +132,9 @@ class EngineOptions:
 # function (standard ops, the same result within float rounding, several times slower).
 BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
-# feed-forward blocks and linear layers), applied when a session is built with it (then kept in the
+# feed-forward blocks and linear layers, softmaxes), applied when a session is built with it (then kept in the
 # optimised-graph cache). Part of the cache key: change it when a rewrite's choices change.
-GRAPH_REWRITES = "3"
+GRAPH_REWRITES = "4"
 
 
 def msda_kernel_path(setting: str) -> Path | None:
@@ -216,7 +216,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 4:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 5:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -318,12 +318,12 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
-        # What the graph rewrites replaced (their counts, winograd/feedforward.*METADATA_KEY, kept in the
-        # optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
-        # Winograd F(4x4, 3x3), feed-forward blocks and linear layers running as fused ops.
+        # What the graph rewrites replaced (their counts, winograd/feedforward/softmax.*METADATA_KEY, kept
+        # in the optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
+        # Winograd F(4x4, 3x3), feed-forward blocks, linear layers and softmaxes running as the library's ops.
         meta = self.session.get_modelmeta().custom_metadata_map
-        counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_linear")]
-        self.winograd_convolutions, self.feedforward_blocks, self.linear_layers = (
+        counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_linear", "m2fp_softmax")]
+        self.winograd_convolutions, self.feedforward_blocks, self.linear_layers, self.softmax_nodes = (
             int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
@@ -343,8 +343,9 @@ class ParsingEngine:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self.load_seconds = time.perf_counter() - t0
         log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d; "
-                 "fused feed-forward blocks: %d; fused linear layers: %d)", self.load_seconds, self.cache_status,
-                 self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks, self.linear_layers)
+                 "fused feed-forward blocks: %d; fused linear layers: %d; softmaxes: %d)", self.load_seconds,
+                 self.cache_status, self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks,
+                 self.linear_layers, self.softmax_nodes)
         self.warm = False
         if warmup:
             self.warm_up()

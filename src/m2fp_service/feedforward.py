@@ -126,16 +126,16 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
 
 def rewrite(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying feed-forward blocks in place (main graph only); returns how many."""
-    return _fuse(model, blocks(model.graph), "FeedForward", METADATA_KEY)
+    return fuse(model, blocks(model.graph), "FeedForward", METADATA_KEY)
 
 
 def rewrite_linear(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying linear layers in place (main graph only; after ``rewrite``, so
     the feed-forward blocks' layers are taken already); returns how many."""
-    return _fuse(model, blocks(model.graph, match_linear), "Linear", LINEAR_METADATA_KEY)
+    return fuse(model, blocks(model.graph, match_linear), "Linear", LINEAR_METADATA_KEY)
 
 
-def _fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> int:
+def fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> int:
     """Replaces each chain of ``found`` with one ``op_type`` node; its count goes to metadata ``key``."""
     graph = model.graph
     if not found:

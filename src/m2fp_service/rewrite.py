@@ -4,6 +4,7 @@
 - ``feedforward.rewrite``: transformer feed-forward blocks (MatMul, Add, Relu, MatMul, Add) as one
   ``ai.m2fp::FeedForward`` node.
 - ``feedforward.rewrite_linear``: the linear layers left (MatMul, Add) as ``ai.m2fp::Linear`` nodes.
+- ``softmax.rewrite``: Softmax over the last axis as ``ai.m2fp::Softmax`` (fast on masked rows).
 
 The model file is not changed: the engine runs ``python -m m2fp_service.rewrite MODEL`` in a child
 process (parsing and serialising a 230 MB protobuf holds the GIL for up to a second at a time) and
@@ -17,13 +18,13 @@ import sys
 
 import onnx
 
-from m2fp_service import feedforward, winograd
+from m2fp_service import feedforward, softmax, winograd
 
 
 def apply(model: onnx.ModelProto) -> dict[str, int]:
     """Applies every rewrite to ``model`` in place; returns how many nodes each one replaced."""
     return {"winograd_convolutions": winograd.rewrite(model), "feedforward_blocks": feedforward.rewrite(model),
-            "linear_layers": feedforward.rewrite_linear(model)}
+            "linear_layers": feedforward.rewrite_linear(model), "softmax_nodes": softmax.rewrite(model)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.buffer.write(model.SerializeToString())
     print(f"graph rewrites: {counts['winograd_convolutions']} 3x3 convolution(s) as Winograd F(4x4, 3x3), "
           f"{counts['feedforward_blocks']} feed-forward block(s) fused, "
-          f"{counts['linear_layers']} linear layer(s) fused", file=sys.stderr)
+          f"{counts['linear_layers']} linear layer(s) fused, {counts['softmax_nodes']} softmax(es) replaced",
+          file=sys.stderr)
     return 0
 
 

@@ -276,6 +276,10 @@ class ModelInfo(BaseModel):
         0, ge=0, description="How many of the linear layers left (MatMul, Add: the attention's projections, the mask "
                              "MLPs' last layers) run as one fused op (the same library; on M2FP FP32 models 88; INT8 "
                              "models, the float ones left, 31; 0 without the library)")
+    softmax_nodes: int = Field(
+        0, ge=0, description="How many Softmax nodes after an additive mask run as the library's own op, which stays "
+                             "fast on rows of -inf (the same library; on M2FP models 9: the decoder's masked "
+                             "cross-attentions, FP32 and INT8 alike; 0 without the library)")
 
 
 class LabelSetOut(BaseModel):

@@ -95,10 +95,10 @@ def _feeds_residual(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto
                for r in after)
 
 
-def _input_shapes(model: onnx.ModelProto, size: tuple[int, int]) -> dict[str, list[int]]:
-    """Every tensor's shape at input size ``size`` (ONNX shape inference on a copy); {} if it fails."""
-    # A copy without the weights' values (shape inference reads their dims; small integer tensors,
-    # which shape computations may read, are kept): 1.8 s -> 0.3 s on M2FP.
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape and type inference, without the weights' values (inference
+    reads their dims; small tensors, which shape computations may read, are kept): 1.8 s -> 0.3 s
+    on M2FP."""
     probe = onnx.ModelProto(ir_version=model.ir_version)
     probe.opset_import.extend(model.opset_import)
     probe.functions.extend(model.functions)
@@ -109,6 +109,12 @@ def _input_shapes(model: onnx.ModelProto, size: tuple[int, int]) -> dict[str, li
             probe.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
         else:
             probe.graph.initializer.append(tensor)
+    return probe
+
+
+def _input_shapes(model: onnx.ModelProto, size: tuple[int, int]) -> dict[str, list[int]]:
+    """Every tensor's shape at input size ``size`` (ONNX shape inference on a copy); {} if it fails."""
+    probe = weightless_copy(model)
     for value in probe.graph.input[:1]:
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 4:

@@ -73,7 +73,7 @@ async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
             architecture=card.architecture, exporter=card.exporter, notes=card.notes,
             load_seconds=round(engine.load_seconds, 3), deformable_attention=engine.deformable_attention,
             winograd_convolutions=engine.winograd_convolutions, feedforward_blocks=engine.feedforward_blocks,
-            linear_layers=engine.linear_layers,
+            linear_layers=engine.linear_layers, softmax_nodes=engine.softmax_nodes,
         )
     return InfoResponse(
         service="m2fp-service",

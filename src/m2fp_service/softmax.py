@@ -1,0 +1,57 @@
+"""ONNX ``Softmax`` over the last axis as ``ai.m2fp::Softmax`` of the custom-op library.
+
+The decoder's masked attention adds 0 or -inf to its scores (every pixel outside a query's mask)
+before its ``Softmax``, and ONNX Runtime's ``Softmax`` is ~6-9x slower on such rows than on plain
+ones (its exp takes a slow path for arguments far below zero): 20-33 ms per layer at the 1/8-scale
+level at 640x1152, where the library's op (``native/m2fp_softmax.cc``) takes ~3. Same results
+within float rounding (~1e-6 relative), the same NaN for rows with a NaN, a +inf or only -inf.
+
+``rewrite`` replaces each ``Softmax`` of the main graph that works on the last axis of its input
+(opset 13 or newer: ``axis`` -1, the default) when that input is the result of an ``Add`` (an
+additive mask: the rows that hold -inf) and ONNX type inference does not find it to be of another
+type than float, with the library's op: on M2FP the decoder's 9 masked cross-attentions, also in
+INT8 models, whose softmaxes stay float. The others are left to ONNX Runtime, as fast there on rows
+without -inf (and faster on the encoder's rows of 12 values, where a row's fixed costs dominate).
+Only ``onnx`` is used here; the engine applies it with the other rewrites (``rewrite.py``).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from m2fp_service import feedforward, winograd
+
+METADATA_KEY = "m2fp_softmax"  # how many Softmax nodes were replaced (kept in the optimised graph)
+
+
+def _last_axis(node: onnx.NodeProto) -> bool:
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    return axis == -1
+
+
+def _other_types(model: onnx.ModelProto) -> set[str]:
+    """The names ONNX type inference finds to be tensors of another type than float. (Inference
+    stops at the library's own nodes, MSDeformAttn among them, so most of M2FP's tensors are of no
+    known type: a graph the exporter wrote computes in float throughout.)"""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(winograd.weightless_copy(model))
+    except Exception:  # noqa: BLE001 - then nothing is known
+        return set()
+    return {v.name for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+            if v.type.tensor_type.elem_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT)}
+
+
+def rewrite(model: onnx.ModelProto) -> int:
+    """Replaces ``model``'s qualifying Softmax nodes in place (main graph only); returns how many."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:  # before 13, Softmax flattens from `axis` on (default 1): another operation
+        return 0
+    sums = {o for n in model.graph.node if n.op_type == "Add" and n.domain in ("", "ai.onnx") for o in n.output}
+    candidates = [n for n in model.graph.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
+                  and len(n.input) == 1 and n.input[0] in sums and _last_axis(n)]
+    if not candidates:
+        return 0
+    others = _other_types(model)
+    found = [feedforward.Block([n.input[0]], [n]) for n in candidates if n.input[0] not in others]
+    return feedforward.fuse(model, found, "Softmax", METADATA_KEY)
