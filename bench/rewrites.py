@@ -11,7 +11,8 @@ a whole run's on a noisy machine), and the whole run:
   (``m2fp_service.feedforward``);
 - linear: each fused layer's MatMul and Add against its ``Linear`` node (the same module). Where ONNX
   Runtime fuses an exported MatMul with a Transpose (the first encoder layer's value projection,
-  input transposed) the fused node has another name and is not counted as exported.
+  input transposed) the fused node has another name and is not counted as exported;
+- softmax: the masked attention's ``Softmax`` nodes against the library's (``m2fp_service.softmax``).
 
 Writes ``bench/results/rewrites.json``.
 
@@ -66,7 +67,7 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
     gives a convolution it converts to its own layout, "<output>_nchwc")."""
     import onnx
 
-    from m2fp_service import feedforward
+    from m2fp_service import feedforward, softmax
 
     kept = {n.name for n in rewritten.graph.node}
     ffn = {n.name for block in feedforward.blocks(original.graph) for n in block.nodes}
@@ -79,7 +80,9 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
     conv = {n.name for n in original.graph.node if n.op_type in ("Conv", "Relu") and n.output[0] in produced
             and n.name not in kept and n.name not in ffn | linear}
     conv |= {f"{o}_nchwc" for n in original.graph.node if n.name in conv for o in n.output}
-    return {"winograd": conv, "feedforward": ffn, "linear": linear}
+    swapped = {n.name.removesuffix("_softmax") for n in rewritten.graph.node
+               if n.op_type == "Softmax" and n.domain == softmax.feedforward.DOMAIN}
+    return {"winograd": conv, "feedforward": ffn, "linear": linear, "softmax": swapped}
 
 
 def main() -> None:
@@ -89,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnx
 
-    from m2fp_service import feedforward, winograd
+    from m2fp_service import feedforward, softmax, winograd
     from m2fp_service.engine import rewritten_graph, usable_msda_kernel
     from m2fp_service.imaging.preprocess import pad_to_input
     from m2fp_service.modelcard import InputPolicy
@@ -105,7 +108,7 @@ def main() -> None:
     replaced = replaced_nodes(original, rewritten)
     old = {kind: (lambda name, op, names=names: name in names) for kind, names in replaced.items()}
     new = {"winograd": lambda name, op: "winograd" in name, "feedforward": lambda name, op: op == "FeedForward",
-           "linear": lambda name, op: op == "Linear"}
+           "linear": lambda name, op: op == "Linear", "softmax": lambda name, op: name.endswith("_softmax")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hw in NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES:
@@ -125,7 +128,8 @@ def main() -> None:
     meta = {p.key: p.value for p in rewritten.metadata_props}
     write_json("rewrites", {"counts": {"winograd": int(meta.get(winograd.METADATA_KEY, 0)),
                                        "feedforward": int(meta.get(feedforward.METADATA_KEY, 0)),
-                                       "linear": int(meta.get(feedforward.LINEAR_METADATA_KEY, 0))},
+                                       "linear": int(meta.get(feedforward.LINEAR_METADATA_KEY, 0)),
+                                       "softmax": int(meta.get(softmax.METADATA_KEY, 0))},
                             "rounds": args.rounds, "replaced_nodes": {k: sorted(v) for k, v in replaced.items()},
                             "rows": rows})
 

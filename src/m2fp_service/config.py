@@ -67,9 +67,9 @@ class Settings(BaseSettings):
                            "machine, wasted CPU on a shared one)")
     msda_kernel: str = Field(
         "auto", description="The custom-op library (`make native`: fused deformable attention, Winograd "
-                            "convolutions, fused feed-forward blocks and linear layers): 'auto' = the one built into "
-                            "the package if present, 'off' = ONNX's standard ops and the graph as exported, or a "
-                            "path to libm2fp_msda.so (must load)")
+                            "convolutions, fused feed-forward blocks and linear layers, masked softmaxes): 'auto' = "
+                            "the one built into the package if present, 'off' = ONNX's standard ops and the graph as "
+                            "exported, or a path to libm2fp_msda.so (must load)")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM/Ctrl-C: how long `m2fp serve` lets in-flight requests finish")
     max_connections: int = Field(

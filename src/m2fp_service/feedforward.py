@@ -7,8 +7,9 @@ The exported graph computes a feed-forward block as five nodes::
 whose hidden tensor (tokens x F: 62 MB per pixel-decoder encoder layer at 640x1152) is written and
 read four times. ``rewrite`` replaces each such chain with one ``FeedForward(x, W1, b1, W2, b2)``
 node (``native/m2fp_ffn.cc``), which keeps a block of hidden rows in cache between the two products
-and folds in the biases and the Relu: 1.3x faster than the five nodes at the encoder's shape on this
-project's 2-core AVX2 machine (``bench/rewrites.py`` measures it inside the network). Only ``onnx``
+and folds in the biases and the Relu: 1.3-1.4x faster than the five nodes at the encoder's shape on
+this project's 2-core machines, AVX2 and AVX-512 alike (``bench/rewrites.py`` measures it inside the
+network). Only ``onnx``
 is used here; the engine applies it with the Winograd rewrite (``rewrite.py``, in a child process)
 when it builds a session with the library.
 
