@@ -21,6 +21,7 @@
 
 #include "m2fp_checked.h"
 #include "m2fp_ffn.h"
+#include "m2fp_simd.h"
 #include "m2fp_softmax.h"
 #include "m2fp_winograd.h"
 
@@ -50,12 +51,6 @@ struct Problem {
   int64_t height[kMaxLevels], width[kMaxLevels], start[kMaxLevels];
   int64_t chunk;  // queries per task
 };
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define M2FP_CLONES
-#endif
 
 // One (batch*head, block of queries) task: every output row of the block, accumulated in place.
 // kDim > 0: the head size known at compile time (the accumulator stays in registers).

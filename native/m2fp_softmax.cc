@@ -20,15 +20,10 @@
 #include <vector>
 
 #include "m2fp_checked.h"
+#include "m2fp_simd.h"
 #include "m2fp_softmax.h"
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define M2FP_CLONES
-#endif
 
 // Sixteen floats (or their bits) side by side (GCC/Clang vector extensions: one AVX-512 register,
 // two AVX ones, four SSE ones, whichever the clone is built for); aligned(4): no alignment needed.
@@ -39,11 +34,13 @@ typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 __attribute__((always_inline)) inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 __attribute__((always_inline)) inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
-// exp(d) for d <= 0 (or NaN: NaN), lane by lane; 0 below ln(FLT_MIN) (and for -inf).
-__attribute__((always_inline)) inline v16 exp_nonpositive(v16 d) {
+// exp(d) for d <= 0 (or NaN: NaN), lane by lane; 0 below ln(FLT_MIN) (and for -inf). (The same
+// Cephes expf as m2fp_post.c's exp_clamped, there in scalar C, here on vectors.)
+__attribute__((always_inline)) inline v16 exp_nonpositive(v16 x) {
   const v16 lowest = v16{} - 87.33654475f;  // ln(FLT_MIN): below it exp(d) is not a normal float
-  const i16 under = d < lowest;
-  d = d < lowest ? lowest : d;  // NaN compares false and stays NaN
+  const i16 under = x < lowest, nan = x != x;
+  // NaN lanes go through as 0 (converting NaN to an integer is undefined behaviour) and come out NaN.
+  const v16 d = nan ? v16{} : (x < lowest ? lowest : x);
   // d = n ln2 + r, |r| <= ln2 / 2: n by rounding d / ln2 (adding 1.5 * 2^23 rounds to an integer),
   // r in two steps (ln2 = 0.693359375 - 2.12194440e-4 exactly enough for float).
   const v16 magic = v16{} + 12582912.0f;
@@ -61,7 +58,7 @@ __attribute__((always_inline)) inline v16 exp_nonpositive(v16 d) {
   v16 scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   const v16 e = p * scale;
-  return under ? v16{} : e;
+  return nan ? x : (under ? v16{} : e);
 }
 
 // The `count` rows of x (length n) from `row`, into y. A row's tail (n % 16 values) goes through a

@@ -29,15 +29,10 @@
 #include <vector>
 
 #include "m2fp_checked.h"
+#include "m2fp_simd.h"
 #include "m2fp_winograd.h"
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define M2FP_CLONES
-#endif
 
 // Eight channels side by side: every formula below runs on 8 channels at once (GCC/Clang vector
 // extensions; SSE pairs, AVX or AVX-512 halves, whichever the clone is built for). aligned(4):
