@@ -1,9 +1,10 @@
 """Builds the native kernels into ``src/m2fp_service/native/``; each is optional (without it the same
 results come from standard code, slower).
 
-- ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``): the custom-op
-  library (fused deformable attention, Winograd convolutions, the fused feed-forward block and linear
-  layer; on x86-64 their products are built twice more, for AVX2 + FMA and for AVX-512, and the
+- ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``, ``m2fp_softmax.cc``):
+  the custom-op library (fused deformable attention, Winograd convolutions, the fused feed-forward
+  block and linear layer, the masked attention's softmax; on x86-64 the products of the two fused
+  ops are built twice more, for AVX2 + FMA and for AVX-512, and the
   widest the CPU runs is picked at run time). It needs ONNX Runtime's C/C++ API headers, which the
   onnxruntime wheel does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched
   from the Debian archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API

@@ -99,8 +99,9 @@ struct RowBlocks {
   const float* x;
   float* y;
   int64_t rows, d;
+  bool ffn;  // false: one layer (Linear), x @ w1 -> y (rows, e)
   m2fp::Filter w1, w2;
-  int64_t f, e;  // f == 0: one layer (Linear), x @ w1 -> y (rows, e)
+  int64_t f, e;
   std::atomic<bool> failed{false};
 };
 
@@ -109,7 +110,7 @@ void row_block(void* data, size_t index) {
   const int64_t r0 = static_cast<int64_t>(index) * kBlock, rows = std::min(kBlock, c.rows - r0);
   const float* x = c.x + r0 * c.d;
   float* y = c.y + r0 * c.e;
-  if (c.f == 0) {
+  if (!c.ffn) {
     chosen().product({x, c.d, rows, c.d, c.w1, c.e, y, c.e, false});
     return;
   }
@@ -125,8 +126,8 @@ void row_block(void* data, size_t index) {
 
 // Few rows: task i takes the columns [i * chunk, (i + 1) * chunk) of one layer, for every row, and
 // reads only those columns of the filter (split by rows, every task would read all of it), packed
-// into panels first (in place, a panel's rows lie n floats apart: for n a multiple of 1024 they fall
-// into the same few cache sets).
+// into panels first (read in place, a panel's rows lie n floats apart: for n a multiple of 1024 they
+// fall into the same few cache sets).
 struct ColumnChunks {
   const float* x;
   int64_t rows;
@@ -151,7 +152,7 @@ void column_chunk(void* data, size_t index) {
 
 // task(data, i) for i in [0, count), on ONNX Runtime's intra-op pool.
 void parallel(OrtKernelContext* context, void (*task)(void*, size_t), int64_t count, void* data) {
-  Ort::KernelContext(context).ParallelFor(task, static_cast<size_t>(count), 0, data);
+  if (count > 0) Ort::KernelContext(context).ParallelFor(task, static_cast<size_t>(count), 0, data);
 }
 
 // y = x @ w + b (then relu) for few rows, in column chunks of 32 * ceil(n / 256): about 8 tasks.
@@ -162,19 +163,19 @@ bool by_columns(OrtKernelContext* context, const float* x, int64_t rows, const L
   return !c.failed;
 }
 
-// y (rows, E) from x (rows, D) through `first` and, for FeedForward, `second` (second.n == 0: none).
+// y (rows, E) from x (rows, D) through `first` and, for FeedForward, `second` (null for Linear).
 // Many rows go by row blocks; few (the decoder's 100 queries) one layer after the other by column
 // chunks, a FeedForward's hidden rows (rows x F) in between. False: out of memory.
-bool run(OrtKernelContext* context, const float* x, int64_t rows, const Layer& first, const Layer& second, float* y) {
+bool run(OrtKernelContext* context, const float* x, int64_t rows, const Layer& first, const Layer* second, float* y) {
   if (rows < kManyRows) {
-    if (second.n == 0) return by_columns(context, x, rows, first, y);
+    if (second == nullptr) return by_columns(context, x, rows, first, y);
     std::vector<float> hidden(static_cast<size_t>(rows * first.n));
-    return by_columns(context, x, rows, first, hidden.data()) && by_columns(context, hidden.data(), rows, second, y);
+    return by_columns(context, x, rows, first, hidden.data()) && by_columns(context, hidden.data(), rows, *second, y);
   }
   std::vector<float> panels1, panels2;
-  const bool ffn = second.n != 0;
-  RowBlocks c{x, y, rows, first.depth, packed(first, 0, first.n, panels1),
-              ffn ? packed(second, 0, second.n, panels2) : m2fp::Filter{}, ffn ? first.n : 0, ffn ? second.n : first.n};
+  const m2fp::Filter w2 = second != nullptr ? packed(*second, 0, second->n, panels2) : m2fp::Filter{};
+  RowBlocks c{x, y, rows, first.depth, second != nullptr, packed(first, 0, first.n, panels1), w2, first.n,
+              second != nullptr ? second->n : first.n};
   parallel(context, row_block, (rows + kBlock - 1) / kBlock, &c);
   return !c.failed;
 }
@@ -222,7 +223,8 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
   const int64_t rows = rows_of(xs);
   float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
-  if (!run(context, x.Data(), rows, {w1.Data(), b1.Data(), d, f, true}, {w2.Data(), b2.Data(), f, e, false}, out)) {
+  const Layer first{w1.Data(), b1.Data(), d, f, true}, second{w2.Data(), b2.Data(), f, e, false};
+  if (!run(context, x.Data(), rows, first, &second, out)) {
     return Ort::Status("ai.m2fp::FeedForward: out of memory for its buffers", ORT_FAIL);
   }
   return Ort::Status{nullptr};
@@ -246,7 +248,7 @@ Ort::Status Linear(OrtKernelContext* context, const Ort::Custom::Tensor<float>& 
   const int64_t rows = rows_of(xs);
   float* out = y.Allocate(ys);
   if (rows == 0) return Ort::Status{nullptr};
-  if (!run(context, x.Data(), rows, {w.Data(), b.Data(), d, e, false}, {}, out)) {
+  if (!run(context, x.Data(), rows, {w.Data(), b.Data(), d, e, false}, nullptr, out)) {
     return Ort::Status("ai.m2fp::Linear: out of memory for its buffers", ORT_FAIL);
   }
   return Ort::Status{nullptr};

@@ -3,41 +3,11 @@
 
 #include <onnxruntime_lite_custom_op.h>
 
-#include <cstdint>
 #include <memory>
 #include <vector>
+
+#include "m2fp_ffn_product.h"
 
 // Adds ai.m2fp::FeedForward and ai.m2fp::Linear to `domain`; `keep` owns the op objects (they must
 // outlive every session that uses the domain).
 void m2fp_add_feedforward_ops(Ort::CustomOpDomain& domain, std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep);
-
-namespace m2fp {
-
-constexpr int64_t kFfnColumns = 16;  // columns of a filter panel (two vectors of 8 or one of 16)
-
-// A filter matrix w (depth, n) packed into 16-column panels (columns j..j+15 at w + j * depth: depth
-// rows of 16 floats one after the other), and its bias (n).
-struct Filter {
-  const float* w;
-  const float* b;
-};
-
-// out (rows, n) = a @ w + b, then max(0, .) when `relu`: a (rows, depth) with row stride lda, out
-// with row stride ldo; n a multiple of 16.
-struct Product {
-  const float* a;
-  int64_t lda, rows, depth;
-  Filter w;
-  int64_t n;
-  float* out;
-  int64_t ldo;
-  bool relu;
-};
-
-}  // namespace m2fp
-
-// The product (m2fp_ffn_kernel.cc) built for any CPU, for AVX2 + FMA and for AVX-512 (x86-64 only;
-// the library is then built with M2FP_FFN_V3 and M2FP_FFN_V4 defined, each where its build succeeded).
-void m2fp_ffn_product_generic(const m2fp::Product& p);
-void m2fp_ffn_product_v3(const m2fp::Product& p);
-void m2fp_ffn_product_v4(const m2fp::Product& p);

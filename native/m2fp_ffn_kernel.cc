@@ -11,11 +11,11 @@
 // attribute: GCC 12 turns the broadcast below into one `vbroadcastss` from memory only when the unit
 // is compiled for the ISA (under target("avx2") or target_clones it builds the vector lane by lane,
 // and the kernel runs at about half the speed).
-#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 
-#include "m2fp_ffn.h"
+#include "m2fp_ffn_product.h"
 
 #ifndef M2FP_FFN_PRODUCT
 #define M2FP_FFN_PRODUCT m2fp_ffn_product_generic
@@ -38,7 +38,7 @@ constexpr int kTilePanels = kLanes == 8 ? 1 : 2;          // panels (of 16 colum
 __attribute__((always_inline)) inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 __attribute__((always_inline)) inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 // {s, s, ..., s}: spelled out lane by lane, which GCC builds as one broadcast from memory.
-template <size_t... kLane>
+template <std::size_t... kLane>
 __attribute__((always_inline)) inline vec splat(float s, std::index_sequence<kLane...>) {
   return vec{((void)kLane, s)...};
 }
@@ -93,7 +93,7 @@ void product(const m2fp::Product& p) {
     const float* panel = p.w.w + j * p.depth;
     const bool wide = kTilePanels == 2 && p.n - j >= 2 * kPanel;
     for (int64_t i = 0; i < p.rows; i += kTileRows) {
-      const int64_t tile = std::min<int64_t>(kTileRows, p.rows - i);
+      const int64_t tile = p.rows - i < kTileRows ? p.rows - i : kTileRows;  // (no std::min: see m2fp_ffn_product.h)
       float* out = p.out + i * p.ldo + j;
       if (wide) {
         kernel<kRelu, kTilePanels>(p.depth, p.a + i * p.lda, p.lda, panel, p.w.b + j, out, p.ldo, tile);

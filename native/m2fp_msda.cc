@@ -212,7 +212,8 @@ Ort::Status MSDeformAttnChecked(OrtKernelContext* context, const Ort::Custom::Te
 static const char* kDomain = "ai.m2fp";
 
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
-// 2: the Winograd convolution ops are there too; 3: and the feed-forward op; 4: and the linear op.
+// 2: the Winograd convolution ops are there too; 3: and the feed-forward op; 4: and the linear op;
+// 5: and the softmax op.
 extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 5; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {

@@ -119,8 +119,8 @@ Ort::Status Softmax(OrtKernelContext* context, const Ort::Custom::Tensor<float>&
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
   if (rows == 0 || n == 0) return Ort::Status{nullptr};
-  // Tasks of at least 64k values (a few rows of the attention's scores; many of the short rows
-  // elsewhere), about 16 per thread pool's worth of rows at most.
+  // Tasks of at least 64k values (a few rows of the attention's scores, many short rows) and at
+  // most 64 tasks.
   Task t{x.Data(), out, rows, n, std::max<int64_t>({1, (65536 + n - 1) / n, (rows + 63) / 64})};
   Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>((rows + t.per_task - 1) / t.per_task), 0, &t);
   return Ort::Status{nullptr};

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from m2fp_service import softmax
+from m2fp_service import feedforward, softmax
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 
 # The built library: a failure in CI, a skip elsewhere when it is missing (tests/conftest.py).
@@ -31,7 +31,7 @@ def softmax_model(rank: int, domain: str = "ai.m2fp") -> onnx.ModelProto:
     node = helper.make_node("Softmax", ["x"], ["y"], domain=domain, **({} if domain else {"axis": -1}))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(softmax.feedforward.DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(feedforward.DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
 
@@ -128,20 +128,15 @@ def test_a_scalar_is_refused_with_a_clear_error() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def attention_model(axis: int | None = -1, add: bool = True, opset: int = 17, cast_to: int | None = None
-                    ) -> onnx.ModelProto:
+def attention_model(axis: int | None = -1, add: bool = True, opset: int = 17,
+                    dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """scores (B, Q, N) -> Add(mask) -> Softmax(axis) -> y, as the decoder's masked attention
-    (``add=False``: the Softmax reads the scores directly; ``cast_to``: the sum cast to that type first)."""
+    (``add=False``: the Softmax reads the scores directly; ``dtype``: the tensors' element type)."""
     nodes = [helper.make_node("Add", ["s", "mask"], ["z"], name="add")]
-    source = "z" if add else "s"
-    if cast_to is not None:
-        nodes.append(helper.make_node("Cast", [source], ["zc"], to=cast_to))
-        source = "zc"
     attrs = {} if axis is None else {"axis": axis}
-    nodes.append(helper.make_node("Softmax", [source], ["y"], name="attention_softmax", **attrs))
-    inputs = [helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 4, 40]),
-              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None, 4, 40])]
-    output = helper.make_tensor_value_info("y", cast_to or TensorProto.FLOAT, [None, 4, 40])
+    nodes.append(helper.make_node("Softmax", ["z" if add else "s"], ["y"], name="attention_softmax", **attrs))
+    inputs = [helper.make_tensor_value_info(name, dtype, [None, 4, 40]) for name in ("s", "mask")]
+    output = helper.make_tensor_value_info("y", dtype, [None, 4, 40])
     graph = helper.make_graph(nodes, "g", inputs, [output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -170,7 +165,7 @@ def test_rewrite_leaves_other_softmaxes_alone(case: str) -> None:
     flattens from `axis` on), an input that type inference finds to be double."""
     model = {"not-last-axis": lambda: attention_model(axis=1), "axis-2-of-3": lambda: attention_model(axis=2),
              "no-add": lambda: attention_model(add=False), "opset-12": lambda: attention_model(opset=12),
-             "double-input": lambda: attention_model(cast_to=TensorProto.DOUBLE)}[case]()
+             "double-input": lambda: attention_model(dtype=TensorProto.DOUBLE)}[case]()
     before = model.SerializeToString()
     assert softmax.rewrite(model) == 0
     assert model.SerializeToString() == before
