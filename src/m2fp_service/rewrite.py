@@ -4,7 +4,7 @@
 - ``feedforward.rewrite``: transformer feed-forward blocks (MatMul, Add, Relu, MatMul, Add) as one
   ``ai.m2fp::FeedForward`` node.
 - ``feedforward.rewrite_linear``: the linear layers left (MatMul, Add) as ``ai.m2fp::Linear`` nodes.
-- ``softmax.rewrite``: Softmax over the last axis as ``ai.m2fp::Softmax`` (fast on masked rows).
+- ``softmax.rewrite``: Softmax nodes after an additive mask (the masked attention) as ``ai.m2fp::Softmax``.
 
 The model file is not changed: the engine runs ``python -m m2fp_service.rewrite MODEL`` in a child
 process (parsing and serialising a 230 MB protobuf holds the GIL for up to a second at a time) and
