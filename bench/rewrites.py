@@ -67,7 +67,7 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
     gives a convolution it converts to its own layout, "<output>_nchwc")."""
     import onnx
 
-    from m2fp_service import feedforward, softmax
+    from m2fp_service import feedforward
 
     kept = {n.name for n in rewritten.graph.node}
     ffn = {n.name for block in feedforward.blocks(original.graph) for n in block.nodes}
@@ -81,7 +81,7 @@ def replaced_nodes(original: Any, rewritten: Any) -> dict[str, set[str]]:
             and n.name not in kept and n.name not in ffn | linear}
     conv |= {f"{o}_nchwc" for n in original.graph.node if n.name in conv for o in n.output}
     swapped = {n.name.removesuffix("_softmax") for n in rewritten.graph.node
-               if n.op_type == "Softmax" and n.domain == softmax.feedforward.DOMAIN}
+               if n.op_type == "Softmax" and n.domain == feedforward.DOMAIN}
     return {"winograd": conv, "feedforward": ffn, "linear": linear, "softmax": swapped}
 
 

@@ -24,6 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from m2fp_export.quantize import cpu_flags
 from m2fp_service import feedforward, rewrite
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 
@@ -211,13 +212,6 @@ def test_a_nan_row_stays_nan(op: str, rows: int) -> None:
     unfused = run(chain_model(w, rank=2), {"x": x}, library=False)
     assert np.isnan(unfused[5]).all() and np.isnan(got[5]).all()
     assert np.isfinite(np.delete(got, 5, axis=0)).all()
-
-
-def cpu_flags() -> set[str]:
-    if not Path("/proc/cpuinfo").is_file():
-        return set()
-    return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-            for f in line.split(":", 1)[1].split()}
 
 
 def test_the_widest_build_this_cpu_runs_is_the_one_chosen() -> None:
