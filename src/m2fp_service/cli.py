@@ -225,6 +225,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from m2fp_service.errors import ModelLoadError, ServiceError
     from m2fp_service.modelcard import UNTRAINED_WARNING
     from m2fp_service.segmenter import FrameSegmenter
+    from m2fp_service.video.heap import keep_freed_memory
     from m2fp_service.video.io import VideoError
     from m2fp_service.video.processor import VideoOptions
     from m2fp_service.video.run import process_video
@@ -260,6 +261,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    keep_freed_memory()  # this process is one frame loop from here on
     try:
         report = process_video(args.input, args.output, segmenter, options, parse=parse,
                                background_rgb=background_rgb, crf=args.crf, preset=args.preset,

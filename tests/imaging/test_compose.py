@@ -272,3 +272,24 @@ def test_image_mode_without_a_backdrop_is_refused() -> None:
     image = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="background picture"):
         compose.composite(image, np.zeros((4, 4), np.float32), ComposeOptions(mode="image"))
+
+
+def test_border_sums_computed_ahead_give_the_same_picture() -> None:
+    image, alpha = blended_border((24, 48), 24, 8)
+    options = ComposeOptions(mode="blur", blur_sigma_px=6)
+    sums = compose.border_sums(image, alpha)
+    alone = compose.composite(image, alpha, options)
+    np.testing.assert_array_equal(compose.composite(image, alpha, options, sums=sums), alone)
+    # The sums are used: other sums give another border colour.
+    other = compose.composite(image, alpha, options, sums=compose.border_sums(image[:, ::-1].copy(), alpha))
+    border = (alpha > 0) & (alpha < 1)
+    assert border.any() and not np.array_equal(other[border], alone[border])
+
+
+def test_border_sums_computed_ahead_are_not_used_for_an_alpha_outside_0_1() -> None:
+    image, alpha = blended_border((24, 48), 24, 8)
+    stretched = alpha * 1.5 - 0.25  # clipped to 0..1 inside: its sums are the clipped alpha's own
+    wrong = compose.border_sums(image, alpha)
+    options = ComposeOptions(mode="blur", blur_sigma_px=6)
+    np.testing.assert_array_equal(compose.composite(image, stretched, options, sums=wrong),
+                                  compose.composite(image, stretched, options))

@@ -62,6 +62,21 @@ def test_the_kept_region_covers_the_person_and_follows_her(segmenter, frames: li
     assert np.median(steps) == pytest.approx(6, abs=2), "the kept region moves with the figure (6 px/frame)"
 
 
+def test_matte_hands_compose_the_border_sums_of_its_alpha(segmenter, frames: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    """The border's colour sums are taken on the matte's thread; the picture is the one compositing
+    the alpha alone gives."""
+    from m2fp_service.imaging import compose
+
+    processor = FrameProcessor(segmenter, blur_options(), CLIP_FPS)
+    for i, frame in enumerate(frames[:3]):
+        result = processor.process(i, frame)
+        assert result.sums is not None and "border" in result.seconds
+        assert ((result.alpha > 0) & (result.alpha < 1)).any(), "a border to estimate colours on"
+        np.testing.assert_array_equal(result.sums, compose.border_sums(frame, result.alpha))
+        alone = compose.composite(frame, result.alpha, processor.options.spec.options)
+        np.testing.assert_array_equal(result.image, alone)
+
+
 def test_smoothing_cuts_flicker_on_a_still_scene(segmenter, frames: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     still = [np.clip(frames[10].astype(int) + rng.normal(0, 4, frames[10].shape), 0, 255).astype(np.uint8)

@@ -401,7 +401,8 @@ def backdrop(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
 
 
 def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
-              background_rgb: np.ndarray | None = None, *, kernel: fused.Choice = "built") -> np.ndarray:
+              background_rgb: np.ndarray | None = None, *, kernel: fused.Choice = "built",
+              sums: np.ndarray | None = None) -> np.ndarray:
     """The composed picture.
 
     Args:
@@ -411,6 +412,8 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         options: what replaces the rest.
         background_rgb: (h, w, 3) uint8, any size, for ``mode="image"``.
         kernel: the border's colour and the blend in the fused kernel, as for ``refine_alpha``.
+        sums: ``border_sums(image_rgb, alpha)``, when computed ahead (a video's matte thread does);
+            used only for an alpha already within 0..1 (else they are computed from the clipped one).
 
     Returns:
         (H, W, 4) uint8 RGBA for ``transparent`` (colour decontaminated at the border), else
@@ -420,9 +423,10 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
     alpha = np.ascontiguousarray(alpha, np.float32)
     if alpha.size and not (alpha.min() >= 0.0 and alpha.max() <= 1.0):  # NaN compares false too
         alpha = np.clip(np.nan_to_num(alpha, nan=0.0), 0.0, 1.0)  # one meaning for both paths: 0..1
+        sums = None
     image_rgb = np.ascontiguousarray(image_rgb)
     back = backdrop(image_rgb, alpha, options, background_rgb)
-    return _ops(kernel).compose(image_rgb, alpha, back, border_sums(image_rgb, alpha))
+    return _ops(kernel).compose(image_rgb, alpha, back, border_sums(image_rgb, alpha) if sums is None else sums)
 
 
 class NumpyOps:

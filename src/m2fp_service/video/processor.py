@@ -86,6 +86,7 @@ class FrameResult:
         parts_age: frames since the key frame whose parts are used (None: no parts yet or not needed).
         people: person ids in the carried map.
         seconds: time per step of this frame.
+        sums: ``compose.border_sums`` of the frame and alpha, for ``compose``.
     """
 
     image: np.ndarray
@@ -93,6 +94,7 @@ class FrameResult:
     parts_age: int | None
     people: list[int]
     seconds: dict[str, float]
+    sums: np.ndarray | None = None
 
 
 class FrameProcessor:
@@ -129,7 +131,7 @@ class FrameProcessor:
         """Composes frame ``index`` (frames must come in order)."""
         result = self.matte(index, frame_rgb)
         t = time.perf_counter()
-        result.image = self.compose(frame_rgb, result.alpha)
+        result.image = self.compose(frame_rgb, result.alpha, result.sums)
         _lap(result.seconds, "compose", t)
         return result
 
@@ -165,13 +167,20 @@ class FrameProcessor:
         alpha = self._matte(alpha, frame_rgb)
         if spec.feather_px >= 2:
             alpha = compose.feather_alpha(alpha, spec.feather_px)
-        _lap(seconds, "matte", t)
-        return FrameResult(_EMPTY_IMAGE, alpha, parts_age, people, seconds)
+        t = _lap(seconds, "matte", t)
+        # The border's local colour sums belong to compositing, but are taken here: with the matte
+        # and the compositing + encoding on two threads, this evens out their work (measured at
+        # 640x360: 61 -> 68 frames/s, medians of 6 runs).
+        sums = compose.border_sums(frame_rgb, alpha)
+        _lap(seconds, "border", t)
+        return FrameResult(_EMPTY_IMAGE, alpha, parts_age, people, seconds, sums)
 
-    def compose(self, frame_rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """The second stage of ``process``: the composed frame for ``matte``'s alpha. Keeps no state
-        between frames but the backdrop, so it may run on another thread than ``matte``."""
-        return compose.composite(frame_rgb, alpha, self.options.spec.options, self._backdrop_for(alpha.shape))
+    def compose(self, frame_rgb: np.ndarray, alpha: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
+        """The second stage of ``process``: the composed frame for ``matte``'s alpha (and ``sums``, its
+        ``FrameResult.sums``). Keeps no state between frames but the backdrop, so it may run on
+        another thread than ``matte``."""
+        return compose.composite(frame_rgb, alpha, self.options.spec.options, self._backdrop_for(alpha.shape),
+                                 sums=sums)
 
     def _matte(self, alpha: np.ndarray, frame_rgb: np.ndarray) -> np.ndarray:
         """The light model's soft alpha (at the matte size) sharpened — its 0.15..0.85 stretched to

@@ -6,7 +6,7 @@ Three threads in a pipeline, so a 2-core machine keeps both cores busy:
   light model on each frame, and hands every key frame to the M2FP worker as it decodes it, so
   M2FP works on key frame k while the loop is still on the frames before it;
 * the frame loop builds each frame's alpha in order (``FrameProcessor.matte``: smoothing, carried
-  parts, refinement — the stateful part);
+  parts, refinement — the stateful part — and the border's colour sums the composer uses);
 * the composer composes each frame over its backdrop and writes it, and writes the audio packets
   in file order (one thread owns the output container).
 
@@ -111,7 +111,7 @@ def process_video(
                     continue
                 assert isinstance(item, _Segmented)
                 result = processor.matte(item.frame.index, item.frame.rgb, item.prob)
-                composer.put((item.frame, result.alpha))
+                composer.put((item.frame, result.alpha, result.sums))
                 report.frames += 1
                 for step, seconds in result.seconds.items():
                     report.step_seconds[step] = report.step_seconds.get(step, 0.0) + seconds
@@ -160,8 +160,8 @@ class _Segmented:
 class _Composer:
     """The last stage: composes each frame over its backdrop and writes it; writes audio in order.
 
-    ``put`` hands it (frame, alpha) pairs and audio packets in file order; ``finish`` waits for
-    everything to be written and raises the composer's error, if any.
+    ``put`` hands it (frame, alpha, border sums) triples and audio packets in file order; ``finish``
+    waits for everything to be written and raises the composer's error, if any.
     """
 
     def __init__(self, processor: FrameProcessor, writer: VideoWriter) -> None:
@@ -205,9 +205,8 @@ class _Composer:
                     continue
                 assert isinstance(item, tuple)
                 frame: Frame = item[0]
-                alpha: np.ndarray = item[1]
                 t = time.perf_counter()
-                image = self._processor.compose(frame.rgb, alpha)
+                image = self._processor.compose(frame.rgb, item[1], item[2])
                 self.seconds += time.perf_counter() - t
                 self._writer.write(image, frame.pts, frame.index)
         except BaseException as exc:  # handed to the frame loop, which raises it
