@@ -52,6 +52,35 @@ def test_int8_card_says_so(int8_path: Path, tiny_model_path: Path) -> None:
     assert [(f.domain, f.name) for f in model.functions] == [("ai.m2fp", "MSDeformAttn")]
 
 
+def test_quantized_matmuls_give_float_outputs_run_as_integer_products(int8_path: Path, tmp_path: Path) -> None:
+    """A quantized MatMul's output is not quantized again (its bias Add is float): ONNX Runtime runs
+    DequantizeLinear -> MatMul as MatMulIntegerToFloat, not QLinearMatMul + DequantizeLinear."""
+    import onnx
+    import onnxruntime as ort
+
+    from m2fp_service.engine import usable_msda_kernel
+
+    assert read_card(int8_path).exporter["quantization"]["preset"]["float_outputs"] == ["MatMul"]
+    graph = onnx.load(str(int8_path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    quantized = [n for n in graph.node
+                 if n.op_type == "MatMul" and all(producer.get(i) == "DequantizeLinear" for i in n.input)]
+    assert quantized, "the encoder's MatMuls are quantized"
+    assert all("QuantizeLinear" not in readers.get(n.output[0], []) for n in quantized)
+    options = ort.SessionOptions()
+    kernel = usable_msda_kernel("auto")
+    assert kernel is not None
+    options.register_custom_ops_library(str(kernel))
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == len(quantized) and "QLinearMatMul" not in ops
+
+
 def test_int8_runs_without_the_kernel(int8_path: Path, photo: np.ndarray) -> None:
     fused = ParsingEngine(int8_path, options=EngineOptions(optimized_cache=False))
     plain = ParsingEngine(int8_path, options=EngineOptions(optimized_cache=False, msda_kernel="off"))
