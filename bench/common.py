@@ -89,7 +89,7 @@ def ensure_models(m: Models, log: Any = print) -> None:
             log(f"{path} predates the fused deformable-attention node: exporting it again")
             path.unlink()
             m.int8.unlink(missing_ok=True)
-    if m.int8.is_file() and "float_outputs" not in _card(m.int8).exporter["quantization"]["preset"]:
+    if m.int8.is_file() and "float_outputs" not in _card(m.int8).exporter.get("quantization", {}).get("preset", {}):
         log(f"{m.int8} predates float MatMul outputs: quantizing it again")
         m.int8.unlink()
     if not m.fp32.is_file():

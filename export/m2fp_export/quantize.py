@@ -1,10 +1,11 @@
 """Static INT8 quantization (QDQ) of the exported FP32 graph, checked like the export itself.
 
 ONNX Runtime's ``quantize_static`` calibrates activation ranges on real images and inserts
-QuantizeLinear/DequantizeLinear pairs around the convolutions and the weight-bearing MatMuls
-(per-channel weights), and the ReLUs and max-pooling between them; ONNX Runtime then runs them
-as integer kernels. Dynamic quantization was measured about 2x *slower* than FP32 on this model
-(it re-quantizes activations on every call and leaves convolutions in float), hence static.
+QuantizeLinear/DequantizeLinear pairs around the convolutions (per-channel weights) and the ReLUs
+and max-pooling between them, and on the inputs of the weight-bearing MatMuls (their outputs stay
+float, ``float_outputs``); ONNX Runtime then runs them as integer kernels. Dynamic quantization was
+measured about 2x *slower* than FP32 on this model (it re-quantizes activations on every call and
+leaves convolutions in float), hence static.
 
 Kept in FP32 (``QuantizationConfig.keep_fp32``): the deformable attention's sampling offsets and
 attention weights (an error there moves where the encoder samples, not just how much), the

@@ -230,6 +230,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     from m2fp_service.video.processor import VideoOptions
     from m2fp_service.video.run import process_video
 
+    keep_freed_memory()  # this process is one frame loop; set before any thread starts
     overrides = {k: v for k, v in (("model", args.model), ("light_model", args.light_model),
                                    ("light_model_landscape", args.light_model_landscape)) if v is not None}
     settings = Settings(**overrides)
@@ -261,7 +262,6 @@ def _cmd_video(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
-    keep_freed_memory()  # this process is one frame loop from here on
     try:
         report = process_video(args.input, args.output, segmenter, options, parse=parse,
                                background_rgb=background_rgb, crf=args.crf, preset=args.preset,

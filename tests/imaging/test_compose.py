@@ -291,5 +291,13 @@ def test_border_sums_computed_ahead_are_not_used_for_an_alpha_outside_0_1() -> N
     stretched = alpha * 1.5 - 0.25  # clipped to 0..1 inside: its sums are the clipped alpha's own
     wrong = compose.border_sums(image, alpha)
     options = ComposeOptions(mode="blur", blur_sigma_px=6)
-    np.testing.assert_array_equal(compose.composite(image, stretched, options, sums=wrong),
-                                  compose.composite(image, stretched, options))
+    right = compose.composite(image, stretched, options)
+    np.testing.assert_array_equal(compose.composite(image, stretched, options, sums=wrong), right)
+    # Used, these sums would give another picture.
+    assert not np.array_equal(compose.composite(image, np.clip(stretched, 0, 1), options, sums=wrong), right)
+
+
+def test_border_sums_of_the_wrong_shape_are_refused() -> None:
+    image, alpha = blended_border((8, 16), 8, 4)
+    with pytest.raises(ValueError, match="border sums"):
+        compose.composite(image, alpha, ComposeOptions(mode="blur"), sums=np.zeros((4, 2, 2), np.float32))

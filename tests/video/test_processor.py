@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from m2fp_service import labelsets, pipeline
+from m2fp_service.imaging import compose
 from m2fp_service.imaging.compose import ComposeOptions
 from m2fp_service.outputs import ComposeSpec
 from m2fp_service.selection import Keep
@@ -65,8 +66,6 @@ def test_the_kept_region_covers_the_person_and_follows_her(segmenter, frames: li
 def test_matte_hands_compose_the_border_sums_of_its_alpha(segmenter, frames: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
     """The border's colour sums are taken on the matte's thread; the picture is the one compositing
     the alpha alone gives."""
-    from m2fp_service.imaging import compose
-
     processor = FrameProcessor(segmenter, blur_options(), CLIP_FPS)
     for i, frame in enumerate(frames[:3]):
         result = processor.process(i, frame)
@@ -75,6 +74,15 @@ def test_matte_hands_compose_the_border_sums_of_its_alpha(segmenter, frames: lis
         np.testing.assert_array_equal(result.sums, compose.border_sums(frame, result.alpha))
         alone = compose.composite(frame, result.alpha, processor.options.spec.options)
         np.testing.assert_array_equal(result.image, alone)
+
+
+def test_matte_alone_skips_the_border_sums(segmenter, frames: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    """The live mask output's path: the same alpha, no sums taken."""
+    bare, full = (FrameProcessor(segmenter, blur_options(), CLIP_FPS) for _ in range(2))
+    for i, frame in enumerate(frames[:3]):
+        a, b = bare.matte(i, frame, border=False), full.matte(i, frame)
+        assert a.sums is None and "border" not in a.seconds and b.sums is not None
+        np.testing.assert_array_equal(a.alpha, b.alpha)
 
 
 def test_smoothing_cuts_flicker_on_a_still_scene(segmenter, frames: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]

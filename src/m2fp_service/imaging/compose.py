@@ -420,6 +420,8 @@ def composite(image_rgb: np.ndarray, alpha: np.ndarray, options: ComposeOptions,
         (H, W, 3) uint8 RGB: the photo where alpha is 1, the backdrop where it is 0, and between
         them the subject's estimated own colour blended over the backdrop.
     """
+    if sums is not None and not (sums.ndim == 4 and sums.shape[0] == sums.shape[3] == 4):
+        raise ValueError(f"border sums must be (4, h, w, 4) from border_sums, got {sums.shape}")
     alpha = np.ascontiguousarray(alpha, np.float32)
     if alpha.size and not (alpha.min() >= 0.0 and alpha.max() <= 1.0):  # NaN compares false too
         alpha = np.clip(np.nan_to_num(alpha, nan=0.0), 0.0, 1.0)  # one meaning for both paths: 0..1

@@ -2,12 +2,12 @@
 
 A frame loop allocates the same megabyte-sized arrays every frame (the alpha, the guided filter's
 products, the composed picture). glibc serves a block above its mmap threshold (which moves up to
-the largest block freed, at most 32 MB) with fresh pages, and gives the top of its heap back to the
-system once more than twice that threshold is free; either way the next frame takes page faults
-for the same memory again: ~2000 per 640x360 frame in the matte step, measured, about a third of
-its time. Fixed thresholds of 32 MB (allocations) and 64 MB (free memory kept per heap) keep that
-memory in the process between frames; a process's use stays bounded by its own peak plus 64 MB per
-heap.
+the largest block freed, at most 32 MB) with fresh pages, and gives the top of a heap back to the
+system once more than twice that threshold is free there; either way the next frame takes page
+faults for the same memory again: ~2000 per 640x360 frame in the matte step, measured, about a third
+of its time. Fixed thresholds of 32 MB (a block above it is mapped on its own) and 64 MB (the free
+memory a heap keeps at its top) keep that memory in the process between frames, at the cost of
+holding up to 64 MB more per malloc heap (one per busy thread) than it uses at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ctypes
 import logging
 import platform
 
-log = logging.getLogger("m2fp_service")
+log = logging.getLogger("m2fp.video")
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -27,8 +27,9 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 def keep_freed_memory() -> bool:
-    """Sets glibc's mmap and trim thresholds for a frame loop (see the module docstring) for the
-    rest of the process; whether they were set (False on other C libraries)."""
+    """Sets glibc's trim and mmap thresholds for a frame loop (see the module docstring) for the
+    rest of the process; whether they were set (False on other C libraries). Call it before the
+    process starts threads (glibc documents ``mallopt`` as not thread-safe)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -36,8 +37,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                  TRIM_THRESHOLD_BYTES))
+    # The trim threshold first: setting either one turns glibc's moving thresholds off.
+    done = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    done = done and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     if not done:
         log.warning("mallopt refused the frame loop's thresholds: frames take fresh pages each time")
     return done

@@ -71,10 +71,11 @@ class LiveSession:
         """
         started = time.perf_counter()
         frame = decode_image(data, max_pixels=self.limits.max_pixels, max_side=self.limits.max_side).rgb
-        result = self.processor.process(self.index, frame)
-        if self.output == "mask":
+        if self.output == "mask":  # the alpha alone: nothing composed
+            result = self.processor.matte(self.index, frame, border=False)
             picture = render.encode_png(np.clip(result.alpha * 255.0 + 0.5, 0, 255).astype(np.uint8))
         else:
+            result = self.processor.process(self.index, frame)
             picture = render.encode_image(result.image, self.format, self.quality)
         done = time.perf_counter()
         header = {

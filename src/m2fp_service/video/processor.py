@@ -135,13 +135,15 @@ class FrameProcessor:
         _lap(result.seconds, "compose", t)
         return result
 
-    def matte(self, index: int, frame_rgb: np.ndarray, prob: np.ndarray | None = None) -> FrameResult:
+    def matte(self, index: int, frame_rgb: np.ndarray, prob: np.ndarray | None = None, *,
+              border: bool = True) -> FrameResult:
         """The first stage of ``process``: frame ``index``'s alpha (frames must come in order), without
         the composed picture (``image`` is left empty for ``compose``).
 
         Args:
             prob: the light model's output for this frame (``segmenter.run_small``), when a reader
                 thread computed it ahead; else it is computed here.
+            border: also the border's colour sums ``compose`` uses (``sums``); False: the alpha alone.
         """
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -168,6 +170,8 @@ class FrameProcessor:
         if spec.feather_px >= 2:
             alpha = compose.feather_alpha(alpha, spec.feather_px)
         t = _lap(seconds, "matte", t)
+        if not border:
+            return FrameResult(_EMPTY_IMAGE, alpha, parts_age, people, seconds)
         # The border's local colour sums belong to compositing, but are taken here: with the matte
         # and the compositing + encoding on two threads, this evens out their work (measured at
         # 640x360: 61 -> 68 frames/s, medians of 6 runs).

@@ -111,7 +111,7 @@ def process_video(
                     continue
                 assert isinstance(item, _Segmented)
                 result = processor.matte(item.frame.index, item.frame.rgb, item.prob)
-                composer.put((item.frame, result.alpha, result.sums))
+                composer.put(_Matted(item.frame, result.alpha, result.sums))
                 report.frames += 1
                 for step, seconds in result.seconds.items():
                     report.step_seconds[step] = report.step_seconds.get(step, 0.0) + seconds
@@ -157,11 +157,20 @@ class _Segmented:
     prob: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Matted:
+    """A frame with its alpha and the border's colour sums (``FrameProcessor.matte``), for the composer."""
+
+    frame: Frame
+    alpha: np.ndarray
+    sums: np.ndarray | None
+
+
 class _Composer:
     """The last stage: composes each frame over its backdrop and writes it; writes audio in order.
 
-    ``put`` hands it (frame, alpha, border sums) triples and audio packets in file order; ``finish``
-    waits for everything to be written and raises the composer's error, if any.
+    ``put`` hands it ``_Matted`` frames and audio packets in file order; ``finish`` waits for
+    everything to be written and raises the composer's error, if any.
     """
 
     def __init__(self, processor: FrameProcessor, writer: VideoWriter) -> None:
@@ -203,12 +212,11 @@ class _Composer:
                 if isinstance(item, AudioPacket):
                     self._writer.write_audio(item.packet)
                     continue
-                assert isinstance(item, tuple)
-                frame: Frame = item[0]
+                assert isinstance(item, _Matted)
                 t = time.perf_counter()
-                image = self._processor.compose(frame.rgb, item[1], item[2])
+                image = self._processor.compose(item.frame.rgb, item.alpha, item.sums)
                 self.seconds += time.perf_counter() - t
-                self._writer.write(image, frame.pts, frame.index)
+                self._writer.write(image, item.frame.pts, item.frame.index)
         except BaseException as exc:  # handed to the frame loop, which raises it
             self._error = exc
 
