@@ -141,6 +141,34 @@ def test_cache_key_follows_the_model_file(tiny_model_path: Path, tmp_path: Path)
     assert cache_path_for(copy, None) != before
 
 
+def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_model_path: Path, tmp_path: Path) -> None:
+    """Re-exporting (or rebuilding the library) leaves no model-sized cache files behind; caches
+    written since, under other keys (another machine sharing the folder), and other models' stay."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_model_path.read_bytes())
+    kernel = msda_kernel_path("auto")
+    assert kernel is not None
+    changed = kernel.stat().st_mtime  # the library rebuilt after the model was written:
+    os.utime(model, (changed - 1000, changed - 1000))
+
+    def cache_file(name: str, age_s: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"graph")
+        os.utime(path, (changed + age_s, changed + age_s))
+        return path
+
+    stale = [cache_file(".m.ort-0000000000000001.onnx", -3600),  # before both
+             cache_file(".m.ort-0000000000000002.onnx", -1)]  # after the model, before the library
+    other_key = cache_file(".m.ort-0000000000000003.onnx", +60)  # e.g. another CPU's, written since
+    other_model = cache_file(".n.ort-0000000000000004.onnx", -3600)
+    in_flight = cache_file(".m.ort-0000000000000005.onnx.x1.tmp", -3600)
+    engine = _cached_engine(model, tmp_path)
+    assert engine.cache_status == "cache written" and engine.msda_kernel == kernel
+    assert not any(p.exists() for p in stale)
+    assert other_key.exists() and other_model.exists() and in_flight.exists()
+    assert cache_path_for(model, tmp_path, kernel).is_file()
+
+
 def test_unwritable_cache_falls_back_and_says_so(tiny_model_path: Path, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture, photo: np.ndarray) -> None:
     blocker = tmp_path / "a-file"

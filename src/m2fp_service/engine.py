@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from m2fp_service import cancel
+from m2fp_service import cancel, graphcache
 from m2fp_service.config import Settings
 from m2fp_service.errors import InferenceFailed, InferenceTimeout, ModelLoadError
 from m2fp_service.labelsets import check_model_classes
@@ -167,32 +165,13 @@ def _cpu_signature() -> str:
     ORT's level-3 optimisations pick kernels and layouts (NCHWc blocks) for this CPU, so an
     optimised graph is only reused on the same ORT version and CPU flags.
     """
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{ort.__version__}|{platform.machine()}|{flags}"
+    return f"{ort.__version__}|{graphcache.cpu_signature()}"
 
 
 def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
-    """The optimised-graph cache file of ``model_path``: keyed by the file (size, mtime), the CPU
-    and the custom-op library registered (a graph optimised with it keeps its nodes, one optimised
-    without it has their functions inlined)."""
-    stat = model_path.stat()
-    library = "none"
-    if kernel is not None:
-        kstat = kernel.stat()
-        library = f"{kernel.resolve()}|{kstat.st_size}|{kstat.st_mtime_ns}"
-        library += f"|rewrites {GRAPH_REWRITES}"  # the rewrites done with it (rewrite.py)
-    key = hashlib.sha256(
-        f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_cpu_signature()}|{library}".encode()
-    ).hexdigest()[:16]
-    folder = cache_dir if cache_dir is not None else model_path.parent
-    return folder / f".{model_path.stem}.ort-{key}.onnx"
+    """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
+    CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs."""
+    return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, f"rewrites {GRAPH_REWRITES}")
 
 
 def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:
@@ -286,6 +265,7 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         tmp.replace(cached)
     finally:
         tmp.unlink(missing_ok=True)
+    graphcache.drop_stale(model_path, cached, kernel)
     return session, "cache written"
 
 

@@ -1,0 +1,70 @@
+"""The optimised-graph cache's files: their names (keys) and housekeeping. No onnxruntime here: the
+engine passes its runtime's signature.
+
+A cached graph is ONNX Runtime's fully optimised form of a model file, written beside it (or in
+``M2FP_ORT_CACHE_DIR``) as ``.<stem>.ort-<key>.onnx``; the key hashes what the optimised graph
+depends on: the model file (path, size, modification time), the runtime and CPU, and the custom-op
+library registered with the rewrites it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+log = logging.getLogger("m2fp.engine")
+
+
+def cpu_signature() -> str:
+    """The machine's architecture and CPU flags (``/proc/cpuinfo``; empty where there is none)."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Path | None = None,
+             rewrites: str = "") -> Path:
+    """The cache file of ``model_path`` in ``cache_dir`` (default: beside the model), keyed by the
+    file (size, mtime), ``runtime`` (runtime version and CPU) and the custom-op library registered
+    (a graph optimised with it keeps its nodes, one optimised without it has their functions
+    inlined) with ``rewrites``, the version of the graph rewrites done with it."""
+    stat = model_path.stat()
+    library = "none"
+    if kernel is not None:
+        kstat = kernel.stat()
+        library = f"{kernel.resolve()}|{kstat.st_size}|{kstat.st_mtime_ns}|{rewrites}"
+    key = hashlib.sha256(
+        f"{model_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{runtime}|{library}".encode()
+    ).hexdigest()[:16]
+    folder = cache_dir if cache_dir is not None else model_path.parent
+    return folder / f".{model_path.stem}.ort-{key}.onnx"
+
+
+def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None:
+    """Deletes the model's other cache files written before the last change of the model file or of
+    the custom-op library ``kernel`` the ``kept`` one was made with: their key holds an older
+    modification time of it, so none can be used again (each is as large as the model; a re-export,
+    re-quantization or rebuilt library used to leave one behind every time). Cache files written
+    since, under another key (CPU, runtime, another library), are kept: another machine sharing the
+    folder may use them. One made without the library before its last rebuild goes too; it is
+    written again when next needed."""
+    try:
+        changed = max(model_path.stat().st_mtime, kernel.stat().st_mtime if kernel is not None else 0.0)
+        siblings = list(kept.parent.glob(f".{model_path.stem}.ort-*.onnx"))
+    except OSError:
+        return
+    for old in siblings:
+        try:
+            if old != kept and old.stat().st_mtime < changed:
+                old.unlink()
+                log.info("removed the stale optimised-graph cache %s", old)
+        except OSError:  # gone already (another process) or not ours to delete
+            continue
