@@ -141,13 +141,14 @@ def test_cache_key_follows_the_model_file(tiny_model_path: Path, tmp_path: Path)
     assert cache_path_for(copy, None) != before
 
 
-def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_model_path: Path, tmp_path: Path) -> None:
+def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_model_path: Path, tmp_path: Path,
+                                                                     kernel_library: Path) -> None:
     """Re-exporting (or rebuilding the library) leaves no model-sized cache files behind; caches
-    written since, under other keys (another machine sharing the folder), and other models' stay."""
+    written since, under other keys (another machine sharing the folder), and other models' stay.
+    (Every case: tests/test_graphcache.py.)"""
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_model_path.read_bytes())
-    kernel = msda_kernel_path("auto")
-    assert kernel is not None
+    kernel = kernel_library
     changed = kernel.stat().st_mtime  # the library rebuilt after the model was written:
     os.utime(model, (changed - 1000, changed - 1000))
 

@@ -1,4 +1,5 @@
-"""``ParsingEngine``: owns the ONNX Runtime session. The only onnxruntime import in the package."""
+"""``ParsingEngine``: owns the ONNX Runtime session. With segmenter.py (the light model's sessions), the
+only onnxruntime import in the package."""
 
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def _cpu_signature() -> str:
 def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
     """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
     CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs."""
-    return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, f"rewrites {GRAPH_REWRITES}")
+    return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=f"rewrites {GRAPH_REWRITES}")
 
 
 def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:

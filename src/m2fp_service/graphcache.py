@@ -9,6 +9,7 @@ library registered with the rewrites it runs.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import platform
@@ -30,8 +31,8 @@ def cpu_signature() -> str:
     return f"{platform.machine()}|{flags}"
 
 
-def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Path | None = None,
-             rewrites: str = "") -> Path:
+def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Path | None = None, *,
+             rewrites: str) -> Path:
     """The cache file of ``model_path`` in ``cache_dir`` (default: beside the model), keyed by the
     file (size, mtime), ``runtime`` (runtime version and CPU) and the custom-op library registered
     (a graph optimised with it keeps its nodes, one optimised without it has their functions
@@ -49,16 +50,20 @@ def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Pat
 
 
 def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None:
-    """Deletes the model's other cache files written before the last change of the model file or of
-    the custom-op library ``kernel`` the ``kept`` one was made with: their key holds an older
-    modification time of it, so none can be used again (each is as large as the model; a re-export,
-    re-quantization or rebuilt library used to leave one behind every time). Cache files written
-    since, under another key (CPU, runtime, another library), are kept: another machine sharing the
-    folder may use them. One made without the library before its last rebuild goes too; it is
-    written again when next needed."""
+    """Deletes the other cache files of the model's name in ``kept``'s folder written before the last
+    change of the model file or of the custom-op library ``kernel`` the ``kept`` one was made with:
+    their key holds an older modification time of it, so they cannot be used again (each is as large
+    as the model; a re-export, re-quantization or rebuilt library used to leave one behind every
+    time). Cache files written since, under another key (CPU, runtime), are kept: another machine
+    sharing the folder may use them. The name does not say which library or model path a cache was
+    made with, so in a shared folder a cache made without the library (or with another build of it,
+    or for another model file of the same name) before that change goes too: it is written again
+    when next needed, once. A change time later than ``kept``'s own (a clock ahead) counts as
+    ``kept``'s: nothing written since is deleted."""
     try:
         changed = max(model_path.stat().st_mtime, kernel.stat().st_mtime if kernel is not None else 0.0)
-        siblings = list(kept.parent.glob(f".{model_path.stem}.ort-*.onnx"))
+        changed = min(changed, kept.stat().st_mtime)
+        siblings = list(kept.parent.glob(f".{glob.escape(model_path.stem)}.ort-*.onnx"))
     except OSError:
         return
     for old in siblings:
