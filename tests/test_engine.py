@@ -148,8 +148,7 @@ def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_mode
     (Every case: tests/test_graphcache.py.)"""
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_model_path.read_bytes())
-    kernel = kernel_library
-    changed = kernel.stat().st_mtime  # the library rebuilt after the model was written:
+    changed = kernel_library.stat().st_mtime  # the library rebuilt after the model was written:
     os.utime(model, (changed - 1000, changed - 1000))
 
     def cache_file(name: str, age_s: float) -> Path:
@@ -164,10 +163,10 @@ def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_mode
     other_model = cache_file(".n.ort-0000000000000004.onnx", -3600)
     in_flight = cache_file(".m.ort-0000000000000005.onnx.x1.tmp", -3600)
     engine = _cached_engine(model, tmp_path)
-    assert engine.cache_status == "cache written" and engine.msda_kernel == kernel
+    assert engine.cache_status == "cache written" and engine.msda_kernel == kernel_library
     assert not any(p.exists() for p in stale)
     assert other_key.exists() and other_model.exists() and in_flight.exists()
-    assert cache_path_for(model, tmp_path, kernel).is_file()
+    assert cache_path_for(model, tmp_path, kernel_library).is_file()
 
 
 def test_unwritable_cache_falls_back_and_says_so(tiny_model_path: Path, tmp_path: Path,

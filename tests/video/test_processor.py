@@ -82,6 +82,7 @@ def test_matte_alone_skips_the_border_sums(segmenter, frames: list[np.ndarray]) 
     for i, frame in enumerate(frames[:3]):
         a, b = bare.matte(i, frame, border=False), full.matte(i, frame)
         assert a.sums is None and "border" not in a.seconds and b.sums is not None
+        assert (a.alpha > 0.5).any() and (a.alpha < 0.5).any(), "the person kept, the scene not"
         np.testing.assert_array_equal(a.alpha, b.alpha)
 
 
