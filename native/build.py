@@ -47,7 +47,7 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DORT_
 # compiler may turn the loops' selects into blends, `omp simd` lets it vectorise the sums, and
 # fp-contract lets it fuse multiply-adds (ISO C mode would forbid it).
 POST_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-trapping-math",
-              "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-Wall", "-Wextra"]
+              "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-Wall", "-Wextra", "-Wno-psabi"]
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:

@@ -5,9 +5,10 @@
  * arrays (negate, exp, add, reciprocal for the sigmoid; threshold, multiply, sum, count for the mask
  * score), adds each instance in five (multiply, threshold, add, compare, add), then averages and
  * votes each class's map in seven more. At 720p each pass streams 3.7 MB. Here the two resizes are
- * the one resampling they compose to, done with the squash in one pass, and each other step is one
- * pass. Results agree with the Python path to float rounding (the resampling and the sigmoid) or
- * exactly (the rest): tests/imaging/test_fused.py.
+ * the one resampling they compose to, done with the squash in one pass (and skipped, sigmoid and all,
+ * where no logit can be positive), and each other step is one pass. Results agree with the Python
+ * path to float rounding (the resampling and the sigmoid) or exactly (the rest):
+ * tests/imaging/test_fused.py.
  *
  * Compositing's full-size passes too (imaging/compose.py): applying the guided filter's coefficients
  * (three resizes, a multiply, a channel sum, an add, four snapping passes and a masked copy, each
@@ -29,57 +30,81 @@
 
 M2FP_EXPORT int m2fp_post_abi(void) { return 4; }
 
-/* exp(x) for x in [-88, 88] (callers clamp), without branches so loops over it vectorize: 2^n p(r)
- * with n = round(x / ln 2) (adding and subtracting 1.5 * 2^23 rounds to nearest), r = x - n ln 2 in
- * two parts, p a degree-7 polynomial (Cephes' expf). Within 2 ulp of expf. */
-static inline float exp_clamped(float x) {
+/* Vectors of LANES floats (GCC's vector extensions: each target clone gets its widest registers). */
+#define LANES 16
+typedef float lanes_t __attribute__((vector_size(4 * LANES)));
+typedef int32_t ilanes_t __attribute__((vector_size(4 * LANES)));
+
+static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, lanes_t a, lanes_t b) {
+    return (lanes_t)((m & (ilanes_t)a) | (~m & (ilanes_t)b));
+}
+
+/* exp(x) for x in [-88, 88] (callers clamp), without branches: 2^n p(r) with n = round(x / ln 2)
+ * (adding and subtracting 1.5 * 2^23 rounds to nearest), r = x - n ln 2 in two parts, p a degree-7
+ * polynomial (Cephes' expf). Within 2 ulp of expf. */
+static inline __attribute__((always_inline)) lanes_t exp_clamped_lanes(lanes_t x) {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     const float round = 12582912.0f;
-    float n = (x * log2e + round) - round;
-    float r = x - n * ln2_hi - n * ln2_lo;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
+    lanes_t n = (x * log2e + round) - round;
+    lanes_t r = x - n * ln2_hi - n * ln2_lo;
+    lanes_t p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
+    ilanes_t bits = (__builtin_convertvector(n, ilanes_t) + 127) << 23;
+    return p * (lanes_t)bits;
 }
 
-/* sigmoid(v); NaN gives NaN (the exponential is taken of 0 instead: converting NaN to an integer is
- * undefined behaviour). */
-static inline float sigmoid(float v) {
-    float t = -v;
-    t = t < -88.0f ? -88.0f : t;
-    t = t > 88.0f ? 88.0f : t;
-    t = t == t ? t : 0.0f;
-    float s = 1.0f / (1.0f + exp_clamped(t));
-    return v == v ? s : v;
+/* A run's per-lane sums added to the mask score's parts. */
+static inline __attribute__((always_inline)) void add_lanes(lanes_t acc, ilanes_t hits, double *sum,
+                                                            int64_t *count) {
+    float total = 0.0f;
+    int64_t positive = 0;
+    for (int l = 0; l < LANES; ++l) total += acc[l], positive -= hits[l];
+    *sum += total;
+    *count += positive;
 }
 
-/* n logits squashed: sig = sigmoid(logits), and the mask score's parts added to *sum (the sum of
- * sig where logits > 0) and *count (how many such pixels). A NaN logit gives a NaN sig and counts
- * nowhere. */
-static inline void squash(const float *restrict logits, int64_t n, float *restrict sig, double *sum,
-                          int64_t *count) {
-    for (int64_t start = 0; start < n; start += 4096) {  /* float partial sums over short runs */
-        int64_t end = n - start < 4096 ? n : start + 4096;
-        float acc = 0.0f;
-        int32_t hits = 0;
-#pragma omp simd reduction(+ : acc, hits)
-        for (int64_t i = start; i < end; ++i) {
-            float v = logits[i];
-            float s = sigmoid(v);
-            sig[i] = s;
-            int pos = v > 0.0f;
-            acc += pos ? s : 0.0f;
-            hits += pos;
+/* A vector of logits squashed: sigmoid(v) where v > 0, else 0 (NaN too), the only values of a mask's
+ * probability ever read (the mask score sums it where v > 0; an instance is pasted where
+ * sig * score > 0.5 with a score <= 1, so only where v > 0); the sig added to the run's sums *acc
+ * and the positive lanes counted in *hits (as -1s). */
+static inline __attribute__((always_inline)) lanes_t squash_lanes(lanes_t v, lanes_t *acc, ilanes_t *hits) {
+    const lanes_t zero = {0};
+    ilanes_t pos = v > 0.0f;
+    lanes_t t = select_lanes(pos, -v, zero);
+    t = select_lanes(t < -88.0f, zero - 88.0f, t);
+    lanes_t s = select_lanes(pos, 1.0f / (1.0f + exp_clamped_lanes(t)), zero);
+    *acc += s;
+    *hits += pos;
+    return s;
+}
+
+/* n logits squashed (squash_lanes) into sig, the mask score's parts added to *sum (the sum of sig
+ * where logits > 0) and *count (how many such pixels); float partial sums over runs of 4096. */
+static inline __attribute__((always_inline)) void squash(const float *restrict logits, int64_t n,
+                                                         float *restrict sig, double *sum, int64_t *count) {
+    lanes_t acc = {0};
+    ilanes_t hits = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        if (i % 4096 == 0 && i > 0) {
+            add_lanes(acc, hits, sum, count);
+            acc = (lanes_t){0}, hits = (ilanes_t){0};
         }
-        *sum += acc;
-        *count += hits;
+        lanes_t v = {0};  /* a last, partial vector padded with 0s: not positive, so not counted */
+        if (n - i >= LANES) {
+            __builtin_memcpy(&v, logits + i, sizeof v);
+            lanes_t s = squash_lanes(v, &acc, &hits);
+            __builtin_memcpy(sig + i, &s, sizeof s);
+        } else {
+            __builtin_memcpy(&v, logits + i, sizeof(float) * (size_t)(n - i));
+            lanes_t s = squash_lanes(v, &acc, &hits);
+            __builtin_memcpy(sig + i, &s, sizeof(float) * (size_t)(n - i));
+        }
     }
+    add_lanes(acc, hits, sum, count);
 }
 
 /* dst[x] = sum_k w[x * taps + k] * src[idx[x * taps + k]] over the taps whose weight is not 0. With
@@ -113,6 +138,103 @@ static inline void resample_row(const float *restrict src, int64_t n_src, const 
     }
 }
 
+/* Columns by blocks of LANES outputs, without gathers: when each block's taps (those of non-zero
+ * weight) lie within WINDOW consecutive inputs, as when upsampling (at 720p each input column feeds
+ * ~4.4 outputs), a block of a row is WINDOW multiply-adds of a broadcast input by the vector of the
+ * block's weights on it (0 where an output does not read that input). */
+#define WINDOW 8
+
+typedef struct {
+    int64_t count;   /* 0: the taps do not fit (or a weight is negative): resample_row instead */
+    int32_t *base;   /* per block: its window's first input */
+    lanes_t *weight; /* per block, WINDOW vectors */
+} blocks_t;
+
+static void free_blocks(blocks_t *b) {
+    free(b->base);
+    free(b->weight);
+    b->count = 0, b->base = NULL, b->weight = NULL;
+}
+
+/* The blocks of taps idx, w (n x taps, over n_src inputs). */
+static blocks_t make_blocks(int64_t n_src, const int32_t *restrict idx, const float *restrict w, int64_t taps,
+                            int64_t n) {
+    blocks_t b = {(n + LANES - 1) / LANES, NULL, NULL};
+    if (n_src < WINDOW || n == 0) return (blocks_t){0, NULL, NULL};
+    b.base = malloc(sizeof(int32_t) * b.count);
+    b.weight = aligned_alloc(sizeof(lanes_t), sizeof(lanes_t) * WINDOW * b.count);
+    if (b.base == NULL || b.weight == NULL) goto unfit;
+    for (int64_t k = 0; k < b.count; ++k) {
+        int64_t first = k * LANES, end = first + LANES < n ? first + LANES : n, lo = n_src, hi = -1;
+        for (int64_t i = first * taps; i < end * taps; ++i) {
+            if (!(w[i] >= 0.0f)) goto unfit;  /* negative or NaN: the sign test below needs w >= 0 */
+            if (w[i] == 0.0f) continue;
+            lo = idx[i] < lo ? idx[i] : lo;
+            hi = idx[i] > hi ? idx[i] : hi;
+        }
+        lo = lo < n_src - WINDOW ? lo : n_src - WINDOW;  /* the window stays inside the row */
+        if (hi >= lo + WINDOW) goto unfit;
+        b.base[k] = (int32_t)lo;
+        float *wk = (float *)(b.weight + k * WINDOW);
+        for (int64_t i = 0; i < WINDOW * LANES; ++i) wk[i] = 0.0f;
+        for (int64_t x = first; x < end; ++x)
+            for (int64_t t = 0; t < taps; ++t)
+                if (w[x * taps + t] != 0.0f) wk[(idx[x * taps + t] - lo) * LANES + (x - first)] = w[x * taps + t];
+    }
+    return b;
+unfit:
+    free_blocks(&b);
+    return b;
+}
+
+static inline int finite_row(const float *restrict src, int64_t n) {
+    int finite = 1;
+    for (int64_t i = 0; i < n; ++i) finite &= src[i] - src[i] == 0.0f;  /* false for inf and NaN */
+    return finite;
+}
+
+/* One finite row resampled by the blocks into dst (out_w values), and per block whether any input in
+ * its window is > 0 (`live`): with weights >= 0, a block with none has every output <= 0. */
+static inline __attribute__((always_inline)) void resample_blocks(const blocks_t *b, const float *restrict src,
+                                                                  int64_t out_w, float *restrict dst,
+                                                                  uint8_t *restrict live) {
+    for (int64_t k = 0; k < b->count; ++k) {
+        const lanes_t *wk = b->weight + k * WINDOW;
+        const float *s = src + b->base[k];
+        lanes_t acc = wk[0] * s[0];
+        int any = s[0] > 0.0f;
+        for (int t = 1; t < WINDOW; ++t) {
+            acc += wk[t] * s[t];
+            any |= s[t] > 0.0f;
+        }
+        live[k] = (uint8_t)any;
+        int64_t x0 = k * LANES;
+        if (x0 + LANES <= out_w)
+            __builtin_memcpy(dst + x0, &acc, sizeof acc);
+        else
+            for (int64_t x = x0; x < out_w; ++x) dst[x] = acc[x - x0];
+    }
+}
+
+/* One output row of the row pass: the sum of the rows `rows + (idx[k] - first_row) * n` (k < taps,
+ * weight w[k] not 0), in tap order, into v (0s without any). */
+static inline void plain_row(const float *rows, int64_t first_row, int64_t n, const int32_t *restrict idx,
+                             const float *restrict w, int64_t taps, float *restrict v) {
+    int first = 1;
+    for (int64_t k = 0; k < taps; ++k) {
+        if (w[k] == 0.0f) continue;
+        const float *src = rows + (idx[k] - first_row) * n;
+        if (first) {
+            for (int64_t x = 0; x < n; ++x) v[x] = w[k] * src[x];
+            first = 0;
+        } else {
+            for (int64_t x = 0; x < n; ++x) v[x] += w[k] * src[x];
+        }
+    }
+    if (first)
+        for (int64_t x = 0; x < n; ++x) v[x] = 0.0f;
+}
+
 /* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
  * bilinear resizes (the mask logits to the padded input, then the crop to the work size) and the
  * squash's eight passes did over work-size arrays.
@@ -121,8 +243,12 @@ static inline void resample_row(const float *restrict src, int64_t n_src, const 
  * output position o takes sum_k w[o * K + k] * in[idx[o * K + k]] over the K taps whose weight
  * is not 0 (so a non-finite logit reaches only the outputs it weighs on). Columns first, on the low
  * rows the band reads (~1/4 of the band's height), into `scratch`; then each output row, as up to
- * `row_taps` contiguous rows of that, into `logits` (or scratch's last row when `logits` is NULL), and
- * squashed from there while it is in L1.
+ * `row_taps` contiguous rows of that, into `logits` (or a row of scratch when `logits` is NULL), and
+ * squashed from there while it is in L1 (sig = sigmoid where the logit is > 0, else 0: squash).
+ *
+ * When the taps allow (blocks_t: upsampling, weights >= 0), both passes go by blocks of LANES output
+ * columns, and an output block whose low-resolution inputs are all <= 0 is not squashed: its logits
+ * are <= 0, so its sig is 0 (most of a trained mask; about a third of an untrained one's).
  *
  * low: (low_h, low_w) logits. col_idx, col_w: out_w x col_taps. row_idx, row_w: rows x row_taps (indices
  * into low's rows). scratch: (low_h + 1) x out_w floats. logits (or NULL), sig: rows x out_w.
@@ -136,33 +262,102 @@ M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int
     *sum = 0.0;
     *count = 0;
     int64_t lo = low_h, hi = -1;
+    int rows_fit = 1;
     for (int64_t i = 0; i < rows * row_taps; ++i) {
+        rows_fit &= row_w[i] >= 0.0f;
         if (row_w[i] != 0.0f) {
             lo = row_idx[i] < lo ? row_idx[i] : lo;
             hi = row_idx[i] > hi ? row_idx[i] : hi;
         }
     }
-    for (int64_t r = lo; r <= hi; ++r)  /* columns: the low rows this band reads */
-        resample_row(low + r * low_w, low_w, col_idx, col_w, col_taps, out_w, scratch + (r - lo) * out_w);
+    blocks_t cols = rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
+    uint8_t *live = cols.count > 0 && hi >= lo ? malloc((size_t)((hi - lo + 1) * cols.count)) : NULL;
     float *spare = scratch + low_h * out_w;
-    for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
-        float *v = logits != NULL ? logits + i * out_w : spare;
-        int first = 1;
-        for (int64_t k = 0; k < row_taps; ++k) {
-            float w = row_w[i * row_taps + k];
-            if (w == 0.0f) continue;
-            const float *src = scratch + (row_idx[i * row_taps + k] - lo) * out_w;
-            if (first) {
-                for (int64_t x = 0; x < out_w; ++x) v[x] = w * src[x];
-                first = 0;
-            } else {
-                for (int64_t x = 0; x < out_w; ++x) v[x] += w * src[x];
-            }
+    if (live == NULL) {  /* the plain loops */
+        free_blocks(&cols);
+        for (int64_t r = lo; r <= hi; ++r)  /* columns: the low rows this band reads */
+            resample_row(low + r * low_w, low_w, col_idx, col_w, col_taps, out_w, scratch + (r - lo) * out_w);
+        for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
+            float *v = logits != NULL ? logits + i * out_w : spare;
+            plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            squash(v, out_w, sig + i * out_w, sum, count);
         }
-        if (first)
-            for (int64_t x = 0; x < out_w; ++x) v[x] = 0.0f;
-        squash(v, out_w, sig + i * out_w, sum, count);
+        return;
     }
+    for (int64_t r = lo; r <= hi; ++r) {
+        const float *src = low + r * low_w;
+        float *dst = scratch + (r - lo) * out_w;
+        uint8_t *row_live = live + (r - lo) * cols.count;
+        if (finite_row(src, low_w)) {
+            resample_blocks(&cols, src, out_w, dst, row_live);
+        } else {  /* zero weights skipped, not multiplied (0 x inf is NaN); never skipped after */
+            resample_row(src, low_w, col_idx, col_w, col_taps, out_w, dst);
+            for (int64_t k = 0; k < cols.count; ++k) row_live[k] = 1;
+        }
+    }
+    int64_t whole = out_w / LANES * LANES;
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *src[8];
+        const uint8_t *src_live[8];
+        float w[8];
+        int taps = 0;
+        for (int64_t k = 0; k < row_taps; ++k) {
+            float wk = row_w[i * row_taps + k];
+            if (wk == 0.0f) continue;
+            if (taps == 8) {  /* more than 8 taps: sum them in the plain loop's order */
+                taps = -1;
+                break;
+            }
+            int64_t r = row_idx[i * row_taps + k] - lo;
+            src[taps] = scratch + r * out_w, src_live[taps] = live + r * cols.count, w[taps] = wk;
+            ++taps;
+        }
+        float *v = logits != NULL ? logits + i * out_w : spare;
+        float *s = sig + i * out_w;
+        if (taps < 0) {
+            plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            squash(v, out_w, s, sum, count);
+            continue;
+        }
+        lanes_t acc = {0};
+        ilanes_t hits = {0};
+        for (int64_t x0 = 0; x0 < whole; x0 += LANES) {
+            int64_t k = x0 / LANES;
+            if (k % 256 == 0 && k > 0) {  /* float partial sums over runs of 4096 */
+                add_lanes(acc, hits, sum, count);
+                acc = (lanes_t){0}, hits = (ilanes_t){0};
+            }
+            int any = 0;
+            for (int t = 0; t < taps; ++t) any |= src_live[t][k];
+            if (!any && logits == NULL) {  /* every logit <= 0 */
+                __builtin_memset(s + x0, 0, sizeof(lanes_t));
+                continue;
+            }
+            lanes_t in, out = {0};
+            for (int t = 0; t < taps; ++t) {
+                __builtin_memcpy(&in, src[t] + x0, sizeof in);
+                out = t == 0 ? w[t] * in : out + w[t] * in;
+            }
+            if (logits != NULL) __builtin_memcpy(v + x0, &out, sizeof out);
+            if (!any) {
+                __builtin_memset(s + x0, 0, sizeof(lanes_t));
+                continue;
+            }
+            lanes_t q = squash_lanes(out, &acc, &hits);
+            __builtin_memcpy(s + x0, &q, sizeof q);
+        }
+        add_lanes(acc, hits, sum, count);
+        if (whole < out_w) {  /* the last, partial block */
+            for (int64_t x = whole; x < out_w; ++x) {
+                float o = 0.0f;
+                for (int t = 0; t < taps; ++t) o = t == 0 ? w[t] * src[t][x] : o + w[t] * src[t][x];
+                v[x] = o;
+            }
+            squash(v + whole, out_w - whole, s + whole, sum, count);
+        }
+    }
+    free(live);
+    free_blocks(&cols);
 }
 
 /* Adds one instance to its class: with p = sig * score, probs += p and counts += 1 where p > 0.5

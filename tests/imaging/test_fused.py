@@ -24,11 +24,16 @@ HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88,
 
 
 def _numpy_squash(logits: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """The OpenCV/numpy path (which works on 2-D bands) on a 1-D array."""
+    """The OpenCV/numpy path (which works on 2-D bands) on a 1-D array, its sigmoid kept where the
+    logits are > 0 and 0 elsewhere, as the kernel writes it (the only values ever read)."""
     row = logits.reshape(1, -1)
     sig = np.empty_like(row)
     total, count = postprocess._squash_band(row, sig, np.empty_like(row))
-    return sig.ravel(), total, count
+    return _where_positive(logits, sig).ravel(), total, count
+
+
+def _where_positive(logits: np.ndarray, sig: np.ndarray) -> np.ndarray:
+    return np.where(logits.reshape(sig.shape) > 0, sig, np.float32(0))
 
 
 def _identity(n: int) -> fused.Taps:
@@ -62,11 +67,10 @@ def test_squash_hostile_values(kernel: fused.PostKernel) -> None:
     sig = np.empty_like(HOSTILE)
     total, count = _squash(kernel, HOSTILE, sig)
     want = postprocess.sigmoid(HOSTILE)
-    finite = ~np.isnan(HOSTILE)
-    np.testing.assert_allclose(sig[finite], want[finite], rtol=3e-7, atol=1e-37)
-    assert np.isnan(sig[~finite]).all()  # NaN stays NaN
-    assert ((sig[finite] >= 0) & (sig[finite] <= 1)).all()
     positive = HOSTILE > 0  # NaN is not positive: it counts nowhere
+    np.testing.assert_allclose(sig[positive], want[positive], rtol=3e-7)
+    assert (sig[~positive] == 0).all()  # 0, NaN included
+    assert ((sig[positive] >= 0.5) & (sig[positive] <= 1)).all()
     assert count == int(positive.sum())
     assert total == pytest.approx(float(want[positive].astype(np.float64).sum()), rel=1e-6)
 
@@ -85,6 +89,7 @@ RESAMPLINGS = [
     pytest.param((333, 517), (256, 397), (256, 416), (256, 416), id="logits-at-padded-size"),
     pytest.param((1, 1), (640, 640), (640, 640), (160, 160), id="one-pixel"),
     pytest.param((97, 1301), (32, 429), (32, 448), (8, 112), id="odd-sizes"),
+    pytest.param((9, 1280), (640, 1138), (640, 1152), (160, 288), id="rows-of-many-taps"),
 ]
 
 
@@ -109,7 +114,9 @@ def test_upsample_squash_equals_opencv_resizes_then_squash(kernel: fused.PostKer
     scratch = np.full((low_hw[0] + 1) * orig[1], np.nan, np.float32)  # stale values must not leak in
     total, count = kernel.upsample_squash(low, cols, rows, scratch, sig, logits)
     np.testing.assert_allclose(logits, want, rtol=0, atol=4e-6)  # |logits| < ~20: float rounding
-    np.testing.assert_allclose(sig.ravel(), want_sig, rtol=0, atol=1e-6)  # sigmoid' <= 1/4 of the logits' bound
+    # sigmoid' <= 1/4 of the logits' bound; kept where the kernel's own logit is > 0 (a logit rounding
+    # across 0 has a sigmoid of ~0.5 either way)
+    np.testing.assert_allclose(sig, _where_positive(logits, want_sig.reshape(orig)), rtol=0, atol=1e-6)
     assert abs(count - want_count) <= max(1, want_count // 100_000)  # a logit rounding across 0 at most
     assert total == pytest.approx(want_total, rel=1e-5, abs=1e-5)
     if orig[0] * orig[1] > 1:
@@ -117,6 +124,75 @@ def test_upsample_squash_equals_opencv_resizes_then_squash(kernel: fused.PostKer
     sig_only = np.empty_like(sig)
     assert kernel.upsample_squash(low, cols, rows, scratch, sig_only) == (total, count)  # logits not kept
     np.testing.assert_array_equal(sig_only, sig)
+
+
+def _dense(taps: fused.Taps) -> np.ndarray:
+    """The (n_out, n_in) float64 matrix of a resampling."""
+    matrix = np.zeros((len(taps), taps.n_in))
+    for k in range(taps.index.shape[1]):
+        np.add.at(matrix, (np.arange(len(taps)), taps.index[:, k]), taps.weight[:, k].astype(np.float64))
+    return matrix
+
+
+def _check_against_dense(kernel: fused.PostKernel, low: np.ndarray, cols: fused.Taps,
+                         rows: fused.Taps) -> np.ndarray:
+    """The kernel's logits and sig against float64 matrix products, its sig without logits kept the
+    same; returns the logits."""
+    want = _dense(rows) @ low.astype(np.float64) @ _dense(cols).T
+    out_hw = want.shape
+    logits, sig = np.full(out_hw, np.nan, np.float32), np.full(out_hw, np.nan, np.float32)
+    scratch = np.full((low.shape[0] + 1) * out_hw[1], np.nan, np.float32)
+    total, count = kernel.upsample_squash(low, cols, rows, scratch, sig, logits)
+    np.testing.assert_allclose(logits, want, rtol=0, atol=2e-5)
+    exact = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(sig, np.where(logits > 0, exact, 0), rtol=0, atol=3e-7)
+    assert count == int((logits > 0).sum())
+    assert total == pytest.approx(float(exact[logits > 0].sum()), rel=1e-5)
+    sig_only = np.full(out_hw, np.nan, np.float32)
+    assert kernel.upsample_squash(low, cols, rows, scratch, sig_only) == (total, count)
+    np.testing.assert_array_equal(sig_only, sig)
+    return logits
+
+
+def test_upsample_squash_of_a_sparse_mask(kernel: fused.PostKernel) -> None:
+    """Most blocks of a trained mask have no positive input and are not squashed: lone positive
+    logits anywhere (every column of the photo's part of the low map once, edges and corners
+    included) still reach every output they weigh on."""
+    _, cols, rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    rng = np.random.default_rng(7)
+    low = -rng.uniform(0.5, 2.0, (160, 288)).astype(np.float32)
+    spikes = (rng.integers(0, 160, 284), np.arange(284))  # columns from 285 on hold padding, never read
+    low[spikes] = 6.0
+    low[[0, 0, 159, 159], [0, 283, 0, 283]] = 6.0
+    low[60:70, 100:120] = 2.0  # and one solid patch
+    logits = _check_against_dense(kernel, low, cols, rows)
+    positive = logits > 0
+    assert 0.005 < positive.mean() < 0.2  # sparse, yet every spike shows
+    for r, c in zip(*spikes, strict=True):
+        near_rows = ((rows.index == r) & (rows.weight > 0.3)).any(1)
+        near_cols = ((cols.index == c) & (cols.weight > 0.3)).any(1)
+        assert positive[np.ix_(near_rows, near_cols)].any(), (r, c)
+
+
+@pytest.mark.parametrize("sharpened", ["cols", "rows", "both"])
+def test_upsample_squash_with_negative_weights(kernel: fused.PostKernel, sharpened: str) -> None:
+    """Negative weights (a sharpening resampling) on either axis turn all-negative inputs into positive
+    outputs, so no block may be skipped for its inputs' signs."""
+    n_low, n_out = 40, 176
+    centre = (np.arange(n_out) + 0.5) * n_low / n_out - 0.5
+    base = np.clip(np.floor(centre).astype(int) - 1, 0, n_low - 4)
+    index = (base[:, None] + np.arange(4)).astype(np.int32)
+    t = np.clip(centre - base - 1, 0, 1)
+    weight = np.stack([-0.5 * t * (1 - t) ** 2, 1 - 2.5 * t**2 + 1.5 * t**3,
+                       t * (0.5 + 2 * t - 1.5 * t**2), -0.5 * t**2 * (1 - t)], 1)  # Catmull-Rom
+    taps = fused.Taps(index, weight.astype(np.float32), n_low)
+    low = np.full((n_low, n_low), -0.5, np.float32)
+    low[::7] = -100.0  # deep rows and columns between shallow ones: the lobes overshoot above 0
+    low[:, ::9] = -100.0
+    smooth = postprocess.composite_taps(n_low, 4 * n_low, 4 * n_low, n_out)
+    logits = _check_against_dense(kernel, low, smooth if sharpened == "rows" else taps,
+                                  smooth if sharpened == "cols" else taps)
+    assert (logits > 0).any() and (low <= 0).all()
 
 
 def test_composite_taps_are_a_resampling() -> None:
@@ -149,32 +225,37 @@ def test_upsample_squash_on_bands_equals_one_call(kernel: fused.PostKernel) -> N
     assert sum(t for t, _ in sums) == pytest.approx(whole[0], rel=1e-9)
 
 
+@pytest.mark.parametrize("work_hw", [(720, 1280), (640, 1138)])  # the photo; the fast profile (read to row ends)
+@pytest.mark.parametrize("column", [144, 0])  # mid-row; a row's start (the row before reads up to its end)
+@pytest.mark.parametrize("background", ["noise", "negative"])  # a negative one leaves only the bad value live
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_upsample_squash_a_non_finite_logit_reaches_only_what_it_weighs_on(kernel: fused.PostKernel,
-                                                                           bad: float) -> None:
+                                                                           bad: float, background: str,
+                                                                           column: int,
+                                                                           work_hw: tuple[int, int]) -> None:
     """Zero weights are skipped, not multiplied (0 x inf is NaN): the bad value spoils exactly the
     outputs whose composite weight on it is not 0, and the rest equal a run without it (to float
     rounding in the rows drawn from the bad value's row, which takes the kernel's careful loop)."""
-    _, cols, rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    _, cols, rows = _resampling(work_hw, (640, 1138), (640, 1152), (160, 288))
     low = np.random.default_rng(2).normal(0, 4, (160, 288)).astype(np.float32)
-    clean_sig = np.empty((720, 1280), np.float32)
-    kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), clean_sig)
-    low[80, 144] = bad
-    logits, sig = np.empty((720, 1280), np.float32), np.empty((720, 1280), np.float32)
-    kernel.upsample_squash(low, cols, rows, np.empty(161 * 1280, np.float32), sig, logits)
+    if background == "negative":
+        low = -np.abs(low) - 0.1
+    clean_sig = np.empty(work_hw, np.float32)
+    kernel.upsample_squash(low, cols, rows, np.empty(161 * work_hw[1], np.float32), clean_sig)
+    low[80, column] = bad
+    logits, sig = np.empty(work_hw, np.float32), np.empty(work_hw, np.float32)
+    kernel.upsample_squash(low, cols, rows, np.empty(161 * work_hw[1], np.float32), sig, logits)
     touched_rows = ((rows.index == 80) & (rows.weight != 0)).any(1)
-    touched_cols = ((cols.index == 144) & (cols.weight != 0)).any(1)
+    touched_cols = ((cols.index == column) & (cols.weight != 0)).any(1)
     spoiled = touched_rows[:, None] & touched_cols[None, :]
-    assert 4 <= spoiled.sum() <= 12 * 12  # the pixels around the bad one's place (a ~4.4x upsampling)
+    assert 4 <= spoiled.sum() <= 12 * 12  # the pixels around the bad one's place (a ~4x upsampling)
     assert not np.isfinite(logits[spoiled]).any()
     np.testing.assert_array_equal(sig[~touched_rows], clean_sig[~touched_rows])
     np.testing.assert_allclose(sig[~spoiled], clean_sig[~spoiled], rtol=0, atol=3e-7)
-    if np.isnan(bad):
-        assert np.isnan(sig[spoiled]).all()
-    elif bad > 0:
+    if bad > 0:
         assert (sig[spoiled] == 1.0).all()
-    else:
-        assert (sig[spoiled] < 1e-37).all()  # the sigmoid's input is clamped at -88: ~6e-39
+    else:  # NaN or -inf: not positive, so 0 (never read)
+        assert (sig[spoiled] == 0).all()
 
 
 @pytest.mark.parametrize("score", [0.0, 0.3, 0.5, 0.51, 0.9, 1.0])

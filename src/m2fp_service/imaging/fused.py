@@ -137,7 +137,9 @@ class PostKernel:
     def upsample_squash(self, low: np.ndarray, cols: Taps, rows: Taps, scratch: np.ndarray, sig: np.ndarray,
                         logits: np.ndarray | None = None) -> tuple[float, int]:
         """One query's low-resolution logits resampled (``rows`` x ``cols``: a band of output rows)
-        and squashed: ``sig = sigmoid(resampled)``, and ``logits = resampled`` when given.
+        and squashed: ``sig = sigmoid(resampled)`` where ``resampled > 0`` and 0 elsewhere (NaN
+        included: the only values ever read, as a mask's score and its pasting read none where the
+        logit is not positive), and ``logits = resampled`` when given.
 
         Args:
             low: (h, w) float32 logits.
