@@ -34,6 +34,7 @@ M2FP_EXPORT int m2fp_post_abi(void) { return 4; }
 #define LANES 16
 typedef float lanes_t __attribute__((vector_size(4 * LANES)));
 typedef int32_t ilanes_t __attribute__((vector_size(4 * LANES)));
+typedef uint8_t bytes_t __attribute__((vector_size(LANES)));
 
 static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, lanes_t a, lanes_t b) {
     return (lanes_t)((m & (ilanes_t)a) | (~m & (ilanes_t)b));
@@ -375,7 +376,25 @@ M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_
         }
         return;
     }
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {  /* a vector without a hit leaves probs and counts alone */
+        lanes_t p, sums;
+        __builtin_memcpy(&p, sig + i, sizeof p);
+        p *= score;
+        ilanes_t hit = p > 0.5f;
+        bytes_t hit8 = __builtin_convertvector(hit, bytes_t);  /* 255 where hit */
+        uint64_t halves[2];
+        __builtin_memcpy(halves, &hit8, sizeof halves);
+        if (!(halves[0] | halves[1])) continue;
+        __builtin_memcpy(&sums, probs + i, sizeof sums);
+        sums += select_lanes(hit, p, (lanes_t){0});
+        __builtin_memcpy(probs + i, &sums, sizeof sums);
+        bytes_t c;
+        __builtin_memcpy(&c, counts + i, sizeof c);
+        c -= hit8;  /* - 255 = + 1 (mod 256) */
+        __builtin_memcpy(counts + i, &c, sizeof c);
+    }
+    for (; i < n; ++i) {
         float p = sig[i] * score;
         int hit = p > 0.5f;
         probs[i] += hit ? p : 0.0f;
