@@ -169,11 +169,19 @@ def _add_instance_band(
     np.add(counts, hit.view(np.uint8), out=counts)
 
 
+def _map(pool: ThreadPoolExecutor, fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
+    """``list(map(fn, *iterables))``, the first call on this thread and the others on the pool's:
+    the calling thread works instead of waiting (a thread hand-off fewer per query, ~25 us here)."""
+    calls = list(zip(*iterables, strict=True))
+    futures = [pool.submit(fn, *args) for args in calls[1:]]
+    return [fn(*args) for args in calls[:1]] + [future.result() for future in futures]
+
+
 def _on_bands(
     pool: ThreadPoolExecutor, bands: list[slice], fn: Callable[..., T], arrays: tuple[np.ndarray, ...], *args: Any
 ) -> list[T]:
-    """``fn(*(a[band] for a in arrays), *args)`` for each band, on the pool's threads."""
-    return list(pool.map(lambda band: fn(*(a[band] for a in arrays), *args), bands))
+    """``fn(*(a[band] for a in arrays), *args)`` for each band, on this thread and the pool's."""
+    return _map(pool, lambda band: fn(*(a[band] for a in arrays), *args), bands)
 
 
 def _bands(height: int) -> list[slice]:
@@ -285,9 +293,9 @@ class _FusedPixels:
     def squash(self, low: np.ndarray, keep_logits: bool) -> tuple[float, int]:
         logits = [self.logits[band] if keep_logits else None for band in self.bands]
         self.has_logits = keep_logits
-        return _sum_pairs(self.pool.map(self.kernel.upsample_squash, itertools.repeat(low), itertools.repeat(self.cols),
-                                        self.row_bands, self.scratches, [self.sig[band] for band in self.bands],
-                                        logits))
+        n = len(self.bands)
+        return _sum_pairs(_map(self.pool, self.kernel.upsample_squash, [low] * n, [self.cols] * n, self.row_bands,
+                               self.scratches, [self.sig[band] for band in self.bands], logits))
 
     def add(self, final: np.float32, first: bool) -> None:  # the first instance writes, not adds to zeros
         _on_bands(self.pool, self.bands, self.kernel.add_instance, (self.sig, self.probs, self.counts), final, first)
