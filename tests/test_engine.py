@@ -112,6 +112,35 @@ def test_large_photo_memory_is_bounded(engine: ParsingEngine) -> None:
     assert peak < 300e6 + result.num_people * per_person, peak / 1e6
 
 
+class _ShrinksSeen:
+    """The engine's real session, each run's arena-shrinkage run option recorded."""
+
+    KEY = "memory.enable_memory_arena_shrinkage"
+
+    def __init__(self, session: object) -> None:
+        self.session, self.shrinks = session, []  # type: list[bool]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray], options: object) -> list[np.ndarray]:
+        try:
+            self.shrinks.append(options.get_run_config_entry(self.KEY) == "cpu:0")  # type: ignore[attr-defined]
+        except RuntimeError:  # not set
+            self.shrinks.append(False)
+        return self.session.run(names, feeds, options)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_the_arena_is_released_after_a_change_of_input_size_only(tiny_model_path: Path) -> None:
+    """Repeated sizes (video frames) keep ONNX Runtime's arena from run to run; a run whose size
+    differs from the one before releases it afterwards, so the arena never keeps several sizes' peaks."""
+    eng = ParsingEngine(tiny_model_path, intra_op_threads=1, warmup=False)
+    seen = _ShrinksSeen(eng.session)
+    eng.session = seen  # type: ignore[assignment]
+    sizes = [(64, 64), (64, 64), (64, 64), (64, 96), (64, 96), (64, 64), (96, 64)]
+    for h, w in sizes:
+        out = eng.run(np.zeros((1, 3, h, w), np.float32))
+        assert out.mask_logits.shape[1:] == (h // 4, w // 4)
+    assert seen.shrinks == [True, False, False, True, False, True, True]
+
+
 def _cached_engine(model: Path, cache_dir: Path, **kw: object) -> ParsingEngine:
     return ParsingEngine(model, options=EngineOptions(intra_op_threads=1, cache_dir=cache_dir, **kw))  # type: ignore[arg-type]
 

@@ -328,6 +328,7 @@ class ParsingEngine:
                  self.cache_status, self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks,
                  self.linear_layers, self.softmax_nodes)
         self.warm = False
+        self._last_shape: tuple[int, ...] | None = None  # the last run's input shape (see run)
         if warmup:
             self.warm_up()
 
@@ -354,7 +355,14 @@ class ParsingEngine:
             InferenceFailed: ONNX Runtime rejected the input or failed.
         """
         options = ort.RunOptions()
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        shape = tensor.shape
+        if shape != self._last_shape:
+            # The arena goes back to the system after a run whose input size differs from the run
+            # before: sizes vary per photo, and the arena would otherwise keep every size's peak.
+            # Repeated sizes (video frames, a camera, a batch of one size) keep it, and the next run
+            # skips re-touching it: ~80k page faults (~300 MB) per INT8 720p run, 4% of the run here.
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._last_shape = shape
         # A failing or terminated run would print ONNX Runtime's own line on stderr (breaking the
         # JSON logs); its error reaches our log, with the request id, through the exception.
         options.log_severity_level = 4
