@@ -13,7 +13,7 @@ padding needed: every size is a multiple of 32).
   the ``ai.m2fp::MSDeformAttn`` nodes run as their ONNX function's standard ops, and the graph as
   exported (no Winograd convolution, no fused feed-forward blocks).
 - Session tuning at 512x512 (``--tuning``): the engine's settings (all graph optimisations,
-  idle threads sleep, arena shrinking after each run, the pixel decoder's 3x3 convolution as
+  idle threads sleep, the arena kept while the input size repeats, the pixel decoder's 3x3 convolution as
   Winograd F(4x4, 3x3), the feed-forward blocks fused) against one change each: spinning threads,
   basic graph optimisations only, the memory arena off, the graph as exported (no graph rewrites).
 
