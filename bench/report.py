@@ -184,8 +184,8 @@ def section_network(floor: dict[str, Any] | None, net: dict[tuple[str, str], dic
         rows = [(kind.removeprefix("tuning-"), hw, v) for kind, (hw, v) in sorted(tuning.items())]
         hw0 = rows[0][1]
         if ("ort-fp32", hw0) in net:
-            rows.append(("engine: all optimisations, threads sleep, arena kept for a repeated size, graph rewrites", hw0,
-                         net[("ort-fp32", hw0)]))
+            rows.append(("engine: all optimisations, threads sleep, arena kept for a repeated size, graph rewrites",
+                         hw0, net[("ort-fp32", hw0)]))
         base = net.get(("ort-fp32", hw0))
         for name, hw, v in rows:
             cpu, bcpu = v.get("cpu"), base.get("cpu") if base else None
