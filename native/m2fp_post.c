@@ -21,10 +21,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Each exported loop is built for three x86-64 levels, the CPU's widest picked at load time; a build
+ * given -DM2FP_CLONES= (and a -march) has one (tests/imaging/test_fused.py tests the narrower ones). */
+#ifndef M2FP_CLONES
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define M2FP_CLONES
+#endif
 #endif
 #define M2FP_EXPORT __attribute__((visibility("default")))
 

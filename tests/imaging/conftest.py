@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from m2fp_service.imaging import fused
@@ -16,6 +19,12 @@ def require_kernel() -> fused.PostKernel:
     return built
 
 
+# Another build of the library to test instead of the package's (test_fused.py's narrower builds).
+LIBRARY_UNDER_TEST = "M2FP_TEST_POST_LIBRARY"
+
+
 @pytest.fixture(scope="module")
 def kernel() -> fused.PostKernel:
+    if os.environ.get(LIBRARY_UNDER_TEST):
+        return fused.PostKernel(Path(os.environ[LIBRARY_UNDER_TEST]))
     return require_kernel()

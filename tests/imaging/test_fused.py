@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import logging
+import os
+import platform
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from m2fp_export.quantize import cpu_flags
 from m2fp_service.imaging import fused, postprocess
 from m2fp_service.imaging.postprocess import to_result
 from m2fp_service.imaging.preprocess import PreprocessMeta
+from tests.imaging.conftest import LIBRARY_UNDER_TEST
 from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, argmax_label_map, synthetic_outputs
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
@@ -511,3 +518,32 @@ def test_a_copy_of_the_built_library_loads(kernel: fused.PostKernel, tmp_path: P
     logits = _logits(1000)
     got = _squash(fused.PostKernel(copy), logits, np.empty_like(logits))
     assert got == _squash(kernel, logits, np.empty_like(logits))
+
+
+def test_the_library_under_test_is_the_one_asked_for(kernel: fused.PostKernel) -> None:
+    asked = os.environ.get(LIBRARY_UNDER_TEST)
+    assert kernel.path == (Path(asked) if asked else fused.BUILT)
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_every_narrower_build_passes_these_tests(march: str, tmp_path: Path) -> None:
+    """The package's library runs the CPU's widest build of each loop (target clones); the others,
+    each built alone (``-DM2FP_CLONES= -march=...``), pass this module's tests too, in a child
+    process. (x86-64-v3: on a CPU with AVX2 and FMA.)"""
+    if os.environ.get(LIBRARY_UNDER_TEST):
+        pytest.skip("already a child")
+    if platform.machine() != "x86_64" or (march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= cpu_flags()):
+        pytest.skip(f"this CPU does not run {march}")
+    build_py = Path(__file__).parents[2] / "native" / "build.py"
+    spec = importlib.util.spec_from_file_location("m2fp_native_build", build_py)
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    library = tmp_path / f"libm2fp_post-{march}.so"
+    subprocess.run([os.environ.get("CC", "cc"), *build.POST_FLAGS, f"-march={march}", "-DM2FP_CLONES=",
+                    str(build.HERE / "m2fp_post.c"), "-o", str(library)], check=True)
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                           env={**os.environ, LIBRARY_UNDER_TEST: str(library)}, capture_output=True, text=True,
+                           check=False)
+    assert child.returncode == 0, child.stdout[-3000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout
