@@ -240,6 +240,43 @@ static inline void plain_row(const float *rows, int64_t first_row, int64_t n, co
         for (int64_t x = 0; x < n; ++x) v[x] = 0.0f;
 }
 
+/* One output row's whole blocks of LANES: the row pass from `taps` rows of scratch (src, weights w,
+ * their blocks' live flags) into v when `keep`, and the squash into s, a block with no live input
+ * not squashed (sig 0). The mask score's parts added to *sum and *count. */
+static inline __attribute__((always_inline)) void row_blocks(int taps, int keep, const float *const *src,
+                                                             const uint8_t *const *src_live, const float *w,
+                                                             int64_t whole, float *restrict v, float *restrict s,
+                                                             double *sum, int64_t *count) {
+    lanes_t acc = {0};
+    ilanes_t hits = {0};
+    for (int64_t x0 = 0; x0 < whole; x0 += LANES) {
+        int64_t k = x0 / LANES;
+        if (k % 256 == 0 && k > 0) {  /* float partial sums over runs of 4096 */
+            add_lanes(acc, hits, sum, count);
+            acc = (lanes_t){0}, hits = (ilanes_t){0};
+        }
+        int any = 0;
+        for (int t = 0; t < taps; ++t) any |= src_live[t][k];
+        if (!any && !keep) {  /* every logit <= 0 */
+            __builtin_memset(s + x0, 0, sizeof(lanes_t));
+            continue;
+        }
+        lanes_t in, out = {0};
+        for (int t = 0; t < taps; ++t) {
+            __builtin_memcpy(&in, src[t] + x0, sizeof in);
+            out = t == 0 ? w[t] * in : out + w[t] * in;
+        }
+        if (keep) __builtin_memcpy(v + x0, &out, sizeof out);
+        if (!any) {
+            __builtin_memset(s + x0, 0, sizeof(lanes_t));
+            continue;
+        }
+        lanes_t q = squash_lanes(out, &acc, &hits);
+        __builtin_memcpy(s + x0, &q, sizeof q);
+    }
+    add_lanes(acc, hits, sum, count);
+}
+
 /* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
  * bilinear resizes (the mask logits to the padded input, then the crop to the work size) and the
  * squash's eight passes did over work-size arrays.
@@ -324,34 +361,21 @@ M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int
             squash(v, out_w, s, sum, count);
             continue;
         }
-        lanes_t acc = {0};
-        ilanes_t hits = {0};
-        for (int64_t x0 = 0; x0 < whole; x0 += LANES) {
-            int64_t k = x0 / LANES;
-            if (k % 256 == 0 && k > 0) {  /* float partial sums over runs of 4096 */
-                add_lanes(acc, hits, sum, count);
-                acc = (lanes_t){0}, hits = (ilanes_t){0};
+        if (logits != NULL) {
+            switch (taps) {  /* constant tap counts: the loops over taps unrolled, the pointers in registers */
+            case 1: row_blocks(1, 1, src, src_live, w, whole, v, s, sum, count); break;
+            case 2: row_blocks(2, 1, src, src_live, w, whole, v, s, sum, count); break;
+            case 3: row_blocks(3, 1, src, src_live, w, whole, v, s, sum, count); break;
+            default: row_blocks(taps, 1, src, src_live, w, whole, v, s, sum, count);
             }
-            int any = 0;
-            for (int t = 0; t < taps; ++t) any |= src_live[t][k];
-            if (!any && logits == NULL) {  /* every logit <= 0 */
-                __builtin_memset(s + x0, 0, sizeof(lanes_t));
-                continue;
+        } else {
+            switch (taps) {
+            case 1: row_blocks(1, 0, src, src_live, w, whole, v, s, sum, count); break;
+            case 2: row_blocks(2, 0, src, src_live, w, whole, v, s, sum, count); break;
+            case 3: row_blocks(3, 0, src, src_live, w, whole, v, s, sum, count); break;
+            default: row_blocks(taps, 0, src, src_live, w, whole, v, s, sum, count);
             }
-            lanes_t in, out = {0};
-            for (int t = 0; t < taps; ++t) {
-                __builtin_memcpy(&in, src[t] + x0, sizeof in);
-                out = t == 0 ? w[t] * in : out + w[t] * in;
-            }
-            if (logits != NULL) __builtin_memcpy(v + x0, &out, sizeof out);
-            if (!any) {
-                __builtin_memset(s + x0, 0, sizeof(lanes_t));
-                continue;
-            }
-            lanes_t q = squash_lanes(out, &acc, &hits);
-            __builtin_memcpy(s + x0, &q, sizeof q);
         }
-        add_lanes(acc, hits, sum, count);
         if (whole < out_w) {  /* the last, partial block */
             for (int64_t x = whole; x < out_w; ++x) {
                 float o = 0.0f;
