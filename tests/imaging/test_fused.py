@@ -360,8 +360,15 @@ def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
     logits = _logits(64)
     with pytest.raises(ValueError, match="differ"):
         kernel.add_instance(logits, np.empty(64, np.float32), np.empty(32, np.uint8), np.float32(0.9))
-    with pytest.raises(ctypes.ArgumentError):
+    with pytest.raises(ValueError, match="counts must be a C-contiguous uint8"):
         kernel.add_instance(logits, np.empty(64, np.float32), np.empty(64, np.int8), np.float32(0.9))
+    with pytest.raises(ValueError, match="sig must be a C-contiguous float32"):
+        kernel.add_instance(np.empty(128, np.float32)[::2], np.empty(64, np.float32), np.empty(64, np.uint8),
+                            np.float32(0.9))
+    frozen_probs = np.zeros(64, np.float32)
+    frozen_probs.flags.writeable = False
+    with pytest.raises(ValueError, match="probs must be writeable"):
+        kernel.add_instance(logits, frozen_probs, np.empty(64, np.uint8), np.float32(0.9))
     _, cols, rows = _resampling((97, 131), (32, 43), (32, 64), (8, 16))
     low, sig, scratch = np.zeros((8, 16), np.float32), np.empty((97, 131), np.float32), np.empty(9 * 131, np.float32)
     kernel.upsample_squash(low, cols, rows, scratch, sig)  # right: no error
@@ -385,10 +392,14 @@ def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         kernel.upsample_squash(low, cols, rows, scratch, frozen)
-    with pytest.raises(ctypes.ArgumentError):
+    with pytest.raises(ValueError, match="low must be a C-contiguous float32"):
         kernel.upsample_squash(low.astype(np.float64), cols, rows, scratch, sig)
-    with pytest.raises(ctypes.ArgumentError):
+    with pytest.raises(ValueError, match="low must be a C-contiguous float32"):
         kernel.upsample_squash(np.zeros((8, 32), np.float32)[:, ::2], cols, rows, scratch, sig)  # not contiguous
+    with pytest.raises(ValueError, match="scratch must be a C-contiguous float32"):
+        kernel.upsample_squash(low, cols, rows, scratch.astype(np.float64), sig)
+    with pytest.raises(ValueError, match="sig must be a C-contiguous float32"):
+        kernel.upsample_squash(low, cols, rows, scratch, np.empty((97, 262), np.float32)[:, ::2])
 
 
 def test_taps_are_checked_when_made() -> None:
