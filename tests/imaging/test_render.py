@@ -87,6 +87,24 @@ def test_colorize_matches_per_pixel_lookup_with_real_palette() -> None:
         assert tuple(got[y, x]) == expected
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "view", "empty"])
+def test_colorize_present_and_masks_equal_numpy_on_a_photo_sized_map(layout: str) -> None:
+    """OpenCV's lookup, histogram and comparison give numpy's fancy index, bincount and equality
+    exactly (every id 0..255, ids past the palette black), on views and empty maps too."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 256, (720, 1281)).astype(np.uint8)
+    labels[:300] = rng.integers(0, 20, (300, 1281))
+    if layout == "view":
+        labels = labels[::2, 1::3]
+    elif layout == "empty":
+        labels = labels[:0]
+    palette = pascal_palette(20)
+    np.testing.assert_array_equal(colorize(labels, palette), palette_lut(palette)[labels])
+    assert present_classes(labels) == [int(i) for i in np.flatnonzero(np.bincount(labels.ravel(), minlength=256))]
+    for class_id in (0, 7, 19, 200, 255):
+        np.testing.assert_array_equal(class_mask(labels, class_id), (labels == class_id).astype(np.uint8) * 255)
+
+
 # ---------------------------------------------------------------------------------------------
 # overlay
 # ---------------------------------------------------------------------------------------------
