@@ -87,7 +87,7 @@ def test_colorize_matches_per_pixel_lookup_with_real_palette() -> None:
         assert tuple(got[y, x]) == expected
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "view", "empty"])
+@pytest.mark.parametrize("layout", ["contiguous", "view", "empty", "1x1", "2x2", "1x4"])
 def test_colorize_present_and_masks_equal_numpy_on_a_photo_sized_map(layout: str) -> None:
     """OpenCV's lookup, histogram and comparison give numpy's fancy index, bincount and equality
     exactly (every id 0..255, ids past the palette black), on views and empty maps too."""
@@ -98,6 +98,10 @@ def test_colorize_present_and_masks_equal_numpy_on_a_photo_sized_map(layout: str
         labels = labels[::2, 1::3]
     elif layout == "empty":
         labels = labels[:0]
+    elif "x" in layout:  # maps as small as a scalar, which OpenCV's arithmetic can mistake for one
+        h, w = map(int, layout.split("x"))
+        labels = labels[:h, :w].copy()
+        labels[0, 0] = 7
     palette = pascal_palette(20)
     np.testing.assert_array_equal(colorize(labels, palette), palette_lut(palette)[labels])
     assert present_classes(labels) == [int(i) for i in np.flatnonzero(np.bincount(labels.ravel(), minlength=256))]
