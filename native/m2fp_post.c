@@ -32,7 +32,7 @@
 #endif
 #define M2FP_EXPORT __attribute__((visibility("default")))
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 4; }
+M2FP_EXPORT int m2fp_post_abi(void) { return 5; }  /* 5: sig is 0 where the logit is <= 0 */
 
 /* Vectors of LANES floats (GCC's vector extensions: each target clone gets its widest registers). */
 #define LANES 16
@@ -184,7 +184,7 @@ static blocks_t make_blocks(int64_t n_src, const int32_t *restrict idx, const fl
         for (int64_t i = 0; i < WINDOW * LANES; ++i) wk[i] = 0.0f;
         for (int64_t x = first; x < end; ++x)
             for (int64_t t = 0; t < taps; ++t)
-                if (w[x * taps + t] != 0.0f) wk[(idx[x * taps + t] - lo) * LANES + (x - first)] = w[x * taps + t];
+                if (w[x * taps + t] != 0.0f) wk[(idx[x * taps + t] - lo) * LANES + (x - first)] += w[x * taps + t];
     }
     return b;
 unfit:

@@ -181,6 +181,18 @@ def test_upsample_squash_of_a_sparse_mask(kernel: fused.PostKernel) -> None:
         assert positive[np.ix_(near_rows, near_cols)].any(), (r, c)
 
 
+def test_upsample_squash_adds_taps_on_one_input(kernel: fused.PostKernel) -> None:
+    """Taps may name one input twice (their weights add up, as a resampling's definition says): the
+    block columns give what the plain loops and a dense product give."""
+    n_low, n_out = 40, 176
+    base = np.minimum(np.arange(n_out) * n_low // n_out, n_low - 2)
+    index = np.stack([base, base, base + 1], 1).astype(np.int32)
+    weight = np.tile(np.array([0.25, 0.5, 0.25], np.float32), (n_out, 1))
+    taps = fused.Taps(index, weight, n_low)
+    low = np.random.default_rng(11).normal(0, 3, (n_low, n_low)).astype(np.float32)
+    _check_against_dense(kernel, low, taps, taps)
+
+
 @pytest.mark.parametrize("sharpened", ["cols", "rows", "both"])
 def test_upsample_squash_with_negative_weights(kernel: fused.PostKernel, sharpened: str) -> None:
     """Negative weights (a sharpening resampling) on either axis turn all-negative inputs into positive
@@ -354,6 +366,13 @@ def test_add_instance_first_writes_what_adding_to_zeros_gives(kernel: fused.Post
     np.testing.assert_array_equal(probs, want_probs)
     np.testing.assert_array_equal(counts, want_counts)
     assert 0 < counts.sum() < sig.size
+
+
+@pytest.mark.parametrize("score", [-0.1, 1.01, float("nan"), float("inf")])
+def test_add_instance_refuses_a_score_outside_0_1(kernel: fused.PostKernel, score: float) -> None:
+    """sig is 0 where the logit is <= 0, which is exact only for scores <= 1 (sigmoid <= 0.5 there)."""
+    with pytest.raises(ValueError, match="score"):
+        kernel.add_instance(np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.uint8), np.float32(score))
 
 
 def test_wrong_arrays_are_refused_not_read(kernel: fused.PostKernel) -> None:

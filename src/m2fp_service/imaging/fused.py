@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 4  # m2fp_post_abi() of the library these signatures match
+ABI = 5  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -190,7 +190,14 @@ class PostKernel:
     def add_instance(self, sig: np.ndarray, probs: np.ndarray, counts: np.ndarray, score: np.float32,
                      first: bool = False) -> None:
         """Where ``sig * score > 0.5``: ``probs += sig * score`` and ``counts += 1``. With ``first``
-        (the class's first instance) ``probs`` and ``counts`` are written as if they held zeros."""
+        (the class's first instance) ``probs`` and ``counts`` are written as if they held zeros.
+
+        Raises:
+            ValueError: a ``score`` outside [0, 1]: ``upsample_squash`` leaves sig 0 where the logit
+                is <= 0 (sigmoid <= 0.5), which a score above 1 could have pasted.
+        """
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"an instance's score must lie in [0, 1], got {score}")
         if not sig.shape == probs.shape == counts.shape:
             raise ValueError(f"sig {sig.shape}, probs {probs.shape} and counts {counts.shape} differ")
         self._lib.m2fp_add_instance(_checked(sig, np.float32, "sig"), sig.size, score,
