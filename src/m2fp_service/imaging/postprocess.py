@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar
 
 import cv2
@@ -174,7 +174,11 @@ def _map(pool: ThreadPoolExecutor, fn: Callable[..., T], *iterables: Iterable[An
     the calling thread works instead of waiting (a thread hand-off fewer per query, ~25 us here)."""
     calls = list(zip(*iterables, strict=True))
     futures = [pool.submit(fn, *args) for args in calls[1:]]
-    return [fn(*args) for args in calls[:1]] + [future.result() for future in futures]
+    try:
+        first = [fn(*args) for args in calls[:1]]
+    finally:
+        wait(futures)  # none still writes to the buffers when this returns or raises
+    return first + [future.result() for future in futures]
 
 
 def _on_bands(
