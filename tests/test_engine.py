@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,18 +114,25 @@ def test_large_photo_memory_is_bounded(engine: ParsingEngine) -> None:
 
 
 class _ShrinksSeen:
-    """The engine's real session, each run's arena-shrinkage run option recorded."""
+    """The engine's real session, each run's arena-shrinkage run option recorded (in the order the
+    runs start); ``hold`` makes the first run wait, once in, until ``release`` is set."""
 
     KEY = "memory.enable_memory_arena_shrinkage"
 
     def __init__(self, session: object) -> None:
         self.session, self.shrinks = session, []  # type: list[bool]
+        self.hold = False
+        self.entered, self.release = threading.Event(), threading.Event()
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray], options: object) -> list[np.ndarray]:
         try:
             self.shrinks.append(options.get_run_config_entry(self.KEY) == "cpu:0")  # type: ignore[attr-defined]
         except RuntimeError:  # not set
             self.shrinks.append(False)
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            assert self.release.wait(30)
         return self.session.run(names, feeds, options)  # type: ignore[attr-defined,no-any-return]
 
 
@@ -139,6 +147,26 @@ def test_the_arena_is_released_after_a_change_of_input_size_only(tiny_model_path
         out = eng.run(np.zeros((1, 3, h, w), np.float32))
         assert out.mask_logits.shape[1:] == (h // 4, w // 4)
     assert seen.shrinks == [True, False, False, True, False, True, True]
+
+
+def test_a_run_that_overlaps_another_releases_the_arena(tiny_model_path: Path) -> None:
+    """Two runs at once (workers > 1) hold two runs' buffers: the one that starts while the other is
+    in flight releases the arena after it, even at the same size, so two peaks are not kept idle."""
+    eng = ParsingEngine(tiny_model_path, intra_op_threads=1, warmup=False)
+    seen = _ShrinksSeen(eng.session)
+    eng.session = seen  # type: ignore[assignment]
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    eng.run(x)
+    eng.run(x)
+    seen.hold = True
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(eng.run, x)
+        assert seen.entered.wait(30)
+        eng.run(x)  # while the first is in flight
+        seen.release.set()
+        first.result(timeout=60)
+    eng.run(x)  # alone again: kept
+    assert seen.shrinks == [True, False, False, True, False]
 
 
 def _cached_engine(model: Path, cache_dir: Path, **kw: object) -> ParsingEngine:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -215,8 +216,8 @@ def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.Ses
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
-    # The arena keeps peak-size buffers between runs (fast for repeated sizes); input sizes
-    # vary per image, so each run lets it shrink back (run option below) instead of growing for ever.
+    # The arena keeps peak-size buffers between runs (fast for repeated sizes); input sizes vary
+    # per image, so a run of a new size lets it shrink back afterwards (ParsingEngine.run).
     so.enable_cpu_mem_arena = True
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # ONNX Runtime's own warnings go to stderr as plain text, which would break the JSON logs (e.g.
@@ -328,7 +329,9 @@ class ParsingEngine:
                  self.cache_status, self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks,
                  self.linear_layers, self.softmax_nodes)
         self.warm = False
-        self._last_shape: tuple[int, ...] | None = None  # the last run's input shape (see run)
+        self._arena_lock = threading.Lock()  # guards the two below (see run)
+        self._last_shape: tuple[int, ...] | None = None  # the last run's input shape
+        self._runs_in_flight = 0
         if warmup:
             self.warm_up()
 
@@ -355,14 +358,23 @@ class ParsingEngine:
             InferenceFailed: ONNX Runtime rejected the input or failed.
         """
         options = ort.RunOptions()
-        shape = tensor.shape
-        if shape != self._last_shape:
+        with self._arena_lock:
             # The arena goes back to the system after a run whose input size differs from the run
-            # before: sizes vary per photo, and the arena would otherwise keep every size's peak.
-            # Repeated sizes (video frames, a camera, a batch of one size) keep it, and the next run
-            # skips re-touching it: ~80k page faults (~300 MB) per INT8 720p run, 4% of the run here.
-            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._last_shape = shape
+            # before, or that starts while another runs (workers > 1: two runs' buffers): sizes vary
+            # per photo, and the arena would otherwise keep every size's peak. Repeated sizes (video
+            # frames, a camera, a batch of one size) keep it, and the next run skips re-touching it:
+            # ~80k page faults (~300 MB) per INT8 720p run, 4% of the run here.
+            if tensor.shape != self._last_shape or self._runs_in_flight:
+                options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            self._last_shape = tensor.shape
+            self._runs_in_flight += 1
+        try:
+            return self._run_cancellable(tensor, options)
+        finally:
+            with self._arena_lock:
+                self._runs_in_flight -= 1
+
+    def _run_cancellable(self, tensor: np.ndarray, options: ort.RunOptions) -> RawOutputs:
         # A failing or terminated run would print ONNX Runtime's own line on stderr (breaking the
         # JSON logs); its error reaches our log, with the request id, through the exception.
         options.log_severity_level = 4
