@@ -104,6 +104,10 @@ def test_colorize_present_and_masks_equal_numpy_on_a_photo_sized_map(layout: str
         labels[0, 0] = 7
     palette = pascal_palette(20)
     np.testing.assert_array_equal(colorize(labels, palette), palette_lut(palette)[labels])
+    wide = labels.astype(np.int64)  # other integer labels take numpy's path, with the same results
+    np.testing.assert_array_equal(colorize(wide, palette), palette_lut(palette)[labels])
+    assert present_classes(wide) == present_classes(labels)
+    np.testing.assert_array_equal(class_mask(wide, 7), class_mask(labels, 7))
     assert present_classes(labels) == [int(i) for i in np.flatnonzero(np.bincount(labels.ravel(), minlength=256))]
     for class_id in (0, 7, 19, 200, 255):
         np.testing.assert_array_equal(class_mask(labels, class_id), (labels == class_id).astype(np.uint8) * 255)
