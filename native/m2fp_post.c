@@ -198,8 +198,9 @@ static inline int finite_row(const float *restrict src, int64_t n) {
     return finite;
 }
 
-/* One finite row resampled by the blocks into dst (out_w values), and per block whether any input in
- * its window is > 0 (`live`): with weights >= 0, a block with none has every output <= 0. */
+/* One finite row resampled by the blocks into dst (out_w values), and per block whether any of its
+ * values is > 0 (`live`): with row weights >= 0, output rows drawn only from blocks without one are
+ * <= 0 there. */
 static inline __attribute__((always_inline)) void resample_blocks(const blocks_t *b, const float *restrict src,
                                                                   int64_t out_w, float *restrict dst,
                                                                   uint8_t *restrict live) {
@@ -207,12 +208,11 @@ static inline __attribute__((always_inline)) void resample_blocks(const blocks_t
         const lanes_t *wk = b->weight + k * WINDOW;
         const float *s = src + b->base[k];
         lanes_t acc = wk[0] * s[0];
-        int any = s[0] > 0.0f;
-        for (int t = 1; t < WINDOW; ++t) {
-            acc += wk[t] * s[t];
-            any |= s[t] > 0.0f;
-        }
-        live[k] = (uint8_t)any;
+        for (int t = 1; t < WINDOW; ++t) acc += wk[t] * s[t];
+        bytes_t positive = __builtin_convertvector(acc > 0.0f, bytes_t);
+        uint64_t halves[2];
+        __builtin_memcpy(halves, &positive, sizeof halves);
+        live[k] = (halves[0] | halves[1]) != 0;
         int64_t x0 = k * LANES;
         if (x0 + LANES <= out_w)
             __builtin_memcpy(dst + x0, &acc, sizeof acc);
@@ -289,8 +289,8 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
  * squashed from there while it is in L1 (sig = sigmoid where the logit is > 0, else 0: squash).
  *
  * When the taps allow (blocks_t: upsampling, weights >= 0), both passes go by blocks of LANES output
- * columns, and an output block whose low-resolution inputs are all <= 0 is not squashed: its logits
- * are <= 0, so its sig is 0 (most of a trained mask; about a third of an untrained one's).
+ * columns, and an output block whose column-resampled rows are all <= 0 there is not squashed: its
+ * logits are <= 0, so its sig is 0 (most of a trained mask; about a quarter of an untrained one's).
  *
  * low: (low_h, low_w) logits. col_idx, col_w: out_w x col_taps. row_idx, row_w: rows x row_taps (indices
  * into low's rows). scratch: (low_h + 1) x out_w floats. logits (or NULL), sig: rows x out_w.
