@@ -62,14 +62,24 @@ static inline __attribute__((always_inline)) lanes_t exp_clamped_lanes(lanes_t x
     return p * (lanes_t)bits;
 }
 
-/* A run's per-lane sums added to the mask score's parts. */
-static inline __attribute__((always_inline)) void add_lanes(lanes_t acc, ilanes_t hits, double *sum,
+/* A run's per-lane sums added to the mask score's parts, and zeroed for the next run (float partial
+ * sums over runs of at most 4096 values). */
+static inline __attribute__((always_inline)) void add_lanes(lanes_t *acc, ilanes_t *hits, double *sum,
                                                             int64_t *count) {
     float total = 0.0f;
     int64_t positive = 0;
-    for (int l = 0; l < LANES; ++l) total += acc[l], positive -= hits[l];
+    for (int l = 0; l < LANES; ++l) total += (*acc)[l], positive -= (*hits)[l];
     *sum += total;
     *count += positive;
+    *acc = (lanes_t){0}, *hits = (ilanes_t){0};
+}
+
+/* Whether any lane of a comparison's result is set (narrowed to bytes: two 64-bit words to test). */
+static inline __attribute__((always_inline)) int any_lane(ilanes_t m) {
+    bytes_t narrow = __builtin_convertvector(m, bytes_t);
+    uint64_t halves[2];
+    __builtin_memcpy(halves, &narrow, sizeof halves);
+    return (halves[0] | halves[1]) != 0;
 }
 
 /* A vector of logits squashed: sigmoid(v) where v > 0, else 0 (NaN too), the only values of a mask's
@@ -94,10 +104,7 @@ static inline __attribute__((always_inline)) void squash(const float *restrict l
     lanes_t acc = {0};
     ilanes_t hits = {0};
     for (int64_t i = 0; i < n; i += LANES) {
-        if (i % 4096 == 0 && i > 0) {
-            add_lanes(acc, hits, sum, count);
-            acc = (lanes_t){0}, hits = (ilanes_t){0};
-        }
+        if (i % 4096 == 0 && i > 0) add_lanes(&acc, &hits, sum, count);
         lanes_t v = {0};  /* a last, partial vector padded with 0s: not positive, so not counted */
         if (n - i >= LANES) {
             __builtin_memcpy(&v, logits + i, sizeof v);
@@ -109,7 +116,7 @@ static inline __attribute__((always_inline)) void squash(const float *restrict l
             __builtin_memcpy(sig + i, &s, sizeof(float) * (size_t)(n - i));
         }
     }
-    add_lanes(acc, hits, sum, count);
+    add_lanes(&acc, &hits, sum, count);
 }
 
 /* dst[x] = sum_k w[x * taps + k] * src[idx[x * taps + k]] over the taps whose weight is not 0. With
@@ -209,10 +216,7 @@ static inline __attribute__((always_inline)) void resample_blocks(const blocks_t
         const float *s = src + b->base[k];
         lanes_t acc = wk[0] * s[0];
         for (int t = 1; t < WINDOW; ++t) acc += wk[t] * s[t];
-        bytes_t positive = __builtin_convertvector(acc > 0.0f, bytes_t);
-        uint64_t halves[2];
-        __builtin_memcpy(halves, &positive, sizeof halves);
-        live[k] = (halves[0] | halves[1]) != 0;
+        live[k] = (uint8_t)any_lane(acc > 0.0f);
         int64_t x0 = k * LANES;
         if (x0 + LANES <= out_w)
             __builtin_memcpy(dst + x0, &acc, sizeof acc);
@@ -251,10 +255,7 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
     ilanes_t hits = {0};
     for (int64_t x0 = 0; x0 < whole; x0 += LANES) {
         int64_t k = x0 / LANES;
-        if (k % 256 == 0 && k > 0) {  /* float partial sums over runs of 4096 */
-            add_lanes(acc, hits, sum, count);
-            acc = (lanes_t){0}, hits = (ilanes_t){0};
-        }
+        if (k % 256 == 0 && k > 0) add_lanes(&acc, &hits, sum, count);  /* runs of 4096 */
         int any = 0;
         for (int t = 0; t < taps; ++t) any |= src_live[t][k];
         if (!any && !keep) {  /* every logit <= 0 */
@@ -274,7 +275,7 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
         lanes_t q = squash_lanes(out, &acc, &hits);
         __builtin_memcpy(s + x0, &q, sizeof q);
     }
-    add_lanes(acc, hits, sum, count);
+    add_lanes(&acc, &hits, sum, count);
 }
 
 /* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
@@ -410,10 +411,8 @@ M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_
         __builtin_memcpy(&p, sig + i, sizeof p);
         p *= score;
         ilanes_t hit = p > 0.5f;
+        if (!any_lane(hit)) continue;
         bytes_t hit8 = __builtin_convertvector(hit, bytes_t);  /* 255 where hit */
-        uint64_t halves[2];
-        __builtin_memcpy(halves, &hit8, sizeof halves);
-        if (!(halves[0] | halves[1])) continue;
         __builtin_memcpy(&sums, probs + i, sizeof sums);
         sums += select_lanes(hit, p, (lanes_t){0});
         __builtin_memcpy(probs + i, &sums, sizeof sums);
