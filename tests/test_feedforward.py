@@ -354,6 +354,40 @@ def test_an_identity_read_elsewhere_is_kept_and_an_existing_opset_reused(op: str
         assert_close(a.astype(np.float64), b)
 
 
+def dequantized_bias(model: onnx.ModelProto, computed: bool = False) -> onnx.ModelProto:
+    """b1 as an INT8 model holds a float bias it shares with a quantized convolution: DequantizeLinear of an
+    int32 initialiser with per-element scales (of a computed tensor when ``computed``)."""
+    (b1,) = [t for t in model.graph.initializer if t.name == "b1"]
+    model.graph.initializer.remove(b1)
+    value = numpy_helper.to_array(b1)
+    scale = np.full(value.shape, 1 / 256, np.float32)
+    quantized = np.round(value / scale).astype(np.int32)
+    model.graph.initializer.extend([numpy_helper.from_array(quantized, "b1q"), numpy_helper.from_array(scale, "b1s"),
+                                    numpy_helper.from_array(np.zeros(value.shape, np.int32), "b1z")])
+    nodes = [helper.make_node("DequantizeLinear", ["b1n" if computed else "b1q", "b1s", "b1z"], ["b1"], axis=0)]
+    if computed:
+        nodes.insert(0, helper.make_node("Neg", ["b1q"], ["b1n"]))
+    for node in reversed(nodes):
+        model.graph.node.insert(0, node)
+    return model
+
+
+def test_a_bias_dequantized_from_initialisers_is_taken_as_a_constant() -> None:
+    """In an INT8 model, a float bias the exporter shares with a quantized convolution reaches the Add through
+    the convolution's DequantizeLinear of an int32 initialiser: the linear rewrite reads that node's output as
+    the layer's bias (the node stays: it is read elsewhere too), with ONNX Runtime's result; a DequantizeLinear
+    of a computed tensor is no constant, and the layer is left alone."""
+    model = also_read(dequantized_bias(chain_model(layer(16, 32, seed=15))), "b1")
+    fast = rewritten(model, fuse=feedforward.rewrite_linear)
+    assert [(n.op_type, list(n.input)) for n in fast.graph.node if n.op_type != "Identity"][:2] == [
+        ("DequantizeLinear", ["b1q", "b1s", "b1z"]), ("Linear", ["x", "w1", "b1"])]
+    x = np.random.default_rng(16).standard_normal((2, 9, 16)).astype(np.float32)
+    assert_close(run(model, {"x": x}, library=False).astype(np.float64), run(fast, {"x": x}))
+    computed = dequantized_bias(chain_model(layer(16, 32, seed=15)), computed=True)
+    before = computed.SerializeToString()
+    assert feedforward.rewrite_linear(computed) == 0 and computed.SerializeToString() == before
+
+
 def test_an_mlp_of_three_linears_is_fused_once() -> None:
     """L0 relu L1 relu L2: the first chain (L0, L1) wins; L1's output then feeds Relu, L2 as before.
     The linear rewrite after it (as ``rewrite.apply`` runs them) takes L2, the lone layer left, and

@@ -15,8 +15,9 @@ when it builds a session with the library.
 
 A chain qualifies when both weights and biases are float initialisers, directly or through
 ``Identity`` nodes (the exporter shares equal tensors that way; INT8 models, whose weights are
-quantised, are left alone), F and E are multiples of 16 (the kernel's 16-column panels),
-and every intermediate tensor has exactly one reader and is not a graph output.
+quantised, are left alone; a bias may also be a DequantizeLinear of initialisers, the form a float
+bias shared with a quantized convolution takes in an INT8 model), F and E are multiples of 16 (the
+kernel's 16-column panels), and every intermediate tensor has exactly one reader and is not a graph output.
 
 ``rewrite_linear`` then does the same for the linear layers left (``MatMul(x, W) -> Add(b)``: the
 attention's projections and the mask MLPs' last layers, 88 on M2FP), as ``ai.m2fp::Linear(x, W, b)``
@@ -51,6 +52,12 @@ class _Graph:
             if node.op_type == "Identity" and node.input[0] in self.source:
                 self.source[node.output[0]] = self.source[node.input[0]]
         self.outputs = {o.name for o in graph.output}
+        # Biases may also be DequantizeLinear nodes of initialisers: in an INT8 model, a float bias shared
+        # with a quantized convolution (the exporter shares equal tensors) is read through the
+        # convolution's quantized copy. Such a node is a constant; the fused op reads its output.
+        initialisers = {t.name: list(t.dims) for t in graph.initializer}
+        self.constants = {n.output[0]: initialisers[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"
+                          and n.input and all(i in initialisers for i in n.input if i)}
 
     def weight(self, name: str) -> str | None:
         """The float initialiser ``name`` is (itself, or the one an Identity copies)."""
@@ -61,10 +68,14 @@ class _Graph:
         return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
     def bias(self, add: onnx.NodeProto, product: str, size: int) -> str | None:
-        """The initialiser ``add`` adds to ``product``: float, of shape (size,); else None."""
+        """The constant ``add`` adds to ``product``: a float initialiser (or the output of a DequantizeLinear
+        of initialisers) of shape (size,); else None."""
         if len(add.input) != 2 or product not in add.input:
             return None
-        source = self.weight(add.input[1] if add.input[0] == product else add.input[0])
+        name = add.input[1] if add.input[0] == product else add.input[0]
+        if self.constants.get(name) == [size]:
+            return name
+        source = self.weight(name)
         return source if source is not None and self.dims[source] == [size] else None
 
 
