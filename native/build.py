@@ -1,11 +1,11 @@
 """Builds the native kernels into ``src/m2fp_service/native/``; each is optional (without it the same
 results come from standard code, slower).
 
-- ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``, ``m2fp_softmax.cc``):
-  the custom-op library (fused deformable attention, Winograd convolutions, the fused feed-forward
-  block and linear layer, the masked attention's softmax; on x86-64 the products of the two fused
-  ops are built twice more, for AVX2 + FMA and for AVX-512, and the
-  widest the CPU runs is picked at run time). It needs ONNX Runtime's C/C++ API headers, which the
+- ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``, ``m2fp_softmax.cc``,
+  ``m2fp_qffn.cc``): the custom-op library (fused deformable attention, Winograd convolutions, the fused
+  feed-forward block and linear layer, the masked attention's softmax, the INT8 feed-forward block; on
+  x86-64 the products of the two fused float ops are built twice more, for AVX2 + FMA and for AVX-512, and
+  the widest the CPU runs is picked at run time, and the INT8 block once more for AMX tiles). It needs ONNX Runtime's C/C++ API headers, which the
   onnxruntime wheel does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched
   from the Debian archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API
   is versioned and backward compatible, so a library built against 1.21's headers
@@ -126,7 +126,32 @@ def build_msda(output: Path) -> Path:
                 else:
                     print(f"the {level} build of the feed-forward and linear products failed: left out",
                           file=sys.stderr)
+        extra += _qffn_objects(compiler, include, Path(tmp))
         return _compile([*compiler, *FLAGS, f"-I{include}", *sources, *extra], output)
+
+
+def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
+    """The INT8 feed-forward op (``m2fp_qffn.cc``) and, on x86-64 where the compiler has AMX, its block on
+    AMX tiles (``m2fp_qffn_amx.cc``), as objects. Multiplies and adds stay apart (``-ffp-contract=off``):
+    both blocks then give the bits ONNX Runtime's nodes give."""
+    flags = [*compiler, *FLAGS, "-ffp-contract=off", f"-I{include}"]
+    defines: list[str] = []
+    objects: list[str] = []
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        obj = tmp / "m2fp_qffn_amx.o"
+        command = [*flags, "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                   "-Wno-maybe-uninitialized",  # GCC 12 warns inside its own AVX-512 headers
+                   "-c", str(HERE / "m2fp_qffn_amx.cc"), "-o", str(obj)]
+        print(" ".join(command), file=sys.stderr)
+        if subprocess.run(command, check=False).returncode == 0:
+            defines, objects = ["-DM2FP_QFFN_AMX"], [str(obj)]
+        else:
+            print("the AMX build of the INT8 feed-forward block failed: left out (plain loops only)", file=sys.stderr)
+    obj = tmp / "m2fp_qffn.o"
+    command = [*flags, *defines, "-c", str(HERE / "m2fp_qffn.cc"), "-o", str(obj)]
+    print(" ".join(command), file=sys.stderr)
+    subprocess.run(command, check=True)
+    return [*objects, str(obj)]
 
 
 def build_post(output: Path) -> Path:

@@ -410,8 +410,8 @@ def test_an_mlp_of_three_linears_is_fused_once() -> None:
     for fuse, _ in FUSIONS.values():
         rewritten(both, count=0, fuse=fuse)
     applied = copied(model)
-    assert rewrite.apply(applied) == {"winograd_convolutions": 0, "feedforward_blocks": 1, "linear_layers": 1,
-                                      "softmax_nodes": 0}
+    assert rewrite.apply(applied) == {"winograd_convolutions": 0, "feedforward_blocks": 1, "int8_feedforward_blocks": 0,
+                                      "int8_linear_layers": 0, "linear_layers": 1, "softmax_nodes": 0}
     assert applied.SerializeToString() == both.SerializeToString()
     assert [n.op_type for n in rewritten(model, count=3, fuse=feedforward.rewrite_linear).graph.node] == [
         "Linear", "Relu", "Linear", "Relu", "Linear"]
@@ -593,7 +593,8 @@ def test_rewrite_command_writes_the_fused_model(tiny_copy: Path, tmp_path: Path)
     assert sum(n.op_type == "Linear" for n in fused.graph.node) == 26
     assert metadata(fused)[feedforward.METADATA_KEY] == "8" and metadata(fused)[feedforward.LINEAR_METADATA_KEY] == "26"
     stderr = child.stderr.decode()
-    assert "8 feed-forward block(s) fused, 26 linear layer(s) fused" in stderr
+    assert "8 feed-forward block(s) fused, 0 INT8 feed-forward block(s) fused, 0 INT8 linear layer(s) fused, " \
+           "26 linear layer(s) fused" in stderr
     assert "convolution(s) as Winograd" in stderr
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")

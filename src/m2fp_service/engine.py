@@ -53,8 +53,8 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 
 def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
-    convolutions, fused feed-forward blocks and linear layers, softmaxes), serialised; None without the kernel
-    or when nothing qualifies.
+    convolutions, fused feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks
+    where the library runs them on AMX tiles), serialised; None without the kernel or when nothing qualifies.
 
     The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
     serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the
@@ -63,7 +63,8 @@ def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     if kernel is None or not model_path.is_file():
         return None
     try:
-        child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", str(model_path)],
+        flags = ["--int8-feedforward"] if int8_products(kernel) == "amx" else []
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", *flags, str(model_path)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("the graph rewrites did not run on %s (%s); running the graph as exported", model_path, exc)
@@ -76,6 +77,14 @@ def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
         return None
     log.info("%s", child.stderr.decode(errors="replace").strip())
     return child.stdout
+
+
+def int8_products(kernel: Path) -> str:
+    """How the library ``kernel`` runs the INT8 feed-forward op on this CPU: "amx" (AMX tiles) or "generic"
+    (plain loops, far slower than ONNX Runtime's own kernels: the engine then leaves those blocks alone)."""
+    library = ctypes.CDLL(str(kernel))
+    library.m2fp_qffn_kernel.restype = ctypes.c_char_p
+    return str(library.m2fp_qffn_kernel().decode())
 
 
 def open_session(model_path: Path, options: ort.SessionOptions, missing: str,
@@ -135,7 +144,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # feed-forward blocks and linear layers, softmaxes), applied when a session is built with it (then kept in the
 # optimised-graph cache). Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's
 # optimisers that the engine turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "5"
+GRAPH_REWRITES = "6"
 # ONNX Runtime fusions that make this model slower. SkipLayerNormFusion turns a residual Add and the
 # LayerNormalization after it into one SkipLayerNormalization node, whose CPU kernel took 13.6 ms against 5.0 ms
 # for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the INT8 encoder at 640 x 1152.
@@ -202,7 +211,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 5:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 6:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -309,9 +318,13 @@ class ParsingEngine:
         # in the optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
         # Winograd F(4x4, 3x3), feed-forward blocks, linear layers and softmaxes running as the library's ops.
         meta = self.session.get_modelmeta().custom_metadata_map
-        counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_linear", "m2fp_softmax")]
-        self.winograd_convolutions, self.feedforward_blocks, self.linear_layers, self.softmax_nodes = (
+        counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_qfeedforward",
+                                                 "m2fp_linear", "m2fp_qlinear", "m2fp_softmax")]
+        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax = (
             int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
+        self.winograd_convolutions, self.softmax_nodes = winograd, softmax
+        self.feedforward_blocks = feedforward + int8_feedforward  # float and INT8 ones alike
+        self.linear_layers = linear + int8_linear
         try:  # every label set is defined on CIHP's classes
             check_model_classes(card.parsing_classes)
         except ValueError as exc:

@@ -47,7 +47,7 @@ class _Graph:
         self.source = {name: name for name in self.dims}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            for name in _names_read([node]):  # a node with a subgraph reads what its body reads too
+            for name in names_read([node]):  # a node with a subgraph reads what its body reads too
                 self.readers.setdefault(name, []).append(node)
             if node.op_type == "Identity" and node.input[0] in self.source:
                 self.source[node.output[0]] = self.source[node.input[0]]
@@ -56,8 +56,10 @@ class _Graph:
         # with a quantized convolution (the exporter shares equal tensors) is read through the
         # convolution's quantized copy. Such a node is a constant; the fused op reads its output.
         initialisers = {t.name: list(t.dims) for t in graph.initializer}
-        self.constants = {n.output[0]: initialisers[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"
-                          and n.input and all(i in initialisers for i in n.input if i)}
+        floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        self.constants = {n.output[0]: initialisers[n.input[0]] for n in graph.node
+                          if n.op_type == "DequantizeLinear" and len(n.input) > 1 and n.input[1] in floats
+                          and all(i in initialisers for i in n.input if i)}
 
     def weight(self, name: str) -> str | None:
         """The float initialiser ``name`` is (itself, or the one an Identity copies)."""
@@ -72,7 +74,7 @@ class _Graph:
         of initialisers) of shape (size,); else None."""
         if len(add.input) != 2 or product not in add.input:
             return None
-        name = add.input[1] if add.input[0] == product else add.input[0]
+        name = str(add.input[1] if add.input[0] == product else add.input[0])
         if self.constants.get(name) == [size]:
             return name
         source = self.weight(name)
@@ -125,14 +127,14 @@ def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], B
     return found
 
 
-def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
+def names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     """Every tensor name the nodes read, also from inside their subgraphs (If/Loop bodies)."""
     read: set[str] = set()
     for node in nodes:
         read.update(node.input)
         for attribute in node.attribute:
             for body in [attribute.g, *attribute.graphs] if attribute.HasField("g") or attribute.graphs else []:
-                read |= _names_read(list(body.node)) | {o.name for o in body.output}
+                read |= names_read(list(body.node)) | {o.name for o in body.output}
     return read
 
 
@@ -157,10 +159,10 @@ def fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> 
         name=f"{b.nodes[0].name or b.nodes[0].output[0]}_{op_type.lower()}", domain=DOMAIN) for b in found}
     gone = {id(n) for b in found for n in b.nodes}
     weights = {t.name for t in graph.initializer}
-    operands = _names_read([n for n in graph.node if id(n) in gone])
+    operands = names_read([n for n in graph.node if id(n) in gone])
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) in fused or id(n) not in gone]
     # Identity copies of weights that only the fused blocks' old nodes read are dropped.
-    read = _names_read(nodes) | {o.name for o in graph.output}
+    read = names_read(nodes) | {o.name for o in graph.output}
     nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in operands and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)

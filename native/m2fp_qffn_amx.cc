@@ -1,0 +1,126 @@
+// ai.m2fp::QFeedForward's block on AMX tiles (built only on x86-64, with -mamx-tile -mamx-int8 and
+// AVX-512 for the epilogues; m2fp_qffn.cc calls it only where the CPU has AMX-INT8 and the kernel lets
+// this process use the tile data). Each product runs in steps of 32 output columns: four 16 x 16 int32
+// accumulator tiles (rows 0-15 and 16-31 by columns 0-15 and 16-31) take `tdpbusd` of two 16 x 64-byte
+// row tiles of the input and two 64 x 16 weight tiles (packed 4 bytes of depth per int32, see pack_tiles
+// in m2fp_qffn.cc), then go through the epilogue 16 columns at a time. Multiplies and adds stay separate
+// (-ffp-contract=off), so the bits are the plain loops' (m2fp_qffn.cc) and ONNX Runtime's.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+
+#include "m2fp_qffn_product.h"
+
+namespace {
+
+using m2fp::kQffnColumns;
+using m2fp::kQffnDepth;
+using m2fp::kQffnRows;
+
+struct TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// acc (kQffnRows x kQffnColumns int32) = a (kQffnRows rows, lda bytes apart) @ the weight tiles of output
+// columns [j, j + 32); depth a multiple of 64.
+inline void product(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j, int32_t* acc) {
+  const int64_t steps = depth / kQffnDepth;
+  const int8_t* left = tiles + (j / 16) * steps * 1024;  // columns j .. j + 15: `steps` tiles of 1 KB
+  const int8_t* right = left + steps * 1024;              // columns j + 16 .. j + 31
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t k = 0; k < steps; ++k) {
+    _tile_loadd(0, a + k * kQffnDepth, lda);
+    _tile_loadd(1, a + 16 * lda + k * kQffnDepth, lda);
+    _tile_loadd(2, left + k * 1024, 64);
+    _tile_loadd(3, right + k * 1024, 64);
+    _tile_dpbusd(4, 0, 2);
+    _tile_dpbusd(5, 0, 3);
+    _tile_dpbusd(6, 1, 2);
+    _tile_dpbusd(7, 1, 3);
+  }
+  constexpr int64_t ld = kQffnColumns * sizeof(int32_t);
+  _tile_stored(4, acc, ld);
+  _tile_stored(5, acc + 16, ld);
+  _tile_stored(6, acc + 16 * kQffnColumns, ld);
+  _tile_stored(7, acc + 16 * kQffnColumns + 16, ld);
+}
+
+// float(acc - corr) * mult + bias for 16 columns.
+inline __m512 dequantized(const int32_t* acc, const m2fp::QLayer& layer, int64_t j) {
+  const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(acc), _mm512_loadu_si512(layer.corr + j));
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(layer.mult + j)),
+                       _mm512_loadu_ps(layer.bias + j));
+}
+
+}  // namespace
+
+// Palette 1, tiles 0-7 all 16 rows of 64 bytes. A constant: GCC 12 drops stores to a local
+// configuration before `ldtilecfg`, as if the instruction did not read them.
+alignas(64) const TileConfig kTiles = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+void m2fp_qffn_amx_begin() { _tile_loadconfig(&kTiles); }
+
+void m2fp_qffn_amx_end() { _tile_release(); }
+
+void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s) {
+  const int64_t d = c.one.depth, f = c.one.n, e = c.two.n;
+  const uint8_t* x = c.x + r0 * d;
+  if (rows < kQffnRows) {  // a last, short block: from a copy padded with zero rows
+    std::memset(s.pad, 0, static_cast<size_t>(kQffnRows * d));
+    std::memcpy(s.pad, x, static_cast<size_t>(rows * d));
+    x = s.pad;
+  }
+  // The hidden layer: relu, then QuantizeLinear's x / scale rounded half to even, plus the zero point,
+  // saturated to [0, 255] (clamped in float first, as ONNX Runtime's MLAS does).
+  const __m512 zero = _mm512_setzero_ps(), scale = _mm512_set1_ps(c.h_scale);
+  const __m512 low = _mm512_set1_ps(static_cast<float>(-c.h_zero_point));
+  const __m512 high = _mm512_set1_ps(static_cast<float>(255 - c.h_zero_point));
+  const __m512i zero_point = _mm512_set1_epi32(c.h_zero_point);
+  for (int64_t j = 0; j < f; j += kQffnColumns) {
+    product(x, d, d, c.one.tiles, j, s.acc);
+    for (int64_t i = 0; i < kQffnRows; ++i) {
+      for (int64_t h = 0; h < kQffnColumns; h += 16) {
+        __m512 v = _mm512_max_ps(dequantized(s.acc + i * kQffnColumns + h, c.one, j + h), zero);  // NaN -> 0
+        v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, scale), low), high);
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zero_point);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(s.hidden + i * f + j + h), _mm512_cvtusepi32_epi8(q));
+      }
+    }
+  }
+  float* y = c.y + r0 * e;
+  for (int64_t j = 0; j < e; j += kQffnColumns) {
+    product(s.hidden, f, f, c.two.tiles, j, s.acc);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t h = 0; h < kQffnColumns; h += 16) {
+        _mm512_storeu_ps(y + i * e + j + h, dequantized(s.acc + i * kQffnColumns + h, c.two, j + h));
+      }
+    }
+  }
+}
+
+void m2fp_qlinear_block_amx(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
+                            const m2fp::QScratch& s) {
+  const int64_t d = layer.depth, e = layer.n;
+  if (rows < kQffnRows) {
+    std::memset(s.pad, 0, static_cast<size_t>(kQffnRows * d));
+    std::memcpy(s.pad, x, static_cast<size_t>(rows * d));
+    x = s.pad;
+  }
+  for (int64_t j = 0; j < e; j += kQffnColumns) {
+    product(x, d, d, layer.tiles, j, s.acc);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t h = 0; h < kQffnColumns; h += 16) {
+        _mm512_storeu_ps(y + i * e + j + h, dequantized(s.acc + i * kQffnColumns + h, layer, j + h));
+      }
+    }
+  }
+}

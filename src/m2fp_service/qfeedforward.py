@@ -1,0 +1,186 @@
+"""INT8 feed-forward blocks as one op: ``ai.m2fp::QFeedForward`` of the custom-op library.
+
+A static INT8 model (``m2fp export --int8``) computes a feed-forward block as quantize-dequantize pairs
+around the float nodes::
+
+    DequantizeLinear(x_q) -> MatMul(DequantizeLinear(W1_q)) -> Add(b1) -> Relu -> QuantizeLinear
+      -> DequantizeLinear -> MatMul(DequantizeLinear(W2_q)) -> Add(b2)
+
+which ONNX Runtime runs as two ``MatMulIntegerToFloat``, two float ``Add`` and a ``QuantizeLinear``,
+writing the float hidden tensor (tokens x F: 62 MB per pixel-decoder encoder layer at 640x1152) and
+reading it back. ``rewrite`` replaces each such chain with one
+``QFeedForward(x_q, x_scale, x_zero_point, W1_q, w1_scale, b1, h_scale, h_zero_point, W2_q, w2_scale, b2)``
+node (``native/m2fp_qffn.cc``): the same arithmetic, bit for bit, 32 rows at a time with the hidden rows
+in cache as uint8, the products on AMX tiles. The engine applies it only where the library runs them
+(``m2fp_qffn_kernel()`` is "amx"; elsewhere the op's plain loops would be far slower than ONNX
+Runtime's VNNI kernels).
+
+A chain qualifies when the weights are int8 initialisers (D, F) and (F, E) with zero points 0 (per
+column or per tensor), the scales, zero points and biases are initialisers of the right shapes (a bias
+may also be a DequantizeLinear of initialisers, as in ``feedforward``), the
+hidden layer's DequantizeLinear reads back exactly what its QuantizeLinear wrote (the same scale and
+zero point), D and F are multiples of 64 and E of 32 (the tiles), and every intermediate tensor has
+exactly one reader and is not a graph output. The DequantizeLinear nodes of the input and the weights
+go too where the chain was their only reader.
+
+``rewrite_linear`` then does the same for the INT8 linear layers left (``DequantizeLinear(x_q) ->
+MatMul(DequantizeLinear(W_q)) -> Add(b)``, float output: the encoder's value and output projections) as
+``ai.m2fp::QLinear(x_q, x_scale, x_zero_point, W_q, w_scale, b)``, on the same tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from m2fp_service.feedforward import Block, fuse, names_read
+
+METADATA_KEY = "m2fp_qfeedforward"  # how many blocks were fused (kept in the optimised graph)
+LINEAR_METADATA_KEY = "m2fp_qlinear"  # how many linear layers were fused
+DEPTH = 64  # D and F: multiples of an AMX tile's 64 bytes of depth
+COLUMNS = 32  # F and E: multiples of two 16-column tiles
+
+
+class _Graph:
+    """What the matching needs: initialisers, each tensor's producer and readers, the graph outputs."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.init = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in names_read([node]):  # a node with a subgraph reads what its body reads too
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def only_reader(self, node: onnx.NodeProto) -> bool:
+        """The chain is all that reads ``node``'s output (no other node, not a graph output): it goes too."""
+        return len(self.readers.get(node.output[0], [])) == 1 and node.output[0] not in self.outputs
+
+    def sole_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        found = self.readers.get(name, [])
+        if name in self.outputs or len(found) != 1 or found[0].op_type != op_type:
+            return None
+        return found[0]
+
+    def array(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.init[name]) if name in self.init else None
+
+    def scalar(self, name: str, dtype: type) -> bool:
+        a = self.array(name)
+        return a is not None and a.dtype == dtype and a.size == 1 and a.ndim <= 1
+
+    def quantized(self, dq: onnx.NodeProto) -> bool:
+        """``dq`` dequantizes uint8 with a scalar float scale, positive and finite, and a uint8 zero point
+        (initialisers)."""
+        if not (len(dq.input) == 3 and self.scalar(dq.input[1], np.float32) and self.scalar(dq.input[2], np.uint8)):
+            return False
+        scale = float(self.array(dq.input[1]).reshape(-1)[0])  # type: ignore[union-attr]
+        return bool(np.isfinite(scale) and scale > 0)
+
+    def weight(self, name: str) -> tuple[str, str, onnx.NodeProto] | None:
+        """(int8 weight, its scale) of the DequantizeLinear producing ``name``: an int8 (D, N) initialiser,
+        a float scale of shape () / (1) or (N) along axis 1, zero points 0; else None."""
+        dq = self.producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2:
+            return None
+        w, scale = self.array(dq.input[0]), self.array(dq.input[1])
+        if w is None or scale is None or w.dtype != np.int8 or w.ndim != 2 or scale.dtype != np.float32:
+            return None
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if not (scale.size == 1 and scale.ndim <= 1 or scale.shape == (w.shape[1],) and axis in (1, -1)):
+            return None
+        zero = self.array(dq.input[2]) if len(dq.input) == 3 and dq.input[2] else np.zeros(1, np.int8)
+        if zero is None or zero.dtype != np.int8 or zero.size not in (1, w.shape[1]) or zero.any():
+            return None
+        return dq.input[0], dq.input[1], dq
+
+    def bias(self, add: onnx.NodeProto, product: str, size: int) -> str | None:
+        """The float (size,) constant ``add`` adds to ``product``: an initialiser, or a DequantizeLinear of
+        initialisers (a float bias the exporter shares with a quantized convolution); else None."""
+        if len(add.input) != 2 or product not in add.input:
+            return None
+        name = add.input[1] if add.input[0] == product else add.input[0]
+        dq = self.producer.get(name)
+        if dq is not None and dq.op_type == "DequantizeLinear" and all(i in self.init for i in dq.input if i):
+            float_out = len(dq.input) > 1 and self.init[dq.input[1]].data_type == onnx.TensorProto.FLOAT
+            return name if float_out and list(self.init[dq.input[0]].dims) == [size] else None
+        b = self.array(name)
+        return name if b is not None and b.dtype == np.float32 and b.shape == (size,) else None
+
+
+def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The INT8 feed-forward block that MatMul ``first`` starts, or None."""
+    if first.op_type != "MatMul" or len(first.input) != 2:
+        return None
+    dq_x, one = g.producer.get(first.input[0]), g.weight(first.input[1])
+    if dq_x is None or dq_x.op_type != "DequantizeLinear" or not g.quantized(dq_x) or one is None:
+        return None
+    w1 = g.init[one[0]].dims
+    add1 = g.sole_reader(first.output[0], "Add")
+    b1 = add1 and g.bias(add1, first.output[0], w1[1])
+    relu = g.sole_reader(add1.output[0], "Relu") if add1 and b1 else None
+    q_h = g.sole_reader(relu.output[0], "QuantizeLinear") if relu else None
+    dq_h = g.sole_reader(q_h.output[0], "DequantizeLinear") if q_h else None
+    if not (add1 and relu and q_h and dq_h and len(q_h.input) == 3 and g.quantized(dq_h)
+            and q_h.input[1:] == dq_h.input[1:]):
+        return None
+    second = g.sole_reader(dq_h.output[0], "MatMul")
+    two = g.weight(second.input[1]) if second and second.input[0] == dq_h.output[0] else None
+    if second is None or two is None:
+        return None
+    w2 = g.init[two[0]].dims
+    add2 = g.sole_reader(second.output[0], "Add")
+    b2 = add2 and g.bias(add2, second.output[0], w2[1])
+    if not (add2 and b2) or w2[0] != w1[1] or w1[0] % DEPTH or w1[1] % DEPTH or w2[1] % COLUMNS:
+        return None
+    inputs = [*dq_x.input, one[0], one[1], b1, *q_h.input[1:], two[0], two[1], b2]
+    # The DequantizeLinear nodes the block was the only reader of go with it (the last node stays Add2:
+    # ``fuse`` names the fused node's output after it).
+    extra = [dq for dq in (dq_x, one[2], two[2]) if g.only_reader(dq)]
+    return Block(inputs, [first, *extra, add1, relu, q_h, dq_h, second, add2])
+
+
+def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The INT8 linear layer (DequantizeLinear of x_q -> MatMul with a quantized weight -> Add of a float bias)
+    that MatMul ``first`` starts, or None."""
+    if first.op_type != "MatMul" or len(first.input) != 2:
+        return None
+    dq_x, one = g.producer.get(first.input[0]), g.weight(first.input[1])
+    if dq_x is None or dq_x.op_type != "DequantizeLinear" or not g.quantized(dq_x) or one is None:
+        return None
+    w = g.init[one[0]].dims
+    add = g.sole_reader(first.output[0], "Add")
+    b = add and g.bias(add, first.output[0], w[1])
+    if not (add and b) or w[0] % DEPTH or w[1] % COLUMNS:
+        return None
+    extra = [dq for dq in (dq_x, one[2]) if g.only_reader(dq)]
+    return Block([*dq_x.input, one[0], one[1], b], [first, *extra, add])
+
+
+def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
+    """The graph's qualifying INT8 feed-forward blocks (linear layers with ``matcher=match_linear``) in node
+    order."""
+    g = _Graph(graph)
+    found: list[Block] = []
+    taken: set[int] = set()
+    for node in graph.node:
+        block = None if id(node) in taken else matcher(node, g)
+        if block is not None and not taken & {id(n) for n in block.nodes}:
+            found.append(block)
+            taken.update(id(n) for n in block.nodes)
+    return found
+
+
+def rewrite(model: onnx.ModelProto) -> int:
+    """Fuses ``model``'s qualifying INT8 feed-forward blocks in place (main graph only); returns how many."""
+    return fuse(model, blocks(model.graph), "QFeedForward", METADATA_KEY)
+
+
+def rewrite_linear(model: onnx.ModelProto) -> int:
+    """Fuses ``model``'s qualifying INT8 linear layers in place (main graph only; after ``rewrite``, so the
+    feed-forward blocks' layers are taken already); returns how many."""
+    return fuse(model, blocks(model.graph, match_linear), "QLinear", LINEAR_METADATA_KEY)
