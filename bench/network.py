@@ -87,13 +87,14 @@ def _tuned_run(model: Path, variant: str) -> Any:
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant == "spinning" else "0")
         so.enable_cpu_mem_arena = variant != "no-arena"
-        from m2fp_service.engine import rewritten_graph, usable_msda_kernel
+        from m2fp_service.engine import DISABLED_OPTIMIZERS, rewritten_graph, usable_msda_kernel
 
         kernel = usable_msda_kernel("auto")  # as the engine runs it
         if kernel is not None:
             so.register_custom_ops_library(str(kernel))
         graph = None if variant == "no-rewrites" else rewritten_graph(model, kernel)
-        session = ort.InferenceSession(str(model) if graph is None else graph, so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model) if graph is None else graph, so, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(DISABLED_OPTIMIZERS))
         _cache[variant] = lambda x: session.run(None, {"image": x})
     return _cache[variant]
 

@@ -36,14 +36,15 @@ from common import NETWORK_SIZES, THREADS, models, photo_at, stats, write_json  
 def _session(graph: bytes | str, kernel: Path, prefix: str) -> Any:
     import onnxruntime as ort
 
-    from m2fp_service.engine import session_options
+    from m2fp_service.engine import DISABLED_OPTIMIZERS, session_options
 
     so = session_options(THREADS)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.register_custom_ops_library(str(kernel))
     so.enable_profiling = True
     so.profile_file_prefix = prefix
-    return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))  # as the engine
 
 
 def _profile(session: Any, parts: dict[str, Any]) -> tuple[list[float], dict[str, list[float]]]:

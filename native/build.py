@@ -3,9 +3,10 @@ results come from standard code, slower).
 
 - ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``, ``m2fp_softmax.cc``,
   ``m2fp_qffn.cc``): the custom-op library (fused deformable attention, Winograd convolutions, the fused
-  feed-forward block and linear layer, the masked attention's softmax, the INT8 feed-forward block; on
-  x86-64 the products of the two fused float ops are built twice more, for AVX2 + FMA and for AVX-512, and
-  the widest the CPU runs is picked at run time, and the INT8 block once more for AMX tiles). It needs ONNX Runtime's C/C++ API headers, which the
+  feed-forward block and linear layer, the masked attention's softmax, the INT8 feed-forward block and
+  linear layer; on x86-64 the products of the two fused float ops are built twice more, for AVX2 + FMA and
+  for AVX-512, and the widest the CPU runs is picked at run time, and the INT8 ops' blocks once more for AMX
+  tiles). It needs ONNX Runtime's C/C++ API headers, which the
   onnxruntime wheel does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched
   from the Debian archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API
   is versioned and backward compatible, so a library built against 1.21's headers

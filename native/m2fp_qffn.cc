@@ -47,6 +47,8 @@ namespace {
 using m2fp::kQffnColumns;
 using m2fp::kQffnDepth;
 using m2fp::kQffnRows;
+// The deepest product whose int32 sums cannot overflow: 255 x 128 x 65536 < 2^31 (and the zero-point term).
+constexpr int64_t kQffnMaxDepth = 65536;
 
 // AMX-TILE and AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0 bits 17-18), and the tile data
 // granted to this process (Linux arch_prctl ARCH_REQ_XCOMP_PERM; ONNX Runtime asks for it too).
@@ -55,7 +57,10 @@ bool amx_usable() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||  // what m2fp_qffn_amx.cc
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {  // is built for
+    return false;
+  }
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv is there
   unsigned lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -116,8 +121,10 @@ void block_generic(const m2fp::QFfn& c, int64_t r0, int64_t rows, uint8_t* hidde
     }
     for (int64_t j = 0; j < f; ++j) {
       float v = dequantized(acc[j], c.one, j);
-      v = v > 0.0f ? v : 0.0f;  // NaN -> 0
-      v = std::min(std::max(v / c.h_scale, low), high);
+      v = v < 0.0f ? 0.0f : v;  // relu; NaN stays
+      v = v / c.h_scale;
+      v = v > low ? v : low;  // NaN -> low (max_ps's rule), as ONNX Runtime's QuantizeLinear
+      v = v < high ? v : high;
       hidden[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(v)) + c.h_zero_point);
     }
     product(hidden, c.two.w, f, e);
@@ -232,6 +239,7 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
   if (d % kQffnDepth != 0 || f % kQffnDepth != 0 || e % kQffnColumns != 0) {
     return fail("D and F must be multiples of 64 and E of 32" + weights);
   }
+  if (d > kQffnMaxDepth || f > kQffnMaxDepth) return fail("D and F must be at most 65536 (int32 sums)" + weights);
   for (const auto* t : {&x_scale, &h_scale}) {
     if (!scalar(t->Shape())) return fail("x_scale and h_scale must be scalars");
   }
@@ -275,6 +283,7 @@ Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t
   }
   const int64_t d = ws[0], e = ws[1];
   if (d % kQffnDepth != 0 || e % kQffnColumns != 0) return fail("D must be a multiple of 64 and E of 32; w " + dims(ws), op);
+  if (d > kQffnMaxDepth) return fail("D must be at most 65536 (int32 sums); w " + dims(ws), op);
   if (!scalar(x_scale.Shape()) || !scalar(x_zero_point.Shape())) return fail("x_scale and x_zero_point must be scalars", op);
   if (!scalar(ss) && ss != std::vector<int64_t>{e}) return fail("w_scale must be a scalar or (E), not " + dims(ss), op);
   if (b.Shape() != std::vector<int64_t>{e}) return fail("b must be (E) = (" + std::to_string(e) + "), not " + dims(b.Shape()), op);
@@ -320,7 +329,7 @@ extern "C" __attribute__((visibility("default"))) const char* m2fp_qffn_kernel(v
   return use_amx() ? "amx" : "generic";
 }
 
-void m2fp_add_qfeedforward_op(Ort::CustomOpDomain& domain,
+void m2fp_add_qfeedforward_ops(Ort::CustomOpDomain& domain,
                               std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep) {
   keep.emplace_back(Ort::Custom::CreateLiteCustomOp("QFeedForward", "CPUExecutionProvider", QFeedForwardChecked));
   domain.Add(keep.back().get());

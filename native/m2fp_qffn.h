@@ -8,5 +8,5 @@
 
 // Adds ai.m2fp::QFeedForward and ai.m2fp::QLinear to `domain`; `keep` owns the op objects (they must outlive
 // every session that uses the domain).
-void m2fp_add_qfeedforward_op(Ort::CustomOpDomain& domain,
+void m2fp_add_qfeedforward_ops(Ort::CustomOpDomain& domain,
                               std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& keep);

@@ -80,7 +80,8 @@ void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
     x = s.pad;
   }
   // The hidden layer: relu, then QuantizeLinear's x / scale rounded half to even, plus the zero point,
-  // saturated to [0, 255] (clamped in float first, as ONNX Runtime's MLAS does).
+  // saturated to [0, 255] (clamped in float first, as ONNX Runtime's MLAS does). NaN as there: Relu keeps it
+  // (max(0, NaN) with NaN second), the clamp's max(NaN, low) gives low: the hidden byte is 0.
   const __m512 zero = _mm512_setzero_ps(), scale = _mm512_set1_ps(c.h_scale);
   const __m512 low = _mm512_set1_ps(static_cast<float>(-c.h_zero_point));
   const __m512 high = _mm512_set1_ps(static_cast<float>(255 - c.h_zero_point));
@@ -89,7 +90,7 @@ void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
     product(x, d, d, c.one.tiles, j, s.acc);
     for (int64_t i = 0; i < kQffnRows; ++i) {
       for (int64_t h = 0; h < kQffnColumns; h += 16) {
-        __m512 v = _mm512_max_ps(dequantized(s.acc + i * kQffnColumns + h, c.one, j + h), zero);  // NaN -> 0
+        __m512 v = _mm512_max_ps(zero, dequantized(s.acc + i * kQffnColumns + h, c.one, j + h));
         v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, scale), low), high);
         const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zero_point);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(s.hidden + i * f + j + h), _mm512_cvtusepi32_epi8(q));

@@ -46,9 +46,9 @@ struct QScratch {
 
 }  // namespace m2fp
 
-// Rows [r0, r0 + rows) of `c`, rows <= kQffnRows: with AMX tiles (m2fp_qffn_amx.cc, x86-64 builds where the
-// compiler has AMX; needs c.one.tiles and c.two.tiles) or plain loops (m2fp_qffn.cc). Both give the same
-// bits. The AMX one expects the thread's tile configuration loaded (m2fp_qffn_amx_begin / _end).
+// Rows [r0, r0 + rows) of `c`, rows <= kQffnRows, on AMX tiles (m2fp_qffn_amx.cc, x86-64 builds where the
+// compiler has AMX; needs c.one.tiles and c.two.tiles); m2fp_qffn.cc's plain loops give the same bits. Both
+// AMX functions expect the thread's tile configuration loaded (m2fp_qffn_amx_begin, then _end).
 void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s);
 // y (rows, n) = `layer` of x (rows, depth), rows <= kQffnRows (ai.m2fp::QLinear's block): `layer.tiles` needed.
 void m2fp_qlinear_block_amx(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,

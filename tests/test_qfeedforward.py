@@ -8,7 +8,6 @@ alone byte for byte; the engine on the tiny INT8 model against the same engine w
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import platform
@@ -38,9 +37,7 @@ TIE_COLUMNS = 8  # w1's first columns are 0: their hidden values are b1 / h_scal
 
 
 def qffn_kernel() -> str:
-    library = ctypes.CDLL(str(BUILT_MSDA_KERNEL))
-    library.m2fp_qffn_kernel.restype = ctypes.c_char_p
-    return str(library.m2fp_qffn_kernel().decode())
+    return engine_module.int8_products(BUILT_MSDA_KERNEL)
 
 
 def products(a: np.ndarray, zero_point: int, w: np.ndarray) -> np.ndarray:
@@ -63,8 +60,9 @@ def reference(o: Operands) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore"):
         v = dequantized(products(o["x"].reshape(-1, d), int(o["x_zero_point"].item()), o["w1"]), o["x_scale"],
                         o["w1_scale"], o["b1"])
-        v = np.where(v > 0, v, np.float32(0))  # relu, NaN -> 0
-        v = np.minimum(np.maximum(v / hs, np.float32(-hz)), np.float32(255 - hz))
+        v = np.where(v < 0, np.float32(0), v) / hs  # relu (NaN stays), then QuantizeLinear's division
+        v = np.where(v > -hz, v, np.float32(-hz))  # max(v, low) as max_ps: NaN -> low
+        v = np.where(v < 255 - hz, v, np.float32(255 - hz))
         hidden = (np.rint(v).astype(np.int32) + hz).astype(np.uint8)  # half to even
         y = dequantized(products(hidden, hz, o["w2"]), hs, o["w2_scale"], o["b2"])
     return y.reshape(*o["x"].shape[:-1], e), hidden
@@ -161,9 +159,9 @@ def test_op_matches_the_reference_bit_for_bit(case: str) -> None:
     assert np.unique(got[np.isfinite(got)]).size > 1
     if options.get("extreme"):  # int32 sums of up to 255 x 128 x D, beyond float32's 2**24
         assert np.abs(products(o["x"], options["x_zp"], o["w1"])).max() >= 255 * 127 * d
-    if options.get("nonfinite"):  # NaN -> 0, +inf saturates, -inf -> 0 in the hidden layer; y as float adds them
+    if options.get("nonfinite"):  # hidden: NaN -> 0 (as ONNX Runtime), +inf saturates, -inf -> the zero point
         hz = o["h_zero_point"].item()
-        assert (hidden[:, TIE_COLUMNS + 4:TIE_COLUMNS + 7] == [hz, 255, hz]).all()
+        assert hz != 0 and (hidden[:, TIE_COLUMNS + 4:TIE_COLUMNS + 7] == [0, 255, hz]).all()
         assert np.isnan(got[..., 0]).all() and (got[..., 1] == np.inf).all() and (got[..., 2] == -np.inf).all()
 
 
@@ -209,6 +207,7 @@ HOSTILE: dict[str, tuple[Operands, str]] = {
     "x-zp-(2)": (changed(x_zero_point=np.zeros(2, np.uint8)), r"x_zero_point and h_zero_point must be scalars"),
     "h-zp-(1,1)": (changed(h_zero_point=np.zeros((1, 1), np.uint8)), r"x_zero_point and h_zero_point must be scalars"),
     "x-scalar": (changed(x=np.array(1, np.uint8)), r"x must have a last dimension"),
+    "D-65600": (changed(x=np.ones((1, 65600), np.uint8), w1=i8(65600, 64)), r"D and F must be at most 65536"),
 }
 
 
@@ -274,6 +273,7 @@ LINEAR_HOSTILE: dict[str, tuple[Operands, str]] = {
     "b-(1,32)": (linear_changed(b=f32(1, 32)), r"b must be \(E\) = \(32\), not \(1, 32\)"),
     "x-scale-(2)": (linear_changed(x_scale=f32(2)), r"x_scale and x_zero_point must be scalars"),
     "x-scalar": (linear_changed(x=np.array(1, np.uint8)), r"x must have a last dimension"),
+    "D-65600": (linear_changed(x=np.ones((1, 65600), np.uint8), w=i8(65600, 32)), r"D must be at most 65536"),
 }
 
 
@@ -310,10 +310,11 @@ def test_the_plain_loops_give_the_same_bits() -> None:
 
 
 def chain(d: int = 64, f: int = 128, e: int = 64, *, act: str = "Relu", bias_first: bool = False,
-          per_column: bool = True, h_zp: int = 0, seed: int = 2) -> onnx.ModelProto:
+          per_column: bool = True, h_zp: int = 0, nan_bias: bool = False, seed: int = 2) -> onnx.ModelProto:
     """x float (1, N, D) -> QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(w1_q, axis 1)) ->
     Add(b1) -> act -> QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(w2_q)) -> Add(b2) -> y, as
-    a static INT8 export writes a feed-forward block (each bias on the left of its Add with ``bias_first``)."""
+    a static INT8 export writes a feed-forward block (each bias on the left of its Add with ``bias_first``; a
+    NaN in b1's first value with ``nan_bias``)."""
     rng = np.random.default_rng(seed)
 
     def weight(depth: int, n: int, in_scale: float) -> list[np.ndarray]:
@@ -327,6 +328,8 @@ def chain(d: int = 64, f: int = 128, e: int = 64, *, act: str = "Relu", bias_fir
         (0.5 * rng.standard_normal(f)).astype(np.float32), np.array(2.0**-5, np.float32), np.array(h_zp, np.uint8),
         *weight(f, e, 2.0**-5), rng.standard_normal(e).astype(np.float32)]
     inits = dict(zip(["xs", "xz", "w1q", "s1", "z1", "b1", "hs", "hz", "w2q", "s2", "z2", "b2"], arrays, strict=True))
+    if nan_bias:
+        inits["b1"][0] = np.nan
 
     def node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
         if op == "Add" and bias_first:
@@ -367,8 +370,9 @@ def needs_amx() -> None:
         pytest.skip("the engine applies the rewrite only where the op runs on AMX tiles, which this CPU lacks")
 
 
-@pytest.mark.parametrize("options", [{}, {"bias_first": True}, {"per_column": False}, {"h_zp": 9}],
-                         ids=["bias-second", "bias-first", "per-tensor-scales", "hidden-zero-point-9"])
+@pytest.mark.parametrize("options", [{}, {"bias_first": True}, {"per_column": False}, {"h_zp": 9},
+                                     {"h_zp": 9, "nan_bias": True}],
+                         ids=["bias-second", "bias-first", "per-tensor-scales", "hidden-zero-point-9", "nan-bias"])
 def test_a_qdq_chain_becomes_one_node_with_the_same_bits(options: dict[str, Any]) -> None:
     """The chain (and the DequantizeLinear nodes of x and the weights, read by nothing else) becomes one
     QFeedForward node reading the quantized tensors, scales, zero points and biases; the count is returned and
@@ -397,8 +401,8 @@ def test_dequantized_tensors_read_elsewhere_are_kept() -> None:
     fast = copied(model)
     assert qfeedforward.rewrite(fast) == 1
     assert [n.op_type for n in fast.graph.node] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear",
-                                                    "QFeedForward", "DequantizeLinear", "MatMul", "Neg"]
-    assert fast.graph.node[3].input[0] == "xq" and [n.output[0] for n in fast.graph.node[1:3]] == ["xd", "w1"]
+                                                    "DequantizeLinear", "QFeedForward", "MatMul", "Neg"]
+    assert fast.graph.node[4].input[0] == "xq" and [n.output[0] for n in fast.graph.node[1:4]] == ["xd", "w1", "w2"]
     needs_amx()
     assert_same(outputs(model), outputs(fast))
 
@@ -426,11 +430,12 @@ def linear_chain(d: int = 128, e: int = 96, seed: int = 5) -> onnx.ModelProto:
              "wq": rng.integers(-128, 128, (d, e), dtype=np.int8),
              "ws": (rng.uniform(0.5, 1.5, e) * 1e-3).astype(np.float32), "wz": np.zeros(e, np.int8),
              "bq": np.round(b * 4096).astype(np.int32), "bs": np.full(e, 1 / 4096, np.float32)}
-    nodes = [helper.make_node("DequantizeLinear", ["bq", "bs"], ["b"], axis=0),
-             helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
-             helper.make_node("MatMul", ["xd", "w"], ["p"]), helper.make_node("Add", ["p", "b"], ["y"])]
+             helper.make_node("MatMul", ["xd", "w"], ["p"]),
+             helper.make_node("DequantizeLinear", ["bq", "bs"], ["b"], axis=0),  # after the MatMul
+             helper.make_node("Add", ["p", "b"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", d])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(a, n) for n, a in inits.items()])
@@ -439,14 +444,19 @@ def linear_chain(d: int = 128, e: int = 96, seed: int = 5) -> onnx.ModelProto:
 
 def test_a_qdq_linear_layer_becomes_one_node_with_the_same_bits() -> None:
     """``rewrite_linear``: the layer (and its DequantizeLinear nodes of x and w) becomes one QLinear node reading
-    the quantized tensors and the dequantized bias (a constant: its node stays); the count is recorded; ONNX
-    Runtime's result is the unrewritten graph's, bit for bit. A feed-forward block's layers are not taken again
+    the quantized tensors and the dequantized bias (a constant: its node stays), placed after it (where the Add
+    was: the graph stays sorted); the count is recorded; ONNX Runtime's result is the unrewritten graph's, bit
+    for bit. A feed-forward block's layers are not taken again
     after ``rewrite`` (``rewrite.apply`` runs the two in that order)."""
     model = linear_chain()
     fast = copied(model)
     assert qfeedforward.rewrite(fast) == 0 and qfeedforward.rewrite_linear(fast) == 1
-    assert [n.op_type for n in fast.graph.node] == ["DequantizeLinear", "QuantizeLinear", "QLinear"]
+    assert [n.op_type for n in fast.graph.node] == ["QuantizeLinear", "DequantizeLinear", "QLinear"]
     assert list(fast.graph.node[2].input) == ["xq", "xs", "xz", "wq", "ws", "b"]
+    known = {t.name for t in fast.graph.initializer} | {i.name for i in fast.graph.input}
+    for node in fast.graph.node:  # topologically sorted: every input exists before its reader
+        assert all(i in known for i in node.input if i), node.op_type
+        known.update(node.output)
     assert {p.key: p.value for p in fast.metadata_props} == {qfeedforward.LINEAR_METADATA_KEY: "1"}
     block = copied(chain())
     counts = rewrite.apply(block, int8_feedforward=True)
@@ -565,3 +575,15 @@ def test_the_engine_runs_the_int8_block_fused_with_the_same_outputs(int8_path: P
     want, got = plain.run(x), fused.run(x)
     assert np.unique(want.mask_logits).size > 100
     assert np.array_equal(want.class_logits, got.class_logits) and np.array_equal(want.mask_logits, got.mask_logits)
+
+
+def test_the_cache_key_holds_the_int8_decision(int8_path: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimised graph keeps the INT8 rewrite or not: a cache written where the tiles ran is not reused where
+    they do not (M2FP_QFFN_KERNEL=generic, or an OS that refuses the tiles on the same CPU flags)."""
+    keys = {}
+    for decision in ("amx", "generic"):
+        monkeypatch.setattr(engine_module, "int8_products", lambda kernel, d=decision: d)
+        keys[decision] = engine_module.cache_path_for(int8_path, tmp_path, BUILT_MSDA_KERNEL)
+    assert keys["amx"] != keys["generic"]
+    assert engine_module.cache_path_for(int8_path, tmp_path, None) not in keys.values()

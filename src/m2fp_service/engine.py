@@ -54,7 +54,8 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
     convolutions, fused feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks
-    where the library runs them on AMX tiles), serialised; None without the kernel or when nothing qualifies.
+    and linear layers where the library runs them on AMX tiles), serialised; None without the kernel or when
+    nothing qualifies.
 
     The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
     serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the
@@ -141,13 +142,15 @@ class EngineOptions:
 # function (standard ops, the same result within float rounding, several times slower).
 BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
-# feed-forward blocks and linear layers, softmaxes), applied when a session is built with it (then kept in the
-# optimised-graph cache). Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's
-# optimisers that the engine turns off (DISABLED_OPTIMIZERS).
+# feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
+# it runs them on AMX tiles), applied when a session is built with it (then kept in the optimised-graph cache).
+# Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
+# turns off (DISABLED_OPTIMIZERS).
 GRAPH_REWRITES = "6"
-# ONNX Runtime fusions that make this model slower. SkipLayerNormFusion turns a residual Add and the
-# LayerNormalization after it into one SkipLayerNormalization node, whose CPU kernel took 13.6 ms against 5.0 ms
-# for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the INT8 encoder at 640 x 1152.
+# ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
+# turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
+# kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
+# INT8 encoder at 640 x 1152.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
@@ -186,8 +189,10 @@ def _cpu_signature() -> str:
 
 def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
     """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
-    CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs."""
-    return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=f"rewrites {GRAPH_REWRITES}")
+    CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs (the INT8 ones only
+    where it runs them on AMX tiles, which the CPU flags alone do not settle: the OS may refuse the tiles)."""
+    rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 products {int8_products(kernel)}" if kernel is not None else "")
+    return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=rewrites)
 
 
 def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:

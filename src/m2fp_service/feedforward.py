@@ -27,7 +27,7 @@ on the same kernel: the bias is added as the product is stored instead of in a p
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import onnx
 from onnx import helper
@@ -38,11 +38,14 @@ LINEAR_METADATA_KEY = "m2fp_linear"  # how many linear layers were fused
 COLUMNS = 16
 
 
-class _Graph:
-    """What the matching needs to know of a graph: its float initialisers (also under the names of
-    ``Identity`` nodes that copy them), each tensor's readers, and its outputs."""
+class GraphIndex:
+    """What the matching needs to know of a graph: its initialisers (the float ones also under the names of
+    ``Identity`` nodes that copy them), each tensor's producer and readers, its outputs, and the
+    DequantizeLinear nodes of initialisers (constants). ``qfeedforward`` adds what INT8 chains need."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
+        self.init = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
         self.dims = {t.name: list(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
         self.source = {name: name for name in self.dims}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
@@ -66,8 +69,15 @@ class _Graph:
         return self.source.get(name)
 
     def sole_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The one node reading ``name``, if it is an ``op_type`` and ``name`` is not a graph output."""
         found = self.readers.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+        if name in self.outputs or len(found) != 1 or found[0].op_type != op_type:
+            return None
+        return found[0]
+
+    def only_reader(self, node: onnx.NodeProto) -> bool:
+        """A chain reading ``node``'s output is all that reads it (no other node, not a graph output)."""
+        return len(self.readers.get(node.output[0], [])) == 1 and node.output[0] not in self.outputs
 
     def bias(self, add: onnx.NodeProto, product: str, size: int) -> str | None:
         """The constant ``add`` adds to ``product``: a float initialiser (or the output of a DequantizeLinear
@@ -89,7 +99,10 @@ class Block(NamedTuple):
     nodes: list[onnx.NodeProto]
 
 
-def match_linear(node: onnx.NodeProto, g: _Graph) -> Block | None:
+G = TypeVar("G", bound=GraphIndex)
+
+
+def match_linear(node: onnx.NodeProto, g: GraphIndex) -> Block | None:
     """The linear layer MatMul ``node`` starts (``node`` and the Add of a bias, its sole reader), or None."""
     w = g.weight(node.input[1]) if node.op_type == "MatMul" else None
     if w is None or len(g.dims[w]) != 2 or g.dims[w][1] % COLUMNS or node.output[0] in g.outputs:
@@ -99,7 +112,7 @@ def match_linear(node: onnx.NodeProto, g: _Graph) -> Block | None:
     return Block([node.input[0], w, b], [node, add]) if add and b else None
 
 
-def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+def match(first: onnx.NodeProto, g: GraphIndex) -> Block | None:
     """The block that starts with MatMul ``first``: a linear layer, a Relu, a second linear layer
     whose D is the first's E, each node its predecessor's sole reader; or None."""
     one = match_linear(first, g)
@@ -113,10 +126,15 @@ def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
     return Block([*one.inputs, *two.inputs[1:]], [*one.nodes, relu, *two.nodes])
 
 
-def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
+def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, GraphIndex], Block | None] = match
+           ) -> list[Block]:
     """The graph's qualifying chains in node order (feed-forward blocks, or linear layers with
     ``matcher=match_linear``); where two overlap (an MLP of three layers), the first."""
-    g = _Graph(graph)
+    return find(graph, matcher, GraphIndex(graph))
+
+
+def find(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, G], Block | None], g: G) -> list[Block]:
+    """The chains ``matcher`` finds in ``graph`` (indexed as ``g``) in node order; where two overlap, the first."""
     found: list[Block] = []
     taken: set[int] = set()
     for node in graph.node:
@@ -150,11 +168,12 @@ def rewrite_linear(model: onnx.ModelProto) -> int:
 
 
 def fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> int:
-    """Replaces each chain of ``found`` with one ``op_type`` node; its count goes to metadata ``key``."""
+    """Replaces each chain of ``found`` with one ``op_type`` node where its last node was (every input, a
+    bias computed from initialisers too, is there by then); its count goes to metadata ``key``."""
     graph = model.graph
     if not found:
         return 0
-    fused = {id(b.nodes[0]): helper.make_node(  # the chain's first node -> its fused node
+    fused = {id(b.nodes[-1]): helper.make_node(  # the chain's last node -> its fused node
         op_type, b.inputs, [b.nodes[-1].output[0]],
         name=f"{b.nodes[0].name or b.nodes[0].output[0]}_{op_type.lower()}", domain=DOMAIN) for b in found}
     gone = {id(n) for b in found for n in b.nodes}

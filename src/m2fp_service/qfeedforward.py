@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from m2fp_service.feedforward import Block, fuse, names_read
+from m2fp_service.feedforward import Block, GraphIndex, find, fuse
 
 METADATA_KEY = "m2fp_qfeedforward"  # how many blocks were fused (kept in the optimised graph)
 LINEAR_METADATA_KEY = "m2fp_qlinear"  # how many linear layers were fused
@@ -44,27 +44,8 @@ DEPTH = 64  # D and F: multiples of an AMX tile's 64 bytes of depth
 COLUMNS = 32  # F and E: multiples of two 16-column tiles
 
 
-class _Graph:
-    """What the matching needs: initialisers, each tensor's producer and readers, the graph outputs."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.init = {t.name: t for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in names_read([node]):  # a node with a subgraph reads what its body reads too
-                self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
-
-    def only_reader(self, node: onnx.NodeProto) -> bool:
-        """The chain is all that reads ``node``'s output (no other node, not a graph output): it goes too."""
-        return len(self.readers.get(node.output[0], [])) == 1 and node.output[0] not in self.outputs
-
-    def sole_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        found = self.readers.get(name, [])
-        if name in self.outputs or len(found) != 1 or found[0].op_type != op_type:
-            return None
-        return found[0]
+class _Graph(GraphIndex):
+    """``feedforward.GraphIndex`` and what INT8 chains need: initialisers' values and quantized operands."""
 
     def array(self, name: str) -> np.ndarray | None:
         return numpy_helper.to_array(self.init[name]) if name in self.init else None
@@ -81,9 +62,9 @@ class _Graph:
         scale = float(self.array(dq.input[1]).reshape(-1)[0])  # type: ignore[union-attr]
         return bool(np.isfinite(scale) and scale > 0)
 
-    def weight(self, name: str) -> tuple[str, str, onnx.NodeProto] | None:
-        """(int8 weight, its scale) of the DequantizeLinear producing ``name``: an int8 (D, N) initialiser,
-        a float scale of shape () / (1) or (N) along axis 1, zero points 0; else None."""
+    def quantized_weight(self, name: str) -> tuple[str, str, onnx.NodeProto] | None:
+        """(int8 weight, its scale, the node) of the DequantizeLinear producing ``name``: an int8 (D, N)
+        initialiser, a float scale of shape () / (1) or (N) along axis 1, zero points 0; else None."""
         dq = self.producer.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2:
             return None
@@ -98,25 +79,12 @@ class _Graph:
             return None
         return dq.input[0], dq.input[1], dq
 
-    def bias(self, add: onnx.NodeProto, product: str, size: int) -> str | None:
-        """The float (size,) constant ``add`` adds to ``product``: an initialiser, or a DequantizeLinear of
-        initialisers (a float bias the exporter shares with a quantized convolution); else None."""
-        if len(add.input) != 2 or product not in add.input:
-            return None
-        name = add.input[1] if add.input[0] == product else add.input[0]
-        dq = self.producer.get(name)
-        if dq is not None and dq.op_type == "DequantizeLinear" and all(i in self.init for i in dq.input if i):
-            float_out = len(dq.input) > 1 and self.init[dq.input[1]].data_type == onnx.TensorProto.FLOAT
-            return name if float_out and list(self.init[dq.input[0]].dims) == [size] else None
-        b = self.array(name)
-        return name if b is not None and b.dtype == np.float32 and b.shape == (size,) else None
-
 
 def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
     """The INT8 feed-forward block that MatMul ``first`` starts, or None."""
     if first.op_type != "MatMul" or len(first.input) != 2:
         return None
-    dq_x, one = g.producer.get(first.input[0]), g.weight(first.input[1])
+    dq_x, one = g.producer.get(first.input[0]), g.quantized_weight(first.input[1])
     if dq_x is None or dq_x.op_type != "DequantizeLinear" or not g.quantized(dq_x) or one is None:
         return None
     w1 = g.init[one[0]].dims
@@ -129,7 +97,7 @@ def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
             and q_h.input[1:] == dq_h.input[1:]):
         return None
     second = g.sole_reader(dq_h.output[0], "MatMul")
-    two = g.weight(second.input[1]) if second and second.input[0] == dq_h.output[0] else None
+    two = g.quantized_weight(second.input[1]) if second and second.input[0] == dq_h.output[0] else None
     if second is None or two is None:
         return None
     w2 = g.init[two[0]].dims
@@ -149,7 +117,7 @@ def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
     that MatMul ``first`` starts, or None."""
     if first.op_type != "MatMul" or len(first.input) != 2:
         return None
-    dq_x, one = g.producer.get(first.input[0]), g.weight(first.input[1])
+    dq_x, one = g.producer.get(first.input[0]), g.quantized_weight(first.input[1])
     if dq_x is None or dq_x.op_type != "DequantizeLinear" or not g.quantized(dq_x) or one is None:
         return None
     w = g.init[one[0]].dims
@@ -164,15 +132,7 @@ def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
 def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
     """The graph's qualifying INT8 feed-forward blocks (linear layers with ``matcher=match_linear``) in node
     order."""
-    g = _Graph(graph)
-    found: list[Block] = []
-    taken: set[int] = set()
-    for node in graph.node:
-        block = None if id(node) in taken else matcher(node, g)
-        if block is not None and not taken & {id(n) for n in block.nodes}:
-            found.append(block)
-            taken.update(id(n) for n in block.nodes)
-    return found
+    return find(graph, matcher, _Graph(graph))
 
 
 def rewrite(model: onnx.ModelProto) -> int:
