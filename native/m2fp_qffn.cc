@@ -187,6 +187,14 @@ bool scalar(const std::vector<int64_t>& shape) {
   return shape.empty() || (shape.size() == 1 && shape[0] == 1);
 }
 
+// y (..., E) for x of `shape` (..., D), allocated; `rows` = the product of x's leading dimensions.
+float* allocated(Ort::Custom::Tensor<float>& y, std::vector<int64_t> shape, int64_t e, int64_t& rows) {
+  rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  shape.back() = e;
+  return y.Allocate(shape);
+}
+
 // A layer's per-column arrays: corr = x_zero_point x column sums of w, mult = x_scale x w's scale.
 struct Prepared {
   std::vector<int32_t> corr;
@@ -253,11 +261,8 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
   if (b2.Shape() != std::vector<int64_t>{e}) return fail("b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
   const float hs = *h_scale.Data();
   if (!(hs > 0.0f) || !std::isfinite(hs)) return fail("h_scale must be a positive finite number");
-  std::vector<int64_t> ys = xs;
-  ys.back() = e;
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < xs.size(); ++i) rows *= xs[i];
-  float* out = y.Allocate(ys);
+  int64_t rows = 0;
+  float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};
 
   const bool amx = use_amx();
@@ -287,11 +292,8 @@ Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t
   if (!scalar(x_scale.Shape()) || !scalar(x_zero_point.Shape())) return fail("x_scale and x_zero_point must be scalars", op);
   if (!scalar(ss) && ss != std::vector<int64_t>{e}) return fail("w_scale must be a scalar or (E), not " + dims(ss), op);
   if (b.Shape() != std::vector<int64_t>{e}) return fail("b must be (E) = (" + std::to_string(e) + "), not " + dims(b.Shape()), op);
-  std::vector<int64_t> ys = xs;
-  ys.back() = e;
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < xs.size(); ++i) rows *= xs[i];
-  float* out = y.Allocate(ys);
+  int64_t rows = 0;
+  float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};
   const bool amx = use_amx();
   const Prepared one = prepare(w.Data(), d, e, w_scale.Data(), !scalar(ss), *x_scale.Data(), *x_zero_point.Data(), amx);

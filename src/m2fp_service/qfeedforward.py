@@ -80,38 +80,6 @@ class _Graph(GraphIndex):
         return dq.input[0], dq.input[1], dq
 
 
-def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
-    """The INT8 feed-forward block that MatMul ``first`` starts, or None."""
-    if first.op_type != "MatMul" or len(first.input) != 2:
-        return None
-    dq_x, one = g.producer.get(first.input[0]), g.quantized_weight(first.input[1])
-    if dq_x is None or dq_x.op_type != "DequantizeLinear" or not g.quantized(dq_x) or one is None:
-        return None
-    w1 = g.init[one[0]].dims
-    add1 = g.sole_reader(first.output[0], "Add")
-    b1 = add1 and g.bias(add1, first.output[0], w1[1])
-    relu = g.sole_reader(add1.output[0], "Relu") if add1 and b1 else None
-    q_h = g.sole_reader(relu.output[0], "QuantizeLinear") if relu else None
-    dq_h = g.sole_reader(q_h.output[0], "DequantizeLinear") if q_h else None
-    if not (add1 and relu and q_h and dq_h and len(q_h.input) == 3 and g.quantized(dq_h)
-            and q_h.input[1:] == dq_h.input[1:]):
-        return None
-    second = g.sole_reader(dq_h.output[0], "MatMul")
-    two = g.quantized_weight(second.input[1]) if second and second.input[0] == dq_h.output[0] else None
-    if second is None or two is None:
-        return None
-    w2 = g.init[two[0]].dims
-    add2 = g.sole_reader(second.output[0], "Add")
-    b2 = add2 and g.bias(add2, second.output[0], w2[1])
-    if not (add2 and b2) or w2[0] != w1[1] or w1[0] % DEPTH or w1[1] % DEPTH or w2[1] % COLUMNS:
-        return None
-    inputs = [*dq_x.input, one[0], one[1], b1, *q_h.input[1:], two[0], two[1], b2]
-    # The DequantizeLinear nodes the block was the only reader of go with it (the last node stays Add2:
-    # ``fuse`` names the fused node's output after it).
-    extra = [dq for dq in (dq_x, one[2], two[2]) if g.only_reader(dq)]
-    return Block(inputs, [first, *extra, add1, relu, q_h, dq_h, second, add2])
-
-
 def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
     """The INT8 linear layer (DequantizeLinear of x_q -> MatMul with a quantized weight -> Add of a float bias)
     that MatMul ``first`` starts, or None."""
@@ -127,6 +95,26 @@ def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
         return None
     extra = [dq for dq in (dq_x, one[2]) if g.only_reader(dq)]
     return Block([*dq_x.input, one[0], one[1], b], [first, *extra, add])
+
+
+def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+    """The INT8 feed-forward block that MatMul ``first`` starts: a quantized linear layer (``match_linear``), a
+    Relu, the hidden layer's QuantizeLinear and its DequantizeLinear (the same scale and zero point), and a
+    second quantized linear layer whose D is the first's E, each node its predecessor's sole reader; or None."""
+    one = match_linear(first, g)
+    relu = g.sole_reader(one.nodes[-1].output[0], "Relu") if one else None
+    q_h = g.sole_reader(relu.output[0], "QuantizeLinear") if relu else None
+    dq_h = g.sole_reader(q_h.output[0], "DequantizeLinear") if q_h else None
+    second = g.sole_reader(dq_h.output[0], "MatMul") if dq_h else None
+    two = match_linear(second, g) if second is not None else None
+    if not (one and relu and q_h and dq_h and two) or len(q_h.input) != 3 or q_h.input[1:] != dq_h.input[1:]:
+        return None
+    if g.init[two.inputs[3]].dims[0] != g.init[one.inputs[3]].dims[1]:
+        return None
+    # [x_q, x_scale, x_zero_point, W1_q, w1_scale, b1] + [h_scale, h_zero_point, W2_q, w2_scale, b2]; the
+    # second layer's nodes (its input's DequantizeLinear among them) end with Add2, whose output the fused
+    # node takes over.
+    return Block([*one.inputs, *two.inputs[1:]], [*one.nodes, relu, q_h, *two.nodes])
 
 
 def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
