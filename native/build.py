@@ -6,7 +6,7 @@ results come from standard code, slower).
   feed-forward block and linear layer, the masked attention's softmax, the INT8 feed-forward block and
   linear layer; on x86-64 the products of the two fused float ops are built twice more, for AVX2 + FMA and
   for AVX-512, and the widest the CPU runs is picked at run time, and the INT8 ops' blocks once more for AMX
-  tiles). It needs ONNX Runtime's C/C++ API headers, which the
+  tiles and AVX-512 VNNI). It needs ONNX Runtime's C/C++ API headers, which the
   onnxruntime wheel does not ship. They come from Debian's ``libonnxruntime-dev`` package (fetched
   from the Debian archive, checked against a pinned SHA-256, cached in ``~/.cache/m2fp``): the C API
   is versioned and backward compatible, so a library built against 1.21's headers
@@ -132,22 +132,23 @@ def build_msda(output: Path) -> Path:
 
 
 def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
-    """The INT8 feed-forward op (``m2fp_qffn.cc``) and, on x86-64 where the compiler has AMX, its block on
-    AMX tiles (``m2fp_qffn_amx.cc``), as objects. Multiplies and adds stay apart (``-ffp-contract=off``):
-    both blocks then give the bits ONNX Runtime's nodes give."""
+    """The INT8 feed-forward and linear ops (``m2fp_qffn.cc``) and, on x86-64 where the compiler has AMX,
+    their blocks on AMX tiles or with AVX-512 VNNI (``m2fp_qffn_x86.cc``), as objects. Multiplies and adds
+    stay apart (``-ffp-contract=off``): every build then gives the bits ONNX Runtime's nodes give."""
     flags = [*compiler, *FLAGS, "-ffp-contract=off", f"-I{include}"]
     defines: list[str] = []
     objects: list[str] = []
     if platform.machine().lower() in ("x86_64", "amd64"):
-        obj = tmp / "m2fp_qffn_amx.o"
+        obj = tmp / "m2fp_qffn_x86.o"
         command = [*flags, "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                   "-mavx512vnni",
                    "-Wno-maybe-uninitialized",  # GCC 12 warns inside its own AVX-512 headers
-                   "-c", str(HERE / "m2fp_qffn_amx.cc"), "-o", str(obj)]
+                   "-c", str(HERE / "m2fp_qffn_x86.cc"), "-o", str(obj)]
         print(" ".join(command), file=sys.stderr)
         if subprocess.run(command, check=False).returncode == 0:
-            defines, objects = ["-DM2FP_QFFN_AMX"], [str(obj)]
+            defines, objects = ["-DM2FP_QFFN_X86"], [str(obj)]
         else:
-            print("the AMX build of the INT8 feed-forward block failed: left out (plain loops only)", file=sys.stderr)
+            print("the AMX/VNNI build of the INT8 ops' blocks failed: left out (plain loops only)", file=sys.stderr)
     obj = tmp / "m2fp_qffn.o"
     command = [*flags, *defines, "-c", str(HERE / "m2fp_qffn.cc"), "-o", str(obj)]
     print(" ".join(command), file=sys.stderr)

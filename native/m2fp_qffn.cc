@@ -12,9 +12,10 @@
 // MatMulIntegerToFloat, two float Adds and a QuantizeLinear, writing the float hidden tensor (62 MB per
 // pixel-decoder encoder layer at 640 x 1152) and reading it back. Here each task takes 32 rows through
 // both products with the hidden rows (as uint8) in cache, and the products run on AMX tiles
-// (m2fp_qffn_amx.cc, ~6x the int8 rate of AVX-512 VNNI here) where the CPU has them and the kernel lets
-// this process use them. Elsewhere plain loops give the same bits, slowly: the graph rewrite
-// (m2fp_service/qfeedforward.py) is only applied where m2fp_qffn_kernel() says "amx".
+// (m2fp_qffn_x86.cc, ~6x the int8 rate of AVX-512 VNNI here) where the CPU has them and the kernel lets
+// this process use them, else with AVX-512 VNNI where the CPU has it. Elsewhere plain loops give the same
+// bits, slowly: the graph rewrite (m2fp_service/qfeedforward.py) is only applied where m2fp_qffn_kernel()
+// is not "generic".
 // D and F are multiples of 64, F and E of 32 (the tiles).
 //
 // And one such layer with a float output, ai.m2fp::QLinear (the encoder's value and output projections):
@@ -32,7 +33,7 @@
 #include <string>
 #include <vector>
 
-#if defined(M2FP_QFFN_AMX)
+#if defined(M2FP_QFFN_X86)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -50,17 +51,28 @@ using m2fp::kQffnRows;
 // The deepest product whose int32 sums cannot overflow: 255 x 128 x 65536 < 2^31 (and the zero-point term).
 constexpr int64_t kQffnMaxDepth = 65536;
 
+// The blocks' builds (m2fp_qffn_x86.cc, where the library was built with it for x86-64).
+enum class Kernel { kGeneric, kVnni, kAmx };
+
+// AVX-512 with VNNI: what m2fp_qffn_x86.cc is built for besides AMX.
+bool vnni_usable() {
+#if defined(M2FP_QFFN_X86)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 // AMX-TILE and AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0 bits 17-18), and the tile data
 // granted to this process (Linux arch_prctl ARCH_REQ_XCOMP_PERM; ONNX Runtime asks for it too).
 bool amx_usable() {
-#if defined(M2FP_QFFN_AMX)
+#if defined(M2FP_QFFN_X86)
   unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!vnni_usable()) return false;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||  // what m2fp_qffn_amx.cc
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {  // is built for
-    return false;
-  }
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv is there
   unsigned lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -72,15 +84,17 @@ bool amx_usable() {
 #endif
 }
 
-// "amx" where the tiles run, else "generic"; M2FP_QFFN_KERNEL=generic caps it (read once per process;
-// the tests use it to compare the two).
-bool choose_amx() {
+// AMX where the tiles run, else AVX-512 VNNI where the CPU has it, else the plain loops.
+// M2FP_QFFN_KERNEL=avx512-vnni or =generic caps it (read once per process; the tests use it to compare them).
+Kernel choose() {
   const char* env = std::getenv("M2FP_QFFN_KERNEL");
-  return !(env != nullptr && std::string(env) == "generic") && amx_usable();
+  const std::string cap = env == nullptr ? "" : env;
+  if (cap == "generic" || !vnni_usable()) return Kernel::kGeneric;
+  return cap != "avx512-vnni" && amx_usable() ? Kernel::kAmx : Kernel::kVnni;
 }
-bool use_amx() {
-  static const bool amx = choose_amx();
-  return amx;
+Kernel kernel() {
+  static const Kernel chosen = choose();
+  return chosen;
 }
 
 // w (depth, n) -> AMX weight tiles: for each 16 columns, depth / 64 tiles of 1 KB one after the other,
@@ -101,7 +115,7 @@ float dequantized(int32_t acc, const m2fp::QLayer& layer, int64_t j) {
   return v + layer.bias[j];
 }
 
-// The plain loops: the same arithmetic as m2fp_qffn_amx.cc in the same order (the int32 sums are exact in
+// The plain loops: the same arithmetic as m2fp_qffn_x86.cc in the same order (the int32 sums are exact in
 // any order). `acc` holds max(F, E) int32.
 void block_generic(const m2fp::QFfn& c, int64_t r0, int64_t rows, uint8_t* hidden, int32_t* acc) {
   const int64_t d = c.one.depth, f = c.one.n, e = c.two.n;
@@ -135,7 +149,7 @@ void block_generic(const m2fp::QFfn& c, int64_t r0, int64_t rows, uint8_t* hidde
 
 struct Call {
   m2fp::QFfn ffn;
-  bool amx;
+  Kernel kernel;
   std::atomic<bool> failed{false};
 };
 
@@ -154,19 +168,20 @@ void row_block(void* data, size_t index) {
     grow(hidden, kQffnRows * c.one.n);
     grow(acc, std::max({kQffnRows * kQffnColumns, c.one.n, c.two.n}));
     grow(pad, kQffnRows * c.one.depth);
-    if (!call.amx) {
+    if (call.kernel == Kernel::kGeneric) {
       block_generic(c, r0, rows, hidden.data(), acc.data());
       return;
     }
-#if defined(M2FP_QFFN_AMX)
+#if defined(M2FP_QFFN_X86)
     const m2fp::QScratch scratch{hidden.data(), acc.data(), pad.data()};
-    m2fp_qffn_amx_begin();
+    const bool amx = call.kernel == Kernel::kAmx;
+    if (amx) m2fp_qffn_amx_begin();
     if (c.two.w == nullptr) {
-      m2fp_qlinear_block_amx(c.one, c.x + r0 * c.one.depth, c.y + r0 * c.one.n, rows, scratch);
+      m2fp_qlinear_block_x86(c.one, c.x + r0 * c.one.depth, c.y + r0 * c.one.n, rows, scratch, amx);
     } else {
-      m2fp_qffn_block_amx(c, r0, rows, scratch);
+      m2fp_qffn_block_x86(c, r0, rows, scratch, amx);
     }
-    m2fp_qffn_amx_end();
+    if (amx) m2fp_qffn_amx_end();
 #endif
   } catch (...) {  // std::bad_alloc from the buffers
     call.failed = true;
@@ -203,7 +218,7 @@ struct Prepared {
 };
 
 Prepared prepare(const int8_t* w, int64_t depth, int64_t n, const float* w_scale, bool per_column, float x_scale,
-                 int32_t x_zero_point, bool amx) {
+                 int32_t x_zero_point, bool packed) {
   Prepared p{std::vector<int32_t>(static_cast<size_t>(n), 0), std::vector<float>(static_cast<size_t>(n)), {}};
   for (int64_t k = 0; k < depth; ++k) {
     for (int64_t j = 0; j < n; ++j) p.corr[j] += w[k * n + j];
@@ -212,7 +227,7 @@ Prepared prepare(const int8_t* w, int64_t depth, int64_t n, const float* w_scale
     p.corr[j] *= x_zero_point;
     p.mult[j] = x_scale * w_scale[per_column ? j : 0];
   }
-  if (amx) {
+  if (packed) {
     p.tiles.resize(static_cast<size_t>(depth * n));
     pack_tiles(w, depth, n, p.tiles.data());
   }
@@ -220,8 +235,8 @@ Prepared prepare(const int8_t* w, int64_t depth, int64_t n, const float* w_scale
 }
 
 // Runs `ffn` (two.w null: a QLinear) by blocks of kQffnRows rows on ONNX Runtime's pool.
-Ort::Status run(OrtKernelContext* context, const m2fp::QFfn& ffn, bool amx, const char* op) {
-  Call call{ffn, amx};
+Ort::Status run(OrtKernelContext* context, const m2fp::QFfn& ffn, Kernel kernel, const char* op) {
+  Call call{ffn, kernel};
   Ort::KernelContext(context).ParallelFor(row_block, static_cast<size_t>((ffn.rows + kQffnRows - 1) / kQffnRows), 0,
                                           &call);
   if (call.failed) return Ort::Status((std::string("ai.m2fp::") + op + ": out of memory for its buffers").c_str(), ORT_FAIL);
@@ -265,15 +280,16 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
   float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};
 
-  const bool amx = use_amx();
+  const Kernel k = kernel();
+  const bool packed = k != Kernel::kGeneric;
   const int32_t x_zp = *x_zero_point.Data(), h_zp = *h_zero_point.Data();
-  const Prepared one = prepare(w1.Data(), d, f, w1_scale.Data(), !scalar(s1), *x_scale.Data(), x_zp, amx);
-  const Prepared two = prepare(w2.Data(), f, e, w2_scale.Data(), !scalar(s2), hs, h_zp, amx);
+  const Prepared one = prepare(w1.Data(), d, f, w1_scale.Data(), !scalar(s1), *x_scale.Data(), x_zp, packed);
+  const Prepared two = prepare(w2.Data(), f, e, w2_scale.Data(), !scalar(s2), hs, h_zp, packed);
   return run(context, {x.Data(), out, rows,
-                       {w1.Data(), amx ? one.tiles.data() : nullptr, one.corr.data(), one.mult.data(), b1.Data(), d, f},
-                       {w2.Data(), amx ? two.tiles.data() : nullptr, two.corr.data(), two.mult.data(), b2.Data(), f, e},
+                       {w1.Data(), packed ? one.tiles.data() : nullptr, one.corr.data(), one.mult.data(), b1.Data(), d, f},
+                       {w2.Data(), packed ? two.tiles.data() : nullptr, two.corr.data(), two.mult.data(), b2.Data(), f, e},
                        hs, h_zp},
-             amx, "QFeedForward");
+             k, "QFeedForward");
 }
 
 Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t>& x,
@@ -295,12 +311,14 @@ Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t
   int64_t rows = 0;
   float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};
-  const bool amx = use_amx();
-  const Prepared one = prepare(w.Data(), d, e, w_scale.Data(), !scalar(ss), *x_scale.Data(), *x_zero_point.Data(), amx);
+  const Kernel k = kernel();
+  const bool packed = k != Kernel::kGeneric;
+  const Prepared one = prepare(w.Data(), d, e, w_scale.Data(), !scalar(ss), *x_scale.Data(), *x_zero_point.Data(),
+                               packed);
   return run(context, {x.Data(), out, rows,
-                       {w.Data(), amx ? one.tiles.data() : nullptr, one.corr.data(), one.mult.data(), b.Data(), d, e},
+                       {w.Data(), packed ? one.tiles.data() : nullptr, one.corr.data(), one.mult.data(), b.Data(), d, e},
                        {}, 1.0f, 0},
-             amx, op);
+             k, op);
 }
 
 Ort::Status QFeedForwardChecked(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t>& x,
@@ -325,10 +343,17 @@ Ort::Status QLinearChecked(OrtKernelContext* context, const Ort::Custom::Tensor<
 
 }  // namespace
 
-// Which build of QFeedForward's block this process runs: "amx" or "generic" (ctypes; the engine applies
-// the INT8 feed-forward rewrite only for "amx").
+// Which build of the INT8 ops' blocks this process runs: "amx", "avx512-vnni" or "generic" (ctypes; the engine
+// applies the INT8 rewrites only where it is not "generic").
 extern "C" __attribute__((visibility("default"))) const char* m2fp_qffn_kernel(void) {
-  return use_amx() ? "amx" : "generic";
+  switch (kernel()) {
+    case Kernel::kAmx:
+      return "amx";
+    case Kernel::kVnni:
+      return "avx512-vnni";
+    default:
+      return "generic";
+  }
 }
 
 void m2fp_add_qfeedforward_ops(Ort::CustomOpDomain& domain,

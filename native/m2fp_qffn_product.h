@@ -1,5 +1,5 @@
 // The INT8 feed-forward block of ai.m2fp::QFeedForward (m2fp_qffn.cc) for one block of rows, and what it
-// is given. No ONNX Runtime header and no inline function here: m2fp_qffn_amx.cc is compiled for AMX and
+// is given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
 // AVX-512, and an inline function of a shared header emitted there could be the copy the linker keeps
 // for every caller (see m2fp_ffn_product.h).
 #pragma once
@@ -46,12 +46,13 @@ struct QScratch {
 
 }  // namespace m2fp
 
-// Rows [r0, r0 + rows) of `c`, rows <= kQffnRows, on AMX tiles (m2fp_qffn_amx.cc, x86-64 builds where the
-// compiler has AMX; needs c.one.tiles and c.two.tiles); m2fp_qffn.cc's plain loops give the same bits. Both
-// AMX functions expect the thread's tile configuration loaded (m2fp_qffn_amx_begin, then _end).
-void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s);
+// Rows [r0, r0 + rows) of `c`, rows <= kQffnRows, on AMX tiles (`amx`) or with AVX-512 VNNI (m2fp_qffn_x86.cc,
+// x86-64 builds where the compiler has AMX; needs c.one.tiles and c.two.tiles); m2fp_qffn.cc's plain loops
+// give the same bits. On AMX tiles both functions expect the thread's tile configuration loaded
+// (m2fp_qffn_amx_begin, then _end).
+void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s, bool amx);
 // y (rows, n) = `layer` of x (rows, depth), rows <= kQffnRows (ai.m2fp::QLinear's block): `layer.tiles` needed.
-void m2fp_qlinear_block_amx(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
-                            const m2fp::QScratch& s);
+void m2fp_qlinear_block_x86(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
+                            const m2fp::QScratch& s, bool amx);
 void m2fp_qffn_amx_begin();
 void m2fp_qffn_amx_end();

@@ -1,7 +1,8 @@
 """INT8 feed-forward blocks as one op (``qfeedforward.rewrite`` + ``native/m2fp_qffn.cc``: ai.m2fp::QFeedForward).
 
 The op is checked bit for bit against a float32 numpy reference of what ONNX Runtime's quantize-dequantize
-nodes compute: on AMX tiles here, with the plain loops in a child process (M2FP_QFFN_KERNEL=generic). The
+nodes compute: on AMX tiles here, with AVX-512 VNNI and with the plain loops in child processes
+(M2FP_QFFN_KERNEL=avx512-vnni, =generic). The
 rewrite is checked against ONNX Runtime running the chain it replaces, and against the chains it must leave
 alone byte for byte; the engine on the tiny INT8 model against the same engine without the INT8 rewrite.
 """
@@ -284,24 +285,36 @@ def test_linear_hostile_inputs_are_refused(case: str) -> None:
         run_op(o, "QLinear")
 
 
-def test_the_tiles_run_where_the_cpu_has_them() -> None:
-    """m2fp_qffn_kernel(): "amx" on an x86-64 CPU with AMX-TILE and AMX-INT8, else "generic"; also where
-    M2FP_QFFN_KERNEL=generic (the child process of the next test)."""
-    amx = platform.machine() == "x86_64" and {"amx_tile", "amx_int8"} <= cpu_flags()
-    assert qffn_kernel() == ("amx" if amx and os.environ.get("M2FP_QFFN_KERNEL") != "generic" else "generic")
+def widest_kernel(cap: str | None) -> str:
+    """The build of the INT8 ops' blocks this CPU runs under M2FP_QFFN_KERNEL=``cap``: AMX where the CPU has
+    AMX-TILE and AMX-INT8 (and Linux grants the tiles, as here), else AVX-512 VNNI where it has AVX-512
+    F/BW/VL/DQ and VNNI, else the plain loops."""
+    flags, x86 = cpu_flags(), platform.machine() == "x86_64"
+    vnni = x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags
+    if cap == "generic" or not vnni:
+        return "generic"
+    return "amx" if cap != "avx512-vnni" and {"amx_tile", "amx_int8"} <= flags else "avx512-vnni"
 
 
-def test_the_plain_loops_give_the_same_bits() -> None:
-    """M2FP_QFFN_KERNEL=generic (read once per process) makes the op run its plain loops: every op test of this
-    module passes on them too, in a child process that says which ran."""
-    env = {**os.environ, "M2FP_QFFN_KERNEL": "generic"}
+def test_the_widest_build_this_cpu_runs_is_the_one_chosen() -> None:
+    """m2fp_qffn_kernel(): "amx", "avx512-vnni" or "generic" as the CPU allows, capped by M2FP_QFFN_KERNEL (the
+    child processes of the next test)."""
+    assert qffn_kernel() == widest_kernel(os.environ.get("M2FP_QFFN_KERNEL"))
+
+
+@pytest.mark.parametrize("cap", ["avx512-vnni", "generic"])
+def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
+    """M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) caps the op's blocks at AVX-512 VNNI or
+    the plain loops: every op test of this module passes on them too, in a child process that says which ran
+    (on a CPU without AVX-512 VNNI the first runs the plain loops too)."""
+    env = {**os.environ, "M2FP_QFFN_KERNEL": cap}
     probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_qffn_kernel.restype = ctypes.c_char_p; "
              "print(lib.m2fp_qffn_kernel().decode())")
     which = subprocess.run([sys.executable, "-c", probe, str(BUILT_MSDA_KERNEL)], env=env, capture_output=True,
                            text=True, check=True)
-    assert which.stdout.strip() == "generic"
+    assert which.stdout.strip() == widest_kernel(cap)
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-                            "op_matches or empty_x or hostile or tiles_run"], env=env, capture_output=True,
+                            "op_matches or empty_x or hostile or one_chosen"], env=env, capture_output=True,
                            text=True, check=False)
     assert child.returncode == 0, child.stdout[-3000:]
     # the op cases, the empty x's, the hostile inputs, the kernel probe; QLinear's cases and hostile inputs
@@ -365,9 +378,10 @@ def assert_same(want: list[np.ndarray], got: list[np.ndarray]) -> None:
     assert all(np.unique(a).size > 100 for a in want)
 
 
-def needs_amx() -> None:
-    if qffn_kernel() != "amx":
-        pytest.skip("the engine applies the rewrite only where the op runs on AMX tiles, which this CPU lacks")
+def needs_fast_kernel() -> None:
+    if qffn_kernel() == "generic":
+        pytest.skip("the engine applies the rewrite only where the op runs on AMX tiles or with AVX-512 VNNI, "
+                    "which this CPU lacks")
 
 
 @pytest.mark.parametrize("options", [{}, {"bias_first": True}, {"per_column": False}, {"h_zp": 9},
@@ -387,7 +401,7 @@ def test_a_qdq_chain_becomes_one_node_with_the_same_bits(options: dict[str, Any]
     assert {p.key: p.value for p in fast.metadata_props} == {qfeedforward.METADATA_KEY: "1"}
     assert [(o.domain, o.version) for o in fast.opset_import] == [("", 17), ("ai.m2fp", 1)]
     assert qfeedforward.rewrite(fast) == 0  # nothing left to fuse
-    needs_amx()
+    needs_fast_kernel()
     assert_same(outputs(model), outputs(fast))
 
 
@@ -403,7 +417,7 @@ def test_dequantized_tensors_read_elsewhere_are_kept() -> None:
     assert [n.op_type for n in fast.graph.node] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear",
                                                     "DequantizeLinear", "QFeedForward", "MatMul", "Neg"]
     assert fast.graph.node[4].input[0] == "xq" and [n.output[0] for n in fast.graph.node[1:4]] == ["xd", "w1", "w2"]
-    needs_amx()
+    needs_fast_kernel()
     assert_same(outputs(model), outputs(fast))
 
 
@@ -416,7 +430,7 @@ def test_dequantized_tensors_that_are_graph_outputs_are_kept() -> None:
     assert qfeedforward.rewrite(fast) == 1
     assert [n.op_type for n in fast.graph.node] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear",
                                                     "QFeedForward"]
-    needs_amx()
+    needs_fast_kernel()
     assert_same(outputs(model), outputs(fast))
 
 
@@ -461,7 +475,7 @@ def test_a_qdq_linear_layer_becomes_one_node_with_the_same_bits() -> None:
     block = copied(chain())
     counts = rewrite.apply(block, int8_feedforward=True)
     assert (counts["int8_feedforward_blocks"], counts["int8_linear_layers"]) == (1, 0)
-    needs_amx()
+    needs_fast_kernel()
     assert_same(outputs(model), outputs(fast))
 
 
@@ -555,8 +569,9 @@ def test_the_tiny_int8_model_s_encoder_block_is_fused(int8_path: Path) -> None:
 
 def test_the_engine_runs_the_int8_block_fused_with_the_same_outputs(int8_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the op runs on AMX tiles, the engine fuses the INT8 block too and counts it with the float ones
-    (the counts the two rewrites give on the model); its raw outputs are, bit for bit, those of the same engine
+    """Where the op runs on AMX tiles or with AVX-512 VNNI, the engine fuses the INT8 block too and counts it with
+    the float ones (the counts the two rewrites give on the model); its raw outputs are, bit for bit, those of the
+    same engine
     whose rewrite leaves INT8 layers alone (the decision function says "generic": real rewrites, real kernels)."""
     model = onnx.load(str(int8_path))
     float_blocks, int8_blocks = feedforward.rewrite(model), qfeedforward.rewrite(model)
@@ -564,10 +579,10 @@ def test_the_engine_runs_the_int8_block_fused_with_the_same_outputs(int8_path: P
     assert (int8_blocks, int8_layers) == (1, 2)  # the encoder layer's block, value and output projections
     options = EngineOptions(intra_op_threads=2, optimized_cache=False)
     fused = ParsingEngine(int8_path, options=options, warmup=False)
-    amx = qffn_kernel() == "amx"
-    assert fused.feedforward_blocks == float_blocks + (int8_blocks if amx else 0)
-    assert fused.linear_layers == float_layers + (int8_layers if amx else 0)
-    needs_amx()
+    fast = qffn_kernel() != "generic"
+    assert fused.feedforward_blocks == float_blocks + (int8_blocks if fast else 0)
+    assert fused.linear_layers == float_layers + (int8_layers if fast else 0)
+    needs_fast_kernel()
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "generic")
     plain = ParsingEngine(int8_path, options=options, warmup=False)
     assert (plain.feedforward_blocks, plain.linear_layers) == (float_blocks, float_layers)

@@ -54,8 +54,8 @@ def _open(model_path: Path, options: ort.SessionOptions, model: bytes | None = N
 def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     """``model_path``'s graph with the library's rewrites applied (``rewrite.apply``: Winograd
     convolutions, fused feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks
-    and linear layers where the library runs them on AMX tiles), serialised; None without the kernel or when
-    nothing qualifies.
+    and linear layers where the library runs them fast: AMX or AVX-512 VNNI), serialised; None without the
+    kernel or when nothing qualifies.
 
     The rewrites run in a child process (``python -m m2fp_service.rewrite``): parsing and
     serialising a 230 MB protobuf holds the GIL for up to a second at a time, which would stall the
@@ -64,7 +64,7 @@ def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     if kernel is None or not model_path.is_file():
         return None
     try:
-        flags = ["--int8-feedforward"] if int8_products(kernel) == "amx" else []
+        flags = ["--int8-feedforward"] if int8_products(kernel) != "generic" else []
         child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", *flags, str(model_path)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -81,8 +81,9 @@ def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
 
 
 def int8_products(kernel: Path) -> str:
-    """How the library ``kernel`` runs the INT8 feed-forward op on this CPU: "amx" (AMX tiles) or "generic"
-    (plain loops, far slower than ONNX Runtime's own kernels: the engine then leaves those blocks alone)."""
+    """How the library ``kernel`` runs the INT8 feed-forward and linear ops on this CPU: "amx" (AMX tiles),
+    "avx512-vnni" or "generic" (plain loops, far slower than ONNX Runtime's own kernels: the engine then leaves
+    those layers alone)."""
     library = ctypes.CDLL(str(kernel))
     library.m2fp_qffn_kernel.restype = ctypes.c_char_p
     return str(library.m2fp_qffn_kernel().decode())
@@ -190,7 +191,7 @@ def _cpu_signature() -> str:
 def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
     """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
     CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs (the INT8 ones only
-    where it runs them on AMX tiles, which the CPU flags alone do not settle: the OS may refuse the tiles)."""
+    where it runs them fast, which the CPU flags alone do not settle: the OS may refuse AMX's tiles)."""
     rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 products {int8_products(kernel)}" if kernel is not None else "")
     return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=rewrites)
 

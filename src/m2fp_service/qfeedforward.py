@@ -11,9 +11,9 @@ writing the float hidden tensor (tokens x F: 62 MB per pixel-decoder encoder lay
 reading it back. ``rewrite`` replaces each such chain with one
 ``QFeedForward(x_q, x_scale, x_zero_point, W1_q, w1_scale, b1, h_scale, h_zero_point, W2_q, w2_scale, b2)``
 node (``native/m2fp_qffn.cc``): the same arithmetic, bit for bit, 32 rows at a time with the hidden rows
-in cache as uint8, the products on AMX tiles. The engine applies it only where the library runs them
-(``m2fp_qffn_kernel()`` is "amx"; elsewhere the op's plain loops would be far slower than ONNX
-Runtime's VNNI kernels).
+in cache as uint8, the products on AMX tiles or with AVX-512 VNNI. The engine applies it only where the
+library runs them so (``m2fp_qffn_kernel()`` is not "generic"; elsewhere the op's plain loops would be far
+slower than ONNX Runtime's own kernels).
 
 A chain qualifies when the weights are int8 initialisers (D, F) and (F, E) with zero points 0 (per
 column or per tensor), the scales, zero points and biases are initialisers of the right shapes (a bias

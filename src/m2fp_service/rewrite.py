@@ -7,7 +7,8 @@
 - ``softmax.rewrite``: Softmax nodes after an additive mask (the masked attention) as ``ai.m2fp::Softmax``.
 - ``qfeedforward.rewrite`` and ``rewrite_linear``: an INT8 model's feed-forward blocks and linear layers
   (their quantize-dequantize chains) as ``ai.m2fp::QFeedForward`` and ``ai.m2fp::QLinear`` nodes, only
-  when asked (``--int8-feedforward``: the engine asks where the library runs them on AMX tiles).
+  when asked (``--int8-feedforward``: the engine asks where the library runs them on AMX tiles or with
+  AVX-512 VNNI).
 
 The model file is not changed: the engine runs ``python -m m2fp_service.rewrite MODEL`` in a child
 process (parsing and serialising a 230 MB protobuf holds the GIL for up to a second at a time) and

@@ -271,12 +271,13 @@ class ModelInfo(BaseModel):
         0, ge=0, description="How many feed-forward blocks (MatMul, Add, Relu, MatMul, Add) run as one fused op "
                              "(the same library; on M2FP models 25: the pixel decoder's 6 encoder layers, the 9 "
                              "decoder layers and the 10 mask-embedding MLPs; on INT8 models the encoder's 6 are "
-                             "quantized and fused only on CPUs with AMX-INT8, 19 elsewhere; 0 without the library)")
+                             "quantized and fused only on CPUs with AVX-512 VNNI or AMX-INT8, 19 elsewhere; 0 "
+                             "without the library)")
     linear_layers: int = Field(
         0, ge=0, description="How many of the linear layers left (MatMul, Add: the attention's projections, the mask "
                              "MLPs' last layers) run as one fused op (the same library; on M2FP models 88; on INT8 "
                              "models the encoder's 12 quantized value and output projections only on CPUs with "
-                             "AMX-INT8, 76 elsewhere; 0 without the library)")
+                             "AVX-512 VNNI or AMX-INT8, 76 elsewhere; 0 without the library)")
     softmax_nodes: int = Field(
         0, ge=0, description="How many Softmax nodes after an additive mask run as the library's own op, which stays "
                              "fast on rows of -inf (the same library; on M2FP models 9: the decoder's masked "

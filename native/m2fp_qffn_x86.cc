@@ -1,10 +1,15 @@
-// ai.m2fp::QFeedForward's block on AMX tiles (built only on x86-64, with -mamx-tile -mamx-int8 and
-// AVX-512 for the epilogues; m2fp_qffn.cc calls it only where the CPU has AMX-INT8 and the kernel lets
-// this process use the tile data). Each product runs in steps of 32 output columns: four 16 x 16 int32
-// accumulator tiles (rows 0-15 and 16-31 by columns 0-15 and 16-31) take `tdpbusd` of two 16 x 64-byte
-// row tiles of the input and two 64 x 16 weight tiles (packed 4 bytes of depth per int32, see pack_tiles
-// in m2fp_qffn.cc), then go through the epilogue 16 columns at a time. Multiplies and adds stay separate
-// (-ffp-contract=off), so the bits are the plain loops' (m2fp_qffn.cc) and ONNX Runtime's.
+// ai.m2fp::QFeedForward's and ai.m2fp::QLinear's blocks of 32 rows on AMX tiles or with AVX-512 VNNI (built
+// only on x86-64, with -mamx-tile -mamx-int8 -mavx512vnni and AVX-512 for the epilogues; m2fp_qffn.cc calls
+// the AMX products only where the CPU has AMX-INT8 and the kernel lets this process use the tile data, the
+// VNNI ones where the CPU has AVX-512 VNNI). Each product runs in steps of 32 output columns into a 32 x 32
+// block of int32 sums, which the epilogue then turns into outputs 16 columns at a time:
+// - AMX: four 16 x 16 accumulator tiles (rows 0-15 and 16-31 by columns 0-15 and 16-31) take `tdpbusd` of
+//   two 16 x 64-byte row tiles of the input and two 64 x 16 weight tiles;
+// - VNNI: 8 rows at a time, 16 zmm accumulators (8 rows x 2 x 16 columns) take `vpdpbusd` of each row's 4
+//   bytes of depth broadcast and the weights' 4 bytes of depth for 16 columns: one 64-byte row of the same
+//   packed tiles (pack_tiles in m2fp_qffn.cc).
+// Multiplies and adds stay separate (-ffp-contract=off), so the bits are the plain loops' (m2fp_qffn.cc) and
+// ONNX Runtime's.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -29,7 +34,8 @@ struct TileConfig {
 
 // acc (kQffnRows x kQffnColumns int32) = a (kQffnRows rows, lda bytes apart) @ the weight tiles of output
 // columns [j, j + 32); depth a multiple of 64.
-inline void product(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j, int32_t* acc) {
+inline void product_amx(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j,
+                        int32_t* acc) {
   const int64_t steps = depth / kQffnDepth;
   const int8_t* left = tiles + (j / 16) * steps * 1024;  // columns j .. j + 15: `steps` tiles of 1 KB
   const int8_t* right = left + steps * 1024;              // columns j + 16 .. j + 31
@@ -54,6 +60,37 @@ inline void product(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* 
   _tile_stored(7, acc + 16 * kQffnColumns + 16, ld);
 }
 
+// The same block with AVX-512 VNNI (the weights' tile rows, 64 bytes each, one after the other per 16 columns).
+inline void product_vnni(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j,
+                         int32_t* acc) {
+  const int64_t groups = depth / 4;                      // 4 bytes of depth per int32 lane
+  const int8_t* left = tiles + (j / 16) * depth * 16;   // columns j .. j + 15: depth / 4 rows of 64 bytes
+  const int8_t* right = left + depth * 16;               // columns j + 16 .. j + 31
+  for (int64_t r = 0; r < kQffnRows; r += 8) {
+    __m512i c[8][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i b0 = _mm512_loadu_si512(left + g * 64), b1 = _mm512_loadu_si512(right + g * 64);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        int32_t word;  // the row's 4 bytes of depth
+        std::memcpy(&word, a + (r + i) * lda + g * 4, sizeof word);
+        const __m512i x = _mm512_set1_epi32(word);
+        c[i][0] = _mm512_dpbusd_epi32(c[i][0], x, b0);
+        c[i][1] = _mm512_dpbusd_epi32(c[i][1], x, b1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_si512(acc + (r + i) * kQffnColumns, c[i][0]);
+      _mm512_storeu_si512(acc + (r + i) * kQffnColumns + 16, c[i][1]);
+    }
+  }
+}
+
+using Product = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*);
+
 // float(acc - corr) * mult + bias for 16 columns.
 inline __m512 dequantized(const int32_t* acc, const m2fp::QLayer& layer, int64_t j) {
   const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(acc), _mm512_loadu_si512(layer.corr + j));
@@ -71,7 +108,8 @@ void m2fp_qffn_amx_begin() { _tile_loadconfig(&kTiles); }
 
 void m2fp_qffn_amx_end() { _tile_release(); }
 
-void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s) {
+void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s, bool amx) {
+  const Product product = amx ? product_amx : product_vnni;
   const int64_t d = c.one.depth, f = c.one.n, e = c.two.n;
   const uint8_t* x = c.x + r0 * d;
   if (rows < kQffnRows) {  // a last, short block: from a copy padded with zero rows
@@ -108,8 +146,9 @@ void m2fp_qffn_block_amx(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
   }
 }
 
-void m2fp_qlinear_block_amx(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
-                            const m2fp::QScratch& s) {
+void m2fp_qlinear_block_x86(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
+                            const m2fp::QScratch& s, bool amx) {
+  const Product product = amx ? product_amx : product_vnni;
   const int64_t d = layer.depth, e = layer.n;
   if (rows < kQffnRows) {
     std::memset(s.pad, 0, static_cast<size_t>(kQffnRows * d));
