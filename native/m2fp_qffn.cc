@@ -85,7 +85,8 @@ bool amx_usable() {
 }
 
 // AMX where the tiles run, else AVX-512 VNNI where the CPU has it, else the plain loops.
-// M2FP_QFFN_KERNEL=avx512-vnni or =generic caps it (read once per process; the tests use it to compare them).
+// M2FP_QFFN_KERNEL=avx512-vnni or =generic caps it, any other value does not (read once per process; the tests
+// use it to compare the builds).
 Kernel choose() {
   const char* env = std::getenv("M2FP_QFFN_KERNEL");
   const std::string cap = env == nullptr ? "" : env;

@@ -1,5 +1,5 @@
-// The INT8 feed-forward block of ai.m2fp::QFeedForward (m2fp_qffn.cc) for one block of rows, and what it
-// is given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
+// The blocks of rows of ai.m2fp::QFeedForward and ai.m2fp::QLinear (m2fp_qffn.cc), and what they are
+// given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
 // AVX-512, and an inline function of a shared header emitted there could be the copy the linker keeps
 // for every caller (see m2fp_ffn_product.h).
 #pragma once
@@ -18,7 +18,7 @@ constexpr int64_t kQffnColumns = 32; // F and E are multiples of this (two 16-co
 // scale of column n: what ONNX Runtime's MatMulIntegerToFloat and the Add after it compute.
 struct QLayer {
   const int8_t* w;       // (depth, n) row-major, as given
-  const int8_t* tiles;   // the same packed into AMX tiles (m2fp_qffn.cc: pack_tiles), or null
+  const int8_t* tiles;   // the same packed as AMX tiles, also read by the VNNI build (pack_tiles), or null
   const int32_t* corr;   // (n)
   const float* mult;     // (n)
   const float* bias;     // (n)

@@ -75,7 +75,7 @@ def operands(lead: tuple[int, ...], d: int, f: int, e: int, *, seed: int = 0, x_
     """The op's 11 operands in order: x (*lead, d) (all ``fill`` if given), weights of -128 and 127 only when
     ``extreme``, scales that make about half the hidden units > 0; the first TIE_COLUMNS hidden columns at
     k + 0.5 (exact rounding ties when ``hs`` is a power of 2), the next 4 saturated; NaN, +inf, -inf in both
-    biases when ``nonfinite`` (their hidden units: 0, saturated, 0)."""
+    biases when ``nonfinite`` (their hidden bytes: 0, 255, the zero point)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (*lead, d), dtype=np.uint8) if fill is None else np.full((*lead, d), fill, np.uint8)
 
@@ -323,11 +323,12 @@ def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
 
 
 def chain(d: int = 64, f: int = 128, e: int = 64, *, act: str = "Relu", bias_first: bool = False,
-          per_column: bool = True, h_zp: int = 0, nan_bias: bool = False, seed: int = 2) -> onnx.ModelProto:
+          per_column: bool = True, h_zp: int = 0, nan_bias: bool = False, identity_bias: bool = False,
+          seed: int = 2) -> onnx.ModelProto:
     """x float (1, N, D) -> QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(w1_q, axis 1)) ->
     Add(b1) -> act -> QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(w2_q)) -> Add(b2) -> y, as
     a static INT8 export writes a feed-forward block (each bias on the left of its Add with ``bias_first``; a
-    NaN in b1's first value with ``nan_bias``)."""
+    NaN in b1's first value with ``nan_bias``; b1 an Identity copy of initialiser b1src with ``identity_bias``)."""
     rng = np.random.default_rng(seed)
 
     def weight(depth: int, n: int, in_scale: float) -> list[np.ndarray]:
@@ -355,6 +356,9 @@ def chain(d: int = 64, f: int = 128, e: int = 64, *, act: str = "Relu", bias_fir
              node("DequantizeLinear", ["hq", "hs", "hz"], "hd"),
              node("DequantizeLinear", ["w2q", "s2", "z2"], "w2", axis=1), node("MatMul", ["hd", "w2"], "p2"),
              node("Add", ["p2", "b2"], "y")]
+    if identity_bias:
+        inits["b1src"] = inits.pop("b1")
+        nodes.insert(0, helper.make_node("Identity", ["b1src"], ["b1"], name="b1_copy"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", d])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(a, n) for n, a in inits.items()])
@@ -385,8 +389,9 @@ def needs_fast_kernel() -> None:
 
 
 @pytest.mark.parametrize("options", [{}, {"bias_first": True}, {"per_column": False}, {"h_zp": 9},
-                                     {"h_zp": 9, "nan_bias": True}],
-                         ids=["bias-second", "bias-first", "per-tensor-scales", "hidden-zero-point-9", "nan-bias"])
+                                     {"h_zp": 9, "nan_bias": True}, {"identity_bias": True}],
+                         ids=["bias-second", "bias-first", "per-tensor-scales", "hidden-zero-point-9", "nan-bias",
+                              "bias-through-identity"])
 def test_a_qdq_chain_becomes_one_node_with_the_same_bits(options: dict[str, Any]) -> None:
     """The chain (and the DequantizeLinear nodes of x and the weights, read by nothing else) becomes one
     QFeedForward node reading the quantized tensors, scales, zero points and biases; the count is returned and
@@ -397,7 +402,8 @@ def test_a_qdq_chain_becomes_one_node_with_the_same_bits(options: dict[str, Any]
     assert [n.op_type for n in fast.graph.node] == ["QuantizeLinear", "QFeedForward"]
     node = fast.graph.node[1]
     assert (node.domain, list(node.output)) == ("ai.m2fp", ["y"])
-    assert list(node.input) == ["xq", "xs", "xz", "w1q", "s1", "b1", "hs", "hz", "w2q", "s2", "b2"]
+    b1 = "b1src" if options.get("identity_bias") else "b1"  # the initialiser itself; its Identity copy goes
+    assert list(node.input) == ["xq", "xs", "xz", "w1q", "s1", b1, "hs", "hz", "w2q", "s2", "b2"]
     assert {p.key: p.value for p in fast.metadata_props} == {qfeedforward.METADATA_KEY: "1"}
     assert [(o.domain, o.version) for o in fast.opset_import] == [("", 17), ("ai.m2fp", 1)]
     assert qfeedforward.rewrite(fast) == 0  # nothing left to fuse
@@ -481,8 +487,8 @@ def test_a_qdq_linear_layer_becomes_one_node_with_the_same_bits() -> None:
 
 def declined(kind: str) -> onnx.ModelProto:
     """A chain that ``qfeedforward.rewrite`` must leave alone (each a valid graph that runs as it is)."""
-    d, f, e = {"D-48": (48, 128, 64), "F-96": (64, 96, 64), "E-16": (64, 128, 16), "axis-0": (64, 64, 64)}.get(
-        kind, (64, 128, 64))
+    d, f, e = {"D-48": (48, 128, 64), "F-96": (64, 96, 64), "E-16": (64, 128, 16), "axis-0": (64, 64, 64),
+               "D-65600": (65600, 128, 64)}.get(kind, (64, 128, 64))
     model = chain(d, f, e, act="Sigmoid" if kind == "sigmoid" else "Relu")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -519,7 +525,8 @@ def declined(kind: str) -> onnx.ModelProto:
     return model
 
 
-DECLINED = ["hidden-scale-names", "weight-zero-point", "uint8-weights", "D-48", "F-96", "E-16", "p1-read-twice",
+DECLINED = ["hidden-scale-names", "weight-zero-point", "uint8-weights", "D-48", "F-96", "E-16", "D-65600",
+            "p1-read-twice",
             "hq-read-twice", "relu-is-output", "sigmoid", "weight-is-input", "axis-0", "p1-in-a-subgraph",
             "hidden-scale-0"]
 
@@ -594,11 +601,12 @@ def test_the_engine_runs_the_int8_block_fused_with_the_same_outputs(int8_path: P
 
 def test_the_cache_key_holds_the_int8_decision(int8_path: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The optimised graph keeps the INT8 rewrite or not: a cache written where the tiles ran is not reused where
-    they do not (M2FP_QFFN_KERNEL=generic, or an OS that refuses the tiles on the same CPU flags)."""
+    """The optimised graph keeps the INT8 rewrite or not: a cache written where the library ran the INT8 ops fast
+    is not reused where it would not (M2FP_QFFN_KERNEL=generic, or an OS that refuses AMX's tiles on a CPU
+    without VNNI); AMX and VNNI share one (the same rewritten graph)."""
     keys = {}
-    for decision in ("amx", "generic"):
+    for decision in ("amx", "avx512-vnni", "generic"):
         monkeypatch.setattr(engine_module, "int8_products", lambda kernel, d=decision: d)
         keys[decision] = engine_module.cache_path_for(int8_path, tmp_path, BUILT_MSDA_KERNEL)
-    assert keys["amx"] != keys["generic"]
-    assert engine_module.cache_path_for(int8_path, tmp_path, None) not in keys.values()
+        assert engine_module.int8_rewrites(BUILT_MSDA_KERNEL) is (decision != "generic")
+    assert keys["amx"] == keys["avx512-vnni"] != keys["generic"]

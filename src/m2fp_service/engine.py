@@ -64,7 +64,7 @@ def rewritten_graph(model_path: Path, kernel: Path | None) -> bytes | None:
     if kernel is None or not model_path.is_file():
         return None
     try:
-        flags = ["--int8-feedforward"] if int8_products(kernel) != "generic" else []
+        flags = ["--int8-feedforward"] if int8_rewrites(kernel) else []
         child = subprocess.run([sys.executable, "-m", "m2fp_service.rewrite", *flags, str(model_path)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -87,6 +87,11 @@ def int8_products(kernel: Path) -> str:
     library = ctypes.CDLL(str(kernel))
     library.m2fp_qffn_kernel.restype = ctypes.c_char_p
     return str(library.m2fp_qffn_kernel().decode())
+
+
+def int8_rewrites(kernel: Path) -> bool:
+    """Whether the engine applies the INT8 rewrites with the library ``kernel``: where it runs their ops fast."""
+    return int8_products(kernel) != "generic"
 
 
 def open_session(model_path: Path, options: ort.SessionOptions, missing: str,
@@ -144,7 +149,8 @@ class EngineOptions:
 BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.so"
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
 # feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
-# it runs them on AMX tiles), applied when a session is built with it (then kept in the optimised-graph cache).
+# it runs them fast: AMX or AVX-512 VNNI), applied when a session is built with it (then kept in the optimised-graph
+# cache).
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
 GRAPH_REWRITES = "6"
@@ -192,7 +198,7 @@ def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None
     """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
     CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs (the INT8 ones only
     where it runs them fast, which the CPU flags alone do not settle: the OS may refuse AMX's tiles)."""
-    rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 products {int8_products(kernel)}" if kernel is not None else "")
+    rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 rewrites {int8_rewrites(kernel)}" if kernel is not None else "")
     return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=rewrites)
 
 

@@ -19,13 +19,13 @@ A chain qualifies when the weights are int8 initialisers (D, F) and (F, E) with 
 column or per tensor), the scales, zero points and biases are initialisers of the right shapes (a bias
 may also be a DequantizeLinear of initialisers, as in ``feedforward``), the
 hidden layer's DequantizeLinear reads back exactly what its QuantizeLinear wrote (the same scale and
-zero point), D and F are multiples of 64 and E of 32 (the tiles), and every intermediate tensor has
+zero point), D and F are multiples of 64 (at most 65536) and E of 32 (the tiles), and every intermediate tensor has
 exactly one reader and is not a graph output. The DequantizeLinear nodes of the input and the weights
 go too where the chain was their only reader.
 
 ``rewrite_linear`` then does the same for the INT8 linear layers left (``DequantizeLinear(x_q) ->
 MatMul(DequantizeLinear(W_q)) -> Add(b)``, float output: the encoder's value and output projections) as
-``ai.m2fp::QLinear(x_q, x_scale, x_zero_point, W_q, w_scale, b)``, on the same tiles.
+``ai.m2fp::QLinear(x_q, x_scale, x_zero_point, W_q, w_scale, b)``, on the same products.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from m2fp_service.feedforward import Block, GraphIndex, find, fuse
 METADATA_KEY = "m2fp_qfeedforward"  # how many blocks were fused (kept in the optimised graph)
 LINEAR_METADATA_KEY = "m2fp_qlinear"  # how many linear layers were fused
 DEPTH = 64  # D and F: multiples of an AMX tile's 64 bytes of depth
+MAX_DEPTH = 65536  # and at most this (the op's int32 sums)
 COLUMNS = 32  # F and E: multiples of two 16-column tiles
 
 
@@ -91,7 +92,7 @@ def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
     w = g.init[one[0]].dims
     add = g.sole_reader(first.output[0], "Add")
     b = add and g.bias(add, first.output[0], w[1])
-    if not (add and b) or w[0] % DEPTH or w[1] % COLUMNS:
+    if not (add and b) or w[0] % DEPTH or w[0] > MAX_DEPTH or w[1] % COLUMNS:
         return None
     extra = [dq for dq in (dq_x, one[2]) if g.only_reader(dq)]
     return Block([*dq_x.input, one[0], one[1], b], [first, *extra, add])
