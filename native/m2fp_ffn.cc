@@ -180,22 +180,9 @@ bool run(OrtKernelContext* context, const float* x, int64_t rows, const Layer& f
   return !c.failed;
 }
 
-Ort::Status fail(const char* op, const std::string& message) {
-  return Ort::Status((std::string("ai.m2fp::") + op + ": " + message).c_str(), ORT_INVALID_ARGUMENT);
-}
-
-std::string dims(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + ")";
-}
-
-// The rows of x (..., D): the product of its leading dimensions.
-int64_t rows_of(const std::vector<int64_t>& shape) {
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-  return rows;
-}
+using m2fp::dims;
+using m2fp::fail;
+using m2fp::rows_of;
 
 Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                         const Ort::Custom::Tensor<float>& w1, const Ort::Custom::Tensor<float>& b1,

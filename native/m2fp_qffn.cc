@@ -189,15 +189,8 @@ void row_block(void* data, size_t index) {
   }
 }
 
-Ort::Status fail(const std::string& message, const char* op = "QFeedForward") {
-  return Ort::Status((std::string("ai.m2fp::") + op + ": " + message).c_str(), ORT_INVALID_ARGUMENT);
-}
-
-std::string dims(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + ")";
-}
+using m2fp::dims;
+using m2fp::fail;
 
 bool scalar(const std::vector<int64_t>& shape) {
   return shape.empty() || (shape.size() == 1 && shape[0] == 1);
@@ -205,8 +198,7 @@ bool scalar(const std::vector<int64_t>& shape) {
 
 // y (..., E) for x of `shape` (..., D), allocated; `rows` = the product of x's leading dimensions.
 float* allocated(Ort::Custom::Tensor<float>& y, std::vector<int64_t> shape, int64_t e, int64_t& rows) {
-  rows = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  rows = m2fp::rows_of(shape);
   shape.back() = e;
   return y.Allocate(shape);
 }
@@ -251,32 +243,33 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
                          const Ort::Custom::Tensor<uint8_t>& h_zero_point, const Ort::Custom::Tensor<int8_t>& w2,
                          const Ort::Custom::Tensor<float>& w2_scale, const Ort::Custom::Tensor<float>& b2,
                          Ort::Custom::Tensor<float>& y) {
+  const char* op = "QFeedForward";
   const std::vector<int64_t> xs = x.Shape(), w1s = w1.Shape(), w2s = w2.Shape();
-  if (xs.empty()) return fail("x must have a last dimension (..., D)");
+  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
   const std::string weights = "; w1 " + dims(w1s) + ", w2 " + dims(w2s);
   if (w1s.size() != 2 || w1s[0] != xs.back()) {
-    return fail("w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
+    return fail(op, "w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
   }
   const int64_t d = w1s[0], f = w1s[1];
-  if (w2s.size() != 2 || w2s[0] != f) return fail("w2 must be (F, E) with F = w1's columns" + weights);
+  if (w2s.size() != 2 || w2s[0] != f) return fail(op, "w2 must be (F, E) with F = w1's columns" + weights);
   const int64_t e = w2s[1];
   if (d % kQffnDepth != 0 || f % kQffnDepth != 0 || e % kQffnColumns != 0) {
-    return fail("D and F must be multiples of 64 and E of 32" + weights);
+    return fail(op, "D and F must be multiples of 64 and E of 32" + weights);
   }
-  if (d > kQffnMaxDepth || f > kQffnMaxDepth) return fail("D and F must be at most 65536 (int32 sums)" + weights);
+  if (d > kQffnMaxDepth || f > kQffnMaxDepth) return fail(op, "D and F must be at most 65536 (int32 sums)" + weights);
   for (const auto* t : {&x_scale, &h_scale}) {
-    if (!scalar(t->Shape())) return fail("x_scale and h_scale must be scalars");
+    if (!scalar(t->Shape())) return fail(op, "x_scale and h_scale must be scalars");
   }
   if (!scalar(x_zero_point.Shape()) || !scalar(h_zero_point.Shape())) {
-    return fail("x_zero_point and h_zero_point must be scalars");
+    return fail(op, "x_zero_point and h_zero_point must be scalars");
   }
   const std::vector<int64_t> s1 = w1_scale.Shape(), s2 = w2_scale.Shape();
-  if (!scalar(s1) && s1 != std::vector<int64_t>{f}) return fail("w1_scale must be a scalar or (F), not " + dims(s1));
-  if (!scalar(s2) && s2 != std::vector<int64_t>{e}) return fail("w2_scale must be a scalar or (E), not " + dims(s2));
-  if (b1.Shape() != std::vector<int64_t>{f}) return fail("b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
-  if (b2.Shape() != std::vector<int64_t>{e}) return fail("b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
+  if (!scalar(s1) && s1 != std::vector<int64_t>{f}) return fail(op, "w1_scale must be a scalar or (F), not " + dims(s1));
+  if (!scalar(s2) && s2 != std::vector<int64_t>{e}) return fail(op, "w2_scale must be a scalar or (E), not " + dims(s2));
+  if (b1.Shape() != std::vector<int64_t>{f}) return fail(op, "b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));
+  if (b2.Shape() != std::vector<int64_t>{e}) return fail(op, "b2 must be (E) = (" + std::to_string(e) + "), not " + dims(b2.Shape()));
   const float hs = *h_scale.Data();
-  if (!(hs > 0.0f) || !std::isfinite(hs)) return fail("h_scale must be a positive finite number");
+  if (!(hs > 0.0f) || !std::isfinite(hs)) return fail(op, "h_scale must be a positive finite number");
   int64_t rows = 0;
   float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};
@@ -290,7 +283,7 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
                        {w1.Data(), packed ? one.tiles.data() : nullptr, one.corr.data(), one.mult.data(), b1.Data(), d, f},
                        {w2.Data(), packed ? two.tiles.data() : nullptr, two.corr.data(), two.mult.data(), b2.Data(), f, e},
                        hs, h_zp},
-             k, "QFeedForward");
+             k, op);
 }
 
 Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t>& x,
@@ -299,16 +292,16 @@ Ort::Status QLinear(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t
                     const Ort::Custom::Tensor<float>& b, Ort::Custom::Tensor<float>& y) {
   const char* op = "QLinear";
   const std::vector<int64_t> xs = x.Shape(), ws = w.Shape(), ss = w_scale.Shape();
-  if (xs.empty()) return fail("x must have a last dimension (..., D)", op);
+  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
   if (ws.size() != 2 || ws[0] != xs.back()) {
-    return fail("w must be (D, E) with D = x's last dimension; x " + dims(xs) + ", w " + dims(ws), op);
+    return fail(op, "w must be (D, E) with D = x's last dimension; x " + dims(xs) + ", w " + dims(ws));
   }
   const int64_t d = ws[0], e = ws[1];
-  if (d % kQffnDepth != 0 || e % kQffnColumns != 0) return fail("D must be a multiple of 64 and E of 32; w " + dims(ws), op);
-  if (d > kQffnMaxDepth) return fail("D must be at most 65536 (int32 sums); w " + dims(ws), op);
-  if (!scalar(x_scale.Shape()) || !scalar(x_zero_point.Shape())) return fail("x_scale and x_zero_point must be scalars", op);
-  if (!scalar(ss) && ss != std::vector<int64_t>{e}) return fail("w_scale must be a scalar or (E), not " + dims(ss), op);
-  if (b.Shape() != std::vector<int64_t>{e}) return fail("b must be (E) = (" + std::to_string(e) + "), not " + dims(b.Shape()), op);
+  if (d % kQffnDepth != 0 || e % kQffnColumns != 0) return fail(op, "D must be a multiple of 64 and E of 32; w " + dims(ws));
+  if (d > kQffnMaxDepth) return fail(op, "D must be at most 65536 (int32 sums); w " + dims(ws));
+  if (!scalar(x_scale.Shape()) || !scalar(x_zero_point.Shape())) return fail(op, "x_scale and x_zero_point must be scalars");
+  if (!scalar(ss) && ss != std::vector<int64_t>{e}) return fail(op, "w_scale must be a scalar or (E), not " + dims(ss));
+  if (b.Shape() != std::vector<int64_t>{e}) return fail(op, "b must be (E) = (" + std::to_string(e) + "), not " + dims(b.Shape()));
   int64_t rows = 0;
   float* out = allocated(y, xs, e, rows);
   if (rows == 0) return Ort::Status{nullptr};

@@ -172,9 +172,7 @@ void output_task(void* data, size_t index) {
   for (int64_t k0 = 0; k0 < task.p.channels; k0 += kLanes) output_block(task, b, k0, ty);
 }
 
-Ort::Status fail(const char* op, const std::string& message) {
-  return Ort::Status((std::string("ai.m2fp::") + op + ": " + message).c_str(), ORT_INVALID_ARGUMENT);
-}
+using m2fp::fail;
 
 // The plan of a picture of `shape` and the band [index, count] (tile rows th*index/count up to
 // th*(index+1)/count), or the reason there is none.

@@ -69,14 +69,16 @@ class _Graph(GraphIndex):
         dq = self.producer.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2:
             return None
-        w, scale = self.array(dq.input[0]), self.array(dq.input[1])
-        if w is None or scale is None or w.dtype != np.int8 or w.ndim != 2 or scale.dtype != np.float32:
+        w, scale = self.init.get(dq.input[0]), self.array(dq.input[1])  # the weight's header only: not decoded
+        if w is None or scale is None or w.data_type != onnx.TensorProto.INT8 or len(w.dims) != 2:
             return None
+        n = w.dims[1]
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if not (scale.size == 1 and scale.ndim <= 1 or scale.shape == (w.shape[1],) and axis in (1, -1)):
+        if scale.dtype != np.float32 or not (scale.size == 1 and scale.ndim <= 1 or
+                                             scale.shape == (n,) and axis in (1, -1)):
             return None
         zero = self.array(dq.input[2]) if len(dq.input) == 3 and dq.input[2] else np.zeros(1, np.int8)
-        if zero is None or zero.dtype != np.int8 or zero.size not in (1, w.shape[1]) or zero.any():
+        if zero is None or zero.dtype != np.int8 or zero.size not in (1, n) or zero.any():
             return None
         return dq.input[0], dq.input[1], dq
 
