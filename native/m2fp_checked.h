@@ -26,6 +26,21 @@ inline std::string dims(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+// A feed-forward block's shapes, x (..., D), w1 (D, F), w2 (F, E): "" with d, f, e set, or what is wrong.
+inline std::string block_shapes(const std::vector<int64_t>& xs, const std::vector<int64_t>& w1s,
+                                const std::vector<int64_t>& w2s, int64_t& d, int64_t& f, int64_t& e) {
+  if (xs.empty()) return "x must have a last dimension (..., D)";
+  if (w1s.size() != 2 || w1s[0] != xs.back()) {
+    return "w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s);
+  }
+  d = w1s[0], f = w1s[1];
+  if (w2s.size() != 2 || w2s[0] != f) {
+    return "w2 must be (F, E) with F = w1's columns; w1 " + dims(w1s) + ", w2 " + dims(w2s);
+  }
+  e = w2s[1];
+  return "";
+}
+
 // The rows of x (..., D): the product of its leading dimensions.
 inline int64_t rows_of(const std::vector<int64_t>& shape) {
   int64_t rows = 1;

@@ -190,14 +190,9 @@ Ort::Status FeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<flo
                         Ort::Custom::Tensor<float>& y) {
   const std::vector<int64_t> xs = x.Shape(), w1s = w1.Shape(), w2s = w2.Shape();
   const char* op = "FeedForward";
-  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
+  int64_t d = 0, f = 0, e = 0;
+  if (const std::string wrong = m2fp::block_shapes(xs, w1s, w2s, d, f, e); !wrong.empty()) return fail(op, wrong);
   const std::string weights = "; w1 " + dims(w1s) + ", w2 " + dims(w2s);
-  if (w1s.size() != 2 || w1s[0] != xs.back()) {
-    return fail(op, "w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
-  }
-  const int64_t d = w1s[0], f = w1s[1];
-  if (w2s.size() != 2 || w2s[0] != f) return fail(op, "w2 must be (F, E) with F = w1's columns" + weights);
-  const int64_t e = w2s[1];
   if (f % kColumns != 0 || e % kColumns != 0) return fail(op, "F and E must be multiples of 16" + weights);
   if (b1.Shape() != std::vector<int64_t>{f}) {
     return fail(op, "b1 must be (F) = (" + std::to_string(f) + "), not " + dims(b1.Shape()));

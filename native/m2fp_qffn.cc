@@ -245,14 +245,9 @@ Ort::Status QFeedForward(OrtKernelContext* context, const Ort::Custom::Tensor<ui
                          Ort::Custom::Tensor<float>& y) {
   const char* op = "QFeedForward";
   const std::vector<int64_t> xs = x.Shape(), w1s = w1.Shape(), w2s = w2.Shape();
-  if (xs.empty()) return fail(op, "x must have a last dimension (..., D)");
+  int64_t d = 0, f = 0, e = 0;
+  if (const std::string wrong = m2fp::block_shapes(xs, w1s, w2s, d, f, e); !wrong.empty()) return fail(op, wrong);
   const std::string weights = "; w1 " + dims(w1s) + ", w2 " + dims(w2s);
-  if (w1s.size() != 2 || w1s[0] != xs.back()) {
-    return fail(op, "w1 must be (D, F) with D = x's last dimension; x " + dims(xs) + ", w1 " + dims(w1s));
-  }
-  const int64_t d = w1s[0], f = w1s[1];
-  if (w2s.size() != 2 || w2s[0] != f) return fail(op, "w2 must be (F, E) with F = w1's columns" + weights);
-  const int64_t e = w2s[1];
   if (d % kQffnDepth != 0 || f % kQffnDepth != 0 || e % kQffnColumns != 0) {
     return fail(op, "D and F must be multiples of 64 and E of 32" + weights);
   }
