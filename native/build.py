@@ -149,11 +149,13 @@ def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
             defines, objects = ["-DM2FP_QFFN_X86"], [str(obj)]
         else:
             print("the AMX/VNNI build of the INT8 ops' blocks failed: left out (plain loops only)", file=sys.stderr)
-    obj = tmp / "m2fp_qffn.o"
-    command = [*flags, *defines, "-c", str(HERE / "m2fp_qffn.cc"), "-o", str(obj)]
-    print(" ".join(command), file=sys.stderr)
-    subprocess.run(command, check=True)
-    return [*objects, str(obj)]
+    for name in ("m2fp_qffn", "m2fp_qconv"):
+        obj = tmp / f"{name}.o"
+        command = [*flags, *defines, "-c", str(HERE / f"{name}.cc"), "-o", str(obj)]
+        print(" ".join(command), file=sys.stderr)
+        subprocess.run(command, check=True)
+        objects.append(str(obj))
+    return objects
 
 
 def build_post(output: Path) -> Path:

@@ -21,6 +21,7 @@
 
 #include "m2fp_checked.h"
 #include "m2fp_ffn.h"
+#include "m2fp_qconv.h"
 #include "m2fp_qffn.h"
 #include "m2fp_simd.h"
 #include "m2fp_softmax.h"
@@ -214,8 +215,8 @@ static const char* kDomain = "ai.m2fp";
 
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
 // 2: the Winograd convolution ops are there too; 3: and the feed-forward op; 4: and the linear op;
-// 5: and the softmax op; 6: and the INT8 feed-forward and linear ops.
-extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 6; }
+// 5: and the softmax op; 6: and the INT8 feed-forward and linear ops; 7: and the INT8 convolution.
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 7; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
@@ -235,6 +236,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
       m2fp_add_feedforward_ops(*d, ops);
       m2fp_add_softmax_op(*d, ops);
       m2fp_add_qfeedforward_ops(*d, ops);
+      m2fp_add_qconv_op(*d, ops);
       domain = std::move(d);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);

@@ -52,7 +52,7 @@ using m2fp::kQffnRows;
 constexpr int64_t kQffnMaxDepth = 65536;
 
 // The blocks' builds (m2fp_qffn_x86.cc, where the library was built with it for x86-64).
-enum class Kernel { kGeneric, kVnni, kAmx };
+using Kernel = m2fp::Int8Kernel;
 
 // AVX-512 with VNNI: what m2fp_qffn_x86.cc is built for besides AMX.
 bool vnni_usable() {
@@ -331,6 +331,8 @@ Ort::Status QLinearChecked(OrtKernelContext* context, const Ort::Custom::Tensor<
 }
 
 }  // namespace
+
+m2fp::Int8Kernel m2fp::int8_kernel() { return kernel(); }
 
 // Which build of the INT8 ops' blocks this process runs: "amx", "avx512-vnni" or "generic" (ctypes; the engine
 // applies the INT8 rewrites only where it is not "generic").

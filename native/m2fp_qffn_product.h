@@ -44,6 +44,26 @@ struct QScratch {
   uint8_t* pad;
 };
 
+// ai.m2fp::QConv (m2fp_qconv.cc): a stride-1 convolution of uint8 NHWC input with int8 weights, on blocks of
+// kQffnRows output positions. A position's input row for tap t (kernel position ky, kx) lies offsets[t] bytes
+// after its own row of the (padded) input: depth = taps x c, tap-major, c a multiple of 64.
+//   y = saturate(round_half_even(clamp(float(acc + bias[n]) * scale[n])) + y_zero_point)
+// with acc the exact int32 sum of input bytes x weights, bias the int32 bias minus the input zero point x the
+// weights' sums of column n, scale = x_scale x w_scale[n] / y_scale, the clamp to [-y_zero_point,
+// 255 - y_zero_point] in float: what ONNX Runtime's QLinearConv computes (MLAS's symmetric convolution).
+struct QConv {
+  const int8_t* tiles;     // (taps x c, cout) packed as AMX tiles (pack_tiles' layout)
+  const int32_t* bias;     // (cout)
+  const float* scale;      // (cout)
+  const int64_t* offsets;  // (taps)
+  int64_t taps, c, cout;
+  int32_t y_zero_point;
+};
+
+// Which build of the INT8 blocks this process runs (m2fp_qffn.cc, chosen once; M2FP_QFFN_KERNEL caps it).
+enum class Int8Kernel { kGeneric, kVnni, kAmx };
+Int8Kernel int8_kernel();
+
 }  // namespace m2fp
 
 // Rows [r0, r0 + rows) of `c`, rows <= kQffnRows, on AMX tiles (`amx`) or with AVX-512 VNNI (m2fp_qffn_x86.cc,
@@ -54,5 +74,8 @@ void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
 // y (rows, n) = `layer` of x (rows, depth), rows <= kQffnRows (ai.m2fp::QLinear's block): `layer.tiles` needed.
 void m2fp_qlinear_block_x86(const m2fp::QLayer& layer, const uint8_t* x, float* y, int64_t rows,
                             const m2fp::QScratch& s, bool amx);
+// One block of a QConv: the kQffnRows positions whose input rows start at a (c bytes apart), their outputs
+// (cout bytes each) written to out[i], or not where out[i] is null; `acc` kQffnRows x kQffnColumns int32.
+void m2fp_qconv_block_x86(const m2fp::QConv& conv, const uint8_t* a, uint8_t* const* out, int32_t* acc, bool amx);
 void m2fp_qffn_amx_begin();
 void m2fp_qffn_amx_end();

@@ -32,26 +32,30 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// acc (kQffnRows x kQffnColumns int32) = a (kQffnRows rows, lda bytes apart) @ the weight tiles of output
-// columns [j, j + 32); depth a multiple of 64.
-inline void product_amx(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j,
-                        int32_t* acc) {
-  const int64_t steps = depth / kQffnDepth;
+// acc (kQffnRows x kQffnColumns int32) = the rows of a (kQffnRows rows, lda bytes apart) @ the weight tiles of
+// output columns [j, j + 32), the depth read as `taps` runs of `chunks` x 64 bytes, tap t's at a + offsets[t]
+// (a product: one tap at offset 0; a convolution: one per kernel position, the rows shifted there).
+inline void product_amx(const uint8_t* a, int64_t lda, const int64_t* offsets, int64_t taps, int64_t chunks,
+                        const int8_t* tiles, int64_t j, int32_t* acc) {
+  const int64_t steps = taps * chunks;
   const int8_t* left = tiles + (j / 16) * steps * 1024;  // columns j .. j + 15: `steps` tiles of 1 KB
   const int8_t* right = left + steps * 1024;              // columns j + 16 .. j + 31
   _tile_zero(4);
   _tile_zero(5);
   _tile_zero(6);
   _tile_zero(7);
-  for (int64_t k = 0; k < steps; ++k) {
-    _tile_loadd(0, a + k * kQffnDepth, lda);
-    _tile_loadd(1, a + 16 * lda + k * kQffnDepth, lda);
-    _tile_loadd(2, left + k * 1024, 64);
-    _tile_loadd(3, right + k * 1024, 64);
-    _tile_dpbusd(4, 0, 2);
-    _tile_dpbusd(5, 0, 3);
-    _tile_dpbusd(6, 1, 2);
-    _tile_dpbusd(7, 1, 3);
+  for (int64_t t = 0, k = 0; t < taps; ++t) {
+    const uint8_t* at = a + offsets[t];
+    for (int64_t c = 0; c < chunks; ++c, ++k) {
+      _tile_loadd(0, at + c * kQffnDepth, lda);
+      _tile_loadd(1, at + 16 * lda + c * kQffnDepth, lda);
+      _tile_loadd(2, left + k * 1024, 64);
+      _tile_loadd(3, right + k * 1024, 64);
+      _tile_dpbusd(4, 0, 2);
+      _tile_dpbusd(5, 0, 3);
+      _tile_dpbusd(6, 1, 2);
+      _tile_dpbusd(7, 1, 3);
+    }
   }
   constexpr int64_t ld = kQffnColumns * sizeof(int32_t);
   _tile_stored(4, acc, ld);
@@ -61,24 +65,28 @@ inline void product_amx(const uint8_t* a, int64_t lda, int64_t depth, const int8
 }
 
 // The same block with AVX-512 VNNI (the weights' tile rows, 64 bytes each, one after the other per 16 columns).
-inline void product_vnni(const uint8_t* a, int64_t lda, int64_t depth, const int8_t* tiles, int64_t j,
-                         int32_t* acc) {
-  const int64_t groups = depth / 4;                      // 4 bytes of depth per int32 lane
-  const int8_t* left = tiles + (j / 16) * depth * 16;   // columns j .. j + 15: depth / 4 rows of 64 bytes
-  const int8_t* right = left + depth * 16;               // columns j + 16 .. j + 31
+inline void product_vnni(const uint8_t* a, int64_t lda, const int64_t* offsets, int64_t taps, int64_t chunks,
+                         const int8_t* tiles, int64_t j, int32_t* acc) {
+  const int64_t groups = chunks * kQffnDepth / 4;          // per tap: 4 bytes of depth per int32 lane
+  const int8_t* left = tiles + (j / 16) * taps * groups * 64;  // columns j .. j + 15: a row of 64 bytes per group
+  const int8_t* right = left + taps * groups * 64;            // columns j + 16 .. j + 31
   for (int64_t r = 0; r < kQffnRows; r += 8) {
     __m512i c[8][2];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512i b0 = _mm512_loadu_si512(left + g * 64), b1 = _mm512_loadu_si512(right + g * 64);
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint8_t* at = a + offsets[t] + r * lda;
+      const int8_t *lt = left + t * groups * 64, *rt = right + t * groups * 64;
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512i b0 = _mm512_loadu_si512(lt + g * 64), b1 = _mm512_loadu_si512(rt + g * 64);
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        int32_t word;  // the row's 4 bytes of depth
-        std::memcpy(&word, a + (r + i) * lda + g * 4, sizeof word);
-        const __m512i x = _mm512_set1_epi32(word);
-        c[i][0] = _mm512_dpbusd_epi32(c[i][0], x, b0);
-        c[i][1] = _mm512_dpbusd_epi32(c[i][1], x, b1);
+        for (int i = 0; i < 8; ++i) {
+          int32_t word;  // the row's 4 bytes of depth
+          std::memcpy(&word, at + i * lda + g * 4, sizeof word);
+          const __m512i x = _mm512_set1_epi32(word);
+          c[i][0] = _mm512_dpbusd_epi32(c[i][0], x, b0);
+          c[i][1] = _mm512_dpbusd_epi32(c[i][1], x, b1);
+        }
       }
     }
 #pragma GCC unroll 8
@@ -89,7 +97,9 @@ inline void product_vnni(const uint8_t* a, int64_t lda, int64_t depth, const int
   }
 }
 
-using Product = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*);
+using Product = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*);
+
+constexpr int64_t kAt[1] = {0};  // a product's one tap
 
 // float(acc - corr) * mult + bias for 16 columns.
 inline __m512 dequantized(const int32_t* acc, const m2fp::QLayer& layer, int64_t j) {
@@ -125,7 +135,7 @@ void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
   const __m512 high = _mm512_set1_ps(static_cast<float>(255 - c.h_zero_point));
   const __m512i zero_point = _mm512_set1_epi32(c.h_zero_point);
   for (int64_t j = 0; j < f; j += kQffnColumns) {
-    product(x, d, d, c.one.tiles, j, s.acc);
+    product(x, d, kAt, 1, d / kQffnDepth, c.one.tiles, j, s.acc);
     for (int64_t i = 0; i < kQffnRows; ++i) {
       for (int64_t h = 0; h < kQffnColumns; h += 16) {
         __m512 v = _mm512_max_ps(zero, dequantized(s.acc + i * kQffnColumns + h, c.one, j + h));
@@ -137,7 +147,7 @@ void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2
   }
   float* y = c.y + r0 * e;
   for (int64_t j = 0; j < e; j += kQffnColumns) {
-    product(s.hidden, f, f, c.two.tiles, j, s.acc);
+    product(s.hidden, f, kAt, 1, f / kQffnDepth, c.two.tiles, j, s.acc);
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t h = 0; h < kQffnColumns; h += 16) {
         _mm512_storeu_ps(y + i * e + j + h, dequantized(s.acc + i * kQffnColumns + h, c.two, j + h));
@@ -156,10 +166,35 @@ void m2fp_qlinear_block_x86(const m2fp::QLayer& layer, const uint8_t* x, float* 
     x = s.pad;
   }
   for (int64_t j = 0; j < e; j += kQffnColumns) {
-    product(x, d, d, layer.tiles, j, s.acc);
+    product(x, d, kAt, 1, d / kQffnDepth, layer.tiles, j, s.acc);
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t h = 0; h < kQffnColumns; h += 16) {
         _mm512_storeu_ps(y + i * e + j + h, dequantized(s.acc + i * kQffnColumns + h, layer, j + h));
+      }
+    }
+  }
+}
+
+void m2fp_qconv_block_x86(const m2fp::QConv& conv, const uint8_t* a, uint8_t* const* out, int32_t* acc, bool amx) {
+  const Product product = amx ? product_amx : product_vnni;
+  const __m512 low = _mm512_set1_ps(static_cast<float>(-conv.y_zero_point));
+  const __m512 high = _mm512_set1_ps(static_cast<float>(255 - conv.y_zero_point));
+  const __m512i zero_point = _mm512_set1_epi32(conv.y_zero_point);
+  for (int64_t j = 0; j < conv.cout; j += kQffnColumns) {
+    product(a, conv.c, conv.offsets, conv.taps, conv.c / kQffnDepth, conv.tiles, j, acc);
+    // The block's 32 columns of bias and scale in registers (a store through uint8_t* could alias them).
+    const __m512i bias[2] = {_mm512_loadu_si512(conv.bias + j), _mm512_loadu_si512(conv.bias + j + 16)};
+    const __m512 scale[2] = {_mm512_loadu_ps(conv.scale + j), _mm512_loadu_ps(conv.scale + j + 16)};
+    for (int64_t i = 0; i < kQffnRows; ++i) {
+      uint8_t* y = out[i];
+      if (y == nullptr) continue;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i sum = _mm512_add_epi32(_mm512_loadu_si512(acc + i * kQffnColumns + 16 * h), bias[h]);
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale[h]);
+        v = _mm512_min_ps(_mm512_max_ps(v, low), high);
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zero_point);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j + 16 * h), _mm512_cvtusepi32_epi8(q));
       }
     }
   }
