@@ -94,6 +94,25 @@ def int8_rewrites(kernel: Path) -> bool:
     return int8_products(kernel) != "generic"
 
 
+def convolutions_rewritten(optimised: Path) -> int:
+    """``qconv.rewrite`` on the optimised graph ONNX Runtime saved at ``optimised`` (in a child process, as
+    ``rewritten_graph``); how many INT8 convolutions it replaced. 0 when it failed: the file is then ONNX
+    Runtime's own, untouched."""
+    try:
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised)],
+                               capture_output=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("the INT8 convolution rewrite did not run (%s); ONNX Runtime's convolutions stay", exc)
+        return 0
+    message = child.stderr.decode(errors="replace").strip()
+    if child.returncode != 0 or not child.stdout.strip().isdigit():
+        log.warning("the INT8 convolution rewrite failed (%s); ONNX Runtime's convolutions stay",
+                    message.splitlines()[-1:] or child.returncode)
+        return 0
+    log.info("%s", message)
+    return int(child.stdout)
+
+
 def open_session(model_path: Path, options: ort.SessionOptions, missing: str,
                  model: bytes | None = None) -> ort.InferenceSession:
     """An ONNX Runtime CPU session of ``model_path`` (or of ``model``, that file's graph rewritten).
@@ -153,7 +172,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # cache).
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "6"
+GRAPH_REWRITES = "7"
 # ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
 # turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
 # kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
@@ -197,8 +216,9 @@ def _cpu_signature() -> str:
 def cache_path_for(model_path: Path, cache_dir: Path | None, kernel: Path | None = None) -> Path:
     """The optimised-graph cache file of ``model_path`` (``graphcache.path_for``) for this runtime and
     CPU, with the custom-op library ``kernel`` registered and the graph rewrites it runs (the INT8 ones only
-    where it runs them fast, which the CPU flags alone do not settle: the OS may refuse AMX's tiles)."""
-    rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 rewrites {int8_rewrites(kernel)}" if kernel is not None else "")
+    where it runs them fast, AMX or AVX-512 VNNI, the convolutions only on AMX: the CPU flags alone do not
+    settle it, the OS may refuse AMX's tiles)."""
+    rewrites = f"rewrites {GRAPH_REWRITES}" + (f"|int8 products {int8_products(kernel)}" if kernel is not None else "")
     return graphcache.path_for(model_path, cache_dir, _cpu_signature(), kernel, rewrites=rewrites)
 
 
@@ -223,7 +243,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 6:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 7:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -253,6 +273,13 @@ def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.Ses
     return so
 
 
+def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) -> ort.InferenceSession:
+    """A session of a graph ONNX Runtime optimised and saved earlier (not optimised again)."""
+    so = _base_options(options, kernel)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(optimised), sess_options=so, providers=["CPUExecutionProvider"])
+
+
 def _open_optimized(model_path: Path, options: EngineOptions,
                     kernel: Path | None) -> tuple[ort.InferenceSession, str]:
     """A fully optimised session, through the on-disk cache when it can be used.
@@ -268,10 +295,8 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         return _open(model_path, so), "no model"
     cached = cache_path_for(model_path, options.cache_dir, kernel)
     if cached.is_file():
-        hit = _base_options(options, kernel)
-        hit.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
         try:
-            return ort.InferenceSession(str(cached), sess_options=hit, providers=["CPUExecutionProvider"]), "cache hit"
+            return _open_saved(cached, options, kernel), "cache hit"
         except Exception as exc:  # a damaged cache file is rebuilt, never fatal
             log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
             cached.unlink(missing_ok=True)
@@ -287,6 +312,9 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     try:
         so.optimized_model_filepath = str(tmp)
         session = _open(model_path, so, rewritten_graph(model_path, kernel))
+        # The INT8 convolutions on AMX tiles replace ONNX Runtime's in the graph it saved (qconv.py).
+        if kernel is not None and int8_products(kernel) == "amx" and convolutions_rewritten(tmp):
+            session = _open_saved(tmp, options, kernel)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the cache is as shareable as the model
@@ -331,10 +359,11 @@ class ParsingEngine:
         # Winograd F(4x4, 3x3), feed-forward blocks, linear layers and softmaxes running as the library's ops.
         meta = self.session.get_modelmeta().custom_metadata_map
         counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_qfeedforward",
-                                                 "m2fp_linear", "m2fp_qlinear", "m2fp_softmax")]
-        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax = (
+                                                 "m2fp_linear", "m2fp_qlinear", "m2fp_softmax", "m2fp_qconv")]
+        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax, int8_convolutions = (
             int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
         self.winograd_convolutions, self.softmax_nodes = winograd, softmax
+        self.int8_convolutions = int8_convolutions
         self.feedforward_blocks = feedforward + int8_feedforward  # float and INT8 ones alike
         self.linear_layers = linear + int8_linear
         try:  # every label set is defined on CIHP's classes
@@ -355,9 +384,10 @@ class ParsingEngine:
             raise ModelLoadError(f"{model_path} lacks the input/outputs the card promises: outputs {sorted(names)}")
         self.load_seconds = time.perf_counter() - t0
         log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d; "
-                 "fused feed-forward blocks: %d; fused linear layers: %d; softmaxes: %d)", self.load_seconds,
-                 self.cache_status, self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks,
-                 self.linear_layers, self.softmax_nodes)
+                 "fused feed-forward blocks: %d; fused linear layers: %d; softmaxes: %d; INT8 convolutions on AMX "
+                 "tiles: %d)", self.load_seconds, self.cache_status, self.deformable_attention,
+                 self.winograd_convolutions, self.feedforward_blocks, self.linear_layers, self.softmax_nodes,
+                 self.int8_convolutions)
         self.warm = False
         self._arena_lock = threading.Lock()  # guards the two below (see run)
         self._last_shape: tuple[int, ...] | None = None  # the last run's input shape

@@ -278,6 +278,11 @@ class ModelInfo(BaseModel):
                              "MLPs' last layers) run as one fused op (the same library; on M2FP models 88; on INT8 "
                              "models the encoder's 12 quantized value and output projections only on CPUs with "
                              "AVX-512 VNNI or AMX-INT8, 76 elsewhere; 0 without the library)")
+    int8_convolutions: int = Field(
+        0, ge=0, description="How many of an INT8 model's convolutions run on AMX tiles as the library's own op "
+                             "instead of ONNX Runtime's (the same library; on M2FP INT8 models 105 of 112 on CPUs "
+                             "with AMX-INT8, with the optimised-graph cache on; 0 elsewhere, for FP32 models or "
+                             "without the library)")
     softmax_nodes: int = Field(
         0, ge=0, description="How many Softmax nodes after an additive mask run as the library's own op, which stays "
                              "fast on rows of -inf (the same library; on M2FP models 9: the decoder's masked "

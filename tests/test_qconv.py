@@ -1,0 +1,356 @@
+"""INT8 convolutions on AMX tiles (``qconv.rewrite`` + ``native/m2fp_qconv.cc``: ai.m2fp::QConv).
+
+Graphs here are what ONNX Runtime saves after optimising an INT8 model: ``com.microsoft::QLinearConv`` nodes on
+NHWC tensors. The op is checked bit for bit against ONNX Runtime running the node it replaces: on AMX tiles
+here, with AVX-512 VNNI and with the plain loops in child processes (M2FP_QFFN_KERNEL=avx512-vnni, =generic).
+Nodes the rewrite must leave alone are checked byte for byte; the engine on the tiny INT8 model against the
+same engine without the rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from m2fp_export.quantize import quantize_file
+from m2fp_service import engine as engine_module
+from m2fp_service import qconv
+from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
+from tests.test_qfeedforward import TEST_CONFIG, qffn_kernel, widest_kernel
+
+pytestmark = pytest.mark.usefixtures("kernel_library")
+
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+
+
+def conv(n: int = 1, h: int = 9, w: int = 13, c: int = 64, cout: int = 32, k: int | tuple[int, int] = 3, *,
+         pads: list[int] | None = None, seed: int = 0, x_zp: int = 131, y_zp: int = 7, per_channel: bool = True,
+         bias: bool = True, extreme: bool = False, small: bool = False,
+         scales: tuple[float, float, float] | None = None, **attributes: Any) -> tuple[onnx.ModelProto, np.ndarray]:
+    """One com.microsoft::QLinearConv node on an NHWC uint8 input as ONNX Runtime's optimiser leaves it
+    (``channels_last``, every operand an initialiser), and an input for it. Scales that spread the outputs over
+    the byte range (``scales``: x, w, y to choose them); weights of only -128 and 127 when ``extreme``; inputs
+    below 4, weights -1 to 1 and biases within 8 when ``small`` (sums of a few units)."""
+    rng = np.random.default_rng(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    pads = [kh // 2, kw // 2] * 2 if pads is None else pads
+    x = rng.integers(0, 4 if small else 256, (n, h, w, c), dtype=np.uint8)
+    weights = (rng.choice(np.array([-128, 127], np.int8), (cout, c, kh, kw)) if extreme
+               else rng.integers(-1 if small else -127, 2 if small else 128, (cout, c, kh, kw), dtype=np.int8))
+    xs, ws, ys = scales or (0.02, 2e-3, 0.02 * 2e-3 * 40 * np.sqrt(c * kh * kw))
+    w_scale = (np.float32(ws) * rng.uniform(0.5, 1.5, cout if per_channel else 1)).astype(np.float32)
+    operands = {"x_scale": np.float32(xs), "x_zero_point": np.uint8(x_zp), "w": weights, "w_scale": w_scale,
+                "w_zero_point": np.zeros(w_scale.shape, np.int8), "y_scale": np.float32(ys),
+                "y_zero_point": np.uint8(y_zp)}
+    if bias:
+        operands["bias"] = rng.integers(-8 if small else -20000, 8 if small else 20000, cout, dtype=np.int32)
+    attributes = {"kernel_shape": [kh, kw], "pads": pads, "strides": [1, 1], "channels_last": 1, **attributes}
+    node = helper.make_node("QLinearConv", ["x", *operands], ["y"], name="conv", domain="com.microsoft", **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None] * 4)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in operands.items()])
+    return helper.make_model(graph, opset_imports=OPSETS), x
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    so = session_options(2)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the engine opens the cache
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+
+def rewritten(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert qconv.rewrite(copy) == 1
+    assert [n.op_type for n in copy.graph.node] == ["QConv"]
+    return copy
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "3x3": {},
+    "3x3-two-images": {"n": 2, "h": 6, "w": 7, "c": 128, "cout": 64},
+    "3x3-wide": {"h": 20, "w": 36, "c": 256, "cout": 256, "seed": 1},
+    "3x3-no-pads": {"pads": [0, 0, 0, 0], "h": 12, "w": 40},
+    "3x3-pads-2": {"h": 3, "w": 4, "pads": [2, 2, 2, 2]},
+    "5x5-uneven-pads": {"k": 5, "pads": [2, 1, 0, 3]},
+    "1x3": {"k": (1, 3), "pads": [0, 1, 0, 1], "c": 128},
+    "1x1-tail": {"k": 1, "h": 5, "w": 70, "c": 128, "cout": 96},
+    "1x1-three-images": {"k": 1, "n": 3, "h": 4, "w": 5},
+    "1x1-one-pixel": {"k": 1, "h": 1, "w": 1},
+    "1x1-no-bias-per-tensor": {"k": 1, "h": 7, "w": 9, "bias": False, "per_channel": False},
+    "3x3-zero-points-0": {"x_zp": 0, "y_zp": 0},
+    "3x3-zero-points-255": {"x_zp": 255, "y_zp": 255},
+    "3x3-saturating": {"scales": (0.5, 0.05, 0.3)},
+    "1x1-ties": {"k": 1, "scales": (1.0, 0.5, 1.0), "per_channel": False, "small": True, "x_zp": 2, "y_zp": 128},
+    "3x3-extreme-weights": {"extreme": True, "x_zp": 0, "c": 256, "scales": (1.0, 1.0, 3e4)},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_matches_onnx_runtime_bit_for_bit(case: str) -> None:
+    """Kernel sizes 1 to 5, pads of every side, short blocks, several images, per-channel and per-tensor scales, no
+    bias, zero points at both ends, saturation both ways, exact halves (x_scale x w_scale / y_scale = 0.5 on
+    integer sums: round half to even), sums of 2^26: the QConv node gives ONNX Runtime's bytes."""
+    model, x = conv(**CASES[case])
+    want, got = run(model, x), run(rewritten(model), x)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(want, got)
+    if case == "3x3-saturating":
+        assert (want == 0).mean() > 0.1 and (want == 255).mean() > 0.1
+    elif case == "1x1-ties":  # odd sums times 0.5: a third of the outputs are exact halves
+        init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        sums = (x.astype(np.int64) - 2) @ init["w"][:, :, 0, 0].T.astype(np.int64) + init["bias"]
+        assert (sums % 2 == 1).mean() > 0.3 and np.unique(want).size > 10
+    elif case == "3x3-extreme-weights":  # sums up to 2304 x 255 x 128 (2^26), most outputs saturated
+        assert np.unique(want).size > 20
+    else:
+        assert np.unique(want).size > 100 or want.size < 2000
+
+
+def test_the_scale_is_x_scale_times_w_scale_over_y_scale_in_that_order() -> None:
+    """Each output channel gets a w_scale for which (x_scale x w_scale) / y_scale and x_scale x (w_scale / y_scale)
+    differ in float32, and a bias whose products with the two round to different bytes; x is all its zero point,
+    so each sum is the bias. ONNX Runtime's bytes are the first order's, and so are the op's."""
+    rng = np.random.default_rng(5)
+    xs, ys = np.float32(0.0123), np.float32(0.0771)
+    candidates = np.arange(-60000, 60000, dtype=np.float32)
+    scales: list[np.float32] = []
+    biases: list[int] = []
+    while len(scales) < 32:
+        ws = np.float32(rng.uniform(1e-3, 3e-3))
+        differ = np.flatnonzero(np.rint(candidates * ((xs * ws) / ys)) != np.rint(candidates * (xs * (ws / ys))))
+        if differ.size:
+            scales.append(ws)
+            biases.append(int(candidates[differ[0]]))
+    model, x = conv(k=1, h=2, w=3, x_zp=77, y_zp=128)
+    init = {t.name: t for t in model.graph.initializer}
+    init["x_scale"].CopyFrom(numpy_helper.from_array(xs, "x_scale"))
+    init["y_scale"].CopyFrom(numpy_helper.from_array(ys, "y_scale"))
+    init["w_scale"].CopyFrom(numpy_helper.from_array(np.array(scales, np.float32), "w_scale"))
+    init["bias"].CopyFrom(numpy_helper.from_array(np.array(biases, np.int32), "bias"))
+    x[:] = 77
+    want, got = run(model, x), run(rewritten(model), x)
+    ws_array, b_array = np.array(scales, np.float32), np.array(biases, np.float32)
+    other = (np.rint(b_array * (xs * (ws_array / ys))) + 128).astype(np.uint8)
+    assert np.all(want[0, 0, 0] != other)  # the other order would give other bytes on every channel
+    assert np.array_equal(want, got)
+
+
+def test_an_empty_batch_gives_an_empty_y() -> None:
+    model, x = conv(h=5, w=6)
+    assert run(rewritten(model), x[:0]).shape == (0, 5, 6, 32)
+
+
+def qconv_model(operands: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("QConv", list(operands), ["y"], domain="ai.m2fp")], "g",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+         for n, a in operands.items()], [helper.make_tensor_value_info("y", TensorProto.UINT8, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.m2fp", 1)])
+
+
+def operands(**changes: Any) -> dict[str, np.ndarray]:
+    """A 3x3 QConv's operands (x (1, 5, 6, 64), 32 output channels) with ``changes``."""
+    o = {"x": np.ones((1, 5, 6, 64), np.uint8), "x_zero_point": np.uint8(3), "tiles": np.ones(9 * 64 * 32, np.int8),
+         "bias": np.zeros(32, np.int32), "scale": np.ones(32, np.float32), "y_zero_point": np.uint8(0),
+         "geometry": np.array([3, 3, 1, 1, 1, 1, 1, 1], np.int64)}
+    return {k: np.asarray(v) for k, v in {**o, **changes}.items()}
+
+
+def geometry(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+HOSTILE: dict[str, tuple[dict[str, np.ndarray], str]] = {
+    "x-3-d": (operands(x=np.ones((5, 6, 64), np.uint8)), r"x must be \(N, H, W, C\), not \(5, 6, 64\)"),
+    "C-32": (operands(x=np.ones((1, 5, 6, 32), np.uint8)), r"C must be a multiple of 64; x \(1, 5, 6, 32\)"),
+    "geometry-7": (operands(geometry=geometry(3, 3, 1, 1, 1, 1, 1)), r"geometry must be 8 values"),
+    "stride-2": (operands(geometry=geometry(3, 3, 2, 2, 1, 1, 1, 1)), r"strides must be 1"),
+    "pad-3": (operands(geometry=geometry(3, 3, 1, 1, 3, 1, 1, 1)), r"pads must be 0 to the kernel size - 1"),
+    "pad-negative": (operands(geometry=geometry(3, 3, 1, 1, 1, -1, 1, 1)), r"pads must be 0 to the kernel size - 1"),
+    "kernel-0": (operands(geometry=geometry(0, 3, 1, 1, 0, 0, 0, 0)), r"kernel sizes must be 1 to 15"),
+    "kernel-16": (operands(geometry=geometry(16, 1, 1, 1, 0, 0, 0, 0)), r"kernel sizes must be 1 to 15"),
+    "Cout-48": (operands(bias=np.zeros(48, np.int32)), r"bias must be \(Cout\) with Cout a multiple of 32, not \(48\)"),
+    "bias-2-d": (operands(bias=np.zeros((1, 32), np.int32)), r"bias must be \(Cout\)"),
+    "scale-(64)": (operands(scale=np.ones(64, np.float32)), r"scale must be \(Cout\) = \(32\), not \(64\)"),
+    "tiles-short": (operands(tiles=np.ones(100, np.int8)),
+                    r"tiles must hold kh x kw x C x Cout = 18432 weights, not 100"),
+    "depth-72000": (operands(x=np.ones((1, 15, 15, 320), np.uint8), tiles=np.ones(15 * 15 * 320 * 32, np.int8),
+                             geometry=geometry(15, 15, 1, 1, 0, 0, 0, 0)), r"kh x kw x C must be at most 65536"),
+    "x-zp-(2)": (operands(x_zero_point=np.zeros(2, np.uint8)), r"x_zero_point and y_zero_point must be scalars"),
+    "y-zp-(1,1)": (operands(y_zero_point=np.zeros((1, 1), np.uint8)), r"x_zero_point and y_zero_point must be scalars"),
+    "x-smaller-than-kernel": (operands(x=np.ones((1, 1, 6, 64), np.uint8), geometry=geometry(3, 3, 1, 1, 0, 1, 0, 1)),
+                              r"x \(1, 1, 6, 64\) is smaller than the kernel"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_inputs_are_refused(case: str) -> None:
+    """Wrong ranks, channel counts that are not multiples of the tiles, geometry that is not a stride-1 convolution
+    with pads inside the kernel, constants of the wrong size, an input smaller than the kernel: refused with the
+    op's own message, not run."""
+    o, message = HOSTILE[case]
+    so = session_options(1)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    session = ort.InferenceSession(qconv_model(o).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with pytest.raises((ort_errors.InvalidArgument, ort_errors.Fail), match=r"ai\.m2fp::QConv: " + message):
+        session.run(None, o)
+
+
+@pytest.mark.parametrize("cap", ["avx512-vnni", "generic"])
+def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
+    """Under M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) the op's blocks run with AVX-512 VNNI
+    or the plain loops: every op test of this module passes on them too, in a child process."""
+    env = {**os.environ, "M2FP_QFFN_KERNEL": cap}
+    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_qffn_kernel.restype = ctypes.c_char_p; "
+             "print(lib.m2fp_qffn_kernel().decode())")
+    which = subprocess.run([sys.executable, "-c", probe, str(BUILT_MSDA_KERNEL)], env=env, capture_output=True,
+                           text=True, check=True)
+    assert which.stdout.strip() == widest_kernel(cap)
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+                            "op_matches or order or empty_batch or hostile"], env=env, capture_output=True, text=True,
+                           check=False)
+    assert child.returncode == 0, child.stdout[-3000:]
+    assert re.search(rf"\b{len(CASES) + 2 + len(HOSTILE)} passed, \d+ deselected", child.stdout), child.stdout[-500:]
+
+
+def test_the_weights_are_packed_as_the_tiles_read_them() -> None:
+    """Tile layout: for each 16 output channels, depth rows 4 at a time, each channel's 4 bytes side by side;
+    depth is tap-major (ky, kx, then the input channel)."""
+    rng = np.random.default_rng(2)
+    w = rng.integers(-127, 128, (32, 64, 3, 3), dtype=np.int8)
+    tiles = qconv.pack(w)
+    depth = 9 * 64
+    for n, ci, ky, kx in [(0, 0, 0, 0), (17, 5, 2, 1), (31, 63, 2, 2), (3, 60, 1, 0)]:
+        k = (ky * 3 + kx) * 64 + ci
+        assert tiles[(n // 16) * depth * 16 + (k // 4) * 64 + (n % 16) * 4 + k % 4] == w[n, ci, ky, kx]
+
+
+DECLINED: dict[str, dict[str, Any]] = {
+    "channels-first": {"channels_last": 0},
+    "group-2": {"group": 2, "c": 128},
+    "stride-2": {"strides": [2, 2]},
+    "dilation-2": {"dilations": [2, 2], "h": 12, "w": 12},
+    "C-32": {"c": 32},
+    "Cout-48": {"cout": 48},
+    "auto-pad": {"auto_pad": "SAME_UPPER", "pads": None},
+    "pad-3": {"pads": [3, 1, 1, 1], "h": 12},
+    "depth-over-65536": {"k": 15, "c": 320, "h": 15, "w": 15, "pads": [0, 0, 0, 0]},
+}
+
+
+def declined(kind: str) -> onnx.ModelProto:
+    options = dict(DECLINED.get(kind, {}))
+    if options.get("pads", []) is None:
+        del options["pads"]
+        model, _ = conv(pads=[0, 0, 0, 0])
+        node = model.graph.node[0]
+        node.attribute.remove(next(a for a in node.attribute if a.name == "pads"))
+        node.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+        return model
+    model, _ = conv(**options)
+    init = {t.name: t for t in model.graph.initializer}
+    if kind == "weight-zero-point":
+        init["w_zero_point"].CopyFrom(numpy_helper.from_array(np.ones(32, np.int8), "w_zero_point"))
+    elif kind == "uint8-weights":
+        w = numpy_helper.to_array(init["w"]).view(np.uint8)
+        init["w"].CopyFrom(numpy_helper.from_array(w, "w"))
+        init["w_zero_point"].CopyFrom(numpy_helper.from_array(np.zeros(32, np.uint8), "w_zero_point"))
+    elif kind == "x-scale-computed":  # a graph input, not an initialiser
+        model.graph.initializer.remove(init["x_scale"])
+        model.graph.input.append(helper.make_tensor_value_info("x_scale", TensorProto.FLOAT, []))
+    elif kind == "x-scale-(2)":
+        init["x_scale"].CopyFrom(numpy_helper.from_array(np.ones(2, np.float32), "x_scale"))
+    elif kind == "bias-overflow":  # the bias minus the zero point x the weight sums leaves int32
+        init["bias"].CopyFrom(numpy_helper.from_array(np.full(32, -2**31 + 5, np.int32), "bias"))
+        w = np.full((32, 64, 3, 3), 127, np.int8)
+        init["w"].CopyFrom(numpy_helper.from_array(w, "w"))
+    return model
+
+
+DECLINED_KINDS = [*DECLINED, "weight-zero-point", "uint8-weights", "x-scale-computed", "x-scale-(2)", "bias-overflow"]
+
+
+@pytest.mark.parametrize("kind", DECLINED_KINDS)
+def test_nodes_that_do_not_qualify_are_left_alone(kind: str) -> None:
+    """NCHW, groups, strides, dilations, channel counts off the tiles, automatic or oversized pads, a depth past
+    the int32 sums, weights with a zero point or unsigned, a scale that is not a constant scalar, a bias that would
+    leave int32: the graph stays as it was, byte for byte."""
+    model = declined(kind)
+    before = model.SerializeToString()
+    assert qconv.rewrite(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_the_rewrite_drops_only_what_the_old_node_alone_read() -> None:
+    """The weights and bias go (the packed tiles take their place); an initialiser another node reads stays; the
+    count is in the metadata and the library's domain is imported once."""
+    model, x = conv(h=5, w=6)
+    other = helper.make_node("DequantizeLinear", ["y", "x_scale", "x_zero_point"], ["z"], name="after")
+    model.graph.node.append(other)
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert qconv.rewrite(model) == 1
+    names = {t.name for t in model.graph.initializer}
+    assert {"w", "bias", "w_scale", "w_zero_point", "y_scale"}.isdisjoint(names)
+    assert {"x_scale", "x_zero_point", "y_zero_point", "conv_qconv_tiles"} <= names
+    assert {p.key: p.value for p in model.metadata_props}[qconv.METADATA_KEY] == "1"
+    assert [o.domain for o in model.opset_import].count("ai.m2fp") == 1
+    so = session_options(2)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_a_file_the_rewrite_cannot_read_is_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The engine's child process fails on a damaged file: no convolution counted, the file untouched, a warning."""
+    damaged = tmp_path / "optimised.onnx"
+    damaged.write_bytes(b"not a protobuf")
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        assert engine_module.convolutions_rewritten(damaged) == 0
+    assert damaged.read_bytes() == b"not a protobuf"
+    assert "INT8 convolution rewrite failed" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def int8_path(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8.onnx"
+    quantize_file(tiny_model_path, out, TEST_CONFIG, [], report=lambda _: None)
+    return out
+
+
+def test_the_engine_runs_the_tiny_int8_model_s_convolutions_on_tiles_with_the_same_outputs(
+        int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AMX, the optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv
+    nodes (counted; again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the
+    library says "avx512-vnni" (ONNX Runtime's convolutions, its own cache file)."""
+    if qffn_kernel() != "amx":
+        pytest.skip("the engine runs the INT8 convolutions on AMX tiles only, which this CPU or OS does not grant")
+    options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
+    tiles = ParsingEngine(int8_path, options=options, warmup=False)
+    again = ParsingEngine(int8_path, options=options, warmup=False)
+    assert (tiles.cache_status, again.cache_status) == ("cache written", "cache hit")
+    assert tiles.int8_convolutions == again.int8_convolutions > 10
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "avx512-vnni")
+    plain = ParsingEngine(int8_path, options=options, warmup=False)
+    assert (plain.cache_status, plain.int8_convolutions) == ("cache written", 0)
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+    x = np.random.default_rng(13).uniform(0, 255, (1, 3, 128, 192)).astype(np.float32)
+    want, got, hit = plain.run(x), tiles.run(x), again.run(x)
+    assert np.unique(want.mask_logits).size > 100
+    for out in (got, hit):
+        assert np.array_equal(want.class_logits, out.class_logits) and np.array_equal(want.mask_logits, out.mask_logits)
