@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -73,8 +74,11 @@ void block_generic(const m2fp::QConv& conv, const uint8_t* a, uint8_t* const* ou
         const uint8_t* row = a + i * conv.c + conv.offsets[t];
         for (int64_t ci = 0; ci < conv.c; ++ci) acc += row[ci] * weight(conv, t * conv.c + ci, n);
       }
-      float v = static_cast<float>(acc + conv.bias[n]) * conv.scale[n];
-      v = std::min(std::max(v, low), high);
+      // The int32 add wraps as vpaddd does (the rewrite keeps the bias within int32, the depth keeps the sums).
+      const int32_t sum = static_cast<int32_t>(static_cast<uint32_t>(acc) + static_cast<uint32_t>(conv.bias[n]));
+      float v = static_cast<float>(sum) * conv.scale[n];
+      v = v > low ? v : low;  // NaN -> low, as max_ps with NaN first (a non-finite scale: the rewrite declines)
+      v = v < high ? v : high;
       out[i][n] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(v)) + conv.y_zero_point);
     }
   }
@@ -184,17 +188,21 @@ Ort::Status QConv(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t>&
     for (int64_t kx = 0; kx < kw; ++kx) offsets[ky * kw + kx] = (ky * wp + kx) * c;
   }
   const bool in_place = kh == 1 && kw == 1 && top + left + bottom + right == 0;
-  std::vector<uint8_t> padded;
+  // The padded input, written once (pad_row fills every row); slack after the last image, where the last block's
+  // dropped positions read up to 30 + kw rows.
+  std::unique_ptr<uint8_t[]> padded;
   Ort::KernelContext ctx(context);
-  if (!in_place) {  // slack after the last image: the last block's dropped positions read up to 31 + kw rows there
-    padded.resize(static_cast<size_t>((n * hp * wp + kQffnRows + kw) * c), *x_zero_point.Data());
-    Padding pad{x.Data(), padded.data(), h, w, c, hp, wp, top, left, *x_zero_point.Data()};
+  if (!in_place) {
+    const size_t size = static_cast<size_t>(n * hp * wp * c), slack = static_cast<size_t>((kQffnRows + kw) * c);
+    padded.reset(new uint8_t[size + slack]);
+    std::memset(padded.get() + size, *x_zero_point.Data(), slack);
+    Padding pad{x.Data(), padded.get(), h, w, c, hp, wp, top, left, *x_zero_point.Data()};
     ctx.ParallelFor(pad_row, static_cast<size_t>(n * hp), 0, &pad);
   }
   // Without padding, the images' rows follow one another: one image of n x h rows.
   const int64_t images = in_place ? 1 : n, rows_out = in_place ? n * ho : ho;
   Plan plan{{tiles.Data(), bias.Data(), scale.Data(), offsets.data(), kh * kw, c, cout, *y_zero_point.Data()},
-            in_place ? x.Data() : padded.data(), out, images, in_place ? n * hp : hp, wp, rows_out, wo,
+            in_place ? x.Data() : padded.get(), out, images, in_place ? n * hp : hp, wp, rows_out, wo,
             rows_out * wp, (rows_out * wp + kQffnRows - 1) / kQffnRows, in_place, m2fp::int8_kernel()};
   ctx.ParallelFor(conv_block, static_cast<size_t>(images * plan.blocks), 0, &plan);
   if (plan.failed) return Ort::Status("ai.m2fp::QConv: out of memory for its buffers", ORT_FAIL);

@@ -1,5 +1,5 @@
-// The blocks of rows of ai.m2fp::QFeedForward and ai.m2fp::QLinear (m2fp_qffn.cc), and what they are
-// given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
+// The blocks of rows of the INT8 ops, ai.m2fp::QFeedForward and QLinear (m2fp_qffn.cc) and QConv
+// (m2fp_qconv.cc), and what they are given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
 // AVX-512, and an inline function of a shared header emitted there could be the copy the linker keeps
 // for every caller (see m2fp_ffn_product.h).
 #pragma once
@@ -9,8 +9,8 @@
 namespace m2fp {
 
 constexpr int64_t kQffnRows = 32;    // rows of a block: two 16-row AMX tiles
-constexpr int64_t kQffnDepth = 64;   // D and F are multiples of this (an AMX tile's 64 bytes of depth)
-constexpr int64_t kQffnColumns = 32; // F and E are multiples of this (two 16-column AMX tiles)
+constexpr int64_t kQffnDepth = 64;   // D, F and C are multiples of this (an AMX tile's 64 bytes of depth)
+constexpr int64_t kQffnColumns = 32; // F, E and Cout are multiples of this (two 16-column AMX tiles)
 
 // One quantized layer, acc = x_q @ w_q in int32, then
 //   y = float(acc - corr[n]) * mult[n] + bias[n]
@@ -68,7 +68,7 @@ Int8Kernel int8_kernel();
 
 // Rows [r0, r0 + rows) of `c`, rows <= kQffnRows, on AMX tiles (`amx`) or with AVX-512 VNNI (m2fp_qffn_x86.cc,
 // x86-64 builds where the compiler has AMX; needs c.one.tiles and c.two.tiles); m2fp_qffn.cc's plain loops
-// give the same bits. On AMX tiles both functions expect the thread's tile configuration loaded
+// give the same bits. On AMX tiles these functions expect the thread's tile configuration loaded
 // (m2fp_qffn_amx_begin, then _end).
 void m2fp_qffn_block_x86(const m2fp::QFfn& c, int64_t r0, int64_t rows, const m2fp::QScratch& s, bool amx);
 // y (rows, n) = `layer` of x (rows, depth), rows <= kQffnRows (ai.m2fp::QLinear's block): `layer.tiles` needed.

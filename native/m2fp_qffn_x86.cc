@@ -1,15 +1,17 @@
-// ai.m2fp::QFeedForward's and ai.m2fp::QLinear's blocks of 32 rows on AMX tiles or with AVX-512 VNNI (built
-// only on x86-64, with -mamx-tile -mamx-int8 -mavx512vnni and AVX-512 for the epilogues; m2fp_qffn.cc calls
-// the AMX products only where the CPU has AMX-INT8 and the kernel lets this process use the tile data, the
-// VNNI ones where the CPU has AVX-512 VNNI). Each product runs in steps of 32 output columns into a 32 x 32
-// block of int32 sums, which the epilogue then turns into outputs 16 columns at a time:
+// The INT8 ops' products on AMX tiles or with AVX-512 VNNI (built only on x86-64, with -mamx-tile -mamx-int8
+// -mavx512vnni and AVX-512 for the epilogues): the blocks of 32 rows of ai.m2fp::QFeedForward and QLinear
+// (m2fp_qffn.cc) and of 32 output positions of ai.m2fp::QConv (m2fp_qconv.cc). Those files call the AMX
+// products only where the CPU has AMX-INT8 and the kernel lets this process use the tile data, the VNNI ones
+// where the CPU has AVX-512 VNNI. Each product runs in steps of 32 output columns into a 32 x 32 block of
+// int32 sums, its depth read as taps (one for the feed-forward ops; one per kernel position for a
+// convolution, the rows shifted there), which the epilogue then turns into outputs 16 columns at a time:
 // - AMX: four 16 x 16 accumulator tiles (rows 0-15 and 16-31 by columns 0-15 and 16-31) take `tdpbusd` of
 //   two 16 x 64-byte row tiles of the input and two 64 x 16 weight tiles;
 // - VNNI: 8 rows at a time, 16 zmm accumulators (8 rows x 2 x 16 columns) take `vpdpbusd` of each row's 4
 //   bytes of depth broadcast and the weights' 4 bytes of depth for 16 columns: one 64-byte row of the same
-//   packed tiles (pack_tiles in m2fp_qffn.cc).
-// Multiplies and adds stay separate (-ffp-contract=off), so the bits are the plain loops' (m2fp_qffn.cc) and
-// ONNX Runtime's.
+//   packed tiles (pack_tiles in m2fp_qffn.cc, qconv.pack for the convolutions).
+// Multiplies and adds stay separate (-ffp-contract=off), so the bits are the plain loops' (m2fp_qffn.cc,
+// m2fp_qconv.cc) and ONNX Runtime's.
 #include <immintrin.h>
 
 #include <cstdint>

@@ -28,7 +28,7 @@ from m2fp_export.quantize import quantize_file
 from m2fp_service import engine as engine_module
 from m2fp_service import qconv
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
-from tests.test_qfeedforward import TEST_CONFIG, qffn_kernel, widest_kernel
+from tests.test_qfeedforward import TEST_CONFIG, widest_kernel
 
 pytestmark = pytest.mark.usefixtures("kernel_library")
 
@@ -88,6 +88,7 @@ CASES: dict[str, dict[str, Any]] = {
     "3x3-pads-2": {"h": 3, "w": 4, "pads": [2, 2, 2, 2]},
     "5x5-uneven-pads": {"k": 5, "pads": [2, 1, 0, 3]},
     "1x3": {"k": (1, 3), "pads": [0, 1, 0, 1], "c": 128},
+    "3x1": {"k": (3, 1), "pads": [1, 0, 0, 0], "cout": 64},
     "1x1-tail": {"k": 1, "h": 5, "w": 70, "c": 128, "cout": 96},
     "1x1-three-images": {"k": 1, "n": 3, "h": 4, "w": 5},
     "1x1-one-pixel": {"k": 1, "h": 1, "w": 1},
@@ -148,6 +149,22 @@ def test_the_scale_is_x_scale_times_w_scale_over_y_scale_in_that_order() -> None
     other = (np.rint(b_array * (xs * (ws_array / ys))) + 128).astype(np.uint8)
     assert np.all(want[0, 0, 0] != other)  # the other order would give other bytes on every channel
     assert np.array_equal(want, got)
+
+
+def test_sums_at_the_int32_limit() -> None:
+    """The deepest product the op takes (a 1x1 convolution of 65536 channels) with x all 255 and weights all -128
+    or all 127: sums of -2139095040 and 2122383360 (within 2^31 of 0), -127.5 (an exact half) and 126.504 at the
+    scale 2^-24; still ONNX Runtime's bytes."""
+    model, x = conv(k=1, h=1, w=2, c=65536, bias=False, x_zp=0, y_zp=128, scales=(1.0, 1.0, 2.0**24))
+    init = {t.name: t for t in model.graph.initializer}
+    w = np.full((32, 65536, 1, 1), 127, np.int8)
+    w[:16] = -128
+    init["w"].CopyFrom(numpy_helper.from_array(w, "w"))
+    init["w_scale"].CopyFrom(numpy_helper.from_array(np.ones(32, np.float32), "w_scale"))
+    x[:] = 255
+    want, got = run(model, x), run(rewritten(model), x)
+    assert np.array_equal(want, got)
+    assert list(np.unique(want)) == [0, 255]  # -127.5 -> -128 (half to even) + 128; 126.504 -> 127 + 128
 
 
 def test_an_empty_batch_gives_an_empty_y() -> None:
@@ -250,6 +267,9 @@ DECLINED: dict[str, dict[str, Any]] = {
     "auto-pad": {"auto_pad": "SAME_UPPER", "pads": None},
     "pad-3": {"pads": [3, 1, 1, 1], "h": 12},
     "depth-over-65536": {"k": 15, "c": 320, "h": 15, "w": 15, "pads": [0, 0, 0, 0]},
+    "kernel-shape-not-the-weights'": {"kernel_shape": [5, 5]},
+    "unknown-attribute": {"activation": "Relu"},
+    "infinite-scale": {"scales": (0.02, 2e-3, 0.0)},
 }
 
 
@@ -307,7 +327,7 @@ def test_the_rewrite_drops_only_what_the_old_node_alone_read() -> None:
     assert qconv.rewrite(model) == 1
     names = {t.name for t in model.graph.initializer}
     assert {"w", "bias", "w_scale", "w_zero_point", "y_scale"}.isdisjoint(names)
-    assert {"x_scale", "x_zero_point", "y_zero_point", "conv_qconv_tiles"} <= names
+    assert {"x_scale", "x_zero_point", "y_zero_point", "y_qconv_tiles"} <= names
     assert {p.key: p.value for p in model.metadata_props}[qconv.METADATA_KEY] == "1"
     assert [o.domain for o in model.opset_import].count("ai.m2fp") == 1
     so = session_options(2)
@@ -316,13 +336,72 @@ def test_the_rewrite_drops_only_what_the_old_node_alone_read() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
 
 
+def two_convolutions() -> tuple[onnx.ModelProto, np.ndarray]:
+    """Two QLinearConv nodes reading one set of weights, x_scale also read inside an If node's branch, the weights
+    listed as graph inputs too (as old models list initialisers), and a 9-input node whose bias is the empty name
+    (none)."""
+    model, x = conv(h=5, w=6, cout=64)
+    graph = model.graph
+    first = graph.node[0]
+    second = onnx.NodeProto()
+    second.CopyFrom(first)
+    del second.input[:]
+    second.input.extend(["y", *first.input[1:8], ""])
+    second.output[0], second.name = "y2", "conv2"
+    graph.node.append(second)
+    graph.input.append(helper.make_tensor_value_info("w", TensorProto.INT8, [64, 64, 3, 3]))
+    branch = helper.make_graph([helper.make_node("Identity", ["x_scale"], ["s"])], "branch", [],
+                               [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])])
+    graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
+    graph.node.append(helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch))
+    graph.output.extend([helper.make_tensor_value_info("y2", TensorProto.UINT8, None),
+                         helper.make_tensor_value_info("picked", TensorProto.FLOAT, None)])
+    return model, x
+
+
+def test_two_nodes_sharing_weights_get_their_own_constants() -> None:
+    """Each node's constants are named after its output (unique in a graph); the weights go from the initialisers
+    and the graph inputs once no node reads them; x_scale, read in a branch, stays."""
+    model, x = two_convolutions()
+    want = run(model, x)
+    assert qconv.rewrite(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["QConv", "QConv", "If"]
+    names = {t.name for t in model.graph.initializer}
+    assert {"y_qconv_tiles", "y2_qconv_tiles", "x_scale"} <= names and "w" not in names
+    assert [i.name for i in model.graph.input] == ["x"]
+    so = session_options(2)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})
+    reference = ort.InferenceSession(two_convolutions()[0].SerializeToString(), providers=["CPUExecutionProvider"])
+    assert all(np.array_equal(a, b) for a, b in zip(reference.run(None, {"x": x}), got, strict=True))
+    assert np.array_equal(want, got[0]) and np.unique(got[1]).size > 50
+
+
+def test_the_command_writes_the_rewritten_graph_only_when_a_node_qualifies(tmp_path: Path) -> None:
+    """``python -m m2fp_service.qconv IN OUT``: the count on stdout; OUT written when it is not 0, and IN untouched."""
+    cases = {"qualifies": conv()[0], "declined": declined("stride-2")}
+    for name, model in cases.items():
+        source, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}-out.onnx"
+        onnx.save(model, source)
+        before = source.read_bytes()
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(source), str(out)],
+                               capture_output=True, text=True, check=True)
+        assert child.stdout.strip() == ("1" if name == "qualifies" else "0")
+        assert out.is_file() is (name == "qualifies") and source.read_bytes() == before
+    assert [n.op_type for n in onnx.load(str(tmp_path / "qualifies-out.onnx")).graph.node] == ["QConv"]
+    usage = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(tmp_path / "qualifies.onnx")],
+                           capture_output=True, text=True, check=False)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
 def test_a_file_the_rewrite_cannot_read_is_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The engine's child process fails on a damaged file: no convolution counted, the file untouched, a warning."""
     damaged = tmp_path / "optimised.onnx"
     damaged.write_bytes(b"not a protobuf")
     with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
-        assert engine_module.convolutions_rewritten(damaged) == 0
-    assert damaged.read_bytes() == b"not a protobuf"
+        assert engine_module.convolutions_rewritten(damaged, tmp_path / "out.onnx") == 0
+    assert damaged.read_bytes() == b"not a protobuf" and not (tmp_path / "out.onnx").exists()
     assert "INT8 convolution rewrite failed" in caplog.text
 
 
@@ -333,24 +412,64 @@ def int8_path(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def test_the_engine_runs_the_tiny_int8_model_s_convolutions_on_tiles_with_the_same_outputs(
+def cached_ops(folder: Path) -> set[str]:
+    (cached,) = folder.glob("*.onnx")
+    return {n.op_type for n in onnx.load(str(cached), load_external_data=False).graph.node}
+
+
+def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_with_the_same_outputs(
         int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On AMX, the optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv
-    nodes (counted; again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the
-    library says "avx512-vnni" (ONNX Runtime's convolutions, its own cache file)."""
-    if qffn_kernel() != "amx":
-        pytest.skip("the engine runs the INT8 convolutions on AMX tiles only, which this CPU or OS does not grant")
-    options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
-    tiles = ParsingEngine(int8_path, options=options, warmup=False)
-    again = ParsingEngine(int8_path, options=options, warmup=False)
+    """Where the library runs AMX (here, or said so: its VNNI build and plain loops give the same bytes), the
+    optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv nodes (counted;
+    again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the library says
+    "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file)."""
+    tiles_dir, plain_dir = tmp_path / "amx", tmp_path / "vnni"
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
+    tiles = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tiles_dir), warmup=False)
+    again = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tiles_dir), warmup=False)
     assert (tiles.cache_status, again.cache_status) == ("cache written", "cache hit")
     assert tiles.int8_convolutions == again.int8_convolutions > 10
+    assert "QConv" in cached_ops(tiles_dir) and len(list(tiles_dir.iterdir())) == 1  # no leftover file
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "avx512-vnni")
-    plain = ParsingEngine(int8_path, options=options, warmup=False)
+    plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
     assert (plain.cache_status, plain.int8_convolutions) == ("cache written", 0)
-    assert len(list(tmp_path.glob("*.onnx"))) == 2
+    assert "QConv" not in cached_ops(plain_dir)
     x = np.random.default_rng(13).uniform(0, 255, (1, 3, 128, 192)).astype(np.float32)
     want, got, hit = plain.run(x), tiles.run(x), again.run(x)
     assert np.unique(want.mask_logits).size > 100
     for out in (got, hit):
         assert np.array_equal(want.class_logits, out.class_logits) and np.array_equal(want.mask_logits, out.mask_logits)
+
+
+def test_a_rewritten_graph_that_does_not_load_leaves_onnx_runtime_s(
+        int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Should the graph with QConv nodes fail to open, the engine keeps ONNX Runtime's session and caches its graph
+    (a warning), and no file is left beside the cache."""
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
+    opened = engine_module._open_saved
+
+    def refuse(path: Path, options: EngineOptions, kernel: Path | None) -> Any:
+        if path.name.endswith(".qconv"):
+            raise RuntimeError("cannot load this graph")
+        return opened(path, options, kernel)
+
+    monkeypatch.setattr(engine_module, "_open_saved", refuse)
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path), warmup=False)
+    assert (engine.cache_status, engine.int8_convolutions) == ("cache written", 0)
+    assert "does not load (cannot load this graph)" in caplog.text
+    assert "QConv" not in cached_ops(tmp_path) and len(list(tmp_path.iterdir())) == 1
+    assert engine.run(np.zeros((1, 3, 64, 64), np.float32)).mask_logits.size > 0
+
+
+def test_an_fp32_model_is_not_given_to_the_rewrite(tiny_model_path: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP32 model has no integer convolution: the engine does not parse its saved graph again."""
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
+
+    def unexpected(optimised: Path, out: Path) -> int:
+        raise AssertionError("the rewrite ran on an FP32 model")
+
+    monkeypatch.setattr(engine_module, "convolutions_rewritten", unexpected)
+    engine = ParsingEngine(tiny_model_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path), warmup=False)
+    assert (engine.cache_status, engine.int8_convolutions) == ("cache written", 0)

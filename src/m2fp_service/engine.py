@@ -94,12 +94,12 @@ def int8_rewrites(kernel: Path) -> bool:
     return int8_products(kernel) != "generic"
 
 
-def convolutions_rewritten(optimised: Path) -> int:
-    """``qconv.rewrite`` on the optimised graph ONNX Runtime saved at ``optimised`` (in a child process, as
-    ``rewritten_graph``); how many INT8 convolutions it replaced. 0 when it failed: the file is then ONNX
-    Runtime's own, untouched."""
+def convolutions_rewritten(optimised: Path, out: Path) -> int:
+    """``qconv.rewrite`` of the optimised graph ONNX Runtime saved at ``optimised``, written to ``out`` (in a child
+    process, as ``rewritten_graph``); how many INT8 convolutions it replaced: 0 when none qualified or it failed
+    (a warning; ``out`` is then not to be used)."""
     try:
-        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised)],
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("the INT8 convolution rewrite did not run (%s); ONNX Runtime's convolutions stay", exc)
@@ -280,6 +280,39 @@ def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) ->
     return ort.InferenceSession(str(optimised), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def _with_int8_convolutions(session: ort.InferenceSession, optimised: Path, options: EngineOptions,
+                            kernel: Path | None) -> ort.InferenceSession:
+    """``session`` of the graph ONNX Runtime optimised and saved at ``optimised``; for an INT8 model where the
+    library runs AMX, a session of that graph with its convolutions as the library's (``qconv.py``), which then
+    replaces the file. Should the rewrite fail or its graph not load, ONNX Runtime's graph and session stay (a
+    warning). While the second session loads, both are in memory (~0.3 GB more for a moment at INT8)."""
+    if kernel is None or int8_products(kernel) != "amx" or _precision(session) != "int8":
+        return session
+    rewritten = optimised.with_name(optimised.name + ".qconv")
+    try:
+        if not convolutions_rewritten(optimised, rewritten):
+            return session
+        try:
+            tiles = _open_saved(rewritten, options, kernel)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            log.warning("the graph with the INT8 convolutions on AMX tiles does not load (%s); ONNX Runtime's "
+                        "convolutions stay", exc)
+            return session
+        rewritten.replace(optimised)
+        return tiles
+    finally:
+        rewritten.unlink(missing_ok=True)
+
+
+def _precision(session: ort.InferenceSession) -> str:
+    """The model card's precision ("fp32" when the card is missing or unreadable: the engine says why later)."""
+    try:
+        card = ModelCard.from_json(session.get_modelmeta().custom_metadata_map[CARD_KEY])
+    except (KeyError, ModelCardError):
+        return "fp32"
+    return str(card.exporter.get("precision", "fp32"))
+
+
 def _open_optimized(model_path: Path, options: EngineOptions,
                     kernel: Path | None) -> tuple[ort.InferenceSession, str]:
     """A fully optimised session, through the on-disk cache when it can be used.
@@ -305,19 +338,18 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         fd, tmp_name = tempfile.mkstemp(prefix=cached.name + ".", suffix=".tmp", dir=cached.parent)
         os.close(fd)
     except OSError as exc:
-        log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start; "
-                    "set M2FP_ORT_CACHE_DIR to a writable folder to start faster", cached.parent, exc.strerror)
+        log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start, and "
+                    "an INT8 model's convolutions stay ONNX Runtime's; set M2FP_ORT_CACHE_DIR to a writable folder to "
+                    "start faster", cached.parent, exc.strerror)
         return _open(model_path, so, rewritten_graph(model_path, kernel)), f"cache not writable: {cached.parent}"
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
-        session = _open(model_path, so, rewritten_graph(model_path, kernel))
-        # The INT8 convolutions on AMX tiles replace ONNX Runtime's in the graph it saved (qconv.py).
-        if kernel is not None and int8_products(kernel) == "amx" and convolutions_rewritten(tmp):
-            session = _open_saved(tmp, options, kernel)
+        session = _with_int8_convolutions(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp, options,
+                                          kernel)
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the cache is as shareable as the model
+        tmp.chmod(0o666 & ~umask)  # (after the file's last change) the cache is as shareable as the model
         tmp.replace(cached)
     finally:
         tmp.unlink(missing_ok=True)

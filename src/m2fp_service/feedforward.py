@@ -156,6 +156,19 @@ def names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     return read
 
 
+def drop_unread(graph: onnx.GraphProto) -> None:
+    """Initialisers that no node reads any more (subgraphs included) and that are not graph outputs leave
+    ``graph``, and so do graph inputs of their names (old models list initialisers as inputs too)."""
+    read = names_read(list(graph.node)) | {o.name for o in graph.output}
+    gone = {t.name for t in graph.initializer if t.name not in read}
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [i for i in graph.input if i.name not in gone]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
 def rewrite(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying feed-forward blocks in place (main graph only); returns how many."""
     return fuse(model, blocks(model.graph), "FeedForward", METADATA_KEY)

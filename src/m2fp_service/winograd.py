@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from m2fp_service.feedforward import drop_unread
+
 DOMAIN = "ai.m2fp"
 METADATA_KEY = "m2fp_winograd"  # how many convolutions were rewritten (kept in the optimised graph)
 # Below this many channels the products are too thin for the transforms to pay: ResNet's stem (64
@@ -64,7 +66,7 @@ def transformed_filter(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u.reshape(36, weight.shape[1], weight.shape[0]), dtype=np.float32)
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -78,7 +80,7 @@ def qualifies(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> boo
     out_channels, in_channels, kh, kw = weight.dims
     if (kh, kw) != (3, 3) or min(out_channels, in_channels) < MIN_CHANNELS or out_channels % 8 or in_channels % 8:
         return False
-    attrs = _attributes(node)
+    attrs = attributes(node)
     return (list(attrs.get("strides", [1, 1])) == [1, 1] and list(attrs.get("dilations", [1, 1])) == [1, 1]
             and attrs.get("group", 1) == 1 and list(attrs.get("pads", [0, 0, 0, 0])) == [1, 1, 1, 1]
             and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
@@ -238,15 +240,7 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
         rewritten.extend(new_nodes.get(i, [node]))
     del graph.node[:]
     graph.node.extend(rewritten)
-    # Filters no node reads any more (each was its convolution's alone) leave the graph.
-    read = {name for node in graph.node for name in node.input}
-    gone = {t.name for t in graph.initializer if t.name not in read and t.name not in outputs}
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [i for i in graph.input if i.name not in gone]  # old models list initialisers as inputs too
-    del graph.input[:]
-    graph.input.extend(inputs)
+    drop_unread(graph)  # filters no node reads any more (each was its convolution's alone)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
