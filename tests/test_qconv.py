@@ -10,8 +10,6 @@ same engine without the rewrite.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ from m2fp_export.quantize import quantize_file
 from m2fp_service import engine as engine_module
 from m2fp_service import qconv
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
-from tests.test_qfeedforward import TEST_CONFIG, widest_kernel
+from tests.test_qfeedforward import TEST_CONFIG, passes_capped
 
 pytestmark = pytest.mark.usefixtures("kernel_library")
 
@@ -232,17 +230,7 @@ def test_hostile_inputs_are_refused(case: str) -> None:
 def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
     """Under M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) the op's blocks run with AVX-512 VNNI
     or the plain loops: every op test of this module passes on them too, in a child process."""
-    env = {**os.environ, "M2FP_QFFN_KERNEL": cap}
-    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_qffn_kernel.restype = ctypes.c_char_p; "
-             "print(lib.m2fp_qffn_kernel().decode())")
-    which = subprocess.run([sys.executable, "-c", probe, str(BUILT_MSDA_KERNEL)], env=env, capture_output=True,
-                           text=True, check=True)
-    assert which.stdout.strip() == widest_kernel(cap)
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-                            "op_matches or order or empty_batch or hostile"], env=env, capture_output=True, text=True,
-                           check=False)
-    assert child.returncode == 0, child.stdout[-3000:]
-    assert re.search(rf"\b{len(CASES) + 2 + len(HOSTILE)} passed, \d+ deselected", child.stdout), child.stdout[-500:]
+    passes_capped(cap, __file__, "op_matches or order or empty_batch or hostile", len(CASES) + 2 + len(HOSTILE))
 
 
 def test_the_weights_are_packed_as_the_tiles_read_them() -> None:

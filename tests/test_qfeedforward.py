@@ -307,18 +307,24 @@ def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
     """M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) caps the op's blocks at AVX-512 VNNI or
     the plain loops: every op test of this module passes on them too, in a child process that says which ran
     (on a CPU without AVX-512 VNNI the first runs the plain loops too)."""
+    # the op cases, the empty x's, the hostile inputs, the kernel probe; QLinear's cases and hostile inputs
+    passes_capped(cap, __file__, "op_matches or empty_x or hostile or one_chosen",
+                  len(CASES) + 2 + len(HOSTILE) + 1 + len(LINEAR_CASES) + len(LINEAR_HOSTILE))
+
+
+def passes_capped(cap: str, test_file: str, selection: str, passed: int) -> None:
+    """Under M2FP_QFFN_KERNEL=``cap`` (read once per process) the library says it runs the build this CPU allows
+    under that cap (widest_kernel), and the tests of ``test_file`` that ``selection`` picks all pass in a child
+    process: ``passed`` of them."""
     env = {**os.environ, "M2FP_QFFN_KERNEL": cap}
     probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.m2fp_qffn_kernel.restype = ctypes.c_char_p; "
              "print(lib.m2fp_qffn_kernel().decode())")
     which = subprocess.run([sys.executable, "-c", probe, str(BUILT_MSDA_KERNEL)], env=env, capture_output=True,
                            text=True, check=True)
     assert which.stdout.strip() == widest_kernel(cap)
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-                            "op_matches or empty_x or hostile or one_chosen"], env=env, capture_output=True,
-                           text=True, check=False)
+    child = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-k", selection],
+                           env=env, capture_output=True, text=True, check=False)
     assert child.returncode == 0, child.stdout[-3000:]
-    # the op cases, the empty x's, the hostile inputs, the kernel probe; QLinear's cases and hostile inputs
-    passed = len(CASES) + 2 + len(HOSTILE) + 1 + len(LINEAR_CASES) + len(LINEAR_HOSTILE)
     assert re.search(rf"\b{passed} passed, \d+ deselected", child.stdout), child.stdout[-500:]
 
 
