@@ -74,12 +74,15 @@ LABEL org.opencontainers.image.title="m2fp-service" \
       io.m2fp.model.source="${MODEL_SOURCE}"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     M2FP_HOST=0.0.0.0 M2FP_PORT=8000 M2FP_MODEL=/opt/m2fp/models/m2fp.onnx \
-    M2FP_LIGHT_MODEL=/opt/m2fp/models/light.onnx M2FP_LIGHT_MODEL_LANDSCAPE=/opt/m2fp/models/light-landscape.onnx
-# The wheel without extras: exactly the server's dependencies from pyproject.toml.
+    M2FP_LIGHT_MODEL=/opt/m2fp/models/light.onnx M2FP_LIGHT_MODEL_LANDSCAPE=/opt/m2fp/models/light-landscape.onnx \
+    M2FP_ORT_CACHE_DIR=/var/cache/m2fp
+# The wheel without extras: exactly the server's dependencies from pyproject.toml. The optimised-graph cache's
+# folder belongs to the server's user (a volume mounted there starts with its owner; docs/deploy.md).
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install /dist/m2fp_service-*.whl && \
     groupadd --system --gid 10001 m2fp && \
-    useradd --system --uid 10001 --gid m2fp --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin m2fp
+    useradd --system --uid 10001 --gid m2fp --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin m2fp && \
+    mkdir -p /var/cache/m2fp && chown 10001:10001 /var/cache/m2fp
 # Owned by root, readable by all: the server cannot change its model. A volume mounted over
 # /opt/m2fp/models (or M2FP_MODEL pointing elsewhere) replaces it.
 COPY --from=model /tmp/model/ /opt/m2fp/models/

@@ -78,6 +78,9 @@ def test_runtime_user_env_entrypoint(stages: dict[str, list[Instr]]) -> None:
     assert json.loads(_values(runtime, "ENTRYPOINT")[-1]) == ["m2fp", "serve"]
     assert _values(runtime, "EXPOSE") == ["8000"]
     assert "M2FP_PORT=8000" in env
+    # The optimised-graph cache in a folder of the server's user (the model folder is root's, read-only to it).
+    assert "M2FP_ORT_CACHE_DIR=/var/cache/m2fp" in env
+    assert any("chown 10001:10001 /var/cache/m2fp" in r for r in _values(runtime, "RUN"))
     assert _values(stages["exporter"], "USER")[-1] == "10001:10001"  # the init-container image too
 
 

@@ -151,6 +151,25 @@ def test_pods_meet_the_restricted_pod_security_standard(render: Any, target: str
             assert re.fullmatch(r"\d+", res["limits"]["cpu"]), "whole CPUs, so threads = the limit exactly"
 
 
+@pytest.mark.parametrize(("target", "components"), TARGETS, ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
+def test_the_optimised_graph_cache_is_a_writable_scratch_volume(render: Any, target: str,
+                                                                components: tuple[str, ...]) -> None:
+    """The model folder is read-only in every pod: M2FP_ORT_CACHE_DIR names a writable emptyDir, room for the FP32
+    model's optimised graph written beside its last copy (2 x 237 MB), so container restarts load it and an INT8
+    model's convolutions run on AMX tiles (README, docs/deploy.md)."""
+    units = {"Mi": 2**20, "Gi": 2**30}
+    for obj in render(target, components):
+        if obj["kind"] not in ("Deployment", "Job"):
+            continue
+        c = container(obj)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == env["M2FP_ORT_CACHE_DIR"])
+        assert not mount.get("readOnly")
+        volume = next(v for v in pod_spec(obj)["volumes"] if v["name"] == mount["name"])
+        size = re.fullmatch(r"(\d+)(Mi|Gi)", volume["emptyDir"]["sizeLimit"])
+        assert size and int(size[1]) * units[size[2]] >= 2 * 237 * 2**20
+
+
 def _settings_env(render: Any) -> dict[str, str]:
     data: dict[str, str] = one(render("overlays/small"), "ConfigMap")["data"]
     return data
