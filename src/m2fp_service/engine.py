@@ -169,7 +169,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
 # feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
 # it runs them fast: AMX or AVX-512 VNNI), applied when a session is built with it (then kept in the optimised-graph
-# cache).
+# cache); and, with AMX, an INT8 model's convolutions (``qconv.py``, on the graph ONNX Runtime saved for the cache).
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
 GRAPH_REWRITES = "7"
@@ -386,9 +386,10 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
-        # What the graph rewrites replaced (their counts, winograd/feedforward/softmax.*METADATA_KEY, kept
+        # What the graph rewrites replaced (their counts, winograd/feedforward/softmax/qconv.*METADATA_KEY, kept
         # in the optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
-        # Winograd F(4x4, 3x3), feed-forward blocks, linear layers and softmaxes running as the library's ops.
+        # Winograd F(4x4, 3x3), feed-forward blocks, linear layers, softmaxes and INT8 convolutions running as
+        # the library's ops.
         meta = self.session.get_modelmeta().custom_metadata_map
         counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_qfeedforward",
                                                  "m2fp_linear", "m2fp_qlinear", "m2fp_softmax", "m2fp_qconv")]
