@@ -15,10 +15,9 @@ smaller than the kernel, and no attribute this does not know; every input but x 
 weights are int8 (Cout, C, kh, kw) with zero points 0; x_scale and y_scale are float scalars and w_scale a
 scalar or one per output channel, the scale they make finite; the zero points are uint8 scalars; the bias
 is int32 (Cout) or absent; C is a multiple of 64 and Cout of 32 (the tiles) and kh x kw x C at most 65536
-(the op's int32 sums). Here, once, the weights are packed for the
-tiles (``pack``) and the per-channel constants computed as ONNX Runtime computes them: the bias minus the
-input zero point times each channel's weight sum (int32), and x_scale x w_scale / y_scale (float32, in
-that order).
+(the op's int32 sums). Here, once, the weights are packed for the tiles (``pack``) and the per-channel
+constants computed as ONNX Runtime computes them: the bias minus the input zero point times each channel's
+weight sum (int32), and x_scale x w_scale / y_scale (float32, in that order).
 """
 
 from __future__ import annotations
