@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from m2fp_service.graphcache import cpu_flags
 from m2fp_service.imaging.preprocess import pad_to_input
 from m2fp_service.modelcard import MSDA_DOMAIN, InferenceSettings, InputPolicy, ModelCard
 
@@ -49,16 +50,6 @@ _KEEP_FP32 = (
 
 class QuantizationError(ExportError):
     """The INT8 model does not reach the acceptance bar against FP32, or quantization failed."""
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,23 @@ from pathlib import Path
 log = logging.getLogger("m2fp.engine")
 
 
+def _flags_line() -> str:
+    """The first ``flags`` line of ``/proc/cpuinfo`` ("" where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    return set(_flags_line().partition(":")[2].split())
+
+
 def cpu_signature() -> str:
     """The machine's architecture and CPU flags (``/proc/cpuinfo``; empty where there is none)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
+    return f"{platform.machine()}|{_flags_line()}"
 
 
 def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Path | None = None, *,
