@@ -77,7 +77,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     M2FP_LIGHT_MODEL=/opt/m2fp/models/light.onnx M2FP_LIGHT_MODEL_LANDSCAPE=/opt/m2fp/models/light-landscape.onnx \
     M2FP_ORT_CACHE_DIR=/var/cache/m2fp
 # The wheel without extras: exactly the server's dependencies from pyproject.toml. The optimised-graph cache's
-# folder belongs to the server's user (a volume mounted there starts with its owner; docs/deploy.md).
+# folder belongs to the server's user (an empty Docker volume mounted there takes that owner; a host folder
+# mounted there must be writable by uid 10001: docs/deploy.md).
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install /dist/m2fp_service-*.whl && \
     groupadd --system --gid 10001 m2fp && \

@@ -218,10 +218,13 @@ def test_a_new_cache_removes_the_ones_the_model_and_library_made_stale(tiny_mode
              cache_file(".m.ort-0000000000000002.onnx", -1)]  # after the model, before the library
     other_key = cache_file(".m.ort-0000000000000003.onnx", +60)  # e.g. another CPU's, written since
     other_model = cache_file(".n.ort-0000000000000004.onnx", -3600)
-    in_flight = cache_file(".m.ort-0000000000000005.onnx.x1.tmp", -3600)
+    in_flight = cache_file(".m.ort-0000000000000005.onnx.x1.tmp", 0)
+    os.utime(in_flight, (time.time() - 60, time.time() - 60))  # another start writing it now
+    abandoned = cache_file(".m.ort-0000000000000006.onnx.x2.tmp", 0)  # a killed start's, over an hour old
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
     engine = _cached_engine(model, tmp_path)
     assert engine.cache_status == "cache written" and engine.msda_kernel == kernel_library
-    assert not any(p.exists() for p in stale)
+    assert not any(p.exists() for p in [*stale, abandoned])
     assert other_key.exists() and other_model.exists() and in_flight.exists()
     assert cache_path_for(model, tmp_path, kernel_library).is_file()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,13 @@ def test_only_caches_older_than_the_model_or_library_go(tmp_path: Path, with_ker
         "since (another CPU's)": (touch(tmp_path / ".m.ort-0000000000000004.onnx", 3000), True),
         "another model, a longer name": (touch(tmp_path / ".m-int8.ort-0000000000000005.onnx", 500), True),
         "another model, a name with the same start": (touch(tmp_path / ".mx.ort-0000000000000006.onnx", 500), True),
-        "a cache being written": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp", 500), True),
+        "a cache being written": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp", time.time() - 60), True),
+        "its convolution rewrite": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp.qconv", time.time()),
+                                    True),
+        "a killed start's": (touch(tmp_path / ".m.ort-0000000000000008.onnx.a1b2.tmp", time.time() - 7200), False),
+        "a killed start's rewrite": (touch(tmp_path / ".m.ort-0000000000000008.onnx.a1b2.tmp.qconv",
+                                           time.time() - 7200), False),
+        "another model's, old": (touch(tmp_path / ".mx.ort-0000000000000009.onnx.c3d4.tmp", time.time() - 7200), True),
     }
     graphcache.drop_stale(model, kept, kernel)
     assert kept.exists() and model.exists()

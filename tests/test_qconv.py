@@ -149,20 +149,36 @@ def test_the_scale_is_x_scale_times_w_scale_over_y_scale_in_that_order() -> None
     assert np.array_equal(want, got)
 
 
-def test_sums_at_the_int32_limit() -> None:
+@pytest.mark.parametrize("bias", [0, 10**9], ids=["no-bias", "bias-1e9-wraps"])
+def test_sums_at_the_int32_limit(bias: int) -> None:
     """The deepest product the op takes (a 1x1 convolution of 65536 channels) with x all 255 and weights all -128
     or all 127: sums of -2139095040 and 2122383360 (within 2^31 of 0), -127.5 (an exact half) and 126.504 at the
-    scale 2^-24; still ONNX Runtime's bytes."""
-    model, x = conv(k=1, h=1, w=2, c=65536, bias=False, x_zp=0, y_zp=128, scales=(1.0, 1.0, 2.0**24))
+    scale 2^-24; with a bias of 1e9 the second sum plus the bias leaves int32 and wraps, as ONNX Runtime's add
+    does. ONNX Runtime's bytes either way."""
+    model, x = conv(k=1, h=1, w=2, c=65536, x_zp=0, y_zp=128, scales=(1.0, 1.0, 2.0**24))
     init = {t.name: t for t in model.graph.initializer}
     w = np.full((32, 65536, 1, 1), 127, np.int8)
     w[:16] = -128
     init["w"].CopyFrom(numpy_helper.from_array(w, "w"))
     init["w_scale"].CopyFrom(numpy_helper.from_array(np.ones(32, np.float32), "w_scale"))
+    init["bias"].CopyFrom(numpy_helper.from_array(np.full(32, bias, np.int32), "bias"))
     x[:] = 255
     want, got = run(model, x), run(rewritten(model), x)
     assert np.array_equal(want, got)
-    assert list(np.unique(want)) == [0, 255]  # -127.5 -> -128 (half to even) + 128; 126.504 -> 127 + 128
+    # -127.5 -> -128 (half to even) + 128; 126.504 -> 127 + 128. With the bias: -1139095040 x 2^-24 = -67.9 -> 60;
+    # the wrapped sum, 3122383360 - 2^32, x 2^-24 = -69.9 -> 58 (saturated, it would have been 255).
+    assert list(np.unique(want)) == ([0, 255] if bias == 0 else [58, 60])
+
+
+def test_a_nan_scale_gives_the_lowest_byte() -> None:
+    """A NaN scale (the rewrite never makes one: it declines non-finite scales) clamps to the lowest value, as
+    max_ps does with NaN: every build gives byte 0 (low = -zero point, plus the zero point)."""
+    o = operands(scale=np.full(32, np.nan, np.float32), y_zero_point=np.uint8(9))
+    so = session_options(1)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    session = ort.InferenceSession(qconv_model(o).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y = session.run(None, o)[0]
+    assert y.shape == (1, 5, 6, 32) and not y.any()
 
 
 def test_an_empty_batch_gives_an_empty_y() -> None:
@@ -230,7 +246,8 @@ def test_hostile_inputs_are_refused(case: str) -> None:
 def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
     """Under M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) the op's blocks run with AVX-512 VNNI
     or the plain loops: every op test of this module passes on them too, in a child process."""
-    passes_capped(cap, __file__, "op_matches or order or empty_batch or hostile", len(CASES) + 2 + len(HOSTILE))
+    passes_capped(cap, __file__, "op_matches or order or int32 or nan_scale or empty_batch or hostile",
+                  len(CASES) + 2 + 2 + 1 + len(HOSTILE))
 
 
 def test_the_weights_are_packed_as_the_tiles_read_them() -> None:
@@ -256,6 +273,7 @@ DECLINED: dict[str, dict[str, Any]] = {
     "pad-3": {"pads": [3, 1, 1, 1], "h": 12},
     "depth-over-65536": {"k": 15, "c": 320, "h": 15, "w": 15, "pads": [0, 0, 0, 0]},
     "kernel-shape-not-the-weights'": {"kernel_shape": [5, 5]},
+    "kernel-16x1": {"k": (16, 1), "pads": [0, 0, 0, 0], "h": 20},
     "unknown-attribute": {"activation": "Relu"},
     "infinite-scale": {"scales": (0.02, 2e-3, 0.0)},
 }
@@ -384,11 +402,11 @@ def test_the_command_writes_the_rewritten_graph_only_when_a_node_qualifies(tmp_p
 
 
 def test_a_file_the_rewrite_cannot_read_is_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The engine's child process fails on a damaged file: no convolution counted, the file untouched, a warning."""
+    """The engine's child process fails on a damaged file: a failure (None, not 0), the file untouched, a warning."""
     damaged = tmp_path / "optimised.onnx"
     damaged.write_bytes(b"not a protobuf")
     with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
-        assert engine_module.convolutions_rewritten(damaged, tmp_path / "out.onnx") == 0
+        assert engine_module.convolutions_rewritten(damaged, tmp_path / "out.onnx") is None
     assert damaged.read_bytes() == b"not a protobuf" and not (tmp_path / "out.onnx").exists()
     assert "INT8 convolution rewrite failed" in caplog.text
 
@@ -448,6 +466,21 @@ def test_a_rewritten_graph_that_does_not_load_leaves_onnx_runtime_s(
     assert "does not load (cannot load this graph)" in caplog.text
     assert "QConv" not in cached_ops(tmp_path) and len(list(tmp_path.iterdir())) == 1
     assert engine.run(np.zeros((1, 3, 64, 64), np.float32)).mask_logits.size > 0
+
+
+def test_a_failed_rewrite_is_not_cached(int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite that fails (a timeout, a killed child) leaves ONNX Runtime's session for this start and no cache
+    file, so the next start tries again, and then caches the graph with the library's convolutions."""
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
+    options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "convolutions_rewritten", lambda optimised, out: None)
+        failed = ParsingEngine(int8_path, options=options, warmup=False)
+    assert (failed.cache_status, failed.int8_convolutions) == ("cache not written: the INT8 convolution rewrite failed",
+                                                               0)
+    assert list(tmp_path.iterdir()) == []
+    again = ParsingEngine(int8_path, options=options, warmup=False)
+    assert again.cache_status == "cache written" and again.int8_convolutions > 10
 
 
 def test_an_fp32_model_is_not_given_to_the_rewrite(tiny_model_path: Path, tmp_path: Path,

@@ -94,21 +94,21 @@ def int8_rewrites(kernel: Path) -> bool:
     return int8_products(kernel) != "generic"
 
 
-def convolutions_rewritten(optimised: Path, out: Path) -> int:
+def convolutions_rewritten(optimised: Path, out: Path) -> int | None:
     """``qconv.rewrite`` of the optimised graph ONNX Runtime saved at ``optimised``, written to ``out`` (in a child
-    process, as ``rewritten_graph``); how many INT8 convolutions it replaced: 0 when none qualified or it failed
-    (a warning; ``out`` is then not to be used)."""
+    process, as ``rewritten_graph``); how many INT8 convolutions it replaced (0: none qualified), or None when it
+    failed (a warning; ``out`` is then not to be used)."""
     try:
         child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("the INT8 convolution rewrite did not run (%s); ONNX Runtime's convolutions stay", exc)
-        return 0
+        return None
     message = child.stderr.decode(errors="replace").strip()
     if child.returncode != 0 or not child.stdout.strip().isdigit():
         log.warning("the INT8 convolution rewrite failed (%s); ONNX Runtime's convolutions stay",
                     message.splitlines()[-1:] or child.returncode)
-        return 0
+        return None
     log.info("%s", message)
     return int(child.stdout)
 
@@ -172,7 +172,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # cache); and, with AMX, an INT8 model's convolutions (``qconv.py``, on the graph ONNX Runtime saved for the cache).
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "7"
+GRAPH_REWRITES = "8"
 # ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
 # turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
 # kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
@@ -281,25 +281,28 @@ def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) ->
 
 
 def _with_int8_convolutions(session: ort.InferenceSession, optimised: Path, options: EngineOptions,
-                            kernel: Path | None) -> ort.InferenceSession:
+                            kernel: Path | None) -> tuple[ort.InferenceSession, bool]:
     """``session`` of the graph ONNX Runtime optimised and saved at ``optimised``; for an INT8 model where the
     library runs AMX, a session of that graph with its convolutions as the library's (``qconv.py``), which then
-    replaces the file. Should the rewrite fail or its graph not load, ONNX Runtime's graph and session stay (a
-    warning). While the second session loads, both are in memory (~0.3 GB more for a moment at INT8)."""
+    replaces the file. Should its graph not open (or not take the file's place), ONNX Runtime's graph and session
+    stay (a warning). While the second session opens, both are in memory (the bench INT8 model's start peaked
+    at 446 MB against 414 without). Returns the session and whether the file may be cached: not when the
+    rewrite itself failed (a timeout, a killed child: the next start tries again)."""
     if kernel is None or int8_products(kernel) != "amx" or _precision(session) != "int8":
-        return session
+        return session, True
     rewritten = optimised.with_name(optimised.name + ".qconv")
     try:
-        if not convolutions_rewritten(optimised, rewritten):
-            return session
+        count = convolutions_rewritten(optimised, rewritten)
+        if not count:
+            return session, count is not None
         try:
             tiles = _open_saved(rewritten, options, kernel)
-        except Exception as exc:  # onnxruntime raises its own exception types
+            rewritten.replace(optimised)
+        except Exception as exc:  # onnxruntime raises its own exception types; OSError from the file
             log.warning("the graph with the INT8 convolutions on AMX tiles does not load (%s); ONNX Runtime's "
                         "convolutions stay", exc)
-            return session
-        rewritten.replace(optimised)
-        return tiles
+            return session, True
+        return tiles, True
     finally:
         rewritten.unlink(missing_ok=True)
 
@@ -345,8 +348,10 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
-        session = _with_int8_convolutions(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp, options,
-                                          kernel)
+        session, cacheable = _with_int8_convolutions(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp,
+                                                     options, kernel)
+        if not cacheable:
+            return session, "cache not written: the INT8 convolution rewrite failed"
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # (after the file's last change) the cache is as shareable as the model

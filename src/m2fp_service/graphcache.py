@@ -13,6 +13,7 @@ import glob
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 
 log = logging.getLogger("m2fp.engine")
@@ -55,6 +56,10 @@ def path_for(model_path: Path, cache_dir: Path | None, runtime: str, kernel: Pat
     return folder / f".{model_path.stem}.ort-{key}.onnx"
 
 
+# A temporary file this old is no start's own: the rewrites' child processes time out after 600 s each.
+ABANDONED_SECONDS = 3600
+
+
 def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None:
     """Deletes the other cache files of the model's name in ``kept``'s folder written before the last
     change of the model file or of the custom-op library ``kernel`` the ``kept`` one was made with:
@@ -65,7 +70,8 @@ def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None
     made with, so in a shared folder a cache made without the library (or with another build of it,
     or for another model file of the same name) before that change goes too: it is written again
     when next needed, once. A change time later than ``kept``'s own (a clock ahead) counts as
-    ``kept``'s: nothing written since is deleted."""
+    ``kept``'s: nothing written since is deleted. Temporary files of the model's name older than
+    ``ABANDONED_SECONDS`` go too."""
     try:
         changed = max(model_path.stat().st_mtime, kernel.stat().st_mtime if kernel is not None else 0.0)
         changed = min(changed, kept.stat().st_mtime)
@@ -78,4 +84,13 @@ def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None
                 old.unlink()
                 log.info("removed the stale optimised-graph cache %s", old)
         except OSError:  # gone already (another process) or not ours to delete
+            continue
+    # A start killed while writing leaves its temporary files (``<cache>.<random>.tmp``, and ``.tmp.qconv``
+    # for the INT8 convolution rewrite), each as large as the model: those older than any start takes go.
+    for abandoned in kept.parent.glob(f".{glob.escape(model_path.stem)}.ort-*.onnx.*.tmp*"):
+        try:
+            if time.time() - abandoned.stat().st_mtime > ABANDONED_SECONDS:
+                abandoned.unlink()
+                log.info("removed an abandoned optimised-graph file %s", abandoned)
+        except OSError:
             continue

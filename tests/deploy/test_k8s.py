@@ -168,6 +168,8 @@ def test_the_optimised_graph_cache_is_a_writable_scratch_volume(render: Any, tar
         volume = next(v for v in pod_spec(obj)["volumes"] if v["name"] == mount["name"])
         size = re.fullmatch(r"(\d+)(Mi|Gi)", volume["emptyDir"]["sizeLimit"])
         assert size and int(size[1]) * units[size[2]] >= 2 * 237 * 2**20
+        assert "medium" not in volume["emptyDir"]  # on the node's disk: "Memory" would count against the limit
+        assert env["M2FP_ORT_CACHE_DIR"] == "/var/cache/m2fp"  # the image's own (Dockerfile, test_dockerfile.py)
 
 
 def _settings_env(render: Any) -> dict[str, str]:
