@@ -85,3 +85,18 @@ def test_a_missing_model_or_folder_is_left_alone(tmp_path: Path) -> None:
     graphcache.drop_stale(tmp_path / "gone.onnx", kept)
     graphcache.drop_stale(tmp_path / "m.onnx", tmp_path / "no-folder" / ".m.ort-0.onnx")
     assert other.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_a_cache_file_gets_the_mode_a_plain_file_gets_and_the_umask_stays(tmp_path: Path, umask: int) -> None:
+    """``make_shareable``: a private ``mkstemp`` file -> 0666 less the umask, read without setting it."""
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "cache"
+        path.write_bytes(b"graph")
+        path.chmod(0o600)
+        graphcache.make_shareable(path)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+        assert os.umask(umask) == umask  # unchanged by the call
+    finally:
+        os.umask(old)

@@ -352,9 +352,7 @@ def _open_optimized(model_path: Path, options: EngineOptions,
                                                      options, kernel)
         if not cacheable:
             return session, "cache not written: the INT8 convolution rewrite failed"
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # (after the file's last change) the cache is as shareable as the model
+        graphcache.make_shareable(tmp)  # (after the file's last change) the cache is as shareable as the model
         tmp.replace(cached)
     finally:
         tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ def _flags_line() -> str:
 def cpu_flags() -> set[str]:
     """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
     return set(_flags_line().partition(":")[2].split())
+
+
+def make_shareable(path: Path) -> None:
+    """Gives a ``mkstemp`` file (private to its owner) the mode a plainly created file gets: 0666 less the
+    umask. The umask is read without changing it (Linux: ``/proc/self/status``): setting and restoring it
+    would change it for every thread for a moment, and the model loads beside the server's event loop."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        umask = int(line.split()[1], 8)
+    except (OSError, StopIteration, IndexError, ValueError):  # no procfs: the old way
+        umask = os.umask(0o022)
+        os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def cpu_signature() -> str:
