@@ -41,6 +41,9 @@ inline std::string block_shapes(const std::vector<int64_t>& xs, const std::vecto
   return "";
 }
 
+// A scalar's shape: () or (1).
+inline bool scalar(const std::vector<int64_t>& shape) { return shape.empty() || (shape.size() == 1 && shape[0] == 1); }
+
 // The rows of x (..., D): the product of its leading dimensions.
 inline int64_t rows_of(const std::vector<int64_t>& shape) {
   int64_t rows = 1;

@@ -43,6 +43,7 @@ using m2fp::fail;
 using m2fp::kQffnColumns;
 using m2fp::kQffnDepth;
 using m2fp::kQffnRows;
+using m2fp::scalar;
 constexpr int64_t kMaxDepth = 65536;  // 255 x 128 x 65536 < 2^31: the int32 sums cannot overflow
 constexpr int64_t kMaxKernel = 15;
 
@@ -141,8 +142,6 @@ void pad_row(void* data, size_t index) {
   std::memcpy(dst + p.left * p.c, p.x + (image * p.h + r) * p.w * p.c, static_cast<size_t>(p.w * p.c));
   std::memset(dst + (p.left + p.w) * p.c, p.zero_point, static_cast<size_t>((p.wp - p.left - p.w) * p.c));
 }
-
-bool scalar(const std::vector<int64_t>& shape) { return shape.empty() || (shape.size() == 1 && shape[0] == 1); }
 
 Ort::Status QConv(OrtKernelContext* context, const Ort::Custom::Tensor<uint8_t>& x,
                   const Ort::Custom::Tensor<uint8_t>& x_zero_point, const Ort::Custom::Tensor<int8_t>& tiles,

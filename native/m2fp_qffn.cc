@@ -191,10 +191,7 @@ void row_block(void* data, size_t index) {
 
 using m2fp::dims;
 using m2fp::fail;
-
-bool scalar(const std::vector<int64_t>& shape) {
-  return shape.empty() || (shape.size() == 1 && shape[0] == 1);
-}
+using m2fp::scalar;
 
 // y (..., E) for x of `shape` (..., D), allocated; `rows` = the product of x's leading dimensions.
 float* allocated(Ort::Custom::Tensor<float>& y, std::vector<int64_t> shape, int64_t e, int64_t& rows) {

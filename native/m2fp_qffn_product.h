@@ -1,7 +1,7 @@
 // The blocks of rows of the INT8 ops, ai.m2fp::QFeedForward and QLinear (m2fp_qffn.cc) and QConv
-// (m2fp_qconv.cc), and what they are given. No ONNX Runtime header and no inline function here: m2fp_qffn_x86.cc is compiled for AMX and
-// AVX-512, and an inline function of a shared header emitted there could be the copy the linker keeps
-// for every caller (see m2fp_ffn_product.h).
+// (m2fp_qconv.cc), and what they are given. No ONNX Runtime header and no inline function here:
+// m2fp_qffn_x86.cc is compiled for AMX and AVX-512, and an inline function of a shared header emitted there
+// could be the copy the linker keeps for every caller (see m2fp_ffn_product.h).
 #pragma once
 
 #include <cstdint>
