@@ -150,7 +150,7 @@ def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
             defines, objects = ["-DM2FP_QFFN_X86"], [str(obj)]
         else:
             print("the AMX/VNNI build of the INT8 ops' blocks failed: left out (plain loops only)", file=sys.stderr)
-    for name in ("m2fp_qffn", "m2fp_qconv"):
+    for name in ("m2fp_qffn", "m2fp_qconv", "m2fp_qgroupnorm"):
         obj = tmp / f"{name}.o"
         command = [*flags, *defines, "-c", str(HERE / f"{name}.cc"), "-o", str(obj)]
         print(" ".join(command), file=sys.stderr)

@@ -22,6 +22,7 @@
 #include "m2fp_checked.h"
 #include "m2fp_ffn.h"
 #include "m2fp_qconv.h"
+#include "m2fp_qgroupnorm.h"
 #include "m2fp_qffn.h"
 #include "m2fp_simd.h"
 #include "m2fp_softmax.h"
@@ -215,8 +216,9 @@ static const char* kDomain = "ai.m2fp";
 
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
 // 2: the Winograd convolution ops are there too; 3: and the feed-forward op; 4: and the linear op;
-// 5: and the softmax op; 6: and the INT8 feed-forward and linear ops; 7: and the INT8 convolution.
-extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 7; }
+// 5: and the softmax op; 6: and the INT8 feed-forward and linear ops; 7: and the INT8 convolution;
+// 8: and the INT8 group normalisation.
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 8; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
@@ -237,6 +239,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
       m2fp_add_softmax_op(*d, ops);
       m2fp_add_qfeedforward_ops(*d, ops);
       m2fp_add_qconv_op(*d, ops);
+      m2fp_add_qgroupnorm_op(*d, ops);
       domain = std::move(d);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);

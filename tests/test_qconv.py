@@ -24,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from m2fp_export.quantize import quantize_file
 from m2fp_service import engine as engine_module
-from m2fp_service import qconv
+from m2fp_service import qconv, qgroupnorm
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 from tests.test_qfeedforward import TEST_CONFIG, passes_capped
 
@@ -428,7 +428,8 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
     """Where the library runs AMX (here, or said so: its VNNI build and plain loops give the same bytes), the
     optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv nodes (counted;
     again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the library says
-    "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file)."""
+    "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file) once that file's group norms are the
+    library's too (the same child process fuses them; they are not ONNX Runtime's bit for bit: test_qgroupnorm)."""
     tiles_dir, plain_dir = tmp_path / "amx", tmp_path / "vnni"
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
     tiles = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tiles_dir), warmup=False)
@@ -440,6 +441,12 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
     plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
     assert (plain.cache_status, plain.int8_convolutions) == ("cache written", 0)
     assert "QConv" not in cached_ops(plain_dir)
+    (cached,) = plain_dir.glob("*.onnx")
+    graph = onnx.load(str(cached))
+    assert qgroupnorm.rewrite(graph) == tiles.int8_group_norms > 0
+    onnx.save(graph, str(cached))
+    plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
+    assert (plain.cache_status, plain.int8_convolutions, plain.int8_group_norms) == ("cache hit", 0, 2)
     x = np.random.default_rng(13).uniform(0, 255, (1, 3, 128, 192)).astype(np.float32)
     want, got, hit = plain.run(x), tiles.run(x), again.run(x)
     assert np.unique(want.mask_logits).size > 100

@@ -95,9 +95,9 @@ def int8_rewrites(kernel: Path) -> bool:
 
 
 def convolutions_rewritten(optimised: Path, out: Path) -> int | None:
-    """``qconv.rewrite`` of the optimised graph ONNX Runtime saved at ``optimised``, written to ``out`` (in a child
-    process, as ``rewritten_graph``); how many INT8 convolutions it replaced (0: none qualified), or None when it
-    failed (a warning; ``out`` is then not to be used)."""
+    """``qconv.rewrite`` and ``qgroupnorm.rewrite`` of the optimised graph ONNX Runtime saved at ``optimised``,
+    written to ``out`` (in a child process, as ``rewritten_graph``); how many INT8 convolutions and group norms they
+    replaced (0: none qualified), or None when it failed (a warning; ``out`` is then not to be used)."""
     try:
         child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)],
                                capture_output=True, timeout=600, check=False)
@@ -169,10 +169,11 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
 # feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
 # it runs them fast: AMX or AVX-512 VNNI), applied when a session is built with it (then kept in the optimised-graph
-# cache); and, with AMX, an INT8 model's convolutions (``qconv.py``, on the graph ONNX Runtime saved for the cache).
+# cache); and, with AMX, an INT8 model's convolutions and group norms (``qconv.py``, ``qgroupnorm.py``, on the graph
+# ONNX Runtime saved for the cache).
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "8"
+GRAPH_REWRITES = "9"
 # ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
 # turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
 # kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
@@ -243,7 +244,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 7:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 8:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -283,11 +284,11 @@ def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) ->
 def _with_int8_convolutions(session: ort.InferenceSession, optimised: Path, options: EngineOptions,
                             kernel: Path | None) -> tuple[ort.InferenceSession, bool]:
     """``session`` of the graph ONNX Runtime optimised and saved at ``optimised``; for an INT8 model where the
-    library runs AMX, a session of that graph with its convolutions as the library's (``qconv.py``), which then
-    replaces the file. Should its graph not open (or not take the file's place), ONNX Runtime's graph and session
-    stay (a warning). While the second session opens, both are in memory (the bench INT8 model's start peaked
-    at 446 MB against 414 without). Returns the session and whether the file may be cached: not when the
-    rewrite itself failed (a timeout, a killed child: the next start tries again)."""
+    library runs AMX, a session of that graph with its convolutions and group norms as the library's (``qconv.py``,
+    ``qgroupnorm.py``), which then replaces the file. Should its graph not open (or not take the file's place),
+    ONNX Runtime's graph and session stay (a warning). While the second session opens, both are in memory (the
+    bench INT8 model's start peaked at 446 MB against 414 without). Returns the session and whether the file may
+    be cached: not when the rewrite itself failed (a timeout, a killed child: the next start tries again)."""
     if kernel is None or int8_products(kernel) != "amx" or _precision(session) != "int8":
         return session, True
     rewritten = optimised.with_name(optimised.name + ".qconv")
@@ -389,17 +390,18 @@ class ParsingEngine:
         # "fused": the model's MSDeformAttn nodes run as the kernel; "standard": as ONNX ops (no
         # kernel, or a model exported before the nodes existed).
         self.deformable_attention = "fused" if kernel is not None and card.exporter.get("msda_op") else "standard"
-        # What the graph rewrites replaced (their counts, winograd/feedforward/softmax/qconv.*METADATA_KEY, kept
-        # in the optimised graph; a cache hit does not import the rewrites): 3x3 convolutions running as
-        # Winograd F(4x4, 3x3), feed-forward blocks, linear layers, softmaxes and INT8 convolutions running as
-        # the library's ops.
+        # What the graph rewrites replaced (their counts, the rewrite modules' METADATA_KEY, kept in the optimised
+        # graph; a cache hit does not import the rewrites): 3x3 convolutions running as Winograd F(4x4, 3x3),
+        # feed-forward blocks, linear layers, softmaxes, INT8 convolutions and group norms running as the library's
+        # ops.
         meta = self.session.get_modelmeta().custom_metadata_map
         counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_qfeedforward",
-                                                 "m2fp_linear", "m2fp_qlinear", "m2fp_softmax", "m2fp_qconv")]
-        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax, int8_convolutions = (
+                                                 "m2fp_linear", "m2fp_qlinear", "m2fp_softmax", "m2fp_qconv",
+                                                 "m2fp_qgroupnorm")]
+        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax, int8_convolutions, int8_norms = (
             int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
         self.winograd_convolutions, self.softmax_nodes = winograd, softmax
-        self.int8_convolutions = int8_convolutions
+        self.int8_convolutions, self.int8_group_norms = int8_convolutions, int8_norms
         self.feedforward_blocks = feedforward + int8_feedforward  # float and INT8 ones alike
         self.linear_layers = linear + int8_linear
         try:  # every label set is defined on CIHP's classes
@@ -421,9 +423,9 @@ class ParsingEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d; "
                  "fused feed-forward blocks: %d; fused linear layers: %d; softmaxes: %d; INT8 convolutions on AMX "
-                 "tiles: %d)", self.load_seconds, self.cache_status, self.deformable_attention,
+                 "tiles: %d; INT8 group norms: %d)", self.load_seconds, self.cache_status, self.deformable_attention,
                  self.winograd_convolutions, self.feedforward_blocks, self.linear_layers, self.softmax_nodes,
-                 self.int8_convolutions)
+                 self.int8_convolutions, self.int8_group_norms)
         self.warm = False
         self._arena_lock = threading.Lock()  # guards the two below (see run)
         self._last_shape: tuple[int, ...] | None = None  # the last run's input shape

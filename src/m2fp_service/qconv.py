@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from m2fp_service import qgroupnorm
 from m2fp_service.feedforward import DOMAIN, drop_unread
 from m2fp_service.winograd import attributes
 
@@ -134,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = onnx.load(args[0])
     count = rewrite(model)
-    if count:
+    norms = qgroupnorm.rewrite(model)
+    if count or norms:
         onnx.save(model, Path(args[1]))
-    print(count)
-    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles", file=sys.stderr)
+    print(count + norms)
+    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s)", file=sys.stderr)
     return 0
 
 

@@ -45,7 +45,7 @@ MAX_DEPTH = 65536  # and at most this (the op's int32 sums)
 COLUMNS = 32  # F and E: multiples of two 16-column tiles
 
 
-class _Graph(GraphIndex):
+class QuantizedIndex(GraphIndex):
     """``feedforward.GraphIndex`` and what INT8 chains need: initialisers' values and quantized operands."""
 
     def array(self, name: str) -> np.ndarray | None:
@@ -83,7 +83,7 @@ class _Graph(GraphIndex):
         return dq.input[0], dq.input[1], dq
 
 
-def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
+def match_linear(first: onnx.NodeProto, g: QuantizedIndex) -> Block | None:
     """The INT8 linear layer (DequantizeLinear of x_q -> MatMul with a quantized weight -> Add of a float bias)
     that MatMul ``first`` starts, or None."""
     if first.op_type != "MatMul" or len(first.input) != 2:
@@ -100,7 +100,7 @@ def match_linear(first: onnx.NodeProto, g: _Graph) -> Block | None:
     return Block([*dq_x.input, one[0], one[1], b], [first, *extra, add])
 
 
-def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
+def match(first: onnx.NodeProto, g: QuantizedIndex) -> Block | None:
     """The INT8 feed-forward block that MatMul ``first`` starts: a quantized linear layer (``match_linear``), a
     Relu, the hidden layer's QuantizeLinear and its DequantizeLinear (the same scale and zero point), and a
     second quantized linear layer whose D is the first's E, each node its predecessor's sole reader; or None."""
@@ -120,10 +120,11 @@ def match(first: onnx.NodeProto, g: _Graph) -> Block | None:
     return Block([*one.inputs, *two.inputs[1:]], [*one.nodes, relu, q_h, *two.nodes])
 
 
-def blocks(graph: onnx.GraphProto, matcher: Callable[[onnx.NodeProto, _Graph], Block | None] = match) -> list[Block]:
+def blocks(graph: onnx.GraphProto,
+           matcher: Callable[[onnx.NodeProto, QuantizedIndex], Block | None] = match) -> list[Block]:
     """The graph's qualifying INT8 feed-forward blocks (linear layers with ``matcher=match_linear``) in node
     order."""
-    return find(graph, matcher, _Graph(graph))
+    return find(graph, matcher, QuantizedIndex(graph))
 
 
 def rewrite(model: onnx.ModelProto) -> int:

@@ -74,7 +74,7 @@ async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
             load_seconds=round(engine.load_seconds, 3), deformable_attention=engine.deformable_attention,
             winograd_convolutions=engine.winograd_convolutions, feedforward_blocks=engine.feedforward_blocks,
             linear_layers=engine.linear_layers, softmax_nodes=engine.softmax_nodes,
-            int8_convolutions=engine.int8_convolutions,
+            int8_convolutions=engine.int8_convolutions, int8_group_norms=engine.int8_group_norms,
         )
     return InfoResponse(
         service="m2fp-service",
