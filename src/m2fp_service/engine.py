@@ -274,10 +274,20 @@ def session_options(intra_op_threads: int, *, spinning: bool = False) -> ort.Ses
     return so
 
 
-def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) -> ort.InferenceSession:
-    """A session of a graph ONNX Runtime optimised and saved earlier (not optimised again)."""
+def saved_graph_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:
+    """Session options for a graph ONNX Runtime optimised and saved earlier: not optimised again. Nor does ONNX
+    Runtime give each reader of a DequantizeLinear its own copy again (EnsureUniqueDQForNodeUnit, which runs even
+    with the optimisers off unless QDQ handling is off): the saved graph had them already, and ``qdedupe`` took out
+    the copies of an INT8 model's that only cost time."""
     so = _base_options(options, kernel)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
+def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) -> ort.InferenceSession:
+    """A session of a graph ONNX Runtime optimised and saved earlier."""
+    so = saved_graph_options(options, kernel)
     return ort.InferenceSession(str(optimised), sess_options=so, providers=["CPUExecutionProvider"])
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service import qgroupnorm
+from m2fp_service import qdedupe, qgroupnorm
 from m2fp_service.feedforward import DOMAIN, drop_unread
 from m2fp_service.winograd import attributes
 
@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     model = onnx.load(args[0])
     count = rewrite(model)
     norms = qgroupnorm.rewrite(model)
-    if count or norms:
+    dropped = qdedupe.rewrite(model)
+    if count or norms or dropped:
         onnx.save(model, Path(args[1]))
-    print(count + norms)
-    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s)", file=sys.stderr)
+    print(count + norms + dropped)
+    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s), {dropped} "
+          "DequantizeLinear node(s) computed twice or only measured dropped", file=sys.stderr)
     return 0
 
 
