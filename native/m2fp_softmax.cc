@@ -10,12 +10,19 @@
 // outright (those terms are below 1.2e-38 and the row's sum is at least 1). NaN and infinities go
 // through as in the ONNX definition: a row with a NaN, a +inf or only -inf is NaN. The rewrite is
 // `m2fp_service/softmax.py`.
+//
+// With a mask, y = Softmax(x + mask') where mask' is the mask (B, Q, L) repeated for `heads` heads:
+// x (B x heads, Q, L), row (b x heads + h, q) adding the mask's row (b, q). That is what the attention computes
+// as Unsqueeze(mask, 1) -> Tile(1, heads, 1, 1) -> Reshape(B x heads, Q, L) -> Add, without writing the
+// repeated mask (B x heads x Q x L floats, 47 MB at the decoder's 1/8-scale level at 640x1152) and reading it
+// back; the same sums, so the same results bit for bit (softmax.fuse_masks puts it in the graph).
 #include <onnxruntime_lite_custom_op.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -61,21 +68,34 @@ __attribute__((always_inline)) inline v16 exp_nonpositive(v16 x) {
   return nan ? x : (under ? v16{} : e);
 }
 
-// The `count` rows of x (length n) from `row`, into y. A row's tail (n % 16 values) goes through a
+// Row r of x + the mask: the mask's row (r / q / heads) x q + r % q, or none (mask nullptr).
+struct Rows {
+  const float* x;
+  const float* mask;
+  int64_t n, q, heads;
+  __attribute__((always_inline)) inline const float* mask_row(int64_t r) const {
+    return mask + (r / q / heads * q + r % q) * n;
+  }
+};
+
+// The `count` rows of x (+ the mask) from `row`, into y. A row's tail (n % 16 values) goes through a
 // 16-float buffer padded with -inf (which adds nothing to the maximum or the sum).
-M2FP_CLONES void softmax_rows(const float* x, float* y, int64_t row, int64_t count, int64_t n) {
+M2FP_CLONES void softmax_rows(const Rows& in, float* y, int64_t row, int64_t count) {
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-  const int64_t body = n / kLanes * kLanes;
+  const int64_t n = in.n, body = n / kLanes * kLanes;
   for (int64_t r = row; r < row + count; ++r) {
-    const float* xr = x + r * n;
+    const float* xr = in.x + r * n;
+    const float* mr = in.mask == nullptr ? nullptr : in.mask_row(r);
     float* yr = y + r * n;
+    // x + mask, 16 at a time (the same sum each time it is read).
+    const auto value = [xr, mr](int64_t i) { return mr == nullptr ? load(xr + i) : load(xr + i) + load(mr + i); };
     float tail[kLanes];
     std::fill(tail, tail + kLanes, kMinusInf);
-    if (body < n) std::copy(xr + body, xr + n, tail);
+    for (int64_t i = body; i < n; ++i) tail[i - body] = mr == nullptr ? xr[i] : xr[i] + mr[i];
     // The maximum (a NaN is not taken here; it makes its own d NaN, and the row's sum NaN).
     v16 top = load(tail);
     for (int64_t i = 0; i < body; i += kLanes) {
-      const v16 v = load(xr + i);
+      const v16 v = value(i);
       top = v > top ? v : top;
     }
     float m = kMinusInf;
@@ -84,7 +104,7 @@ M2FP_CLONES void softmax_rows(const float* x, float* y, int64_t row, int64_t cou
     // exp(x - max) into y, and its sum.
     v16 sum{};
     for (int64_t i = 0; i < body; i += kLanes) {
-      const v16 e = exp_nonpositive(load(xr + i) - mv);
+      const v16 e = exp_nonpositive(value(i) - mv);
       store(yr + i, e);
       sum += e;
     }
@@ -100,35 +120,53 @@ M2FP_CLONES void softmax_rows(const float* x, float* y, int64_t row, int64_t cou
 }
 
 struct Task {
-  const float* x;
+  Rows in;
   float* y;
-  int64_t rows, n, per_task;
+  int64_t rows, per_task;
 };
 
 void task_of(void* data, size_t index) {
   const Task& t = *static_cast<const Task*>(data);
   const int64_t row = static_cast<int64_t>(index) * t.per_task;
-  softmax_rows(t.x, t.y, row, std::min(t.per_task, t.rows - row), t.n);
+  softmax_rows(t.in, t.y, row, std::min(t.per_task, t.rows - row));
 }
 
-Ort::Status Softmax(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<float>& y) {
+Ort::Status Softmax(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+                    std::optional<const Ort::Custom::Tensor<float>*> mask,
+                    std::optional<const Ort::Custom::Tensor<int64_t>*> heads, Ort::Custom::Tensor<float>& y) {
+  const char* op = "Softmax";
   const std::vector<int64_t> shape = x.Shape();
-  if (shape.empty()) return Ort::Status("ai.m2fp::Softmax: x must have a last axis (..., N)", ORT_INVALID_ARGUMENT);
-  float* out = y.Allocate(shape);
+  if (shape.empty()) return m2fp::fail(op, "x must have a last axis (..., N)");
   const int64_t n = shape.back();
+  Rows in{x.Data(), nullptr, n, 1, 1};
+  const bool masked = mask.has_value() && *mask != nullptr;
+  if (masked != (heads.has_value() && *heads != nullptr)) return m2fp::fail(op, "a mask needs heads, and heads a mask");
+  if (masked) {
+    const std::vector<int64_t> ms = (*mask)->Shape();
+    if (!m2fp::scalar((*heads)->Shape())) return m2fp::fail(op, "heads must be a scalar");
+    const int64_t h = *(*heads)->Data();
+    if (shape.size() != 3 || ms.size() != 3 || h < 1 || ms[1] != shape[1] || ms[2] != shape[2] ||
+        ms[0] * h != shape[0]) {
+      return m2fp::fail(op, "x must be (B x heads, Q, L) for a mask (B, Q, L); x " + m2fp::dims(shape) + ", mask " +
+                                m2fp::dims(ms) + ", heads " + std::to_string(h));
+    }
+    in = Rows{x.Data(), (*mask)->Data(), n, shape[1], h};
+  }
+  float* out = y.Allocate(shape);
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
   if (rows == 0 || n == 0) return Ort::Status{nullptr};
   // Tasks of at least 64k values (a few rows of the attention's scores, many short rows) and at
   // most 64 tasks.
-  Task t{x.Data(), out, rows, n, std::max<int64_t>({1, (65536 + n - 1) / n, (rows + 63) / 64})};
+  Task t{in, out, rows, std::max<int64_t>({1, (65536 + n - 1) / n, (rows + 63) / 64})};
   Ort::KernelContext(context).ParallelFor(task_of, static_cast<size_t>((rows + t.per_task - 1) / t.per_task), 0, &t);
   return Ort::Status{nullptr};
 }
 
 Ort::Status SoftmaxChecked(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
-                           Ort::Custom::Tensor<float>& y) {
-  return m2fp::checked("Softmax", [&] { return Softmax(context, x, y); });
+                           std::optional<const Ort::Custom::Tensor<float>*> mask,
+                           std::optional<const Ort::Custom::Tensor<int64_t>*> heads, Ort::Custom::Tensor<float>& y) {
+  return m2fp::checked("Softmax", [&] { return Softmax(context, x, mask, heads, y); });
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from m2fp_export.quantize import quantize_file
 from m2fp_service import engine as engine_module
-from m2fp_service import qconv, qgroupnorm
+from m2fp_service import qconv, qdedupe, qgroupnorm, softmax
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 from tests.test_qfeedforward import TEST_CONFIG, passes_capped
 
@@ -429,7 +429,8 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
     optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv nodes (counted;
     again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the library says
     "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file) once that file's group norms are the
-    library's too (the same child process fuses them; they are not ONNX Runtime's bit for bit: test_qgroupnorm)."""
+    library's too (the same child process fuses them; they are not ONNX Runtime's bit for bit: test_qgroupnorm);
+    what else the child does (DequantizeLinear copies dropped, softmaxes adding their mask) changes no bit."""
     tiles_dir, plain_dir = tmp_path / "amx", tmp_path / "vnni"
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
     tiles = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tiles_dir), warmup=False)
@@ -437,6 +438,10 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
     assert (tiles.cache_status, again.cache_status) == ("cache written", "cache hit")
     assert tiles.int8_convolutions == again.int8_convolutions > 10
     assert "QConv" in cached_ops(tiles_dir) and len(list(tiles_dir.iterdir())) == 1  # no leftover file
+    # The same child fuses the group norms, drops DequantizeLinear copies and gives the 3 masked softmaxes their mask.
+    meta = tiles.session.get_modelmeta().custom_metadata_map
+    assert (meta[qgroupnorm.METADATA_KEY], meta[softmax.MASK_METADATA_KEY], int(meta[qdedupe.METADATA_KEY]) > 10) == (
+        "2", "3", True)
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "avx512-vnni")
     plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
     assert (plain.cache_status, plain.int8_convolutions) == ("cache written", 0)

@@ -24,6 +24,7 @@ from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine,
 pytestmark = pytest.mark.usefixtures("kernel_library")
 
 INF = np.float32(np.inf)
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid(feedforward.DOMAIN, 1)]
 
 
 def softmax_model(rank: int, domain: str = "ai.m2fp") -> onnx.ModelProto:
@@ -201,3 +202,115 @@ def test_rewrite_on_a_graph_with_weights_keeps_them(tiny_model_path: Path) -> No
     assert softmax.rewrite(model) == 3
     after = {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer[:20]}
     assert after == weights
+
+
+# ------------------------------------------------------------------------------------------------
+# A mask repeated for the heads (softmax.fuse_masks, in the INT8 convolution rewrite's child)
+# ------------------------------------------------------------------------------------------------
+
+
+def masked_softmax_model(heads: int | None = 8) -> onnx.ModelProto:
+    """The library's Softmax of x (B x heads, Q, L) plus a mask (B, Q, L) it repeats for the heads itself."""
+    inputs = ["x", "mask", "heads"] if heads is not None else ["x", "mask"]
+    node = helper.make_node("Softmax", inputs, ["y"], domain=feedforward.DOMAIN)
+    init = [] if heads is None else [numpy_helper.from_array(np.array(heads, np.int64), "heads")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None] * 3)
+                                            for n in ("x", "mask")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    return helper.make_model(graph, opset_imports=OPSETS)
+
+
+def mask_of(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """0 or -inf, about half each, never a whole row of -inf."""
+    rng = np.random.default_rng(seed)
+    mask = np.where(rng.random(shape) < 0.5, -INF, 0).astype(np.float32)
+    mask[..., 0] = 0
+    return mask
+
+
+@pytest.mark.parametrize("b,heads,q,length", [(1, 8, 5, 37), (2, 3, 4, 64), (1, 1, 3, 16), (3, 2, 1, 5)])
+def test_the_op_adds_a_mask_repeated_for_its_heads(b: int, heads: int, q: int, length: int) -> None:
+    """Softmax(x, mask, heads) is, bit for bit, the op on x + the mask repeated for every head (what
+    Unsqueeze -> Tile -> Reshape -> Add computes): row (b x heads + h, q) takes the mask's row (b, q)."""
+    x = (np.random.default_rng(b + heads).standard_normal((b * heads, q, length)) * 6).astype(np.float32)
+    mask = mask_of((b, q, length), seed=q)
+    repeated = np.repeat(mask, heads, axis=0).reshape(b * heads, q, length)
+    want = run(softmax_model(3), {"x": x + repeated})
+    got = run(masked_softmax_model(heads), {"x": x, "mask": mask})
+    assert np.array_equal(got, want)
+    assert np.isclose(got.sum(-1), 1, atol=1e-5).all() and (got == 0).mean() > 0.3  # the mask is there
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no-heads", "a mask needs heads"),
+    ("heads-0", r"x must be \(B x heads, Q, L\)"),
+    ("heads-wrong", r"x must be \(B x heads, Q, L\)"),
+    ("mask-longer", r"x must be \(B x heads, Q, L\)"),
+    ("x-rank-2", r"x must be \(B x heads, Q, L\)"),
+    ("heads-vector", "heads must be a scalar"),
+])
+def test_a_mask_that_does_not_fit_is_refused(case: str, message: str) -> None:
+    """A mask without heads, heads that do not divide x's rows as the mask's, a mask of another length, x of
+    another rank, heads that are not a scalar: a clear error, no result."""
+    x, mask = np.zeros((8, 3, 10), np.float32), np.zeros((1, 3, 10), np.float32)
+    model = masked_softmax_model(None if case == "no-heads" else {"heads-0": 0, "heads-wrong": 4}.get(case, 8))
+    if case == "mask-longer":
+        mask = np.zeros((1, 3, 11), np.float32)
+    if case == "x-rank-2":
+        x = np.zeros((8, 30), np.float32)
+        model.graph.input[0].type.tensor_type.shape.dim.pop()
+    if case == "heads-vector":
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([8, 8], np.int64), "heads"))
+    with pytest.raises(Exception, match=r"ai\.m2fp::Softmax: " + message):
+        run(model, {"x": x, "mask": mask})
+
+
+def repeated_mask_graph(case: str = "fused", heads: int = 4) -> onnx.ModelProto:
+    """What ONNX Runtime saves of the decoder's masked attention: scores (B x heads, Q, L) and a mask (B, Q, L);
+    Unsqueeze(mask, 1) -> Tile(1, heads, 1, 1) -> Reshape to (-1, Q, L) (the shape measured from the Tile) ->
+    Add(scores, .) -> the library's Softmax. ``case`` changes one thing the fusion must not take."""
+    axis, repeats = ([0] if case == "axis-0" else [1]), [1, heads, 1, 2 if case == "repeats" else 1]
+    nodes = [helper.make_node("Unsqueeze", ["mask", "axis"], ["u"]),
+             helper.make_node("Tile", ["u", "repeats"], ["t"]),
+             helper.make_node("Shape", ["t"], ["shape"]),
+             helper.make_node("Slice", ["shape", "two", "four"], ["ql"]),
+             helper.make_node("Concat", ["minus_one", "ql"], ["target"], axis=0),
+             helper.make_node("Reshape", ["t", "target"], ["r"]),
+             helper.make_node("Add", ["r", "s"] if case == "mask-first" else ["s", "r"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["y"], domain="" if case == "onnx-softmax" else feedforward.DOMAIN,
+                              name="attention")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if case in ("reshape-output", "add-output"):
+        outputs.append(helper.make_tensor_value_info("r" if case == "reshape-output" else "z", TensorProto.FLOAT, None))
+    init = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+            [("axis", axis), ("repeats", repeats), ("two", [2]), ("four", [4]), ("minus_one", [-1])]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None] * 3)
+                                           for n in ("s", "mask")], outputs, init)
+    return helper.make_model(graph, opset_imports=OPSETS)
+
+
+@pytest.mark.parametrize("case", ["fused", "mask-first"])
+def test_fuse_masks_gives_the_softmax_its_mask_with_the_same_result(case: str) -> None:
+    """The Add, Reshape and Tile go (and the Shape, Slice, Concat that measured the Tile: nothing reads them
+    any more); the Softmax reads scores, mask and heads; the result is the same bit for bit."""
+    model = repeated_mask_graph(case)
+    s = (np.random.default_rng(3).standard_normal((8, 5, 40)) * 6).astype(np.float32)
+    feeds = {"s": s, "mask": mask_of((2, 5, 40), seed=4)}
+    want = run(model, feeds)
+    assert softmax.fuse_masks(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Softmax"]
+    assert list(model.graph.node[0].input)[:2] == ["s", "mask"]
+    assert {i.name for i in model.graph.initializer} == {model.graph.node[0].input[2]}
+    assert {p.key: p.value for p in model.metadata_props} == {softmax.MASK_METADATA_KEY: "1"}
+    got = run(model, feeds)
+    assert np.array_equal(got, want) and (got == 0).mean() > 0.3
+
+
+@pytest.mark.parametrize("case", ["axis-0", "repeats", "reshape-output", "add-output", "onnx-softmax"])
+def test_fuse_masks_leaves_other_graphs_alone(case: str) -> None:
+    """An Unsqueeze on another axis, a Tile of other repeats, a Reshape or Add that is also a graph output, ONNX's
+    own Softmax: the graph byte for byte as it was."""
+    model = repeated_mask_graph(case)
+    before = model.SerializeToString()
+    assert softmax.fuse_masks(model) == 0
+    assert model.SerializeToString() == before

@@ -169,6 +169,18 @@ def drop_unread(graph: onnx.GraphProto) -> None:
     graph.input.extend(inputs)
 
 
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Nodes none of whose outputs anything reads (subgraphs included) or the graph outputs leave ``graph``, until
+    none is left (what only they read goes with them)."""
+    while True:
+        read = names_read(list(graph.node)) | {o.name for o in graph.output}
+        kept = [n for n in graph.node if any(o in read for o in n.output if o)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
 def rewrite(model: onnx.ModelProto) -> int:
     """Fuses ``model``'s qualifying feed-forward blocks in place (main graph only); returns how many."""
     return fuse(model, blocks(model.graph), "FeedForward", METADATA_KEY)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service import qdedupe, qgroupnorm
+from m2fp_service import qdedupe, qgroupnorm, softmax
 from m2fp_service.feedforward import DOMAIN, drop_unread
 from m2fp_service.winograd import attributes
 
@@ -137,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     count = rewrite(model)
     norms = qgroupnorm.rewrite(model)
     dropped = qdedupe.rewrite(model)
-    if count or norms or dropped:
+    masks = softmax.fuse_masks(model)
+    if count or norms or dropped or masks:
         onnx.save(model, Path(args[1]))
-    print(count + norms + dropped)
+    print(count + norms + dropped + masks)
     print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s), {dropped} "
-          "DequantizeLinear node(s) computed twice or only measured dropped", file=sys.stderr)
+          f"DequantizeLinear node(s) computed twice or only measured dropped, {masks} softmax(es) adding their "
+          "mask", file=sys.stderr)
     return 0
 
 

@@ -18,8 +18,9 @@ Only ``onnx`` is used here; the engine applies it with the other rewrites (``rew
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from m2fp_service import feedforward, winograd
 
@@ -56,3 +57,74 @@ def rewrite(model: onnx.ModelProto) -> int:
     others = _other_types(model)
     found = [feedforward.Block([n.input[0]], [n]) for n in candidates if n.input[0] not in others]
     return feedforward.fuse(model, found, "Softmax", METADATA_KEY)
+
+
+MASK_METADATA_KEY = "m2fp_softmax_masks"  # how many of the library's Softmax nodes add their mask themselves
+
+
+def _constant(g: feedforward.GraphIndex, name: str) -> list[int] | None:
+    """The int64 initialiser ``name`` as a list, else None."""
+    t = g.init.get(name)
+    if t is None or t.data_type != onnx.TensorProto.INT64:
+        return None
+    return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+
+
+def _repeated_mask(g: feedforward.GraphIndex, name: str) -> tuple[str, int, list[onnx.NodeProto]] | None:
+    """(mask, heads, the Reshape) when ``name`` is Reshape(Tile(Unsqueeze(mask, axis 1), (1, heads, 1, 1))), the
+    Reshape read only there; else None."""
+    reshape = g.producer.get(name)
+    if reshape is None or reshape.op_type != "Reshape" or not g.only_reader(reshape):
+        return None
+    tile = g.producer.get(reshape.input[0])
+    repeats = _constant(g, tile.input[1]) if tile is not None and tile.op_type == "Tile" else None
+    if tile is None or repeats is None or len(repeats) != 4 or repeats[:1] + repeats[2:] != [1, 1, 1] \
+            or repeats[1] < 1:
+        return None
+    unsqueeze = g.producer.get(tile.input[0])
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) != 2 or \
+            _constant(g, unsqueeze.input[1]) != [1]:
+        return None
+    return unsqueeze.input[0], repeats[1], [reshape]
+
+
+def fuse_masks(model: onnx.ModelProto) -> int:
+    """In a graph ONNX Runtime optimised and saved, each of the library's Softmax nodes (``rewrite``) reading
+    ``Add(scores, Reshape(Tile(Unsqueeze(mask, 1), (1, heads, 1, 1))))`` (the masked attention's mask repeated
+    for its heads) takes the mask itself: ``Softmax(scores, mask, heads)``, which adds each head's rows without
+    the repeated copy (the same sums: the same results bit for bit). The Add and Reshape go, and the Tile with
+    what measured it if nothing else reads them. Returns how many."""
+    graph = model.graph
+    g = feedforward.GraphIndex(graph)
+    fused: dict[int, onnx.NodeProto] = {}
+    gone: set[int] = set()
+    heads_of: dict[int, str] = {}
+    for node in graph.node:
+        if not (node.op_type == "Softmax" and node.domain == feedforward.DOMAIN and len(node.input) == 1):
+            continue
+        add = g.producer.get(node.input[0])
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or not g.only_reader(add):
+            continue
+        for scores, other in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            found = _repeated_mask(g, other)
+            if found is None:
+                continue
+            mask, heads, nodes = found
+            name = heads_of.setdefault(heads, f"m2fp_softmax_heads_{heads}")
+            fused[id(node)] = helper.make_node("Softmax", [scores, mask, name], list(node.output), name=node.name,
+                                               domain=feedforward.DOMAIN)
+            gone |= {id(add), *(id(n) for n in nodes)}
+            break
+    if not fused:
+        return 0
+    for heads, name in heads_of.items():
+        if name not in g.init:
+            graph.initializer.append(numpy_helper.from_array(np.array(heads, np.int64), name))
+    nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in gone]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    feedforward.drop_dead_nodes(graph)
+    feedforward.drop_unread(graph)
+    props = {p.key: p.value for p in model.metadata_props}
+    helper.set_model_props(model, {**props, MASK_METADATA_KEY: str(len(fused))})
+    return len(fused)
