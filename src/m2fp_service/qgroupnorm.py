@@ -18,7 +18,7 @@ The engine runs it in the child process of the INT8 convolution rewrite (``pytho
 A chain qualifies when the Transposes' perms are those above; the first Reshape's shape is the initialiser
 ``[0, G, -1]`` with G the InstanceNormalization's channels, whose scale is all ones and bias all zeros; the
 DequantizeLinear and QuantizeLinear have scalar float scales (positive, finite) and uint8 zero points; gamma
-and beta are float initialisers of one value per channel ((C, 1, 1) or (1, C, 1, 1)); the back reshape's
+and beta are float initialisers of one value per channel ((C, 1, 1) or (1, C, 1, 1), C > 1); the back reshape's
 shape is ``Shape`` (whole) of the NCHW bytes or of a DequantizeLinear of them; every intermediate tensor is
 read only by the chain (``Shape`` readers of the norm's output excepted: they read the NHWC input's shape
 instead, permuted) and is not a graph output. A residual is any float tensor added after beta; the op
@@ -53,9 +53,10 @@ class Chain(NamedTuple):
 
 
 def _per_channel(g: QuantizedIndex, name: str) -> np.ndarray | None:
-    """The float initialiser ``name`` of shape (C, 1, 1) or (1, C, 1, 1) as (C), else None."""
+    """The float initialiser ``name`` of shape (C, 1, 1) or (1, C, 1, 1) as (C), else None. C is 2 or more: one
+    value broadcast to every channel would not tell the op how many there are."""
     a = g.array(name)
-    if a is None or a.dtype != np.float32 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[0] != 1):
+    if a is None or a.dtype != np.float32 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[0] != 1) or a.size < 2:
         return None
     if a.shape[-2:] != (1, 1):
         return None
