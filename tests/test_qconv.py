@@ -401,14 +401,25 @@ def test_the_command_writes_the_rewritten_graph_only_when_a_node_qualifies(tmp_p
     assert usage.returncode == 2 and "usage" in usage.stderr
 
 
+def test_without_convolutions_the_command_runs_the_other_int8_rewrites_only(tmp_path: Path) -> None:
+    """``--no-convolutions`` (a CPU with AVX-512 VNNI but no AMX, where ONNX Runtime's convolutions are faster): a
+    graph with a convolution and nothing else to rewrite is not written (0), the convolution stays."""
+    source, out = tmp_path / "conv.onnx", tmp_path / "out.onnx"
+    onnx.save(conv()[0], source)
+    child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(source), str(out), "--no-convolutions"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "0" and not out.exists()
+    assert "0 INT8 convolution(s)" in child.stderr
+
+
 def test_a_file_the_rewrite_cannot_read_is_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The engine's child process fails on a damaged file: a failure (None, not 0), the file untouched, a warning."""
     damaged = tmp_path / "optimised.onnx"
     damaged.write_bytes(b"not a protobuf")
     with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
-        assert engine_module.convolutions_rewritten(damaged, tmp_path / "out.onnx") is None
+        assert engine_module.int8_graph_rewritten(damaged, tmp_path / "out.onnx", convolutions=True) is None
     assert damaged.read_bytes() == b"not a protobuf" and not (tmp_path / "out.onnx").exists()
-    assert "INT8 convolution rewrite failed" in caplog.text
+    assert "INT8 rewrite of the saved graph failed" in caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -428,9 +439,9 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
     """Where the library runs AMX (here, or said so: its VNNI build and plain loops give the same bytes), the
     optimised graph the engine caches has the tiny INT8 model's 64-channel convolutions as QConv nodes (counted;
     again on a cache hit); the raw outputs are, bit for bit, those of the same engine where the library says
-    "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file) once that file's group norms are the
-    library's too (the same child process fuses them; they are not ONNX Runtime's bit for bit: test_qgroupnorm);
-    what else the child does (DequantizeLinear copies dropped, softmaxes adding their mask) changes no bit."""
+    "avx512-vnni" (ONNX Runtime's convolutions, in its own cache file, where the same child process runs the other
+    INT8 rewrites only: the group norms, which are not ONNX Runtime's bit for bit (test_qgroupnorm), the
+    DequantizeLinear copies and the softmaxes' masks, which change no bit)."""
     tiles_dir, plain_dir = tmp_path / "amx", tmp_path / "vnni"
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
     tiles = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tiles_dir), warmup=False)
@@ -444,14 +455,8 @@ def test_the_engine_runs_the_tiny_int8_model_s_convolutions_as_the_library_s_wit
         "2", "3", True)
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "avx512-vnni")
     plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
-    assert (plain.cache_status, plain.int8_convolutions) == ("cache written", 0)
-    assert "QConv" not in cached_ops(plain_dir)
-    (cached,) = plain_dir.glob("*.onnx")
-    graph = onnx.load(str(cached))
-    assert qgroupnorm.rewrite(graph) == tiles.int8_group_norms > 0
-    onnx.save(graph, str(cached))
-    plain = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=plain_dir), warmup=False)
-    assert (plain.cache_status, plain.int8_convolutions, plain.int8_group_norms) == ("cache hit", 0, 2)
+    assert (plain.cache_status, plain.int8_convolutions, plain.int8_group_norms) == ("cache written", 0, 2)
+    assert "QConv" not in cached_ops(plain_dir) and "QGroupNorm" in cached_ops(plain_dir)
     x = np.random.default_rng(13).uniform(0, 255, (1, 3, 128, 192)).astype(np.float32)
     want, got, hit = plain.run(x), tiles.run(x), again.run(x)
     assert np.unique(want.mask_logits).size > 100
@@ -486,10 +491,10 @@ def test_a_failed_rewrite_is_not_cached(int8_path: Path, tmp_path: Path, monkeyp
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
     options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(engine_module, "convolutions_rewritten", lambda optimised, out: None)
+        patch.setattr(engine_module, "int8_graph_rewritten", lambda optimised, out, convolutions: None)
         failed = ParsingEngine(int8_path, options=options, warmup=False)
-    assert (failed.cache_status, failed.int8_convolutions) == ("cache not written: the INT8 convolution rewrite failed",
-                                                               0)
+    assert (failed.cache_status, failed.int8_convolutions) == (
+        "cache not written: the INT8 rewrite of the saved graph failed", 0)
     assert list(tmp_path.iterdir()) == []
     again = ParsingEngine(int8_path, options=options, warmup=False)
     assert again.cache_status == "cache written" and again.int8_convolutions > 10
@@ -500,9 +505,9 @@ def test_an_fp32_model_is_not_given_to_the_rewrite(tiny_model_path: Path, tmp_pa
     """An FP32 model has no integer convolution: the engine does not parse its saved graph again."""
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
 
-    def unexpected(optimised: Path, out: Path) -> int:
+    def unexpected(optimised: Path, out: Path, convolutions: bool) -> int:
         raise AssertionError("the rewrite ran on an FP32 model")
 
-    monkeypatch.setattr(engine_module, "convolutions_rewritten", unexpected)
+    monkeypatch.setattr(engine_module, "int8_graph_rewritten", unexpected)
     engine = ParsingEngine(tiny_model_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path), warmup=False)
     assert (engine.cache_status, engine.int8_convolutions) == ("cache written", 0)

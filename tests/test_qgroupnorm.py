@@ -549,10 +549,10 @@ def engine(path: Path, cache: Path, products: str) -> ParsingEngine:
 
 @pytest.fixture(scope="module")
 def engines(int8_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ParsingEngine, ParsingEngine, Path]:
-    """The engine where the library runs AMX (the rewrites, its cache in folder/amx) and where it runs AVX-512
-    VNNI (none of them, folder/vnni), and the folder."""
+    """The engine where the library runs AMX (the rewrites, its cache in folder/amx) and where it runs neither AMX
+    nor AVX-512 VNNI (none of the INT8 rewrites, folder/plain), and the folder."""
     folder = tmp_path_factory.mktemp("qgroupnorm-engines")
-    return engine(int8_path, folder / "amx", "amx"), engine(int8_path, folder / "vnni", "avx512-vnni"), folder
+    return engine(int8_path, folder / "amx", "amx"), engine(int8_path, folder / "plain", "generic"), folder
 
 
 def cached_graph(folder: Path) -> tuple[Path, onnx.ModelProto]:
@@ -578,7 +578,7 @@ def test_the_engine_runs_the_tiny_int8_model_s_group_norms_as_the_library_s(
     assert sorted(len(n.input) for n in ops) == [9, 10]
     assert sorted(n.name for n in ops) == sorted(f"{p}InstanceNormalization_qgroupnorm" for p in NORMS)
     assert not [n for n in fused.graph.node if n.op_type == "InstanceNormalization" and n.name.startswith(NORMS)]
-    _, original = cached_graph(folder / "vnni")
+    _, original = cached_graph(folder / "plain")
     assert len([n for n in original.graph.node if n.op_type == "InstanceNormalization"
                 and n.name.startswith(NORMS)]) == 2
     assert not [n for n in original.graph.node if n.op_type == "QGroupNorm"]

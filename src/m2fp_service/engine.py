@@ -94,19 +94,21 @@ def int8_rewrites(kernel: Path) -> bool:
     return int8_products(kernel) != "generic"
 
 
-def convolutions_rewritten(optimised: Path, out: Path) -> int | None:
-    """``qconv.rewrite`` and ``qgroupnorm.rewrite`` of the optimised graph ONNX Runtime saved at ``optimised``,
-    written to ``out`` (in a child process, as ``rewritten_graph``); how many INT8 convolutions and group norms they
-    replaced (0: none qualified), or None when it failed (a warning; ``out`` is then not to be used)."""
+def int8_graph_rewritten(optimised: Path, out: Path, convolutions: bool) -> int | None:
+    """The INT8 rewrites of the optimised graph ONNX Runtime saved at ``optimised`` (``qconv.main``: the convolutions
+    when ``convolutions``, the group norms, the DequantizeLinear copies, the repeated masks), written to ``out`` (in
+    a child process, as ``rewritten_graph``); how many nodes they replaced (0: none qualified), or None when it
+    failed (a warning; ``out`` is then not to be used)."""
+    command = [sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)]
     try:
-        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)],
+        child = subprocess.run([*command, *([] if convolutions else ["--no-convolutions"])],
                                capture_output=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("the INT8 convolution rewrite did not run (%s); ONNX Runtime's convolutions stay", exc)
+        log.warning("the INT8 rewrite of the saved graph did not run (%s); ONNX Runtime's graph stays", exc)
         return None
     message = child.stderr.decode(errors="replace").strip()
     if child.returncode != 0 or not child.stdout.strip().isdigit():
-        log.warning("the INT8 convolution rewrite failed (%s); ONNX Runtime's convolutions stay",
+        log.warning("the INT8 rewrite of the saved graph failed (%s); ONNX Runtime's graph stays",
                     message.splitlines()[-1:] or child.returncode)
         return None
     log.info("%s", message)
@@ -169,8 +171,8 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
 # feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
 # it runs them fast: AMX or AVX-512 VNNI), applied when a session is built with it (then kept in the optimised-graph
-# cache); and, with AMX, an INT8 model's convolutions and group norms (``qconv.py``, ``qgroupnorm.py``, on the graph
-# ONNX Runtime saved for the cache).
+# cache); and an INT8 model's group norms and more (``qgroupnorm.py``, ``qdedupe.py``, ``softmax.fuse_masks``), with
+# AMX its convolutions too (``qconv.py``), on the graph ONNX Runtime saved for the cache.
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
 GRAPH_REWRITES = "9"
@@ -291,29 +293,30 @@ def _open_saved(optimised: Path, options: EngineOptions, kernel: Path | None) ->
     return ort.InferenceSession(str(optimised), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _with_int8_convolutions(session: ort.InferenceSession, optimised: Path, options: EngineOptions,
-                            kernel: Path | None) -> tuple[ort.InferenceSession, bool]:
+def _with_int8_rewrites(session: ort.InferenceSession, optimised: Path, options: EngineOptions,
+                        kernel: Path | None) -> tuple[ort.InferenceSession, bool]:
     """``session`` of the graph ONNX Runtime optimised and saved at ``optimised``; for an INT8 model where the
-    library runs AMX, a session of that graph with its convolutions and group norms as the library's (``qconv.py``,
-    ``qgroupnorm.py``), which then replaces the file. Should its graph not open (or not take the file's place),
-    ONNX Runtime's graph and session stay (a warning). While the second session opens, both are in memory (the
-    bench INT8 model's start peaked at 446 MB against 414 without). Returns the session and whether the file may
-    be cached: not when the rewrite itself failed (a timeout, a killed child: the next start tries again)."""
-    if kernel is None or int8_products(kernel) != "amx" or _precision(session) != "int8":
+    library runs AMX or AVX-512 VNNI, a session of that graph rewritten (``int8_graph_rewritten``: its group norms,
+    DequantizeLinear copies and repeated masks, and with AMX its convolutions, as the library's ops), which then
+    replaces the file. Should its graph not open (or not take the file's place), ONNX Runtime's graph and session
+    stay (a warning). While the second session opens, both are in memory (the bench INT8 model's start peaked
+    at 446 MB against 414 without). Returns the session and whether the file may be cached: not when the
+    rewrite itself failed (a timeout, a killed child: the next start tries again)."""
+    products = int8_products(kernel) if kernel is not None else "generic"
+    if products == "generic" or _precision(session) != "int8":
         return session, True
     rewritten = optimised.with_name(optimised.name + ".qconv")
     try:
-        count = convolutions_rewritten(optimised, rewritten)
+        count = int8_graph_rewritten(optimised, rewritten, convolutions=products == "amx")
         if not count:
             return session, count is not None
         try:
-            tiles = _open_saved(rewritten, options, kernel)
+            faster = _open_saved(rewritten, options, kernel)
             rewritten.replace(optimised)
         except Exception as exc:  # onnxruntime raises its own exception types; OSError from the file
-            log.warning("the graph with the INT8 convolutions on AMX tiles does not load (%s); ONNX Runtime's "
-                        "convolutions stay", exc)
+            log.warning("the rewritten INT8 graph does not load (%s); ONNX Runtime's stays", exc)
             return session, True
-        return tiles, True
+        return faster, True
     finally:
         rewritten.unlink(missing_ok=True)
 
@@ -359,10 +362,10 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
-        session, cacheable = _with_int8_convolutions(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp,
+        session, cacheable = _with_int8_rewrites(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp,
                                                      options, kernel)
         if not cacheable:
-            return session, "cache not written: the INT8 convolution rewrite failed"
+            return session, "cache not written: the INT8 rewrite of the saved graph failed"
         graphcache.make_shareable(tmp)  # (after the file's last change) the cache is as shareable as the model
         tmp.replace(cached)
     finally:

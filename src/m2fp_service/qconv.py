@@ -8,7 +8,8 @@ optimising it (the engine's optimised-graph cache, ``engine._open_optimized``) a
 qualifying node with ``ai.m2fp::QConv(x, x_zero_point, tiles, bias, scale, y_zero_point, geometry)``
 (``native/m2fp_qconv.cc``): the same result, bit for bit, with the products on AMX tiles. The layout
 stays ONNX Runtime's; only the kernel changes. The engine runs ``python -m m2fp_service.qconv IN OUT``
-in a child process (as ``rewrite``) and opens OUT.
+in a child process (``main``: this rewrite, then the other INT8 rewrites of the saved graph; on a CPU with
+AVX-512 VNNI but no AMX those only, ``--no-convolutions``) and opens OUT.
 
 A node qualifies when it is ``channels_last`` with group 1, strides and dilations 1 and explicit pads
 smaller than the kernel, and no attribute this does not know; every input but x is an initialiser; the
@@ -127,19 +128,22 @@ def rewrite(model: onnx.ModelProto) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx``: OUT written when some node qualifies (nothing
-    written otherwise); how many nodes were replaced on stdout, in words on stderr."""
+    """``python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx [--no-convolutions]``: the INT8 rewrites of a saved
+    graph (``rewrite`` unless ``--no-convolutions``, then ``qgroupnorm``, ``qdedupe``, ``softmax.fuse_masks``); OUT
+    written when some node was replaced (nothing written otherwise); how many on stdout, in words on stderr."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx", file=sys.stderr)
+    convolutions = "--no-convolutions" not in args
+    paths = [a for a in args if a != "--no-convolutions"]
+    if len(paths) != 2 or any(p.startswith("--") for p in paths):
+        print("usage: python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx [--no-convolutions]", file=sys.stderr)
         return 2
-    model = onnx.load(args[0])
-    count = rewrite(model)
+    model = onnx.load(paths[0])
+    count = rewrite(model) if convolutions else 0
     norms = qgroupnorm.rewrite(model)
     dropped = qdedupe.rewrite(model)
     masks = softmax.fuse_masks(model)
     if count or norms or dropped or masks:
-        onnx.save(model, Path(args[1]))
+        onnx.save(model, Path(paths[1]))
     print(count + norms + dropped + masks)
     print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s), {dropped} "
           f"DequantizeLinear node(s) computed twice or only measured dropped, {masks} softmax(es) adding their "

@@ -287,7 +287,8 @@ class ModelInfo(BaseModel):
         0, ge=0, description="How many of an INT8 model's group normalisations (with the Add and quantization around "
                              "them) run as the library's own op on its NHWC bytes instead of ten ONNX Runtime nodes "
                              "(the same library; on M2FP INT8 models 2, the pixel decoder's at a quarter of the "
-                             "input's size, where its convolutions run on AMX tiles; 0 elsewhere)")
+                             "input's size, on CPUs with AVX-512 VNNI or AMX-INT8, with the optimised-graph cache "
+                             "on; 0 elsewhere)")
     softmax_nodes: int = Field(
         0, ge=0, description="How many Softmax nodes after an additive mask run as the library's own op, which stays "
                              "fast on rows of -inf (the same library; on M2FP models 9: the decoder's masked "
