@@ -132,10 +132,10 @@ def build_msda(output: Path) -> Path:
 
 
 def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
-    """The INT8 feed-forward and linear ops (``m2fp_qffn.cc``) and convolution (``m2fp_qconv.cc``) and, on
-    x86-64 where the compiler has AMX, their blocks on AMX tiles or with AVX-512 VNNI (``m2fp_qffn_x86.cc``),
-    as objects. Multiplies and adds
-    stay apart (``-ffp-contract=off``): every build then gives the bits ONNX Runtime's nodes give."""
+    """The INT8 feed-forward and linear ops (``m2fp_qffn.cc``), convolution (``m2fp_qconv.cc``) and group norm
+    (``m2fp_qgroupnorm.cc``) and, on x86-64 where the compiler has AMX, their blocks on AMX tiles or with AVX-512
+    VNNI (``m2fp_qffn_x86.cc``), as objects. Multiplies and adds stay apart (``-ffp-contract=off``): every build
+    then gives the bits ONNX Runtime's nodes give (the group norm: the bits its numpy reference gives)."""
     flags = [*compiler, *FLAGS, "-ffp-contract=off", f"-I{include}"]
     defines: list[str] = []
     objects: list[str] = []

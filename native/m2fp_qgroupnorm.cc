@@ -36,8 +36,10 @@
 
 #include "m2fp_checked.h"
 #if defined(__x86_64__)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 warns inside its own AVX-512 headers
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 #include "m2fp_qffn_product.h"
 #include "m2fp_qgroupnorm.h"

@@ -146,7 +146,7 @@ Ort::Status Softmax(OrtKernelContext* context, const Ort::Custom::Tensor<float>&
     if (!m2fp::scalar((*heads)->Shape())) return m2fp::fail(op, "heads must be a scalar");
     const int64_t h = *(*heads)->Data();
     if (shape.size() != 3 || ms.size() != 3 || h < 1 || ms[1] != shape[1] || ms[2] != shape[2] ||
-        ms[0] * h != shape[0]) {
+        shape[0] % h != 0 || shape[0] / h != ms[0]) {
       return m2fp::fail(op, "x must be (B x heads, Q, L) for a mask (B, Q, L); x " + m2fp::dims(shape) + ", mask " +
                                 m2fp::dims(ms) + ", heads " + std::to_string(h));
     }

@@ -24,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from m2fp_export.quantize import quantize_file
 from m2fp_service import engine as engine_module
-from m2fp_service import qconv, qdedupe, qgroupnorm, softmax
+from m2fp_service import int8graph, qconv, qdedupe, qgroupnorm, softmax
 from m2fp_service.engine import BUILT_MSDA_KERNEL, EngineOptions, ParsingEngine, session_options
 from tests.test_qfeedforward import TEST_CONFIG, passes_capped
 
@@ -385,18 +385,18 @@ def test_two_nodes_sharing_weights_get_their_own_constants() -> None:
 
 
 def test_the_command_writes_the_rewritten_graph_only_when_a_node_qualifies(tmp_path: Path) -> None:
-    """``python -m m2fp_service.qconv IN OUT``: the count on stdout; OUT written when it is not 0, and IN untouched."""
+    """``python -m m2fp_service.int8graph IN OUT``: the count on stdout; OUT written when it is not 0, IN untouched."""
     cases = {"qualifies": conv()[0], "declined": declined("stride-2")}
     for name, model in cases.items():
         source, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}-out.onnx"
         onnx.save(model, source)
         before = source.read_bytes()
-        child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(source), str(out)],
+        child = subprocess.run([sys.executable, "-m", "m2fp_service.int8graph", str(source), str(out)],
                                capture_output=True, text=True, check=True)
         assert child.stdout.strip() == ("1" if name == "qualifies" else "0")
         assert out.is_file() is (name == "qualifies") and source.read_bytes() == before
     assert [n.op_type for n in onnx.load(str(tmp_path / "qualifies-out.onnx")).graph.node] == ["QConv"]
-    usage = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(tmp_path / "qualifies.onnx")],
+    usage = subprocess.run([sys.executable, "-m", "m2fp_service.int8graph", str(tmp_path / "qualifies.onnx")],
                            capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "usage" in usage.stderr
 
@@ -406,10 +406,28 @@ def test_without_convolutions_the_command_runs_the_other_int8_rewrites_only(tmp_
     graph with a convolution and nothing else to rewrite is not written (0), the convolution stays."""
     source, out = tmp_path / "conv.onnx", tmp_path / "out.onnx"
     onnx.save(conv()[0], source)
-    child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(source), str(out), "--no-convolutions"],
+    child = subprocess.run([sys.executable, "-m", "m2fp_service.int8graph", str(source), str(out), "--no-convolutions"],
                            capture_output=True, text=True, check=True)
     assert child.stdout.strip() == "0" and not out.exists()
     assert "0 INT8 convolution(s)" in child.stderr
+
+
+def test_a_rewrite_that_fails_is_left_out_and_the_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``int8graph.main``: should one rewrite raise (here the group norms'), it is reported and the graph stays as
+    it was before it; the convolution is still replaced and OUT written."""
+    source, out = tmp_path / "conv.onnx", tmp_path / "out.onnx"
+    onnx.save(conv()[0], source)
+
+    def broken(model: onnx.ModelProto) -> int:
+        del model.graph.node[:]  # half done, then fails
+        raise ValueError("broken rewrite")
+
+    monkeypatch.setattr(qgroupnorm, "rewrite", broken)
+    assert int8graph.main([str(source), str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "1" and "INT8 group norm rewrite failed" in printed.err and "broken" in printed.err
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["QConv"]
 
 
 def test_a_file_the_rewrite_cannot_read_is_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -480,8 +498,34 @@ def test_a_rewritten_graph_that_does_not_load_leaves_onnx_runtime_s(
     with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
         engine = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path), warmup=False)
     assert (engine.cache_status, engine.int8_convolutions) == ("cache written", 0)
-    assert "does not load (cannot load this graph)" in caplog.text
+    assert "does not load or run (cannot load this graph)" in caplog.text
     assert "QConv" not in cached_ops(tmp_path) and len(list(tmp_path.iterdir())) == 1
+    assert engine.run(np.zeros((1, 3, 64, 64), np.float32)).mask_logits.size > 0
+
+
+def test_a_rewritten_graph_that_fails_to_run_leaves_onnx_runtime_s(
+        int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Should a rewrite take a graph its op refuses at run time (here the real rewrite's output with a group norm
+    given 7 groups, which do not divide its channels), the engine's run on a small picture finds it before the
+    file is replaced: ONNX Runtime's session and graph stay and are cached (a warning), and requests run."""
+    monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
+    rewritten = engine_module.int8_graph_rewritten
+
+    def refused_at_run(optimised: Path, out: Path, convolutions: bool) -> int | None:
+        count = rewritten(optimised, out, convolutions)
+        model = onnx.load(str(out))
+        norm = next(n for n in model.graph.node if n.op_type == "QGroupNorm")
+        groups = next(t for t in model.graph.initializer if t.name == norm.input[6])
+        groups.CopyFrom(numpy_helper.from_array(np.array(7, np.int64), groups.name))
+        onnx.save(model, str(out))
+        return count
+
+    monkeypatch.setattr(engine_module, "int8_graph_rewritten", refused_at_run)
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = ParsingEngine(int8_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path), warmup=False)
+    assert (engine.cache_status, engine.int8_convolutions, engine.int8_group_norms) == ("cache written", 0, 0)
+    assert "does not load or run" in caplog.text and "groups must divide C" in caplog.text
+    assert "QGroupNorm" not in cached_ops(tmp_path) and len(list(tmp_path.iterdir())) == 1
     assert engine.run(np.zeros((1, 3, 64, 64), np.float32)).mask_logits.size > 0
 
 

@@ -2,12 +2,12 @@
 
 The op is checked bit for bit against ``reference``, numpy's copy of the arithmetic its header comment defines
 (exact integer sums per image and group, the per-channel a and b in double, the rest in float32, ONNX Runtime's
-QuantizeLinear): with its AVX-512 path here and with the plain loops in child processes (M2FP_QFFN_KERNEL=
-avx512-vnni, =generic). Inputs it must refuse are refused with its own message. The rewrite is run on graphs in
-the form ONNX Runtime's optimiser leaves an INT8 model's GroupNorm (``chain``): the fused graph's bytes are within
-one of ONNX Runtime's on the original graph (it sums floats, the op integers) and equal to the reference's;
-chains that do not qualify are left byte for byte. Last, the engine on the tiny INT8 model with and without the
-rewrite, and the bound that comparison uses against an op fed the wrong constants.
+QuantizeLinear): with its AVX-512 path here and with the plain loops in a child process (M2FP_QFFN_KERNEL=generic;
+the plain loops' per-CPU clones are those this CPU picks). Inputs it must refuse are refused with its own message.
+The rewrite is run on graphs in the form ONNX Runtime's optimiser leaves an INT8 model's GroupNorm (``chain``): the
+fused graph's bytes are within one of ONNX Runtime's on the original graph (it sums floats, the op integers) and
+equal to the reference's; chains that do not qualify are left byte for byte. Last, the engine on the tiny INT8
+model with and without the rewrite, and the bound that comparison uses against an op fed the wrong constants.
 """
 
 from __future__ import annotations
@@ -263,13 +263,12 @@ def test_hostile_inputs_are_refused(case: str) -> None:
         run_op(o)
 
 
-@pytest.mark.parametrize("cap", ["avx512-vnni", "generic"])
-def test_every_narrower_build_gives_the_same_bits(cap: str) -> None:
-    """Under M2FP_QFFN_KERNEL=avx512-vnni or =generic (read once per process) the op runs its AVX-512 path or the
-    plain loops only: every op test of this module, and the fused chains' against ONNX Runtime and the reference,
-    pass on them too, in a child process."""
-    passes_capped(cap, __file__, "matches_the_reference or per_image or empty_batch or hostile or fuses_the_chain",
-                  len(CASES) + 1 + 1 + len(HOSTILE) + len(VARIANTS))
+def test_the_plain_loops_give_the_same_bits() -> None:
+    """Under M2FP_QFFN_KERNEL=generic (read once per process) the op runs its plain loops only (the AVX-512 path
+    needs the INT8 ops' AVX-512 VNNI or AMX): every op test of this module, and the fused chains' against ONNX
+    Runtime and the reference, pass on them too, in a child process."""
+    selection = "matches_the_reference or per_image or empty_batch or hostile or fuses_the_chain"
+    passes_capped("generic", __file__, selection, len(CASES) + 1 + 1 + len(HOSTILE) + len(VARIANTS))
 
 
 # --- the rewrite -------------------------------------------------------------------------------------------------
@@ -508,13 +507,13 @@ def test_chains_that_do_not_qualify_are_left_alone(kind: str) -> None:
 
 
 def test_the_command_counts_and_writes_the_group_norm(tmp_path: Path) -> None:
-    """``python -m m2fp_service.qconv IN OUT`` on a graph with no convolution but a qualifying group norm: "1" on
+    """``python -m m2fp_service.int8graph IN OUT`` on a graph with no convolution but a qualifying group norm: "1" on
     stdout, OUT with the QGroupNorm node and its count in the metadata, IN untouched."""
     model, feeds = chain(residual=True)
     source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, source)
     before = source.read_bytes()
-    child = subprocess.run([sys.executable, "-m", "m2fp_service.qconv", str(source), str(out)],
+    child = subprocess.run([sys.executable, "-m", "m2fp_service.int8graph", str(source), str(out)],
                            capture_output=True, text=True, check=True)
     assert child.stdout.strip() == "1" and "1 INT8 group norm(s)" in child.stderr
     assert source.read_bytes() == before

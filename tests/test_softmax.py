@@ -205,7 +205,7 @@ def test_rewrite_on_a_graph_with_weights_keeps_them(tiny_model_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------------------------
-# A mask repeated for the heads (softmax.fuse_masks, in the INT8 convolution rewrite's child)
+# A mask repeated for the heads (softmax.fuse_masks, in the INT8 rewrite of the saved graph)
 # ------------------------------------------------------------------------------------------------
 
 

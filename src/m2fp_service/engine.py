@@ -95,11 +95,11 @@ def int8_rewrites(kernel: Path) -> bool:
 
 
 def int8_graph_rewritten(optimised: Path, out: Path, convolutions: bool) -> int | None:
-    """The INT8 rewrites of the optimised graph ONNX Runtime saved at ``optimised`` (``qconv.main``: the convolutions
-    when ``convolutions``, the group norms, the DequantizeLinear copies, the repeated masks), written to ``out`` (in
-    a child process, as ``rewritten_graph``); how many nodes they replaced (0: none qualified), or None when it
-    failed (a warning; ``out`` is then not to be used)."""
-    command = [sys.executable, "-m", "m2fp_service.qconv", str(optimised), str(out)]
+    """The INT8 rewrites of the optimised graph ONNX Runtime saved at ``optimised`` (``int8graph.py``: the
+    convolutions when ``convolutions``, the group norms, the DequantizeLinear copies, the repeated masks), written to
+    ``out`` (in a child process, as ``rewritten_graph``); how many nodes they replaced (0: none qualified), or None
+    when it failed (a warning; ``out`` is then not to be used)."""
+    command = [sys.executable, "-m", "m2fp_service.int8graph", str(optimised), str(out)]
     try:
         child = subprocess.run([*command, *([] if convolutions else ["--no-convolutions"])],
                                capture_output=True, timeout=600, check=False)
@@ -171,8 +171,8 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # The same library runs the nodes of the graph rewrites (``rewrite.py``: Winograd convolutions, fused
 # feed-forward blocks and linear layers, softmaxes; an INT8 model's feed-forward blocks and linear layers where
 # it runs them fast: AMX or AVX-512 VNNI), applied when a session is built with it (then kept in the optimised-graph
-# cache); and an INT8 model's group norms and more (``qgroupnorm.py``, ``qdedupe.py``, ``softmax.fuse_masks``), with
-# AMX its convolutions too (``qconv.py``), on the graph ONNX Runtime saved for the cache.
+# cache); and an INT8 model's group norms and more, with AMX its convolutions too (``int8graph.py``), on the graph
+# ONNX Runtime saved for the cache.
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
 GRAPH_REWRITES = "9"
@@ -299,9 +299,10 @@ def _with_int8_rewrites(session: ort.InferenceSession, optimised: Path, options:
     library runs AMX or AVX-512 VNNI, a session of that graph rewritten (``int8_graph_rewritten``: its group norms,
     DequantizeLinear copies and repeated masks, and with AMX its convolutions, as the library's ops), which then
     replaces the file. Should its graph not open (or not take the file's place), ONNX Runtime's graph and session
-    stay (a warning). While the second session opens, both are in memory (the bench INT8 model's start peaked
-    at 446 MB against 414 without). Returns the session and whether the file may be cached: not when the
-    rewrite itself failed (a timeout, a killed child: the next start tries again)."""
+    stay (a warning), as when it fails to run a small picture (a rewrite that took a graph its op refuses at run
+    time: every request would fail). While the second session opens, both are in memory (the bench INT8
+    model's start peaked at 446 MB against 414 without). Returns the session and whether the file may be cached:
+    not when the rewrite itself failed (a timeout, a killed child: the next start tries again)."""
     products = int8_products(kernel) if kernel is not None else "generic"
     if products == "generic" or _precision(session) != "int8":
         return session, True
@@ -312,9 +313,11 @@ def _with_int8_rewrites(session: ort.InferenceSession, optimised: Path, options:
             return session, count is not None
         try:
             faster = _open_saved(rewritten, options, kernel)
+            image = faster.get_inputs()[0]
+            faster.run(None, {image.name: np.zeros((1, 3, 64, 64), np.float32)})
             rewritten.replace(optimised)
         except Exception as exc:  # onnxruntime raises its own exception types; OSError from the file
-            log.warning("the rewritten INT8 graph does not load (%s); ONNX Runtime's stays", exc)
+            log.warning("the rewritten INT8 graph does not load or run (%s); ONNX Runtime's stays", exc)
             return session, True
         return faster, True
     finally:
@@ -356,14 +359,14 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         os.close(fd)
     except OSError as exc:
         log.warning("cannot write the optimised-graph cache in %s (%s): optimising in memory at every start, and "
-                    "an INT8 model's convolutions stay ONNX Runtime's; set M2FP_ORT_CACHE_DIR to a writable folder to "
-                    "start faster", cached.parent, exc.strerror)
+                    "an INT8 model's convolutions and group norms stay ONNX Runtime's; set M2FP_ORT_CACHE_DIR to a "
+                    "writable folder to start faster", cached.parent, exc.strerror)
         return _open(model_path, so, rewritten_graph(model_path, kernel)), f"cache not writable: {cached.parent}"
     tmp = Path(tmp_name)
     try:
         so.optimized_model_filepath = str(tmp)
         session, cacheable = _with_int8_rewrites(_open(model_path, so, rewritten_graph(model_path, kernel)), tmp,
-                                                     options, kernel)
+                                                 options, kernel)
         if not cacheable:
             return session, "cache not written: the INT8 rewrite of the saved graph failed"
         graphcache.make_shareable(tmp)  # (after the file's last change) the cache is as shareable as the model

@@ -171,14 +171,18 @@ def drop_unread(graph: onnx.GraphProto) -> None:
 
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Nodes none of whose outputs anything reads (subgraphs included) or the graph outputs leave ``graph``, until
-    none is left (what only they read goes with them)."""
+    none is left (what only they read goes with them), and so do the shapes recorded for their outputs."""
+    gone: set[str] = set()
     while True:
         read = names_read(list(graph.node)) | {o.name for o in graph.output}
         kept = [n for n in graph.node if any(o in read for o in n.output if o)]
         if len(kept) == len(graph.node):
-            return
+            break
+        gone |= {o for n in graph.node for o in n.output} - {o for n in kept for o in n.output}
         del graph.node[:]
         graph.node.extend(kept)
+    for value in [v for v in graph.value_info if v.name in gone]:
+        graph.value_info.remove(value)
 
 
 def rewrite(model: onnx.ModelProto) -> int:

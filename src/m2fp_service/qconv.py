@@ -7,9 +7,8 @@ convolution), also where the CPU has AMX. ``rewrite`` takes the graph ONNX Runti
 optimising it (the engine's optimised-graph cache, ``engine._open_optimized``) and replaces each
 qualifying node with ``ai.m2fp::QConv(x, x_zero_point, tiles, bias, scale, y_zero_point, geometry)``
 (``native/m2fp_qconv.cc``): the same result, bit for bit, with the products on AMX tiles. The layout
-stays ONNX Runtime's; only the kernel changes. The engine runs ``python -m m2fp_service.qconv IN OUT``
-in a child process (``main``: this rewrite, then the other INT8 rewrites of the saved graph; on a CPU with
-AVX-512 VNNI but no AMX those only, ``--no-convolutions``) and opens OUT.
+stays ONNX Runtime's; only the kernel changes. The engine runs it with the other INT8 rewrites of the saved
+graph in a child process (``int8graph.py``) and opens what it wrote.
 
 A node qualifies when it is ``channels_last`` with group 1, strides and dilations 1 and explicit pads
 smaller than the kernel, and no attribute this does not know; every input but x is an initialiser; the
@@ -23,14 +22,10 @@ weight sum (int32), and x_scale x w_scale / y_scale (float32, in that order).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service import qdedupe, qgroupnorm, softmax
 from m2fp_service.feedforward import DOMAIN, drop_unread
 from m2fp_service.winograd import attributes
 
@@ -125,31 +120,3 @@ def rewrite(model: onnx.ModelProto) -> int:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
     return count
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx [--no-convolutions]``: the INT8 rewrites of a saved
-    graph (``rewrite`` unless ``--no-convolutions``, then ``qgroupnorm``, ``qdedupe``, ``softmax.fuse_masks``); OUT
-    written when some node was replaced (nothing written otherwise); how many on stdout, in words on stderr."""
-    args = sys.argv[1:] if argv is None else argv
-    convolutions = "--no-convolutions" not in args
-    paths = [a for a in args if a != "--no-convolutions"]
-    if len(paths) != 2 or any(p.startswith("--") for p in paths):
-        print("usage: python -m m2fp_service.qconv OPTIMISED.onnx OUT.onnx [--no-convolutions]", file=sys.stderr)
-        return 2
-    model = onnx.load(paths[0])
-    count = rewrite(model) if convolutions else 0
-    norms = qgroupnorm.rewrite(model)
-    dropped = qdedupe.rewrite(model)
-    masks = softmax.fuse_masks(model)
-    if count or norms or dropped or masks:
-        onnx.save(model, Path(paths[1]))
-    print(count + norms + dropped + masks)
-    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s), {dropped} "
-          f"DequantizeLinear node(s) computed twice or only measured dropped, {masks} softmax(es) adding their "
-          "mask", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

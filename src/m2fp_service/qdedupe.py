@@ -7,8 +7,8 @@ four times, three of them for a Resize each and one for a Shape, ~5.5 ms per cop
 read by Shape nodes only; 151 copies in all (most of initialisers, a few microseconds each). ``rewrite`` makes
 every Shape read the DequantizeLinear's input instead (the same shape), and every copy's readers read the first
 of its kind (the same inputs and attributes: the same values), and drops what is then unread. The results are
-the same bit for bit. The engine runs it in its INT8 rewrite of the saved graph (``python -m m2fp_service.qconv``,
-a child process), where the library runs AMX or AVX-512 VNNI.
+the same bit for bit. The engine runs it in its INT8 rewrite of the saved graph (``int8graph.py``, a child
+process), where the library runs AMX or AVX-512 VNNI.
 
 A copy stays where its output is a graph output or is read inside a subgraph (If/Loop bodies), which would have
 to be renamed too.

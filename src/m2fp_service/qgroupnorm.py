@@ -13,8 +13,8 @@ that): ten passes over the tensor, four of them in float, ~45 ms per norm on thi
 epsilon, groups, y_scale, y_zero_point[, residual])`` on the NHWC bytes (``native/m2fp_qgroupnorm.cc``),
 which reads x twice and writes y once. Its statistics are exact integer sums where ONNX Runtime sums floats,
 so an output byte may differ from ONNX Runtime's by one next to a rounding half; the tests bound how often.
-The engine runs it in its INT8 rewrite of the saved graph (``python -m m2fp_service.qconv``, a child process),
-where the library runs AMX or AVX-512 VNNI.
+The engine runs it in its INT8 rewrite of the saved graph (``int8graph.py``, a child process), where the library
+runs AMX or AVX-512 VNNI.
 
 A chain qualifies when the Transposes' perms are those above; the first Reshape's shape is the initialiser
 ``[0, G, -1]`` with G the InstanceNormalization's channels, whose scale is all ones and bias all zeros; the

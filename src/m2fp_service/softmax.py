@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from m2fp_service import feedforward, winograd
 
 METADATA_KEY = "m2fp_softmax"  # how many Softmax nodes were replaced (kept in the optimised graph)
+MASK_METADATA_KEY = "m2fp_softmax_masks"  # how many of the library's Softmax nodes add their mask themselves
 
 
 def _last_axis(node: onnx.NodeProto) -> bool:
@@ -58,8 +59,6 @@ def rewrite(model: onnx.ModelProto) -> int:
     found = [feedforward.Block([n.input[0]], [n]) for n in candidates if n.input[0] not in others]
     return feedforward.fuse(model, found, "Softmax", METADATA_KEY)
 
-
-MASK_METADATA_KEY = "m2fp_softmax_masks"  # how many of the library's Softmax nodes add their mask themselves
 
 
 def _constant(g: feedforward.GraphIndex, name: str) -> list[int] | None:
@@ -120,9 +119,12 @@ def fuse_masks(model: onnx.ModelProto) -> int:
     for heads, name in heads_of.items():
         if name not in g.init:
             graph.initializer.append(numpy_helper.from_array(np.array(heads, np.int64), name))
+    outputs = {o for n in graph.node if id(n) in gone for o in n.output}
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(nodes)
+    for value in [v for v in graph.value_info if v.name in outputs]:
+        graph.value_info.remove(value)
     feedforward.drop_dead_nodes(graph)
     feedforward.drop_unread(graph)
     props = {p.key: p.value for p in model.metadata_props}

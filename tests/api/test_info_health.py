@@ -31,7 +31,7 @@ def test_info_is_the_model_card(client: TestClient) -> None:
     # `make test` builds the kernel, and the tiny model calls its node (tests/test_engine.py covers "standard").
     assert info["model"]["deformable_attention"] == ("fused" if BUILT_MSDA_KERNEL.is_file() else "standard")
     assert info["model"]["winograd_convolutions"] == 0  # the tiny model's convolutions are too thin (64 channels)
-    assert info["model"]["int8_convolutions"] == 0  # an FP32 model
+    assert info["model"]["int8_convolutions"] == info["model"]["int8_group_norms"] == 0  # an FP32 model
     # Its encoder layer, 3 decoder layers and 4 mask-embedding MLPs run as the library's fused op.
     assert info["model"]["feedforward_blocks"] == (8 if BUILT_MSDA_KERNEL.is_file() else 0)
     assert info["model"]["linear_layers"] == (26 if BUILT_MSDA_KERNEL.is_file() else 0)

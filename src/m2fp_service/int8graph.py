@@ -1,0 +1,62 @@
+"""The INT8 rewrites of the graph ONNX Runtime saved after optimising an INT8 model, in one command.
+
+``python -m m2fp_service.int8graph OPTIMISED.onnx OUT.onnx [--no-convolutions]`` runs, in this order:
+``qconv.rewrite`` (the convolutions on AMX tiles; not with ``--no-convolutions``, for a CPU with AVX-512 VNNI
+but no AMX, where ONNX Runtime's convolutions are faster), ``qgroupnorm.rewrite`` (the pixel decoder's group
+norms), ``qdedupe.rewrite`` (DequantizeLinear copies) and ``softmax.fuse_masks`` (the masked softmaxes' repeated
+masks). OUT is written when some node was replaced (nothing otherwise); how many on stdout, in words on stderr.
+A rewrite that raises is reported on stderr and leaves the graph as it was before it; the others still run.
+The engine runs this in a child process (``engine.int8_graph_rewritten``: the graph is parsed once more, and a
+rewrite's memory goes with the process) while it writes the optimised-graph cache, and opens OUT.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from m2fp_service import qconv, qdedupe, qgroupnorm, softmax
+
+USAGE = "usage: python -m m2fp_service.int8graph OPTIMISED.onnx OUT.onnx [--no-convolutions]"
+
+
+def _applied(model: onnx.ModelProto, name: str, rewrite: Callable[[onnx.ModelProto], int]) -> int:
+    """``rewrite(model)``'s count; 0 with ``model`` as it was when it raises (said on stderr)."""
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    try:
+        return rewrite(model)
+    except Exception:  # noqa: BLE001 - any failure of one rewrite: the others still run
+        print(f"the {name} rewrite failed and was left out:\n{traceback.format_exc()}", file=sys.stderr)
+        model.CopyFrom(before)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command (see the module's docstring); 2 on wrong arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    convolutions = "--no-convolutions" not in args
+    paths = [a for a in args if a != "--no-convolutions"]
+    if len(paths) != 2 or any(p.startswith("--") for p in paths):
+        print(USAGE, file=sys.stderr)
+        return 2
+    model = onnx.load(paths[0])
+    count = _applied(model, "INT8 convolution", qconv.rewrite) if convolutions else 0
+    norms = _applied(model, "INT8 group norm", qgroupnorm.rewrite)
+    dropped = _applied(model, "DequantizeLinear copies", qdedupe.rewrite)
+    masks = _applied(model, "softmax mask", softmax.fuse_masks)
+    if count or norms or dropped or masks:
+        onnx.save(model, Path(paths[1]))
+    print(count + norms + dropped + masks)
+    print(f"graph rewrites: {count} INT8 convolution(s) on AMX tiles, {norms} INT8 group norm(s), {dropped} "
+          f"DequantizeLinear node(s) computed twice or only measured dropped, {masks} softmax(es) adding their "
+          "mask", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
