@@ -5,7 +5,7 @@
 but no AMX, where ONNX Runtime's convolutions are faster), ``qgroupnorm.rewrite`` (the pixel decoder's group
 norms), ``qdedupe.rewrite`` (DequantizeLinear copies) and ``softmax.fuse_masks`` (the masked softmaxes' repeated
 masks). OUT is written when some node was replaced (nothing otherwise); how many on stdout, in words on stderr.
-A rewrite that raises is reported on stderr and leaves the graph as it was before it; the others still run.
+A rewrite that raises is reported on stderr and left out; the others still run.
 The engine runs this in a child process (``engine.int8_graph_rewritten``: the graph is parsed once more, and a
 rewrite's memory goes with the process) while it writes the optimised-graph cache, and opens OUT.
 """
@@ -24,16 +24,25 @@ from m2fp_service import qconv, qdedupe, qgroupnorm, softmax
 USAGE = "usage: python -m m2fp_service.int8graph OPTIMISED.onnx OUT.onnx [--no-convolutions]"
 
 
-def _applied(model: onnx.ModelProto, name: str, rewrite: Callable[[onnx.ModelProto], int]) -> int:
-    """``rewrite(model)``'s count; 0 with ``model`` as it was when it raises (said on stderr)."""
-    before = onnx.ModelProto()
-    before.CopyFrom(model)
-    try:
-        return rewrite(model)
-    except Exception:  # noqa: BLE001 - any failure of one rewrite: the others still run
-        print(f"the {name} rewrite failed and was left out:\n{traceback.format_exc()}", file=sys.stderr)
-        model.CopyFrom(before)
-        return 0
+Rewrite = Callable[[onnx.ModelProto], int]
+
+
+def rewritten(path: str, rewrites: list[tuple[str, Rewrite]]) -> tuple[onnx.ModelProto, list[int]]:
+    """The graph at ``path`` after each ``(name, rewrite)`` in turn, and their counts. One that raises is said on
+    stderr and counts 0: the graph is read again and the rewrites before it that did not fail run again (no copy of
+    the graph is kept in memory for that case: the same rewrites of the same graph give the same result)."""
+    model, counts, failed = onnx.load(path), [], set()
+    for k, (name, rewrite) in enumerate(rewrites):
+        try:
+            counts.append(rewrite(model))
+        except Exception:  # noqa: BLE001 - any failure of one rewrite: the others still run
+            print(f"the {name} rewrite failed and was left out:\n{traceback.format_exc()}", file=sys.stderr)
+            counts.append(0)
+            failed.add(k)
+            model = onnx.load(path)
+            for _, again in (r for i, r in enumerate(rewrites[:k]) if i not in failed):
+                again(model)
+    return model, counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 2 or any(p.startswith("--") for p in paths):
         print(USAGE, file=sys.stderr)
         return 2
-    model = onnx.load(paths[0])
-    count = _applied(model, "INT8 convolution", qconv.rewrite) if convolutions else 0
-    norms = _applied(model, "INT8 group norm", qgroupnorm.rewrite)
-    dropped = _applied(model, "DequantizeLinear copies", qdedupe.rewrite)
-    masks = _applied(model, "softmax mask", softmax.fuse_masks)
+    rewrites: list[tuple[str, Rewrite]] = [("INT8 convolution", qconv.rewrite)] if convolutions else []
+    rewrites += [("INT8 group norm", qgroupnorm.rewrite), ("DequantizeLinear copies", qdedupe.rewrite),
+                 ("softmax mask", softmax.fuse_masks)]
+    model, counts = rewritten(paths[0], rewrites)
+    count, norms, dropped, masks = ([0] if not convolutions else []) + counts
     if count or norms or dropped or masks:
         onnx.save(model, Path(paths[1]))
     print(count + norms + dropped + masks)
