@@ -43,12 +43,7 @@
 #endif
 #include "m2fp_qffn_product.h"
 #include "m2fp_qgroupnorm.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define M2FP_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define M2FP_CLONES
-#endif
+#include "m2fp_simd.h"
 
 namespace {
 
@@ -156,7 +151,7 @@ struct Plan {
   const uint8_t* x = nullptr;
   const float* residual = nullptr;  // broadcast to (N, C, H, W) by `strides` (0 along a dimension of 1), or nullptr
   uint8_t* y = nullptr;
-  int64_t n = 0, hw = 0, c = 0, w = 0, chunks = 0;  // chunks of kChunk pixels per image
+  int64_t hw = 0, c = 0, w = 0, chunks = 0;  // chunks of kChunk pixels per image
   std::vector<int64_t> strides;
   bool whole = false;  // the residual is (N, C, H, W) itself
   std::vector<uint64_t> s1, s2;  // per task and channel (the statistics pass)
@@ -264,7 +259,7 @@ Ort::Status QGroupNorm(OrtKernelContext* context, const Ort::Custom::Tensor<uint
   if (n == 0 || hw == 0) return Ort::Status{nullptr};
 
   Plan plan;
-  plan.x = x.Data(), plan.residual = r, plan.y = out, plan.n = n, plan.hw = hw, plan.c = c, plan.w = w;
+  plan.x = x.Data(), plan.residual = r, plan.y = out, plan.hw = hw, plan.c = c, plan.w = w;
   plan.chunks = (hw + kChunk - 1) / kChunk;
   plan.strides = strides, plan.whole = r != nullptr && (*residual)->Shape() == full;
   const int32_t x_zp = *x_zero_point.Data();
