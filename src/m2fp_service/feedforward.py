@@ -167,6 +167,20 @@ def drop_unread(graph: onnx.GraphProto) -> None:
             del field[i]
 
 
+def record(model: onnx.ModelProto, key: str, count: int, *, ops: bool = True) -> None:
+    """Marks ``model`` rewritten: ``count`` under metadata ``key`` (the engine reads it back from the optimised
+    graph) and, when ``ops`` (its new nodes are the library's), the library's domain among its opsets."""
+    if ops and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: str(count)})
+
+
+def drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    """The shapes recorded for tensors ``names`` (no longer in the graph) leave ``graph``."""
+    for value in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(value)
+
+
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Nodes none of whose outputs anything reads (subgraphs included) or the graph outputs leave ``graph``, until
     none is left (what only they read goes with them), and so do the shapes recorded for their outputs."""
@@ -179,8 +193,7 @@ def drop_dead_nodes(graph: onnx.GraphProto) -> None:
         gone |= {o for n in graph.node for o in n.output} - {o for n in kept for o in n.output}
         del graph.node[:]
         graph.node.extend(kept)
-    for value in [v for v in graph.value_info if v.name in gone]:
-        graph.value_info.remove(value)
+    drop_value_info(graph, gone)
 
 
 def rewrite(model: onnx.ModelProto) -> int:
@@ -216,7 +229,5 @@ def fuse(model: onnx.ModelProto, found: list[Block], op_type: str, key: str) -> 
     stale = [v for v in graph.value_info if v.name not in known]  # the fused blocks' intermediates
     for value in stale:
         graph.value_info.remove(value)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: str(len(fused))})
+    record(model, key, len(fused))
     return len(fused)

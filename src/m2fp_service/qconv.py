@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service.feedforward import DOMAIN, drop_unread
+from m2fp_service.feedforward import DOMAIN, drop_unread, record
 from m2fp_service.winograd import attributes
 
 METADATA_KEY = "m2fp_qconv"  # how many convolutions were replaced (kept in the optimised graph)
@@ -116,7 +116,5 @@ def rewrite(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     drop_unread(graph)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
+    record(model, METADATA_KEY, count)
     return count

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import onnx
 
-from m2fp_service.feedforward import names_read
+from m2fp_service.feedforward import drop_value_info, names_read, record
 
 METADATA_KEY = "m2fp_qdedupe"  # how many DequantizeLinear nodes were dropped
 
@@ -63,8 +63,6 @@ def rewrite(model: onnx.ModelProto) -> int:
     nodes = [n for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(nodes)
-    for value in [v for v in graph.value_info if v.name in {n.output[0] for n in unread}]:
-        graph.value_info.remove(value)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        METADATA_KEY: str(len(unread))})
+    drop_value_info(graph, {n.output[0] for n in unread})
+    record(model, METADATA_KEY, len(unread), ops=False)
     return len(unread)

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service.feedforward import DOMAIN, drop_unread, names_read
+from m2fp_service.feedforward import DOMAIN, drop_unread, names_read, record
 from m2fp_service.qfeedforward import QuantizedIndex
 from m2fp_service.winograd import attributes
 
@@ -198,7 +198,5 @@ def rewrite(model: onnx.ModelProto) -> int:
     for value in [v for v in graph.value_info if v.name not in known]:  # the chains' intermediates
         graph.value_info.remove(value)
     drop_unread(graph)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(len(found))})
+    record(model, METADATA_KEY, len(found))
     return len(found)

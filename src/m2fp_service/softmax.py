@@ -123,10 +123,8 @@ def fuse_masks(model: onnx.ModelProto) -> int:
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(nodes)
-    for value in [v for v in graph.value_info if v.name in outputs]:
-        graph.value_info.remove(value)
+    feedforward.drop_value_info(graph, outputs)
     feedforward.drop_dead_nodes(graph)
     feedforward.drop_unread(graph)
-    props = {p.key: p.value for p in model.metadata_props}
-    helper.set_model_props(model, {**props, MASK_METADATA_KEY: str(len(fused))})
+    feedforward.record(model, MASK_METADATA_KEY, len(fused))
     return len(fused)

@@ -28,9 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2fp_service.feedforward import drop_unread
+from m2fp_service.feedforward import DOMAIN, drop_unread, record
 
-DOMAIN = "ai.m2fp"
 METADATA_KEY = "m2fp_winograd"  # how many convolutions were rewritten (kept in the optimised graph)
 # Below this many channels the products are too thin for the transforms to pay: ResNet's stem (64
 # channels at 1/2 size) was no faster rewritten, and its banded output's concatenation raised the
@@ -241,7 +240,5 @@ def rewrite(model: onnx.ModelProto, nominal_size: tuple[int, int] = NOMINAL_SIZE
     del graph.node[:]
     graph.node.extend(rewritten)
     drop_unread(graph)  # filters no node reads any more (each was its convolution's alone)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: str(count)})
+    record(model, METADATA_KEY, count)
     return count
