@@ -48,10 +48,10 @@ def test_only_caches_older_than_the_model_or_library_go(tmp_path: Path, with_ker
         "another model, a longer name": (touch(tmp_path / ".m-int8.ort-0000000000000005.onnx", 500), True),
         "another model, a name with the same start": (touch(tmp_path / ".mx.ort-0000000000000006.onnx", 500), True),
         "a cache being written": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp", time.time() - 60), True),
-        "its INT8 rewrite": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp.qconv", time.time()),
+        "its INT8 rewrite": (touch(tmp_path / ".m.ort-0000000000000007.onnx.x1y2.tmp.int8", time.time()),
                                     True),
         "a killed start's": (touch(tmp_path / ".m.ort-0000000000000008.onnx.a1b2.tmp", time.time() - 7200), False),
-        "a killed start's rewrite": (touch(tmp_path / ".m.ort-0000000000000008.onnx.a1b2.tmp.qconv",
+        "a killed start's rewrite": (touch(tmp_path / ".m.ort-0000000000000008.onnx.a1b2.tmp.int8",
                                            time.time() - 7200), False),
         "another model's, old": (touch(tmp_path / ".mx.ort-0000000000000009.onnx.c3d4.tmp", time.time() - 7200), True),
     }

@@ -490,7 +490,7 @@ def test_a_rewritten_graph_that_does_not_load_leaves_onnx_runtime_s(
     opened = engine_module._open_saved
 
     def refuse(path: Path, options: EngineOptions, kernel: Path | None) -> Any:
-        if path.name.endswith(".qconv"):
+        if path.name.endswith(".int8"):
             raise RuntimeError("cannot load this graph")
         return opened(path, options, kernel)
 
@@ -506,7 +506,7 @@ def test_a_rewritten_graph_that_does_not_load_leaves_onnx_runtime_s(
 def test_a_rewritten_graph_that_fails_to_run_leaves_onnx_runtime_s(
         int8_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Should a rewrite take a graph its op refuses at run time (here the real rewrite's output with a group norm
-    given 7 groups, which do not divide its channels), the engine's run on a small picture finds it before the
+    given 7 groups, which do not divide its channels), the engine's warm-up run finds it before the
     file is replaced: ONNX Runtime's session and graph stay and are cached (a warning), and requests run."""
     monkeypatch.setattr(engine_module, "int8_products", lambda kernel: "amx")
     rewritten = engine_module.int8_graph_rewritten

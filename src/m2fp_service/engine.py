@@ -21,7 +21,7 @@ from m2fp_service import cancel, graphcache
 from m2fp_service.config import Settings
 from m2fp_service.errors import InferenceFailed, InferenceTimeout, ModelLoadError
 from m2fp_service.labelsets import check_model_classes
-from m2fp_service.modelcard import CARD_KEY, ModelCard, ModelCardError, policy_for_profile
+from m2fp_service.modelcard import CARD_KEY, InputPolicy, ModelCard, ModelCardError, policy_for_profile
 
 log = logging.getLogger("m2fp.engine")
 
@@ -299,22 +299,22 @@ def _with_int8_rewrites(session: ort.InferenceSession, optimised: Path, options:
     library runs AMX or AVX-512 VNNI, a session of that graph rewritten (``int8_graph_rewritten``: its group norms,
     DequantizeLinear copies and repeated masks, and with AMX its convolutions, as the library's ops), which then
     replaces the file. Should its graph not open (or not take the file's place), ONNX Runtime's graph and session
-    stay (a warning), as when it fails to run a small picture (a rewrite that took a graph its op refuses at run
+    stay (a warning), as when it fails to run the warm-up picture (a rewrite that took a graph its op refuses at run
     time: every request would fail). While the second session opens, both are in memory (the bench INT8
     model's start peaked at 446 MB against 414 without). Returns the session and whether the file may be cached:
     not when the rewrite itself failed (a timeout, a killed child: the next start tries again)."""
     products = int8_products(kernel) if kernel is not None else "generic"
-    if products == "generic" or _precision(session) != "int8":
+    card = _card(session)
+    if products == "generic" or card is None or card.exporter.get("precision") != "int8":
         return session, True
-    rewritten = optimised.with_name(optimised.name + ".qconv")
+    rewritten = optimised.with_name(optimised.name + ".int8")
     try:
         count = int8_graph_rewritten(optimised, rewritten, convolutions=products == "amx")
         if not count:
             return session, count is not None
         try:
             faster = _open_saved(rewritten, options, kernel)
-            image = faster.get_inputs()[0]
-            faster.run(None, {image.name: np.zeros((1, 3, 64, 64), np.float32)})
+            faster.run(None, {card.input_policy.input_name: warm_input(card.input_policy)})
             rewritten.replace(optimised)
         except Exception as exc:  # onnxruntime raises its own exception types; OSError from the file
             log.warning("the rewritten INT8 graph does not load or run (%s); ONNX Runtime's stays", exc)
@@ -324,13 +324,18 @@ def _with_int8_rewrites(session: ort.InferenceSession, optimised: Path, options:
         rewritten.unlink(missing_ok=True)
 
 
-def _precision(session: ort.InferenceSession) -> str:
-    """The model card's precision ("fp32" when the card is missing or unreadable: the engine says why later)."""
+def _card(session: ort.InferenceSession) -> ModelCard | None:
+    """The model card in ``session``'s metadata (None when it is missing or unreadable: the engine says why later)."""
     try:
-        card = ModelCard.from_json(session.get_modelmeta().custom_metadata_map[CARD_KEY])
-    except (KeyError, ModelCardError):
-        return "fp32"
-    return str(card.exporter.get("precision", "fp32"))
+        return _card_of(session, Path())
+    except ModelLoadError:
+        return None
+
+
+def warm_input(policy: InputPolicy) -> np.ndarray:
+    """A small all-zero input the model takes (4 x size_divisibility square): one run selects kernels and allocates."""
+    div = policy.size_divisibility
+    return np.zeros((1, 3, 4 * div, 4 * div), np.float32)
 
 
 def _open_optimized(model_path: Path, options: EngineOptions,
@@ -456,9 +461,7 @@ class ParsingEngine:
 
     def warm_up(self) -> None:
         """One small run so the first request does not pay for kernel selection and allocation."""
-        div = self.card.input_policy.size_divisibility
-        x = np.zeros((1, 3, 4 * div, 4 * div), np.float32)
-        self.run(x)
+        self.run(warm_input(self.card.input_policy))
         self.warm = True
 
     def run(self, tensor: np.ndarray) -> RawOutputs:

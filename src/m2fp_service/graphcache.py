@@ -99,7 +99,7 @@ def drop_stale(model_path: Path, kept: Path, kernel: Path | None = None) -> None
                 log.info("removed the stale optimised-graph cache %s", old)
         except OSError:  # gone already (another process) or not ours to delete
             continue
-    # A start killed while writing leaves its temporary files (``<cache>.<random>.tmp``, and ``.tmp.qconv``
+    # A start killed while writing leaves its temporary files (``<cache>.<random>.tmp``, and ``.tmp.int8``
     # for the INT8 rewrite of the saved graph), each as large as the model: those older than any start takes go.
     for abandoned in kept.parent.glob(f".{glob.escape(model_path.stem)}.ort-*.onnx.*.tmp*"):
         try:
