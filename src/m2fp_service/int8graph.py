@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != 2 or any(p.startswith("--") for p in paths):
         print(USAGE, file=sys.stderr)
         return 2
-    rewrites: list[tuple[str, Rewrite]] = [("INT8 convolution", qconv.rewrite)] if convolutions else []
-    rewrites += [("INT8 group norm", qgroupnorm.rewrite), ("DequantizeLinear copies", qdedupe.rewrite),
-                 ("softmax mask", softmax.fuse_masks)]
+    rewrites: list[tuple[str, Rewrite]] = [("INT8 convolution", qconv.rewrite if convolutions else lambda _: 0),
+                                           ("INT8 group norm", qgroupnorm.rewrite),
+                                           ("DequantizeLinear copies", qdedupe.rewrite),
+                                           ("softmax mask", softmax.fuse_masks)]
     model, counts = rewritten(paths[0], rewrites)
-    count, norms, dropped, masks = ([0] if not convolutions else []) + counts
+    count, norms, dropped, masks = counts
     if count or norms or dropped or masks:
         onnx.save(model, Path(paths[1]))
     print(count + norms + dropped + masks)

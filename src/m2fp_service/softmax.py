@@ -69,7 +69,7 @@ def _constant(g: feedforward.GraphIndex, name: str) -> list[int] | None:
     return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
 
 
-def _repeated_mask(g: feedforward.GraphIndex, name: str) -> tuple[str, int, list[onnx.NodeProto]] | None:
+def _repeated_mask(g: feedforward.GraphIndex, name: str) -> tuple[str, int, onnx.NodeProto] | None:
     """(mask, heads, the Reshape) when ``name`` is Reshape(Tile(Unsqueeze(mask, axis 1), (1, heads, 1, 1))), the
     Reshape read only there; else None."""
     reshape = g.producer.get(name)
@@ -84,7 +84,7 @@ def _repeated_mask(g: feedforward.GraphIndex, name: str) -> tuple[str, int, list
     if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) != 2 or \
             _constant(g, unsqueeze.input[1]) != [1]:
         return None
-    return unsqueeze.input[0], repeats[1], [reshape]
+    return unsqueeze.input[0], repeats[1], reshape
 
 
 def fuse_masks(model: onnx.ModelProto) -> int:
@@ -108,11 +108,11 @@ def fuse_masks(model: onnx.ModelProto) -> int:
             found = _repeated_mask(g, other)
             if found is None:
                 continue
-            mask, heads, nodes = found
+            mask, heads, reshape = found
             name = heads_of.setdefault(heads, f"m2fp_softmax_heads_{heads}")
             fused[id(node)] = helper.make_node("Softmax", [scores, mask, name], list(node.output), name=node.name,
                                                domain=feedforward.DOMAIN)
-            gone |= {id(add), *(id(n) for n in nodes)}
+            gone |= {id(add), id(reshape)}
             break
     if not fused:
         return 0
