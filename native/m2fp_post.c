@@ -32,7 +32,7 @@
 #endif
 #define M2FP_EXPORT __attribute__((visibility("default")))
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 5; }  /* 5: sig is 0 where the logit is <= 0 */
+M2FP_EXPORT int m2fp_post_abi(void) { return 6; }  /* 6: m2fp_mask_scores, m2fp_paste_vote */
 
 /* Vectors of LANES floats (GCC's vector extensions: each target clone gets its widest registers). */
 #define LANES 16
@@ -156,6 +156,9 @@ static inline void resample_row(const float *restrict src, int64_t n_src, const 
  * block's weights on it (0 where an output does not read that input). */
 #define WINDOW 8
 
+/* m2fp_paste_vote's tiles: about this many pixels (rows of the output's width). */
+#define TILE_VALUES 16384
+
 typedef struct {
     int64_t count;   /* 0: the taps do not fit (or a weight is negative): resample_row instead */
     int32_t *base;   /* per block: its window's first input */
@@ -278,64 +281,54 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
     add_lanes(&acc, &hits, sum, count);
 }
 
-/* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
- * bilinear resizes (the mask logits to the padded input, then the crop to the work size) and the
- * squash's eight passes did over work-size arrays.
- *
- * The two resizes compose into one linear map per axis, given as taps (postprocess.composite_taps):
- * output position o takes sum_k w[o * K + k] * in[idx[o * K + k]] over the K taps whose weight
- * is not 0 (so a non-finite logit reaches only the outputs it weighs on). Columns first, on the low
- * rows the band reads (~1/4 of the band's height), into `scratch`; then each output row, as up to
- * `row_taps` contiguous rows of that, into `logits` (or a row of scratch when `logits` is NULL), and
- * squashed from there while it is in L1 (sig = sigmoid where the logit is > 0, else 0: squash).
- *
- * When the taps allow (blocks_t: upsampling, weights >= 0), both passes go by blocks of LANES output
- * columns, and an output block whose column-resampled rows are all <= 0 there is not squashed: its
- * logits are <= 0, so its sig is 0 (most of a trained mask; about a quarter of an untrained one's).
- *
- * low: (low_h, low_w) logits. col_idx, col_w: out_w x col_taps. row_idx, row_w: rows x row_taps (indices
- * into low's rows). scratch: (low_h + 1) x out_w floats. logits (or NULL), sig: rows x out_w.
- * *sum, *count: as squash's, over the band. */
-M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int64_t low_h, int64_t low_w,
-                                                  const int32_t *restrict col_idx, const float *restrict col_w,
-                                                  int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
-                                                  const float *restrict row_w, int64_t rows, int64_t row_taps,
-                                                  float *restrict scratch, float *restrict logits,
-                                                  float *restrict sig, double *sum, int64_t *count) {
+/* The column blocks of taps (make_blocks) when the row weights are all >= 0 (the blocks' skipping of
+ * columns without a positive input needs it), else none: the plain loops. */
+static blocks_t column_blocks(int64_t low_w, const int32_t *restrict col_idx, const float *restrict col_w,
+                              int64_t col_taps, int64_t out_w, const float *restrict row_w, int64_t rows,
+                              int64_t row_taps) {
+    int rows_fit = 1;
+    for (int64_t i = 0; i < rows * row_taps; ++i) rows_fit &= row_w[i] >= 0.0f;
+    return rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
+}
+
+/* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
+ * with the column blocks `cols` made once by the caller (count 0: the plain loops), `live` room for
+ * low_h x cols->count flags, and sig advancing by `sig_stride` values per output row (0: every row
+ * into the same row, when only the mask score is wanted). */
+static inline __attribute__((always_inline)) void squash_rows(
+    const blocks_t *cols, const float *restrict low, int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
+    const float *restrict col_w, int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+    const float *restrict row_w, int64_t rows, int64_t row_taps, float *restrict scratch, uint8_t *restrict live,
+    float *restrict logits, float *restrict sig, int64_t sig_stride, double *sum, int64_t *count) {
     *sum = 0.0;
     *count = 0;
     int64_t lo = low_h, hi = -1;
-    int rows_fit = 1;
     for (int64_t i = 0; i < rows * row_taps; ++i) {
-        rows_fit &= row_w[i] >= 0.0f;
         if (row_w[i] != 0.0f) {
             lo = row_idx[i] < lo ? row_idx[i] : lo;
             hi = row_idx[i] > hi ? row_idx[i] : hi;
         }
     }
-    blocks_t cols = rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
-    uint8_t *live = cols.count > 0 && hi >= lo ? malloc((size_t)((hi - lo + 1) * cols.count)) : NULL;
     float *spare = scratch + low_h * out_w;
-    if (live == NULL) {  /* the plain loops */
-        free_blocks(&cols);
-        for (int64_t r = lo; r <= hi; ++r)  /* columns: the low rows this band reads */
+    if (cols->count == 0 || hi < lo) {  /* the plain loops */
+        for (int64_t r = lo; r <= hi; ++r)  /* columns: the low rows these rows read */
             resample_row(low + r * low_w, low_w, col_idx, col_w, col_taps, out_w, scratch + (r - lo) * out_w);
         for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
             float *v = logits != NULL ? logits + i * out_w : spare;
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
-            squash(v, out_w, sig + i * out_w, sum, count);
+            squash(v, out_w, sig + i * sig_stride, sum, count);
         }
         return;
     }
     for (int64_t r = lo; r <= hi; ++r) {
         const float *src = low + r * low_w;
         float *dst = scratch + (r - lo) * out_w;
-        uint8_t *row_live = live + (r - lo) * cols.count;
+        uint8_t *row_live = live + (r - lo) * cols->count;
         if (finite_row(src, low_w)) {
-            resample_blocks(&cols, src, out_w, dst, row_live);
+            resample_blocks(cols, src, out_w, dst, row_live);
         } else {  /* zero weights skipped, not multiplied (0 x inf is NaN); never skipped after */
             resample_row(src, low_w, col_idx, col_w, col_taps, out_w, dst);
-            for (int64_t k = 0; k < cols.count; ++k) row_live[k] = 1;
+            for (int64_t k = 0; k < cols->count; ++k) row_live[k] = 1;
         }
     }
     int64_t whole = out_w / LANES * LANES;
@@ -352,11 +345,11 @@ M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int
                 break;
             }
             int64_t r = row_idx[i * row_taps + k] - lo;
-            src[taps] = scratch + r * out_w, src_live[taps] = live + r * cols.count, w[taps] = wk;
+            src[taps] = scratch + r * out_w, src_live[taps] = live + r * cols->count, w[taps] = wk;
             ++taps;
         }
         float *v = logits != NULL ? logits + i * out_w : spare;
-        float *s = sig + i * out_w;
+        float *s = sig + i * sig_stride;
         if (taps < 0) {
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
             squash(v, out_w, s, sum, count);
@@ -386,16 +379,71 @@ M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int
             squash(v + whole, out_w - whole, s + whole, sum, count);
         }
     }
+}
+
+/* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
+ * bilinear resizes (the mask logits to the padded input, then the crop to the work size) and the
+ * squash's eight passes did over work-size arrays.
+ *
+ * The two resizes compose into one linear map per axis, given as taps (postprocess.composite_taps):
+ * output position o takes sum_k w[o * K + k] * in[idx[o * K + k]] over the K taps whose weight
+ * is not 0 (so a non-finite logit reaches only the outputs it weighs on). Columns first, on the low
+ * rows the band reads (~1/4 of the band's height), into `scratch`; then each output row, as up to
+ * `row_taps` contiguous rows of that, into `logits` (or a row of scratch when `logits` is NULL), and
+ * squashed from there while it is in L1 (sig = sigmoid where the logit is > 0, else 0: squash).
+ *
+ * When the taps allow (blocks_t: upsampling, weights >= 0), both passes go by blocks of LANES output
+ * columns, and an output block whose column-resampled rows are all <= 0 there is not squashed: its
+ * logits are <= 0, so its sig is 0 (most of a trained mask; about a quarter of an untrained one's).
+ *
+ * low: (low_h, low_w) logits. col_idx, col_w: out_w x col_taps. row_idx, row_w: rows x row_taps (indices
+ * into low's rows). scratch: (low_h + 1) x out_w floats. logits (or NULL), sig: rows x out_w.
+ * *sum, *count: as squash's, over the band. */
+M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int64_t low_h, int64_t low_w,
+                                                  const int32_t *restrict col_idx, const float *restrict col_w,
+                                                  int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+                                                  const float *restrict row_w, int64_t rows, int64_t row_taps,
+                                                  float *restrict scratch, float *restrict logits,
+                                                  float *restrict sig, double *sum, int64_t *count) {
+    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
+    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
+    if (live == NULL) free_blocks(&cols);
+    squash_rows(&cols, low, low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps, scratch,
+                live, logits, sig, out_w, sum, count);
     free(live);
     free_blocks(&cols);
+}
+
+/* The mask scores' parts (m2fp_upsample_squash's *sum and *count) of n queries over one band of rows,
+ * into sums[q] and counts[q]: the same values, with nothing stored but a row at a time (the full-size
+ * sig is not written, only the sums are wanted). lows[q]: query q's (low_h, low_w) logits. Working
+ * memory is the function's own. Returns 0, or -1 when it could not get it (nothing written). */
+M2FP_CLONES M2FP_EXPORT int m2fp_mask_scores(const float *const *lows, int64_t n, int64_t low_h, int64_t low_w,
+                                             const int32_t *restrict col_idx, const float *restrict col_w,
+                                             int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+                                             const float *restrict row_w, int64_t rows, int64_t row_taps,
+                                             double *restrict sums, int64_t *restrict counts) {
+    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
+    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
+    if (live == NULL) free_blocks(&cols);
+    float *scratch = malloc(sizeof(float) * (size_t)((low_h + 2) * out_w));
+    int status = scratch == NULL ? -1 : 0;
+    for (int64_t q = 0; q < n && status == 0; ++q)
+        squash_rows(&cols, lows[q], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps,
+                    scratch, live, NULL, scratch + (low_h + 1) * out_w, 0, sums + q, counts + q);
+    free(scratch);
+    free(live);
+    free_blocks(&cols);
+    return status;
 }
 
 /* Adds one instance to its class: with p = sig * score, probs += p and counts += 1 where p > 0.5
  * (one pass for numpy's five). `n` values from each pointer (a band of rows). With `first` (the
  * class's first instance) probs and counts are written, not added to: the same values as adding to
  * zeros, without the pass that zeroes them. */
-M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_t n, float score,
-                                               float *restrict probs, uint8_t *restrict counts, int first) {
+static inline __attribute__((always_inline)) void add_instance(const float *restrict sig, int64_t n, float score,
+                                                          float *restrict probs, uint8_t *restrict counts,
+                                                          int first) {
     if (first) {
         for (int64_t i = 0; i < n; ++i) {
             float p = sig[i] * score;
@@ -429,6 +477,11 @@ M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_
     }
 }
 
+M2FP_CLONES M2FP_EXPORT void m2fp_add_instance(const float *restrict sig, int64_t n, float score,
+                                               float *restrict probs, uint8_t *restrict counts, int first) {
+    add_instance(sig, n, score, probs, counts, first);
+}
+
 /* A class's pasted sum at one pixel averaged over the instances pasted there. */
 static inline float averaged(float sum, uint8_t count) { return sum / (float)(count > 1 ? count : 1); }
 
@@ -455,9 +508,67 @@ M2FP_CLONES M2FP_EXPORT void m2fp_vote(const float *restrict prob, int64_t n, ui
 
 /* m2fp_average then m2fp_vote in one pass, for a class whose map is already at the label map's size:
  * the same division and the same comparison per pixel, probs left as they were. */
+static inline __attribute__((always_inline)) void average_vote(const float *restrict probs,
+                                                          const uint8_t *restrict counts, int64_t n,
+                                                          uint8_t class_id, float *restrict best,
+                                                          uint8_t *restrict labels) {
+    for (int64_t i = 0; i < n; ++i) vote_at(averaged(probs[i], counts[i]), class_id, best + i, labels + i);
+}
+
 M2FP_CLONES M2FP_EXPORT void m2fp_average_vote(const float *restrict probs, const uint8_t *restrict counts, int64_t n,
                                                uint8_t class_id, float *restrict best, uint8_t *restrict labels) {
-    for (int64_t i = 0; i < n; ++i) vote_at(averaged(probs[i], counts[i]), class_id, best + i, labels + i);
+    average_vote(probs, counts, n, class_id, best, labels);
+}
+
+/* One band of the label map from the instances pasted into it: for each class in increasing order,
+ * its instances' masks upsampled and squashed (squash_rows), added to the class's sums where
+ * sig * score > 0.5 (add_instance), averaged and voted (average_vote), the labels starting at 0
+ * (background) and the best probability at 0. The same operations on every pixel as
+ * m2fp_upsample_squash, m2fp_add_instance and m2fp_average_vote over the whole band, so the same
+ * labels; done tile by tile of a few rows, so that the sig, the class's sums and the best
+ * probabilities stay in the cache and no full-size map is written but the labels.
+ *
+ * lows[i], scores[i] (in [0, 1]), classes[i]: instance i's (low_h, low_w) logits, score and class,
+ * the classes non-decreasing (the caller checks). labels: rows x out_w, written. Working memory is
+ * the function's own. Returns 0, or -1 when it could not get it (nothing written). */
+M2FP_CLONES M2FP_EXPORT int m2fp_paste_vote(const float *const *lows, const float *restrict scores,
+                                            const uint8_t *restrict classes, int64_t n, int64_t low_h,
+                                            int64_t low_w, const int32_t *restrict col_idx,
+                                            const float *restrict col_w, int64_t out_w, int64_t col_taps,
+                                            const int32_t *restrict row_idx, const float *restrict row_w,
+                                            int64_t rows, int64_t row_taps, uint8_t *restrict labels) {
+    int64_t tile = TILE_VALUES / out_w > 0 ? TILE_VALUES / out_w : 1;
+    tile = tile < rows ? tile : rows;
+    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
+    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
+    if (live == NULL) free_blocks(&cols);
+    float *scratch = malloc(sizeof(float) * (size_t)((low_h + 1) * out_w));
+    float *sig = malloc(sizeof(float) * (size_t)(3 * tile * out_w));
+    uint8_t *counts = malloc((size_t)(tile * out_w));
+    int status = scratch == NULL || sig == NULL || counts == NULL ? -1 : 0;
+    float *probs = sig + tile * out_w, *best = probs + tile * out_w;
+    for (int64_t r0 = 0; r0 < rows && status == 0; r0 += tile) {
+        int64_t height = rows - r0 < tile ? rows - r0 : tile, values = height * out_w;
+        uint8_t *tile_labels = labels + r0 * out_w;
+        for (int64_t i = 0; i < values; ++i) best[i] = 0.0f, tile_labels[i] = 0;
+        for (int64_t i = 0; i < n;) {
+            uint8_t class_id = classes[i];
+            for (int first = 1; i < n && classes[i] == class_id; ++i, first = 0) {
+                double sum;
+                int64_t count;
+                squash_rows(&cols, lows[i], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx + r0 * row_taps,
+                            row_w + r0 * row_taps, height, row_taps, scratch, live, NULL, sig, out_w, &sum, &count);
+                add_instance(sig, values, scores[i], probs, counts, first);
+            }
+            average_vote(probs, counts, values, class_id, best, tile_labels);
+        }
+    }
+    free(counts);
+    free(sig);
+    free(scratch);
+    free(live);
+    free_blocks(&cols);
+    return status;
 }
 
 /* ---- compositing ------------------------------------------------------------------------------ */

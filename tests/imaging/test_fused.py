@@ -498,7 +498,12 @@ def test_a_query_both_part_and_person_gets_its_person_mask_from_its_logits(kerne
 
 def test_to_result_uses_the_built_kernel_by_default(kernel: fused.PostKernel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(fused.PostKernel, "upsample_squash", lambda self, *a: calls.append(1) or (0.0, 0))
+
+    def no_scores(self: fused.PostKernel, lows: list[np.ndarray], *taps: fused.Taps) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(lows))
+        return np.zeros(len(lows)), np.zeros(len(lows), np.int64)
+
+    monkeypatch.setattr(fused.PostKernel, "mask_scores", no_scores)  # the exact mode's first pass
     meta = _meta((150, 200))
     class_logits, mask_logits = synthetic_outputs(meta, seed=1)
     result = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES)

@@ -13,14 +13,14 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 5  # m2fp_post_abi() of the library these signatures and meanings match
+ABI = 6  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -129,6 +129,12 @@ class PostKernel:
                                              ctypes.c_int64, _address, _address, _address,
                                              ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]
         lib.m2fp_upsample_squash.restype = None
+        taps: list[Any] = [ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64, ctypes.c_int64, _address,
+                _address, ctypes.c_int64, ctypes.c_int64]  # low_h, low_w, then the columns' and rows' taps
+        lib.m2fp_mask_scores.argtypes = [_address, ctypes.c_int64, *taps, _address, _address]
+        lib.m2fp_mask_scores.restype = ctypes.c_int
+        lib.m2fp_paste_vote.argtypes = [_address, _address, _address, ctypes.c_int64, *taps, _address]
+        lib.m2fp_paste_vote.restype = ctypes.c_int
         lib.m2fp_add_instance.argtypes = [_address, ctypes.c_int64, ctypes.c_float, _address, _address, ctypes.c_int]
         lib.m2fp_add_instance.restype = None
         lib.m2fp_average.argtypes = [_floats, _bytes, ctypes.c_int64]
@@ -186,6 +192,69 @@ class PostKernel:
                                        _checked(sig, np.float32, "sig", written=True), ctypes.byref(total),
                                        ctypes.byref(count))
         return total.value, count.value
+
+    def mask_scores(self, lows: list[np.ndarray], cols: Taps, rows: Taps) -> tuple[np.ndarray, np.ndarray]:
+        """``upsample_squash``'s (sum, count) of each query over a band of output rows (``rows``), in
+        one call, without writing its sig or logits: (n,) float64 sums and (n,) int64 counts.
+
+        Args:
+            lows: each query's (h, w) float32 low-resolution logits.
+            cols, rows: taps as for ``upsample_squash``.
+        """
+        sums, counts = np.empty(len(lows), np.float64), np.empty(len(lows), np.int64)
+        if lows:
+            status = self._lib.m2fp_mask_scores(self._lows(lows, cols, rows), len(lows),
+                                                *self._taps(lows[0], cols, rows), sums.ctypes.data, counts.ctypes.data)
+            if status != 0:
+                raise MemoryError("the post-processing kernel could not get its working memory")
+        return sums, counts
+
+    def paste_vote(self, lows: list[np.ndarray], scores: np.ndarray, classes: np.ndarray, cols: Taps, rows: Taps,
+                   labels: np.ndarray) -> None:
+        """A band of the label map (``labels``, (len(rows), len(cols)) uint8, written) from the pasted
+        instances: for each class in turn, its instances' masks (``upsample_squash``) added where
+        ``sig * score > 0.5`` (``add_instance``), averaged and voted (``average_vote``) over labels and
+        best probabilities starting at 0. The same labels as those calls over the band, without any
+        full-size map but ``labels``.
+
+        Args:
+            lows: each instance's (h, w) float32 low-resolution logits.
+            scores: (n,) float32 in [0, 1]. classes: (n,) uint8, non-decreasing (a class's instances together).
+            cols, rows: taps as for ``upsample_squash``.
+        """
+        scores = np.ascontiguousarray(scores, np.float32)
+        classes = np.ascontiguousarray(classes, np.uint8)
+        if not len(lows) == len(scores) == len(classes):
+            raise ValueError(f"{len(lows)} masks, {len(scores)} scores and {len(classes)} classes differ")
+        if len(scores) and not (scores.min() >= 0.0 and scores.max() <= 1.0):  # NaN fails both
+            raise ValueError("an instance's score must lie in [0, 1]")
+        if np.any(np.diff(classes.astype(np.int16)) < 0):
+            raise ValueError("instances must come by class, in increasing class order")
+        _check_image("labels", labels, (len(rows), len(cols)), np.uint8)
+        if not labels.flags.writeable:
+            raise ValueError("labels must be writeable")
+        if not lows:
+            labels.fill(0)
+            return
+        status = self._lib.m2fp_paste_vote(self._lows(lows, cols, rows), scores.ctypes.data, classes.ctypes.data,
+                                           len(lows), *self._taps(lows[0], cols, rows), labels.ctypes.data)
+        if status != 0:
+            raise MemoryError("the post-processing kernel could not get its working memory")
+
+    @staticmethod
+    def _lows(lows: list[np.ndarray], cols: Taps, rows: Taps) -> ctypes.Array[ctypes.c_void_p]:
+        """The queries' logits checked against the taps, as an array of their addresses."""
+        for low in lows:
+            if low.ndim != 2 or (rows.n_in, cols.n_in) != low.shape:
+                raise ValueError(f"low logits {low.shape} do not match taps from {(rows.n_in, cols.n_in)}")
+        return (ctypes.c_void_p * len(lows))(*(_checked(low, np.float32, "low") for low in lows))
+
+    @staticmethod
+    def _taps(low: np.ndarray, cols: Taps, rows: Taps) -> tuple[int, ...]:
+        """The kernel's geometry arguments: low_h, low_w, the columns' taps, the rows'."""
+        (col_index, col_weight), (row_index, row_weight) = cols.addresses, rows.addresses
+        return (low.shape[0], low.shape[1], col_index, col_weight, len(cols), cols.index.shape[1], row_index,
+                row_weight, len(rows), rows.index.shape[1])
 
     def add_instance(self, sig: np.ndarray, probs: np.ndarray, counts: np.ndarray, score: np.float32,
                      first: bool = False) -> None:
