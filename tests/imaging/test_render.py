@@ -1,4 +1,4 @@
-"""Tests for ``m2fp_service.imaging.render`` on hand-written 2x2 .. 4x4 arrays."""
+"""Tests for ``m2fp_service.imaging.render`` on hand-written 2x2 .. 4x4 arrays (and the PNG writer on odd shapes)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import base64
 import contextlib
 import functools
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -256,6 +258,66 @@ def test_encode_png_round_trips(make: object, mode: str, to_rgb: int | None, com
     if to_rgb is not None:
         decoded = cv2.cvtColor(decoded, to_rgb)
     np.testing.assert_array_equal(decoded, image)
+
+
+SHAPES = [(1, 1), (1, 300), (300, 1), (2, 2, 3), (1, 1, 4), (257, 129), (720, 1280)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("content", ["flat", "blobs", "noise"])
+def test_encode_png_of_odd_shapes_and_contents_decodes_to_the_pixels(shape: tuple[int, ...], content: str) -> None:
+    rng = np.random.default_rng(len(shape) * 1000 + shape[0])
+    if content == "flat":  # runs far longer than deflate's 258-byte matches
+        image = np.full(shape, 37, np.uint8)
+    elif content == "blobs":  # a label map's regions
+        image = (np.indices(shape[:2]).sum(0) // 40 % 7 * 36).astype(np.uint8)
+        image = np.broadcast_to(image[..., None], shape).copy() if len(shape) == 3 else image
+    else:
+        image = rng.integers(0, 256, shape).astype(np.uint8)
+    data = encode_png(image)
+    with Image.open(io.BytesIO(data)) as im:  # Pillow checks each chunk's CRC
+        np.testing.assert_array_equal(np.asarray(im), image)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded is not None and decoded.shape[:2] == shape[:2]
+
+
+def test_encode_png_writes_three_chunks_of_up_filtered_rows() -> None:
+    image = np.array([[5, 9, 200], [6, 9, 100]], np.uint8)
+    data = encode_png(image)
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at: at + 4])
+        kind, body = data[at + 4: at + 8], data[at + 8: at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length: at + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        at += 12 + length
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    assert chunks[0][1] == struct.pack(">IIBBBBB", 3, 2, 8, 0, 0, 0, 0)
+    # filter type 2 ("up") on each row: the first as is, the second minus the first, modulo 256
+    assert zlib.decompress(chunks[1][1]) == bytes([2, 5, 9, 200, 2, 1, 0, 156])
+
+
+def test_encode_png_files_are_no_larger_than_opencv_s() -> None:
+    """The writer replaced OpenCV's (zlib level 1, "up", Z_RLE) for speed: its files must stay as small."""
+    labels = (np.indices((720, 1280)).sum(0) // 53 % 11).astype(np.uint8)
+    labels[::7, ::5] = 3  # speckle, as an untrained model's label maps have
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    for image in (class_mask(labels, 3), colorize(labels, PALETTE * 3)):
+        ours = encode_png(image)
+        bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        theirs = cv2.imencode(".png", bgr, params)[1].tobytes()
+        assert len(ours) <= 1.02 * len(theirs)
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((0, 4), np.uint8), np.zeros((4, 0, 3), np.uint8), np.zeros((2, 2), np.float32),
+    np.zeros((2, 2), bool), np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 5), np.uint8), np.zeros(4, np.uint8),
+    np.zeros((2, 2, 3, 1), np.uint8), np.zeros((2, 2), np.uint16),
+], ids=["no-rows", "no-columns", "float", "bool", "two-channels", "five-channels", "1-d", "4-d", "16-bit"])
+def test_encode_png_refuses_what_it_cannot_write(image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="cannot encode"):
+        encode_png(image)
 
 
 def test_encode_png_does_not_touch_input() -> None:
