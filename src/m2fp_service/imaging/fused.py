@@ -223,6 +223,8 @@ class PostKernel:
             cols, rows: taps as for ``upsample_squash``.
         """
         scores = np.ascontiguousarray(scores, np.float32)
+        if len(classes) and not (np.min(classes) >= 0 and np.max(classes) <= 255):
+            raise ValueError("class ids must lie in 0..255 (a uint8 label map)")
         classes = np.ascontiguousarray(classes, np.uint8)
         if not len(lows) == len(scores) == len(classes):
             raise ValueError(f"{len(lows)} masks, {len(scores)} scores and {len(classes)} classes differ")

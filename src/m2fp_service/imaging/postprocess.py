@@ -252,7 +252,8 @@ class _Pixels:
     """What ``to_result`` asks of its per-pixel work, besides ``squash``, ``add`` and ``vote``."""
 
     def prepare(self, queries: list[int]) -> None:
-        """Nothing to do ahead: each query is squashed when it comes."""
+        """Nothing to do ahead: each query is squashed when it comes (``queries``: those with pairs
+        of a class other than "human")."""
 
     def finish(self, best: np.ndarray, label_map: np.ndarray) -> None:
         """Nothing left: every class was voted as it ended."""
@@ -343,7 +344,8 @@ class _TiledPixels(_FusedPixels):
     the cache). At 720p a query's sig was 3.7 MB written and read again, its class's sums as much:
     post-processing streamed ~1.6 GB for a photo of ~100 queries. The same labels and scores to the
     bit as ``_FusedPixels``: the same operations on every pixel, the scores summed in the same order.
-    A person's mask still comes from its logits stored at full size (``_FusedPixels.squash``)."""
+    A person's mask still comes from its logits stored at full size (``_FusedPixels.squash``, which
+    also gives its score: a query with only a "human" pair skips the first pass)."""
 
     def prepare(self, queries: list[int]) -> None:
         lows = [_low(self.mask_logits, q) for q in queries]
@@ -357,8 +359,9 @@ class _TiledPixels(_FusedPixels):
 
     def squash(self, q: int, keep_logits: bool) -> tuple[float, int]:
         self.query = q
-        if keep_logits:  # a person's mask is read from its logits
-            super().squash(q, keep_logits)
+        if keep_logits:  # a person's mask is read from its logits: the full squash, whose sums are the first pass's
+            return super().squash(q, keep_logits)
+        self.has_logits = False  # the buffer holds another query's logits, if any
         return self.scores[q]
 
     def add(self, final: np.float32, first: bool) -> None:
@@ -441,7 +444,7 @@ def to_result(
         pixels = (_NumpyPixels(pool, meta, work_hw, mask_logits) if fast is None
                   else _TiledPixels(fast, pool, meta, work_hw, mask_logits) if work_hw == meta.orig_hw
                   else _FusedPixels(fast, pool, meta, work_hw, mask_logits))
-        pixels.prepare(sorted({q for _, q, _ in order}))
+        pixels.prepare(sorted({q for label, q, _ in order if label != human}))  # a person's: when squashed
         for label, group in itertools.groupby(order, key=lambda pair: pair[0]):
             pasted = False
             for _, q, score in group:
