@@ -107,3 +107,12 @@ def test_stage_postprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], 
 def test_stage_render_color_png_720p(benchmark: Any) -> None:
     labels = label_map((720, 1280))
     benchmark(lambda: render.b64_png(render.colorize(labels, PALETTE)))
+
+
+def test_stage_render_class_masks_png_720p(benchmark: Any) -> None:
+    """The seed envelope's class masks (one 0/255 PNG per class present, 20 here) on the encoding threads."""
+    labels = label_map((720, 1280))
+    present = render.present_classes(labels)
+    jobs = [lambda c=c: render.encode_png(render.class_mask(labels, c)) for c in present]
+    pngs = benchmark(render.encode_all, jobs)
+    assert len(pngs) == len(present) >= 5
