@@ -10,6 +10,12 @@
  * path to float rounding (the resampling and the sigmoid) or exactly (the rest):
  * tests/imaging/test_fused.py.
  *
+ * Where the work is at the label map's size, two passes write no full-size map but the labels:
+ * m2fp_mask_scores sums every query's mask score storing nothing, then m2fp_paste_vote makes a band's
+ * labels tile by tile of a few rows, each pasted instance squashed again, added, each class averaged
+ * and voted in the cache (the same operations on every pixel as the one-step functions; working
+ * memory their own).
+ *
  * Compositing's full-size passes too (imaging/compose.py): applying the guided filter's coefficients
  * (three resizes, a multiply, a channel sum, an add, four snapping passes and a masked copy, each
  * streaming 3.7 to 11 MB at 720p) and the border's foreground colour with the blend over the backdrop
@@ -282,13 +288,17 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
 }
 
 /* The column blocks of taps (make_blocks) when the row weights are all >= 0 (the blocks' skipping of
- * columns without a positive input needs it), else none: the plain loops. */
-static blocks_t column_blocks(int64_t low_w, const int32_t *restrict col_idx, const float *restrict col_w,
-                              int64_t col_taps, int64_t out_w, const float *restrict row_w, int64_t rows,
-                              int64_t row_taps) {
+ * columns without a positive input needs it), with room for their live flags (low_h x count) in
+ * *live; none (count 0, *live NULL: the plain loops) when they do not fit or get no memory. */
+static blocks_t column_plan(int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
+                            const float *restrict col_w, int64_t col_taps, int64_t out_w, const float *restrict row_w,
+                            int64_t rows, int64_t row_taps, uint8_t **live) {
     int rows_fit = 1;
     for (int64_t i = 0; i < rows * row_taps; ++i) rows_fit &= row_w[i] >= 0.0f;
-    return rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
+    blocks_t cols = rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
+    *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
+    if (*live == NULL) free_blocks(&cols);
+    return cols;
 }
 
 /* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
@@ -405,9 +415,8 @@ M2FP_CLONES M2FP_EXPORT void m2fp_upsample_squash(const float *restrict low, int
                                                   const float *restrict row_w, int64_t rows, int64_t row_taps,
                                                   float *restrict scratch, float *restrict logits,
                                                   float *restrict sig, double *sum, int64_t *count) {
-    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
-    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
-    if (live == NULL) free_blocks(&cols);
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
     squash_rows(&cols, low, low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps, scratch,
                 live, logits, sig, out_w, sum, count);
     free(live);
@@ -423,9 +432,9 @@ M2FP_CLONES M2FP_EXPORT int m2fp_mask_scores(const float *const *lows, int64_t n
                                              int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
                                              const float *restrict row_w, int64_t rows, int64_t row_taps,
                                              double *restrict sums, int64_t *restrict counts) {
-    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
-    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
-    if (live == NULL) free_blocks(&cols);
+    if (n <= 0 || rows <= 0 || out_w <= 0) return 0;
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
     float *scratch = malloc(sizeof(float) * (size_t)((low_h + 2) * out_w));
     int status = scratch == NULL ? -1 : 0;
     for (int64_t q = 0; q < n && status == 0; ++q)
@@ -515,6 +524,8 @@ static inline __attribute__((always_inline)) void average_vote(const float *rest
     for (int64_t i = 0; i < n; ++i) vote_at(averaged(probs[i], counts[i]), class_id, best + i, labels + i);
 }
 
+/* average_vote over n values: the step m2fp_paste_vote takes per class and tile, exported as the
+ * tests' reference for it. */
 M2FP_CLONES M2FP_EXPORT void m2fp_average_vote(const float *restrict probs, const uint8_t *restrict counts, int64_t n,
                                                uint8_t class_id, float *restrict best, uint8_t *restrict labels) {
     average_vote(probs, counts, n, class_id, best, labels);
@@ -537,16 +548,16 @@ M2FP_CLONES M2FP_EXPORT int m2fp_paste_vote(const float *const *lows, const floa
                                             const float *restrict col_w, int64_t out_w, int64_t col_taps,
                                             const int32_t *restrict row_idx, const float *restrict row_w,
                                             int64_t rows, int64_t row_taps, uint8_t *restrict labels) {
+    if (rows <= 0 || out_w <= 0) return 0;
     int64_t tile = TILE_VALUES / out_w > 0 ? TILE_VALUES / out_w : 1;
     tile = tile < rows ? tile : rows;
-    blocks_t cols = column_blocks(low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps);
-    uint8_t *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
-    if (live == NULL) free_blocks(&cols);
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
     float *scratch = malloc(sizeof(float) * (size_t)((low_h + 1) * out_w));
     float *sig = malloc(sizeof(float) * (size_t)(3 * tile * out_w));
     uint8_t *counts = malloc((size_t)(tile * out_w));
     int status = scratch == NULL || sig == NULL || counts == NULL ? -1 : 0;
-    float *probs = sig + tile * out_w, *best = probs + tile * out_w;
+    float *probs = status == 0 ? sig + tile * out_w : NULL, *best = status == 0 ? probs + tile * out_w : NULL;
     for (int64_t r0 = 0; r0 < rows && status == 0; r0 += tile) {
         int64_t height = rows - r0 < tile ? rows - r0 : tile, values = height * out_w;
         uint8_t *tile_labels = labels + r0 * out_w;

@@ -320,6 +320,12 @@ def test_encode_png_refuses_what_it_cannot_write(image: np.ndarray) -> None:
         encode_png(image)
 
 
+@pytest.mark.parametrize("level", [-1, 10])
+def test_encode_png_refuses_a_level_outside_0_to_9(level: int) -> None:
+    with pytest.raises(ValueError, match="0-9"):
+        encode_png(_grey(), compression=level)
+
+
 def test_encode_png_does_not_touch_input() -> None:
     image = _rgb()
     before = image.copy()

@@ -251,11 +251,15 @@ def vote(prob: np.ndarray, class_id: int, best: np.ndarray, label_map: np.ndarra
 class _Pixels:
     """What ``to_result`` asks of its per-pixel work, besides ``squash``, ``add`` and ``vote``."""
 
-    def prepare(self, queries: list[int]) -> None:
-        """Nothing to do ahead: each query is squashed when it comes (``queries``: those with pairs
-        of a class other than "human")."""
+    meta: PreprocessMeta
 
-    def finish(self, best: np.ndarray, label_map: np.ndarray) -> None:
+    def prepare(self, queries: list[int]) -> None:
+        """Before the first query (``queries``: those with pairs of a class other than "human"; each
+        is squashed when it comes): the best probability so far at each pixel, for the votes."""
+        self.best = np.empty(self.meta.orig_hw, np.float32)
+        self.best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
+
+    def finish(self, label_map: np.ndarray) -> None:
         """Nothing left: every class was voted as it ended."""
 
 
@@ -290,15 +294,16 @@ class _NumpyPixels(_Pixels):
             self.counts.fill(0)
         _on_bands(self.pool, self.bands, _add_instance_band, (self.sig, self.probs, self.counts, self.scratch), final)
 
-    def vote(self, class_id: int, best: np.ndarray, label_map: np.ndarray) -> None:
+    def vote(self, class_id: int, label_map: np.ndarray) -> None:
         """The class's pasted sums averaged and voted into the label map."""
         self.probs /= np.maximum(self.counts, 1).astype(np.float32)
-        vote(self.probs, class_id, best, label_map)
+        vote(self.probs, class_id, self.best, label_map)
 
 
 class _FusedPixels(_Pixels):
     """The same work in the fused kernel: a query's two resizes as the one resampling they compose
-    to (``composite_taps``), with the squash, in one pass that stores the logits only when asked."""
+    to (``composite_taps``), with the squash, in one pass that stores the logits only when asked.
+    Used where the work size is not the label map's (``fast``); elsewhere ``_TiledPixels``."""
 
     def __init__(self, kernel: fused.PostKernel, pool: ThreadPoolExecutor, meta: PreprocessMeta,
                  work_hw: tuple[int, int], mask_logits: np.ndarray) -> None:
@@ -326,13 +331,9 @@ class _FusedPixels(_Pixels):
     def add(self, final: np.float32, first: bool) -> None:  # the first instance writes, not adds to zeros
         _on_bands(self.pool, self.bands, self.kernel.add_instance, (self.sig, self.probs, self.counts), final, first)
 
-    def vote(self, class_id: int, best: np.ndarray, label_map: np.ndarray) -> None:
-        if self.work_hw == best.shape:  # no resize between: averaging and vote in one pass
-            _on_bands(self.pool, self.bands, self.kernel.average_vote, (self.probs, self.counts, best, label_map),
-                      class_id)
-            return
+    def vote(self, class_id: int, label_map: np.ndarray) -> None:
         self.kernel.average(self.probs, self.counts)
-        vote(self.probs, class_id, best, label_map, self.kernel)
+        vote(self.probs, class_id, self.best, label_map, self.kernel)
 
 
 class _TiledPixels(_FusedPixels):
@@ -345,7 +346,16 @@ class _TiledPixels(_FusedPixels):
     post-processing streamed ~1.6 GB for a photo of ~100 queries. The same labels and scores to the
     bit as ``_FusedPixels``: the same operations on every pixel, the scores summed in the same order.
     A person's mask still comes from its logits stored at full size (``_FusedPixels.squash``, which
-    also gives its score: a query with only a "human" pair skips the first pass)."""
+    also gives its score: a query with only a "human" pair skips the first pass); the full-size
+    buffers it inherits for the rest are never touched (no pages)."""
+
+    def __init__(self, kernel: fused.PostKernel, pool: ThreadPoolExecutor, meta: PreprocessMeta,
+                 work_hw: tuple[int, int], mask_logits: np.ndarray) -> None:
+        super().__init__(kernel, pool, meta, work_hw, mask_logits)
+        self.query = -1  # the last query squashed
+        self.scores: dict[int, tuple[float, int]] = {}  # each query's mask score's (sum, count)
+        self.pending: list[tuple[int, float]] = []  # the current class's instances: (query, score)
+        self.pasted: list[tuple[int, int, float]] = []  # (class, query, score), classes in increasing order
 
     def prepare(self, queries: list[int]) -> None:
         lows = [_low(self.mask_logits, q) for q in queries]
@@ -353,9 +363,6 @@ class _TiledPixels(_FusedPixels):
                      self.row_bands)
         self.scores = {q: (sum(float(sums[i]) for sums, _ in bands), sum(int(counts[i]) for _, counts in bands))
                        for i, q in enumerate(queries)}
-        self.query = -1
-        self.pending: list[tuple[int, float]] = []  # the current class's instances: (query, score)
-        self.pasted: list[tuple[int, int, float]] = []  # (class, query, score), classes in increasing order
 
     def squash(self, q: int, keep_logits: bool) -> tuple[float, int]:
         self.query = q
@@ -367,11 +374,11 @@ class _TiledPixels(_FusedPixels):
     def add(self, final: np.float32, first: bool) -> None:
         self.pending.append((self.query, float(final)))
 
-    def vote(self, class_id: int, best: np.ndarray, label_map: np.ndarray) -> None:
+    def vote(self, class_id: int, label_map: np.ndarray) -> None:
         self.pasted += [(class_id, q, score) for q, score in self.pending]
         self.pending = []
 
-    def finish(self, best: np.ndarray, label_map: np.ndarray) -> None:
+    def finish(self, label_map: np.ndarray) -> None:
         lows = [_low(self.mask_logits, q) for _, q, _ in self.pasted]
         scores = np.array([score for _, _, score in self.pasted], np.float32)
         classes = np.array([class_id for class_id, _, _ in self.pasted], np.uint8)
@@ -432,12 +439,10 @@ def to_result(
     people: list[tuple[float, int, np.ndarray]] = []  # (score, query, (H, W) bool mask at the original size)
     parts: list[tuple[float, int, PartInstance]] = []
     fast = fused.chosen(kernel)
-    best = np.empty(meta.orig_hw, np.float32)
     label_map = np.empty(meta.orig_hw, np.uint8)
-    best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
-    label_map.fill(0)
+    label_map.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
     mask_scores: dict[int, float] = {}
-    in_sig = -1  # the query whose sigmoid (and logits, if has_logits) the per-pixel buffers hold
+    in_sig = -1  # the query squashed last (whose logits the buffers hold, if has_logits)
     # The per-pixel work runs on row bands in parallel (numpy, OpenCV and the kernel release the
     # GIL); each band's pixels get exactly the operations, in the same order, as without bands.
     with ThreadPoolExecutor(THREADS, thread_name_prefix="m2fp-post") as pool:
@@ -467,8 +472,8 @@ def to_result(
                 pixels.add(final, first=not pasted)
                 pasted = True
             if pasted:
-                pixels.vote(label, best, label_map)
-        pixels.finish(best, label_map)
+                pixels.vote(label, label_map)
+        pixels.finish(label_map)
 
     people.sort(key=lambda p: (-p[0], p[1]))  # by score, ties by query (the order they were found in)
     parts.sort(key=lambda p: (-p[0], p[1]))

@@ -84,15 +84,19 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     maps are flat and compress well even so, and encoding is on every request's critical path.
     OpenCV's writer with these settings (its default, a filter chosen per row by trial, took 2-4x
     as long for files as large or larger) went through zlib at ~500 MB/s whatever the content:
-    the 17 class masks of the bench photo 58 -> 17 ms on one thread, its colour map 15 -> 8 ms,
-    the files the same size (zlib-ng's run-length deflate is zlib's, with SIMD compares).
+    the colour map and 17 class masks of the bench photo took 77 ms on one thread, 41 on
+    ``encode_all``'s two; here 25 and 15, in 364,572 bytes against 365,016 (zlib-ng's run-length
+    deflate is zlib's, with SIMD compares; medians of one interleaved run).
 
     Raises:
-        ValueError: another dtype or shape, or an empty image (PNG has none).
+        ValueError: another dtype or shape, an empty image (PNG has none), a side or compressed
+            data past PNG's 2^31 - 1, or a level outside 0-9.
     """
     channels = 1 if image.ndim == 2 else image.shape[2] if image.ndim == 3 else 0
-    if image.dtype != np.uint8 or channels not in PNG_COLOUR_TYPES or 0 in image.shape:
+    if image.dtype != np.uint8 or channels not in PNG_COLOUR_TYPES or 0 in image.shape or max(image.shape) >= 2**31:
         raise ValueError(f"cannot encode array {image.shape} {image.dtype} as PNG")
+    if not 0 <= compression <= 9:
+        raise ValueError(f"PNG compression level must be 0-9, got {compression}")
     height, width = image.shape[:2]
     rows = image.reshape(height, width * channels)  # a copy only for a non-contiguous view
     filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
@@ -101,18 +105,20 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256
     deflate = zlib_ng.compressobj(compression, zlib_ng.DEFLATED, 15, 8, zlib_ng.Z_RLE)
     data = deflate.compress(filtered) + deflate.flush()
+    if len(data) >= 2**31:  # one IDAT chunk holds less
+        raise ValueError(f"cannot encode array {image.shape} {image.dtype} as PNG: {len(data)} bytes compressed")
     header = struct.pack(">IIBBBBB", width, height, 8, PNG_COLOUR_TYPES[channels], 0, 0, 0)
     return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib_ng.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib_ng.crc32(data, zlib_ng.crc32(kind)))
 
 
 def encode_all(jobs: Sequence[Callable[[], bytes]]) -> list[bytes]:
-    """Runs encoding jobs on up to ``THREADS`` threads (numpy, zlib-ng and OpenCV encode with the GIL released);
-    the results in the jobs' order. The seed envelope's 17 class masks and colour map of a 720p
-    photo took 63-70 ms one after another and 43-52 ms on two threads here (medians, two runs)."""
+    """Runs encoding jobs on up to ``THREADS`` threads (numpy, zlib-ng and OpenCV encode with the GIL
+    released); the results in the jobs' order. The seed envelope's 17 class masks and colour map of
+    a 720p photo took 23-25 ms one after another and 15-18 ms on two threads here (medians, two runs)."""
     if len(jobs) < 2 or THREADS < 2:
         return [job() for job in jobs]
     with ThreadPoolExecutor(min(THREADS, len(jobs)), thread_name_prefix="m2fp-encode") as pool:
