@@ -303,7 +303,8 @@ class _NumpyPixels(_Pixels):
 class _FusedPixels(_Pixels):
     """The same work in the fused kernel: a query's two resizes as the one resampling they compose
     to (``composite_taps``), with the squash, in one pass that stores the logits only when asked.
-    Used where the work size is not the label map's (``fast``); elsewhere ``_TiledPixels``."""
+    Used where the work size is not the label map's (``fast``, and photos past ``EXACT_MAX_PIXELS``);
+    elsewhere ``_TiledPixels``."""
 
     def __init__(self, kernel: fused.PostKernel, pool: ThreadPoolExecutor, meta: PreprocessMeta,
                  work_hw: tuple[int, int], mask_logits: np.ndarray) -> None:
