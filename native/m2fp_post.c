@@ -296,15 +296,35 @@ static blocks_t column_plan(int64_t low_h, int64_t low_w, const int32_t *restric
     int rows_fit = 1;
     for (int64_t i = 0; i < rows * row_taps; ++i) rows_fit &= row_w[i] >= 0.0f;
     blocks_t cols = rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
-    *live = cols.count > 0 ? malloc((size_t)(low_h * cols.count)) : NULL;
+    *live = cols.count > 0 ? malloc((size_t)(low_h * (cols.count + 2))) : NULL;
     if (*live == NULL) free_blocks(&cols);
     return cols;
 }
 
+/* Whether any of n values is > 0 (NaN is not). */
+static inline int any_positive(const float *restrict src, int64_t n) {
+    int any = 0;
+    for (int64_t i = 0; i < n; ++i) any |= src[i] > 0.0f;
+    return any;
+}
+
+/* Whether an output row reads (with a weight not 0) a low row flagged in positive[row - lo]. */
+static inline int reads_positive(const int32_t *restrict idx, const float *restrict w, int64_t taps,
+                                 const uint8_t *positive, int64_t lo) {
+    int any = 0;
+    for (int64_t k = 0; k < taps; ++k) any |= w[k] != 0.0f && positive[idx[k] - lo];
+    return any;
+}
+
 /* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
  * with the column blocks `cols` made once by the caller (count 0: the plain loops), `live` room for
- * low_h x cols->count flags, and sig advancing by `sig_stride` values per output row (0: every row
- * into the same row, when only the mask score is wanted). */
+ * low_h x (cols->count + 2) flags, and sig advancing by `sig_stride` values per output row (0: every
+ * row into the same row, when only the mask score is wanted).
+ *
+ * Without `logits` (only sig and the score wanted), an output row whose rows of low logits hold no
+ * value > 0 is not resampled at all: with weights >= 0 its logits are <= 0 (or NaN), so its sig is 0
+ * and it adds nothing to the score; nor is a low row that only such output rows read. Most rows of a
+ * trained mask (one person's part); few of an untrained one's. */
 static inline __attribute__((always_inline)) void squash_rows(
     const blocks_t *cols, const float *restrict low, int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
     const float *restrict col_w, int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
@@ -330,10 +350,23 @@ static inline __attribute__((always_inline)) void squash_rows(
         }
         return;
     }
+    /* Which low rows hold a value > 0 (positive), and which are read by an output row that reads one
+     * (needed); every low row is needed when the logits are kept. */
+    uint8_t *positive = live + low_h * cols->count, *needed = positive + low_h;
+    for (int64_t r = lo; r <= hi; ++r) {
+        positive[r - lo] = logits != NULL || any_positive(low + r * low_w, low_w);
+        needed[r - lo] = logits != NULL;
+    }
+    if (logits == NULL)
+        for (int64_t i = 0; i < rows; ++i)
+            if (reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo))
+                for (int64_t k = 0; k < row_taps; ++k)
+                    if (row_w[i * row_taps + k] != 0.0f) needed[row_idx[i * row_taps + k] - lo] = 1;
     for (int64_t r = lo; r <= hi; ++r) {
         const float *src = low + r * low_w;
         float *dst = scratch + (r - lo) * out_w;
         uint8_t *row_live = live + (r - lo) * cols->count;
+        if (!needed[r - lo]) continue;  /* read by no output row that can be positive */
         if (finite_row(src, low_w)) {
             resample_blocks(cols, src, out_w, dst, row_live);
         } else {  /* zero weights skipped, not multiplied (0 x inf is NaN); never skipped after */
@@ -360,6 +393,10 @@ static inline __attribute__((always_inline)) void squash_rows(
         }
         float *v = logits != NULL ? logits + i * out_w : spare;
         float *s = sig + i * sig_stride;
+        if (logits == NULL && !reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo)) {
+            for (int64_t x = 0; x < out_w; ++x) s[x] = 0.0f;  /* every logit <= 0 (or NaN) */
+            continue;
+        }
         if (taps < 0) {
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
             squash(v, out_w, s, sum, count);

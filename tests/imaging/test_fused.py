@@ -181,6 +181,35 @@ def test_upsample_squash_of_a_sparse_mask(kernel: fused.PostKernel) -> None:
         assert positive[np.ix_(near_rows, near_cols)].any(), (r, c)
 
 
+@pytest.mark.parametrize("band", [slice(0, 720), slice(0, 1), slice(301, 719)])
+def test_upsample_squash_skips_rows_without_a_positive_logit(kernel: fused.PostKernel, band: slice) -> None:
+    """Without logits kept, output rows whose low rows hold no value > 0 are not resampled: their sig
+    is 0 and they add nothing, as computed. Positive logits in a few low rows only (one at the map's
+    edge), dead rows of -inf, NaN and -0.0 beside them: the same sig and sums as with the logits kept,
+    and as a dense product."""
+    _, cols, full_rows = _resampling((720, 1280), (640, 1138), (640, 1152), (160, 288))
+    rows = full_rows.band(band)
+    low = -np.random.default_rng(5).uniform(0.1, 3.0, (160, 288)).astype(np.float32)
+    low[80, 40:60] = 5.0
+    low[81, 200] = 0.5
+    low[159, 7] = 9.0  # the last row: read by the last output rows only
+    low[79] = -np.inf
+    low[82] = np.nan
+    low[120] = -0.0
+    out_hw = (len(rows), len(cols))
+    logits, sig = np.full(out_hw, np.nan, np.float32), np.full(out_hw, np.nan, np.float32)
+    scratch = np.full(161 * 1280, np.nan, np.float32)
+    total, count = kernel.upsample_squash(low, cols, rows, scratch, sig, logits)
+    sig_only = np.full(out_hw, np.nan, np.float32)  # every value must be written, skipped rows too
+    scratch.fill(np.nan)  # a low row a kept output row reads must be resampled again, not found there
+    assert kernel.upsample_squash(low, cols, rows, scratch, sig_only) == (total, count)
+    np.testing.assert_array_equal(sig_only, sig)
+    if band == slice(0, 720):
+        assert count > 0 and (sig > 0).any(1).mean() < 0.1  # most output rows are skipped
+        clean = np.where(np.isfinite(low), low, -1.0).astype(np.float32)  # the dense product has no inf/NaN
+        _check_against_dense(kernel, clean, cols, rows)
+
+
 def test_upsample_squash_adds_taps_on_one_input(kernel: fused.PostKernel) -> None:
     """Taps may name one input twice (their weights add up, as a resampling's definition says): the
     block columns give what the plain loops and a dense product give."""
