@@ -469,6 +469,7 @@ M2FP_CLONES M2FP_EXPORT int m2fp_mask_scores(const float *const *lows, int64_t n
                                              int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
                                              const float *restrict row_w, int64_t rows, int64_t row_taps,
                                              double *restrict sums, int64_t *restrict counts) {
+    for (int64_t q = 0; q < n; ++q) sums[q] = 0.0, counts[q] = 0;  /* an empty band's */
     if (n <= 0 || rows <= 0 || out_w <= 0) return 0;
     uint8_t *live;
     blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);

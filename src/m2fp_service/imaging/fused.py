@@ -100,6 +100,12 @@ def bilinear(n_in: int, n_out: int) -> Taps:
     return Taps(index.astype(np.int32), weight.astype(np.float32), n_in)
 
 
+def _check_low(low: np.ndarray, cols: Taps, rows: Taps) -> None:
+    """A query's low-resolution logits must be what the taps resample: (rows.n_in, cols.n_in)."""
+    if low.ndim != 2 or (rows.n_in, cols.n_in) != low.shape:
+        raise ValueError(f"low logits {low.shape} do not match taps from {(rows.n_in, cols.n_in)}")
+
+
 def _check_image(name: str, array: np.ndarray, shape: tuple[int, ...], dtype: type) -> None:
     if 0 in shape:
         raise ValueError(f"{name} is empty: {shape}")
@@ -124,13 +130,11 @@ class PostKernel:
         abi.restype = ctypes.c_int
         if abi() != ABI:
             raise OSError(f"{path}: ABI {abi()}, expected {ABI}; rebuild it with `make native`")
-        lib.m2fp_upsample_squash.argtypes = [_address, ctypes.c_int64, ctypes.c_int64, _address, _address,
-                                             ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64,
-                                             ctypes.c_int64, _address, _address, _address,
+        taps: list[Any] = [ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64, ctypes.c_int64, _address,
+                _address, ctypes.c_int64, ctypes.c_int64]  # low_h, low_w, then the columns' and rows' taps (_taps)
+        lib.m2fp_upsample_squash.argtypes = [_address, *taps, _address, _address, _address,
                                              ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]
         lib.m2fp_upsample_squash.restype = None
-        taps: list[Any] = [ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64, ctypes.c_int64, _address,
-                _address, ctypes.c_int64, ctypes.c_int64]  # low_h, low_w, then the columns' and rows' taps
         lib.m2fp_mask_scores.argtypes = [_address, ctypes.c_int64, *taps, _address, _address]
         lib.m2fp_mask_scores.restype = ctypes.c_int
         lib.m2fp_paste_vote.argtypes = [_address, _address, _address, ctypes.c_int64, *taps, _address]
@@ -174,8 +178,7 @@ class PostKernel:
             (sum of ``sig`` where the resampled logits are > 0, how many such pixels).
         """
         out_hw = (len(rows), len(cols))
-        if low.ndim != 2 or (rows.n_in, cols.n_in) != low.shape:
-            raise ValueError(f"low logits {low.shape} do not match taps from {(rows.n_in, cols.n_in)}")
+        _check_low(low, cols, rows)
         if sig.shape != out_hw or (logits is not None and logits.shape != out_hw):
             raise ValueError(f"sig {sig.shape} / logits {None if logits is None else logits.shape}: expected {out_hw}")
         if scratch.size < (low.shape[0] + 1) * out_hw[1]:
@@ -184,10 +187,8 @@ class PostKernel:
         if any(np.may_share_memory(a, b) for i, a in enumerate(written) for b in written[i + 1:]):
             raise ValueError("scratch, sig and logits must not overlap")
         total, count = ctypes.c_double(), ctypes.c_int64()
-        (col_index, col_weight), (row_index, row_weight) = cols.addresses, rows.addresses
-        self._lib.m2fp_upsample_squash(_checked(low, np.float32, "low"), low.shape[0], low.shape[1], col_index,
-                                       col_weight, out_hw[1], cols.index.shape[1], row_index, row_weight, out_hw[0],
-                                       rows.index.shape[1], _checked(scratch, np.float32, "scratch", written=True),
+        self._lib.m2fp_upsample_squash(_checked(low, np.float32, "low"), *self._taps(low, cols, rows),
+                                       _checked(scratch, np.float32, "scratch", written=True),
                                        None if logits is None else _checked(logits, np.float32, "logits", written=True),
                                        _checked(sig, np.float32, "sig", written=True), ctypes.byref(total),
                                        ctypes.byref(count))
@@ -247,8 +248,7 @@ class PostKernel:
     def _lows(lows: list[np.ndarray], cols: Taps, rows: Taps) -> ctypes.Array[ctypes.c_void_p]:
         """The queries' logits checked against the taps, as an array of their addresses."""
         for low in lows:
-            if low.ndim != 2 or (rows.n_in, cols.n_in) != low.shape:
-                raise ValueError(f"low logits {low.shape} do not match taps from {(rows.n_in, cols.n_in)}")
+            _check_low(low, cols, rows)
         return (ctypes.c_void_p * len(lows))(*(_checked(low, np.float32, "low") for low in lows))
 
     @staticmethod
