@@ -12,8 +12,10 @@ results come from standard code, slower).
   is versioned and backward compatible, so a library built against 1.21's headers
   (``ORT_API_VERSION`` 21) loads in any newer runtime. Needs a C++17 compiler (``$CXX``, default
   ``c++``).
-- ``libm2fp_post.so`` (``m2fp_post.c``): post-processing's fused per-pixel loops, plain C with no
-  dependencies, loaded through ctypes (``imaging/fused.py``). Needs a C compiler (``$CC``, default ``cc``).
+- ``libm2fp_post.so`` (``m2fp_post.c``; ``m2fp_post_avx2.c`` and ``m2fp_post_avx512.c`` build its
+  per-pixel kernels again for those x86-64 levels, each with its own vector width): post-processing's
+  fused per-pixel loops, plain C with no dependencies, loaded through ctypes (``imaging/fused.py``).
+  Needs a C compiler (``$CC``, default ``cc``).
 
 Only Python's standard library is used.
 
@@ -159,9 +161,13 @@ def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
     return objects
 
 
+# Its translation units: the AVX2 and AVX-512 ones are empty unless the build is for x86-64's levels.
+POST_SOURCES = [HERE / name for name in ("m2fp_post.c", "m2fp_post_avx2.c", "m2fp_post_avx512.c")]
+
+
 def build_post(output: Path) -> Path:
     compiler = shlex.split(os.environ.get("CC", "cc"))
-    return _compile([*compiler, *POST_FLAGS, str(HERE / "m2fp_post.c")], output)
+    return _compile([*compiler, *POST_FLAGS, *map(str, POST_SOURCES)], output)
 
 
 TARGETS = {"msda": (build_msda, "libm2fp_msda.so"), "post": (build_post, "libm2fp_post.so")}

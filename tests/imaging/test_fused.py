@@ -577,6 +577,52 @@ def test_built_is_none_when_missing_and_warns_when_broken(tmp_path: Path, monkey
         fused.built.cache_clear()
 
 
+def _cpu_lanes() -> int:
+    """The vector width of the per-pixel kernels the package's build should run on this CPU."""
+    flags = cpu_flags() if platform.machine() == "x86_64" else set()
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"} <= flags:
+        return 16
+    return 8 if {"avx2", "fma", "bmi2"} <= flags else 4
+
+
+def test_the_package_build_runs_the_cpus_widest_kernels(kernel: fused.PostKernel) -> None:
+    if os.environ.get(LIBRARY_UNDER_TEST):
+        pytest.skip("a build for one level has one width")
+    assert kernel.lanes == _cpu_lanes()
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_each_narrower_width_gives_the_widest_ones_results(kernel: fused.PostKernel, lanes: int) -> None:
+    """The per-pixel kernels are built once per x86-64 level, each with its own vector width (a vector
+    wider than the registers had its comparisons done lane by lane: 6x slower with AVX2). Asked for by
+    width, the narrower ones in the same library give the same results: the squash within float
+    rounding of numpy's, and whole ``to_result`` calls as the widest's."""
+    if os.environ.get(LIBRARY_UNDER_TEST) or lanes >= kernel.lanes:
+        pytest.skip(f"a build for one level has one width; this library's widest here: {kernel.lanes} lanes")
+    narrow = fused.PostKernel(kernel.path, lanes=lanes)
+    assert narrow.lanes == lanes
+    logits = _logits(3 * 4096 + 5, seed=lanes)
+    sig = np.full(logits.size, -1.0, np.float32)
+    total, count = _squash(narrow, logits, sig)
+    want_sig, want_total, want_count = _numpy_squash(logits)
+    np.testing.assert_allclose(sig, want_sig, rtol=3e-7, atol=1e-38)
+    assert count == want_count and total == pytest.approx(want_total, rel=1e-6)
+    meta = _meta((333, 517))
+    class_logits, mask_logits = synthetic_outputs(meta, seed=lanes)
+    ours = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, kernel=narrow)  # type: ignore[arg-type]
+    wide = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, kernel=kernel)  # type: ignore[arg-type]
+    assert len(np.unique(wide.label_map)) >= 4 and wide.num_people >= 2
+    assert float((ours.label_map == wide.label_map).mean()) >= 0.99999
+    np.testing.assert_array_equal(ours.person_masks, wide.person_masks)
+    np.testing.assert_allclose(ours.person_scores, wide.person_scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lanes", [3, 32])
+def test_a_width_the_library_lacks_is_refused(kernel: fused.PostKernel, lanes: int) -> None:
+    with pytest.raises(OSError, match=f"no {lanes}-lane kernels"):
+        fused.PostKernel(kernel.path, lanes=lanes)
+
+
 def test_a_copy_of_the_built_library_loads(kernel: fused.PostKernel, tmp_path: Path) -> None:
     copy = tmp_path / "copy.so"
     shutil.copy(kernel.path, copy)
@@ -606,7 +652,7 @@ def test_every_narrower_build_passes_these_tests(march: str, tmp_path: Path) -> 
     spec.loader.exec_module(build)
     library = tmp_path / f"libm2fp_post-{march}.so"
     subprocess.run([os.environ.get("CC", "cc"), *build.POST_FLAGS, f"-march={march}", "-DM2FP_CLONES=",
-                    str(build.HERE / "m2fp_post.c"), "-o", str(library)], check=True)
+                    *map(str, build.POST_SOURCES), "-o", str(library)], check=True)
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
                            env={**os.environ, LIBRARY_UNDER_TEST: str(library)}, capture_output=True, text=True,
                            check=False)

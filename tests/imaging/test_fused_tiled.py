@@ -311,7 +311,7 @@ def test_the_narrower_build_passes_these_tests_too(tmp_path: Path) -> None:
     build = runpy.run_path(str(Path(__file__).parents[2] / "native" / "build.py"))
     library = tmp_path / f"libm2fp_post-{march}.so"
     subprocess.run([os.environ.get("CC", "cc"), *build["POST_FLAGS"], f"-march={march}", "-DM2FP_CLONES=",
-                    str(build["HERE"] / "m2fp_post.c"), "-o", str(library)], check=True)
+                    *map(str, build["POST_SOURCES"]), "-o", str(library)], check=True)
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                             "-k", "not to_result"], env={**os.environ, LIBRARY_UNDER_TEST: str(library)},
                            capture_output=True, text=True, check=False)

@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 6  # m2fp_post_abi() of the library these signatures and meanings match
+ABI = 7  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -117,11 +117,15 @@ def _check_image(name: str, array: np.ndarray, shape: tuple[int, ...], dtype: ty
 class PostKernel:
     """The library's functions over C-contiguous arrays (one band of rows, or a whole map, per call).
 
+    ``lanes``: the vector width (floats) of the per-pixel kernels to run, 16, 8 or 4; the widest the
+    library has for this CPU when None (``lanes`` says which).
+
     Raises:
-        OSError: ``path`` is not a loadable library, or not this project's (another ABI).
+        OSError: ``path`` is not a loadable library, or not this project's (another ABI), or has no
+            kernels of ``lanes`` that this CPU runs.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lanes: int | None = None) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL releases the GIL during each call
         try:
             abi = lib.m2fp_post_abi
@@ -130,17 +134,27 @@ class PostKernel:
         abi.restype = ctypes.c_int
         if abi() != ABI:
             raise OSError(f"{path}: ABI {abi()}, expected {ABI}; rebuild it with `make native`")
+        lib.m2fp_post_lanes.restype = ctypes.c_int
+        widest = lib.m2fp_post_lanes()
+        self.lanes = widest if lanes is None else lanes
+        if self.lanes > widest or not hasattr(lib, f"m2fp_paste_vote_w{self.lanes}"):
+            raise OSError(f"{path}: no {self.lanes}-lane kernels this CPU runs (the widest: {widest})")
+        # The per-pixel kernels of the vector width chosen: the CPU's widest unless asked (tests).
+        kernels = {name: getattr(lib, f"m2fp_{name}_w{self.lanes}")
+                   for name in ("upsample_squash", "mask_scores", "paste_vote", "add_instance")}
         taps: list[Any] = [ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64, ctypes.c_int64, _address,
                 _address, ctypes.c_int64, ctypes.c_int64]  # low_h, low_w, then the columns' and rows' taps (_taps)
-        lib.m2fp_upsample_squash.argtypes = [_address, *taps, _address, _address, _address,
-                                             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]
-        lib.m2fp_upsample_squash.restype = None
-        lib.m2fp_mask_scores.argtypes = [_address, ctypes.c_int64, *taps, _address, _address]
-        lib.m2fp_mask_scores.restype = ctypes.c_int
-        lib.m2fp_paste_vote.argtypes = [_address, _address, _address, ctypes.c_int64, *taps, _address]
-        lib.m2fp_paste_vote.restype = ctypes.c_int
-        lib.m2fp_add_instance.argtypes = [_address, ctypes.c_int64, ctypes.c_float, _address, _address, ctypes.c_int]
-        lib.m2fp_add_instance.restype = None
+        kernels["upsample_squash"].argtypes = [_address, *taps, _address, _address, _address,
+                                               ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]
+        kernels["upsample_squash"].restype = None
+        kernels["mask_scores"].argtypes = [_address, ctypes.c_int64, *taps, _address, _address]
+        kernels["mask_scores"].restype = ctypes.c_int
+        kernels["paste_vote"].argtypes = [_address, _address, _address, ctypes.c_int64, *taps, _address]
+        kernels["paste_vote"].restype = ctypes.c_int
+        kernels["add_instance"].argtypes = [_address, ctypes.c_int64, ctypes.c_float, _address, _address, ctypes.c_int]
+        kernels["add_instance"].restype = None
+        self._upsample_squash, self._mask_scores = kernels["upsample_squash"], kernels["mask_scores"]
+        self._paste_vote, self._add_instance = kernels["paste_vote"], kernels["add_instance"]
         lib.m2fp_average.argtypes = [_floats, _bytes, ctypes.c_int64]
         lib.m2fp_average.restype = None
         lib.m2fp_vote.argtypes = [_floats, ctypes.c_int64, ctypes.c_uint8, _floats, _bytes]
@@ -187,11 +201,11 @@ class PostKernel:
         if any(np.may_share_memory(a, b) for i, a in enumerate(written) for b in written[i + 1:]):
             raise ValueError("scratch, sig and logits must not overlap")
         total, count = ctypes.c_double(), ctypes.c_int64()
-        self._lib.m2fp_upsample_squash(_checked(low, np.float32, "low"), *self._taps(low, cols, rows),
-                                       _checked(scratch, np.float32, "scratch", written=True),
-                                       None if logits is None else _checked(logits, np.float32, "logits", written=True),
-                                       _checked(sig, np.float32, "sig", written=True), ctypes.byref(total),
-                                       ctypes.byref(count))
+        self._upsample_squash(_checked(low, np.float32, "low"), *self._taps(low, cols, rows),
+                              _checked(scratch, np.float32, "scratch", written=True),
+                              None if logits is None else _checked(logits, np.float32, "logits", written=True),
+                              _checked(sig, np.float32, "sig", written=True), ctypes.byref(total),
+                              ctypes.byref(count))
         return total.value, count.value
 
     def mask_scores(self, lows: list[np.ndarray], cols: Taps, rows: Taps) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +218,8 @@ class PostKernel:
         """
         sums, counts = np.empty(len(lows), np.float64), np.empty(len(lows), np.int64)
         if lows:
-            status = self._lib.m2fp_mask_scores(self._lows(lows, cols, rows), len(lows),
-                                                *self._taps(lows[0], cols, rows), sums.ctypes.data, counts.ctypes.data)
+            status = self._mask_scores(self._lows(lows, cols, rows), len(lows),
+                                       *self._taps(lows[0], cols, rows), sums.ctypes.data, counts.ctypes.data)
             if status != 0:
                 raise MemoryError("the post-processing kernel could not get its working memory")
         return sums, counts
@@ -239,8 +253,8 @@ class PostKernel:
         if not lows:
             labels.fill(0)
             return
-        status = self._lib.m2fp_paste_vote(self._lows(lows, cols, rows), scores.ctypes.data, classes.ctypes.data,
-                                           len(lows), *self._taps(lows[0], cols, rows), labels.ctypes.data)
+        status = self._paste_vote(self._lows(lows, cols, rows), scores.ctypes.data, classes.ctypes.data,
+                                  len(lows), *self._taps(lows[0], cols, rows), labels.ctypes.data)
         if status != 0:
             raise MemoryError("the post-processing kernel could not get its working memory")
 
@@ -271,9 +285,9 @@ class PostKernel:
             raise ValueError(f"an instance's score must lie in [0, 1], got {score}")
         if not sig.shape == probs.shape == counts.shape:
             raise ValueError(f"sig {sig.shape}, probs {probs.shape} and counts {counts.shape} differ")
-        self._lib.m2fp_add_instance(_checked(sig, np.float32, "sig"), sig.size, score,
-                                    _checked(probs, np.float32, "probs", written=True),
-                                    _checked(counts, np.uint8, "counts", written=True), int(first))
+        self._add_instance(_checked(sig, np.float32, "sig"), sig.size, score,
+                           _checked(probs, np.float32, "probs", written=True),
+                           _checked(counts, np.uint8, "counts", written=True), int(first))
 
     def average(self, probs: np.ndarray, counts: np.ndarray) -> None:
         """``probs /= max(counts, 1)``, in place."""

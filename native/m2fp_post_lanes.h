@@ -1,0 +1,553 @@
+/* The per-pixel kernels of post-processing, in vectors as wide as the target's registers: included once
+ * per target by m2fp_post.c (the build's own target) and, in a build for x86-64's levels, by
+ * m2fp_post_avx2.c and m2fp_post_avx512.c. Each exports its functions with its width in their names
+ * (m2fp_paste_vote_w16, ...); m2fp_post_lanes() names the widest the CPU runs, and
+ * imaging/fused.py binds that one's. */
+#include "m2fp_post.h"
+
+#define M2FP_WIDE_(name, lanes) name##_w##lanes
+#define M2FP_WIDE__(name, lanes) M2FP_WIDE_(name, lanes)
+#define M2FP_WIDE(name) M2FP_WIDE__(name, LANES)
+
+/* Vectors of LANES floats (GCC's vector extensions), as wide as the target's registers: a vector wider
+ * than them is split by the compiler, and its comparisons done lane by lane (6x slower with AVX2). */
+#define LANES M2FP_TARGET_LANES
+typedef float lanes_t __attribute__((vector_size(4 * LANES)));
+typedef int32_t ilanes_t __attribute__((vector_size(4 * LANES)));
+typedef uint8_t bytes_t __attribute__((vector_size(LANES)));
+
+static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, lanes_t a, lanes_t b) {
+    return (lanes_t)((m & (ilanes_t)a) | (~m & (ilanes_t)b));
+}
+
+/* exp(x) for x in [-88, 88] (callers clamp), without branches: 2^n p(r) with n = round(x / ln 2)
+ * (adding and subtracting 1.5 * 2^23 rounds to nearest), r = x - n ln 2 in two parts, p a degree-7
+ * polynomial (Cephes' expf). Within 2 ulp of expf. */
+static inline __attribute__((always_inline)) lanes_t exp_clamped_lanes(lanes_t x) {
+    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const float round = 12582912.0f;
+    lanes_t n = (x * log2e + round) - round;
+    lanes_t r = x - n * ln2_hi - n * ln2_lo;
+    lanes_t p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    ilanes_t bits = (__builtin_convertvector(n, ilanes_t) + 127) << 23;
+    return p * (lanes_t)bits;
+}
+
+/* A run's per-lane sums added to the mask score's parts, and zeroed for the next run (float partial
+ * sums over runs of at most 4096 values). */
+static inline __attribute__((always_inline)) void add_lanes(lanes_t *acc, ilanes_t *hits, double *sum,
+                                                            int64_t *count) {
+    float total = 0.0f;
+    int64_t positive = 0;
+    for (int l = 0; l < LANES; ++l) total += (*acc)[l], positive -= (*hits)[l];
+    *sum += total;
+    *count += positive;
+    *acc = (lanes_t){0}, *hits = (ilanes_t){0};
+}
+
+/* Whether any lane of a comparison's result is set (narrowed to bytes: 64-bit words to test). */
+static inline __attribute__((always_inline)) int any_lane(ilanes_t m) {
+    bytes_t narrow = __builtin_convertvector(m, bytes_t);
+    uint64_t words[(LANES + 7) / 8] = {0};
+    __builtin_memcpy(words, &narrow, sizeof narrow);
+    uint64_t any = 0;
+    for (int i = 0; i < (LANES + 7) / 8; ++i) any |= words[i];
+    return any != 0;
+}
+
+/* A vector of logits squashed: sigmoid(v) where v > 0, else 0 (NaN too), the only values of a mask's
+ * probability ever read (the mask score sums it where v > 0; an instance is pasted where
+ * sig * score > 0.5 with a score <= 1, so only where v > 0); the sig added to the run's sums *acc
+ * and the positive lanes counted in *hits (as -1s). */
+static inline __attribute__((always_inline)) lanes_t squash_lanes(lanes_t v, lanes_t *acc, ilanes_t *hits) {
+    const lanes_t zero = {0};
+    ilanes_t pos = v > 0.0f;
+    lanes_t t = select_lanes(pos, -v, zero);
+    t = select_lanes(t < -88.0f, zero - 88.0f, t);
+    lanes_t s = select_lanes(pos, 1.0f / (1.0f + exp_clamped_lanes(t)), zero);
+    *acc += s;
+    *hits += pos;
+    return s;
+}
+
+/* n logits squashed (squash_lanes) into sig, the mask score's parts added to *sum (the sum of sig
+ * where logits > 0) and *count (how many such pixels); float partial sums over runs of 4096. */
+static inline __attribute__((always_inline)) void squash(const float *restrict logits, int64_t n,
+                                                         float *restrict sig, double *sum, int64_t *count) {
+    lanes_t acc = {0};
+    ilanes_t hits = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        if (i % 4096 == 0 && i > 0) add_lanes(&acc, &hits, sum, count);
+        lanes_t v = {0};  /* a last, partial vector padded with 0s: not positive, so not counted */
+        if (n - i >= LANES) {
+            __builtin_memcpy(&v, logits + i, sizeof v);
+            lanes_t s = squash_lanes(v, &acc, &hits);
+            __builtin_memcpy(sig + i, &s, sizeof s);
+        } else {
+            __builtin_memcpy(&v, logits + i, sizeof(float) * (size_t)(n - i));
+            lanes_t s = squash_lanes(v, &acc, &hits);
+            __builtin_memcpy(sig + i, &s, sizeof(float) * (size_t)(n - i));
+        }
+    }
+    add_lanes(&acc, &hits, sum, count);
+}
+
+/* dst[x] = sum_k w[x * taps + k] * src[idx[x * taps + k]] over the taps whose weight is not 0. With
+ * finite inputs a zero weight adds an exact 0, so the common tap counts run without branches (and
+ * vectorise); a row with an infinity or NaN takes the loop that skips zero weights. */
+static inline void resample_row(const float *restrict src, int64_t n_src, const int32_t *restrict idx,
+                                const float *restrict w, int64_t taps, int64_t n, float *restrict dst) {
+    int finite = 1;
+    for (int64_t i = 0; i < n_src; ++i) finite &= src[i] - src[i] == 0.0f;  /* false for inf and NaN */
+    if (finite && taps == 1) {
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) dst[x] = w[x] * src[idx[x]];
+        return;
+    }
+    if (finite && taps == 2) {
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) dst[x] = w[2 * x] * src[idx[2 * x]] + w[2 * x + 1] * src[idx[2 * x + 1]];
+        return;
+    }
+    if (finite && taps == 3) {
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x)
+            dst[x] = w[3 * x] * src[idx[3 * x]] + w[3 * x + 1] * src[idx[3 * x + 1]] + w[3 * x + 2] * src[idx[3 * x + 2]];
+        return;
+    }
+    for (int64_t x = 0; x < n; ++x) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < taps; ++k)
+            if (w[x * taps + k] != 0.0f) acc += w[x * taps + k] * src[idx[x * taps + k]];
+        dst[x] = acc;
+    }
+}
+
+/* Columns by blocks of LANES outputs, without gathers: when each block's taps (those of non-zero
+ * weight) lie within WINDOW consecutive inputs, as when upsampling (at 720p each input column feeds
+ * ~4.4 outputs), a block of a row is WINDOW multiply-adds of a broadcast input by the vector of the
+ * block's weights on it (0 where an output does not read that input). */
+#define WINDOW 8
+
+/* m2fp_paste_vote's tiles: about this many pixels (rows of the output's width). */
+#define TILE_VALUES 16384
+
+typedef struct {
+    int64_t count;   /* 0: the taps do not fit (or a weight is negative): resample_row instead */
+    int32_t *base;   /* per block: its window's first input */
+    lanes_t *weight; /* per block, WINDOW vectors */
+} blocks_t;
+
+static void free_blocks(blocks_t *b) {
+    free(b->base);
+    free(b->weight);
+    b->count = 0, b->base = NULL, b->weight = NULL;
+}
+
+/* The blocks of taps idx, w (n x taps, over n_src inputs). */
+static blocks_t make_blocks(int64_t n_src, const int32_t *restrict idx, const float *restrict w, int64_t taps,
+                            int64_t n) {
+    blocks_t b = {(n + LANES - 1) / LANES, NULL, NULL};
+    if (n_src < WINDOW || n == 0) return (blocks_t){0, NULL, NULL};
+    b.base = malloc(sizeof(int32_t) * b.count);
+    b.weight = aligned_alloc(sizeof(lanes_t), sizeof(lanes_t) * WINDOW * b.count);
+    if (b.base == NULL || b.weight == NULL) goto unfit;
+    for (int64_t k = 0; k < b.count; ++k) {
+        int64_t first = k * LANES, end = first + LANES < n ? first + LANES : n, lo = n_src, hi = -1;
+        for (int64_t i = first * taps; i < end * taps; ++i) {
+            if (!(w[i] >= 0.0f)) goto unfit;  /* negative or NaN: the sign test below needs w >= 0 */
+            if (w[i] == 0.0f) continue;
+            lo = idx[i] < lo ? idx[i] : lo;
+            hi = idx[i] > hi ? idx[i] : hi;
+        }
+        lo = lo < n_src - WINDOW ? lo : n_src - WINDOW;  /* the window stays inside the row */
+        if (hi >= lo + WINDOW) goto unfit;
+        b.base[k] = (int32_t)lo;
+        float *wk = (float *)(b.weight + k * WINDOW);
+        for (int64_t i = 0; i < WINDOW * LANES; ++i) wk[i] = 0.0f;
+        for (int64_t x = first; x < end; ++x)
+            for (int64_t t = 0; t < taps; ++t)
+                if (w[x * taps + t] != 0.0f) wk[(idx[x * taps + t] - lo) * LANES + (x - first)] += w[x * taps + t];
+    }
+    return b;
+unfit:
+    free_blocks(&b);
+    return b;
+}
+
+static inline int finite_row(const float *restrict src, int64_t n) {
+    int finite = 1;
+    for (int64_t i = 0; i < n; ++i) finite &= src[i] - src[i] == 0.0f;  /* false for inf and NaN */
+    return finite;
+}
+
+/* One finite row resampled by the blocks into dst (out_w values), and per block whether any of its
+ * values is > 0 (`live`): with row weights >= 0, output rows drawn only from blocks without one are
+ * <= 0 there. */
+static inline __attribute__((always_inline)) void resample_blocks(const blocks_t *b, const float *restrict src,
+                                                                  int64_t out_w, float *restrict dst,
+                                                                  uint8_t *restrict live) {
+    for (int64_t k = 0; k < b->count; ++k) {
+        const lanes_t *wk = b->weight + k * WINDOW;
+        const float *s = src + b->base[k];
+        lanes_t acc = wk[0] * s[0];
+        for (int t = 1; t < WINDOW; ++t) acc += wk[t] * s[t];
+        live[k] = (uint8_t)any_lane(acc > 0.0f);
+        int64_t x0 = k * LANES;
+        if (x0 + LANES <= out_w)
+            __builtin_memcpy(dst + x0, &acc, sizeof acc);
+        else
+            for (int64_t x = x0; x < out_w; ++x) dst[x] = acc[x - x0];
+    }
+}
+
+/* One output row of the row pass: the sum of the rows `rows + (idx[k] - first_row) * n` (k < taps,
+ * weight w[k] not 0), in tap order, into v (0s without any). */
+static inline void plain_row(const float *rows, int64_t first_row, int64_t n, const int32_t *restrict idx,
+                             const float *restrict w, int64_t taps, float *restrict v) {
+    int first = 1;
+    for (int64_t k = 0; k < taps; ++k) {
+        if (w[k] == 0.0f) continue;
+        const float *src = rows + (idx[k] - first_row) * n;
+        if (first) {
+            for (int64_t x = 0; x < n; ++x) v[x] = w[k] * src[x];
+            first = 0;
+        } else {
+            for (int64_t x = 0; x < n; ++x) v[x] += w[k] * src[x];
+        }
+    }
+    if (first)
+        for (int64_t x = 0; x < n; ++x) v[x] = 0.0f;
+}
+
+/* One output row's whole blocks of LANES: the row pass from `taps` rows of scratch (src, weights w,
+ * their blocks' live flags) into v when `keep`, and the squash into s, a block with no live input
+ * not squashed (sig 0). The mask score's parts added to *sum and *count. */
+static inline __attribute__((always_inline)) void row_blocks(int taps, int keep, const float *const *src,
+                                                             const uint8_t *const *src_live, const float *w,
+                                                             int64_t whole, float *restrict v, float *restrict s,
+                                                             double *sum, int64_t *count) {
+    lanes_t acc = {0};
+    ilanes_t hits = {0};
+    for (int64_t x0 = 0; x0 < whole; x0 += LANES) {
+        int64_t k = x0 / LANES;
+        if (x0 % 4096 == 0 && x0 > 0) add_lanes(&acc, &hits, sum, count);  /* runs of 4096 */
+        int any = 0;
+        for (int t = 0; t < taps; ++t) any |= src_live[t][k];
+        if (!any && !keep) {  /* every logit <= 0 */
+            __builtin_memset(s + x0, 0, sizeof(lanes_t));
+            continue;
+        }
+        lanes_t in, out = {0};
+        for (int t = 0; t < taps; ++t) {
+            __builtin_memcpy(&in, src[t] + x0, sizeof in);
+            out = t == 0 ? w[t] * in : out + w[t] * in;
+        }
+        if (keep) __builtin_memcpy(v + x0, &out, sizeof out);
+        if (!any) {
+            __builtin_memset(s + x0, 0, sizeof(lanes_t));
+            continue;
+        }
+        lanes_t q = squash_lanes(out, &acc, &hits);
+        __builtin_memcpy(s + x0, &q, sizeof q);
+    }
+    add_lanes(&acc, &hits, sum, count);
+}
+
+/* The column blocks of taps (make_blocks) when the row weights are all >= 0 (the blocks' skipping of
+ * columns without a positive input needs it), with room for their live flags (low_h x count) in
+ * *live; none (count 0, *live NULL: the plain loops) when they do not fit or get no memory. */
+static blocks_t column_plan(int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
+                            const float *restrict col_w, int64_t col_taps, int64_t out_w, const float *restrict row_w,
+                            int64_t rows, int64_t row_taps, uint8_t **live) {
+    int rows_fit = 1;
+    for (int64_t i = 0; i < rows * row_taps; ++i) rows_fit &= row_w[i] >= 0.0f;
+    blocks_t cols = rows_fit ? make_blocks(low_w, col_idx, col_w, col_taps, out_w) : (blocks_t){0, NULL, NULL};
+    *live = cols.count > 0 ? malloc((size_t)(low_h * (cols.count + 2))) : NULL;
+    if (*live == NULL) free_blocks(&cols);
+    return cols;
+}
+
+/* Whether any of n values is > 0 (NaN is not). */
+static inline int any_positive(const float *restrict src, int64_t n) {
+    int any = 0;
+    for (int64_t i = 0; i < n; ++i) any |= src[i] > 0.0f;
+    return any;
+}
+
+/* Whether an output row reads (with a weight not 0) a low row flagged in positive[row - lo]. */
+static inline int reads_positive(const int32_t *restrict idx, const float *restrict w, int64_t taps,
+                                 const uint8_t *positive, int64_t lo) {
+    int any = 0;
+    for (int64_t k = 0; k < taps; ++k) any |= w[k] != 0.0f && positive[idx[k] - lo];
+    return any;
+}
+
+/* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
+ * with the column blocks `cols` made once by the caller (count 0: the plain loops), `live` room for
+ * low_h x (cols->count + 2) flags, and sig advancing by `sig_stride` values per output row (0: every
+ * row into the same row, when only the mask score is wanted).
+ *
+ * Without `logits` (only sig and the score wanted), an output row whose rows of low logits hold no
+ * value > 0 is not resampled at all: with weights >= 0 its logits are <= 0 (or NaN), so its sig is 0
+ * and it adds nothing to the score; nor is a low row that only such output rows read. Most rows of a
+ * trained mask (one person's part); few of an untrained one's. */
+static inline __attribute__((always_inline)) void squash_rows(
+    const blocks_t *cols, const float *restrict low, int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
+    const float *restrict col_w, int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+    const float *restrict row_w, int64_t rows, int64_t row_taps, float *restrict scratch, uint8_t *restrict live,
+    float *restrict logits, float *restrict sig, int64_t sig_stride, double *sum, int64_t *count) {
+    *sum = 0.0;
+    *count = 0;
+    int64_t lo = low_h, hi = -1;
+    for (int64_t i = 0; i < rows * row_taps; ++i) {
+        if (row_w[i] != 0.0f) {
+            lo = row_idx[i] < lo ? row_idx[i] : lo;
+            hi = row_idx[i] > hi ? row_idx[i] : hi;
+        }
+    }
+    float *spare = scratch + low_h * out_w;
+    if (cols->count == 0 || hi < lo) {  /* the plain loops */
+        for (int64_t r = lo; r <= hi; ++r)  /* columns: the low rows these rows read */
+            resample_row(low + r * low_w, low_w, col_idx, col_w, col_taps, out_w, scratch + (r - lo) * out_w);
+        for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
+            float *v = logits != NULL ? logits + i * out_w : spare;
+            plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            squash(v, out_w, sig + i * sig_stride, sum, count);
+        }
+        return;
+    }
+    /* Which low rows hold a value > 0 (positive), and which are read by an output row that reads one
+     * (needed); every low row is needed when the logits are kept. */
+    uint8_t *positive = live + low_h * cols->count, *needed = positive + low_h;
+    for (int64_t r = lo; r <= hi; ++r) {
+        positive[r - lo] = logits != NULL || any_positive(low + r * low_w, low_w);
+        needed[r - lo] = logits != NULL;
+    }
+    if (logits == NULL)
+        for (int64_t i = 0; i < rows; ++i)
+            if (reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo))
+                for (int64_t k = 0; k < row_taps; ++k)
+                    if (row_w[i * row_taps + k] != 0.0f) needed[row_idx[i * row_taps + k] - lo] = 1;
+    for (int64_t r = lo; r <= hi; ++r) {
+        const float *src = low + r * low_w;
+        float *dst = scratch + (r - lo) * out_w;
+        uint8_t *row_live = live + (r - lo) * cols->count;
+        if (!needed[r - lo]) continue;  /* read by no output row that can be positive */
+        if (finite_row(src, low_w)) {
+            resample_blocks(cols, src, out_w, dst, row_live);
+        } else {  /* zero weights skipped, not multiplied (0 x inf is NaN); never skipped after */
+            resample_row(src, low_w, col_idx, col_w, col_taps, out_w, dst);
+            for (int64_t k = 0; k < cols->count; ++k) row_live[k] = 1;
+        }
+    }
+    int64_t whole = out_w / LANES * LANES;
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *src[8];
+        const uint8_t *src_live[8];
+        float w[8];
+        int taps = 0;
+        for (int64_t k = 0; k < row_taps; ++k) {
+            float wk = row_w[i * row_taps + k];
+            if (wk == 0.0f) continue;
+            if (taps == 8) {  /* more than 8 taps: sum them in the plain loop's order */
+                taps = -1;
+                break;
+            }
+            int64_t r = row_idx[i * row_taps + k] - lo;
+            src[taps] = scratch + r * out_w, src_live[taps] = live + r * cols->count, w[taps] = wk;
+            ++taps;
+        }
+        float *v = logits != NULL ? logits + i * out_w : spare;
+        float *s = sig + i * sig_stride;
+        if (logits == NULL && !reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo)) {
+            for (int64_t x = 0; x < out_w; ++x) s[x] = 0.0f;  /* every logit <= 0 (or NaN) */
+            continue;
+        }
+        if (taps < 0) {
+            plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            squash(v, out_w, s, sum, count);
+            continue;
+        }
+        if (logits != NULL) {
+            switch (taps) {  /* constant tap counts: the loops over taps unrolled, the pointers in registers */
+            case 1: row_blocks(1, 1, src, src_live, w, whole, v, s, sum, count); break;
+            case 2: row_blocks(2, 1, src, src_live, w, whole, v, s, sum, count); break;
+            case 3: row_blocks(3, 1, src, src_live, w, whole, v, s, sum, count); break;
+            default: row_blocks(taps, 1, src, src_live, w, whole, v, s, sum, count);
+            }
+        } else {
+            switch (taps) {
+            case 1: row_blocks(1, 0, src, src_live, w, whole, v, s, sum, count); break;
+            case 2: row_blocks(2, 0, src, src_live, w, whole, v, s, sum, count); break;
+            case 3: row_blocks(3, 0, src, src_live, w, whole, v, s, sum, count); break;
+            default: row_blocks(taps, 0, src, src_live, w, whole, v, s, sum, count);
+            }
+        }
+        if (whole < out_w) {  /* the last, partial block */
+            for (int64_t x = whole; x < out_w; ++x) {
+                float o = 0.0f;
+                for (int t = 0; t < taps; ++t) o = t == 0 ? w[t] * src[t][x] : o + w[t] * src[t][x];
+                v[x] = o;
+            }
+            squash(v + whole, out_w - whole, s + whole, sum, count);
+        }
+    }
+}
+
+/* One band of rows of one query's mask, upsampled and squashed in one pass: what OpenCV's two
+ * bilinear resizes (the mask logits to the padded input, then the crop to the work size) and the
+ * squash's eight passes did over work-size arrays.
+ *
+ * The two resizes compose into one linear map per axis, given as taps (postprocess.composite_taps):
+ * output position o takes sum_k w[o * K + k] * in[idx[o * K + k]] over the K taps whose weight
+ * is not 0 (so a non-finite logit reaches only the outputs it weighs on). Columns first, on the low
+ * rows the band reads (~1/4 of the band's height), into `scratch`; then each output row, as up to
+ * `row_taps` contiguous rows of that, into `logits` (or a row of scratch when `logits` is NULL), and
+ * squashed from there while it is in L1 (sig = sigmoid where the logit is > 0, else 0: squash).
+ *
+ * When the taps allow (blocks_t: upsampling, weights >= 0), both passes go by blocks of LANES output
+ * columns, and an output block whose column-resampled rows are all <= 0 there is not squashed: its
+ * logits are <= 0, so its sig is 0 (most of a trained mask; about a quarter of an untrained one's).
+ *
+ * low: (low_h, low_w) logits. col_idx, col_w: out_w x col_taps. row_idx, row_w: rows x row_taps (indices
+ * into low's rows). scratch: (low_h + 1) x out_w floats. logits (or NULL), sig: rows x out_w.
+ * *sum, *count: as squash's, over the band. */
+M2FP_EXPORT void M2FP_WIDE(m2fp_upsample_squash)(const float *restrict low, int64_t low_h, int64_t low_w,
+                                                 const int32_t *restrict col_idx, const float *restrict col_w,
+                                                 int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+                                                 const float *restrict row_w, int64_t rows, int64_t row_taps,
+                                                 float *restrict scratch, float *restrict logits,
+                                                 float *restrict sig, double *sum, int64_t *count) {
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
+    squash_rows(&cols, low, low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps, scratch,
+                live, logits, sig, out_w, sum, count);
+    free(live);
+    free_blocks(&cols);
+}
+
+/* The mask scores' parts (m2fp_upsample_squash's *sum and *count) of n queries over one band of rows,
+ * into sums[q] and counts[q]: the same values, with nothing stored but a row at a time (the full-size
+ * sig is not written, only the sums are wanted). lows[q]: query q's (low_h, low_w) logits. Working
+ * memory is the function's own. Returns 0, or -1 when it could not get it (nothing written). */
+M2FP_EXPORT int M2FP_WIDE(m2fp_mask_scores)(const float *const *lows, int64_t n, int64_t low_h, int64_t low_w,
+                                            const int32_t *restrict col_idx, const float *restrict col_w,
+                                            int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+                                            const float *restrict row_w, int64_t rows, int64_t row_taps,
+                                            double *restrict sums, int64_t *restrict counts) {
+    for (int64_t q = 0; q < n; ++q) sums[q] = 0.0, counts[q] = 0;  /* an empty band's */
+    if (n <= 0 || rows <= 0 || out_w <= 0) return 0;
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
+    float *scratch = malloc(sizeof(float) * (size_t)((low_h + 2) * out_w));
+    int status = scratch == NULL ? -1 : 0;
+    for (int64_t q = 0; q < n && status == 0; ++q)
+        squash_rows(&cols, lows[q], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps,
+                    scratch, live, NULL, scratch + (low_h + 1) * out_w, 0, sums + q, counts + q);
+    free(scratch);
+    free(live);
+    free_blocks(&cols);
+    return status;
+}
+
+/* Adds one instance to its class: with p = sig * score, probs += p and counts += 1 where p > 0.5
+ * (one pass for numpy's five). `n` values from each pointer (a band of rows). With `first` (the
+ * class's first instance) probs and counts are written, not added to: the same values as adding to
+ * zeros, without the pass that zeroes them. */
+static inline __attribute__((always_inline)) void add_instance(const float *restrict sig, int64_t n, float score,
+                                                          float *restrict probs, uint8_t *restrict counts,
+                                                          int first) {
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) {
+            float p = sig[i] * score;
+            int hit = p > 0.5f;
+            probs[i] = hit ? p : 0.0f;
+            counts[i] = (uint8_t)hit;
+        }
+        return;
+    }
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {  /* a vector without a hit leaves probs and counts alone */
+        lanes_t p, sums;
+        __builtin_memcpy(&p, sig + i, sizeof p);
+        p *= score;
+        ilanes_t hit = p > 0.5f;
+        if (!any_lane(hit)) continue;
+        bytes_t hit8 = __builtin_convertvector(hit, bytes_t);  /* 255 where hit */
+        __builtin_memcpy(&sums, probs + i, sizeof sums);
+        sums += select_lanes(hit, p, (lanes_t){0});
+        __builtin_memcpy(probs + i, &sums, sizeof sums);
+        bytes_t c;
+        __builtin_memcpy(&c, counts + i, sizeof c);
+        c -= hit8;  /* - 255 = + 1 (mod 256) */
+        __builtin_memcpy(counts + i, &c, sizeof c);
+    }
+    for (; i < n; ++i) {
+        float p = sig[i] * score;
+        int hit = p > 0.5f;
+        probs[i] += hit ? p : 0.0f;
+        counts[i] += (uint8_t)hit;
+    }
+}
+
+M2FP_EXPORT void M2FP_WIDE(m2fp_add_instance)(const float *restrict sig, int64_t n, float score,
+                                              float *restrict probs, uint8_t *restrict counts, int first) {
+    add_instance(sig, n, score, probs, counts, first);
+}
+
+/* One band of the label map from the instances pasted into it: for each class in increasing order,
+ * its instances' masks upsampled and squashed (squash_rows), added to the class's sums where
+ * sig * score > 0.5 (add_instance), averaged and voted (average_vote), the labels starting at 0
+ * (background) and the best probability at 0. The same operations on every pixel as
+ * m2fp_upsample_squash, m2fp_add_instance and m2fp_average_vote over the whole band, so the same
+ * labels; done tile by tile of a few rows, so that the sig, the class's sums and the best
+ * probabilities stay in the cache and no full-size map is written but the labels.
+ *
+ * lows[i], scores[i] (in [0, 1]), classes[i]: instance i's (low_h, low_w) logits, score and class,
+ * the classes non-decreasing (the caller checks). labels: rows x out_w, written. Working memory is
+ * the function's own. Returns 0, or -1 when it could not get it (nothing written). */
+M2FP_EXPORT int M2FP_WIDE(m2fp_paste_vote)(const float *const *lows, const float *restrict scores,
+                                           const uint8_t *restrict classes, int64_t n, int64_t low_h,
+                                           int64_t low_w, const int32_t *restrict col_idx,
+                                           const float *restrict col_w, int64_t out_w, int64_t col_taps,
+                                           const int32_t *restrict row_idx, const float *restrict row_w,
+                                           int64_t rows, int64_t row_taps, uint8_t *restrict labels) {
+    if (rows <= 0 || out_w <= 0) return 0;
+    int64_t tile = TILE_VALUES / out_w > 0 ? TILE_VALUES / out_w : 1;
+    tile = tile < rows ? tile : rows;
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
+    float *scratch = malloc(sizeof(float) * (size_t)((low_h + 1) * out_w));
+    float *sig = malloc(sizeof(float) * (size_t)(3 * tile * out_w));
+    uint8_t *counts = malloc((size_t)(tile * out_w));
+    int status = scratch == NULL || sig == NULL || counts == NULL ? -1 : 0;
+    float *probs = status == 0 ? sig + tile * out_w : NULL, *best = status == 0 ? probs + tile * out_w : NULL;
+    for (int64_t r0 = 0; r0 < rows && status == 0; r0 += tile) {
+        int64_t height = rows - r0 < tile ? rows - r0 : tile, values = height * out_w;
+        uint8_t *tile_labels = labels + r0 * out_w;
+        for (int64_t i = 0; i < values; ++i) best[i] = 0.0f, tile_labels[i] = 0;
+        for (int64_t i = 0; i < n;) {
+            uint8_t class_id = classes[i];
+            for (int first = 1; i < n && classes[i] == class_id; ++i, first = 0) {
+                double sum;
+                int64_t count;
+                squash_rows(&cols, lows[i], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx + r0 * row_taps,
+                            row_w + r0 * row_taps, height, row_taps, scratch, live, NULL, sig, out_w, &sum, &count);
+                add_instance(sig, values, scores[i], probs, counts, first);
+            }
+            average_vote(probs, counts, values, class_id, best, tile_labels);
+        }
+    }
+    free(counts);
+    free(sig);
+    free(scratch);
+    free(live);
+    free_blocks(&cols);
+    return status;
+}
