@@ -30,13 +30,46 @@ static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, la
  * fast, the same values). */
 #define GROUP 4
 
-/* exp(x) of n <= GROUP vectors, each step for all n before the next, for x in [-88, 88] (callers
- * clamp), without branches: 2^k p(r) with k = round(x / ln 2) (adding and subtracting 1.5 * 2^23
- * rounds to nearest), r = x - k ln 2 in two parts, p a degree-7 polynomial (Cephes' expf). Within 2
- * ulp of expf. */
+/* exp(x) of n <= GROUP vectors, each step for all n before the next, for x in [-18, 0] (callers
+ * clamp; 1 + exp(x) rounds to 1 below -17.3, so the sigmoid needs no more), without branches.
+ *
+ * With 8 or 16 lanes: 2^(k / 16) e^r with k = round(16 x / ln 2) (adding and subtracting 1.5 * 2^23
+ * rounds to nearest), r = x - k ln 2 / 16 in two parts (|r| <= ln 2 / 32), 2^(j / 16) for j = k mod 16
+ * from a table of 16 in one register or two (a lane permute), 2^(k div 16) added to its exponent, and
+ * e^r by its degree-3 Taylor polynomial (error < 1e-8): a shorter chain than Cephes' expf, the
+ * sigmoid within an ulp of it. With 4 lanes (no lane permute in SSE2): Cephes' expf, 2^k p(r) with
+ * k = round(x / ln 2) and p of degree 7. Within 2 ulp of expf either way. */
 static inline __attribute__((always_inline)) void exp_clamped_lanes(const lanes_t *x, lanes_t *e, int n) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     const float round = 12582912.0f;
+#if LANES >= 8
+    const float c = 23.0831206542234f /* 16 / ln 2 */, ln2_hi = 0.0433349609375f, ln2_lo = -1.326215250e-5f;
+    /* 2^(j / 16)'s bits, less j << 19: adding k << 19 (k = 16 q + j) adds q to the exponent. */
+    const int32_t bits[16] = {0x3f800000, 0x3f85aac3 - (1 << 19), 0x3f8b95c2 - (2 << 19), 0x3f91c3d3 - (3 << 19),
+                              0x3f9837f0 - (4 << 19), 0x3f9ef532 - (5 << 19), 0x3fa5fed7 - (6 << 19),
+                              0x3fad583f - (7 << 19), 0x3fb504f3 - (8 << 19), 0x3fbd08a4 - (9 << 19),
+                              0x3fc5672a - (10 << 19), 0x3fce248c - (11 << 19), 0x3fd744fd - (12 << 19),
+                              0x3fe0ccdf - (13 << 19), 0x3feac0c7 - (14 << 19), 0x3ff5257d - (15 << 19)};
+    ilanes_t low, high;  /* the table's first and last LANES entries (the same register with 16 lanes) */
+    __builtin_memcpy(&low, bits, sizeof low);
+    __builtin_memcpy(&high, bits + 16 - LANES, sizeof high);
+    lanes_t big[GROUP], k[GROUP], r[GROUP], p[GROUP];
+    for (int g = 0; g < n; ++g) big[g] = x[g] * c + round;
+    for (int g = 0; g < n; ++g) k[g] = big[g] - round;
+    for (int g = 0; g < n; ++g) r[g] = x[g] - k[g] * ln2_hi - k[g] * ln2_lo;
+    for (int g = 0; g < n; ++g) p[g] = r[g] * (1.0f / 6.0f) + 0.5f;
+    for (int g = 0; g < n; ++g) p[g] = p[g] * r[g] + 1.0f;
+    for (int g = 0; g < n; ++g) p[g] = p[g] * r[g] + 1.0f;
+    for (int g = 0; g < n; ++g) {
+        ilanes_t j = (ilanes_t)big[g];  /* k + 1.5 * 2^23's bits: the same residues mod 16, and << 19 */
+#if LANES == 16
+        ilanes_t scale = __builtin_shuffle(low, j);  /* indices taken mod 16 */
+#else
+        ilanes_t scale = __builtin_shuffle(low, high, j & 15);
+#endif
+        e[g] = p[g] * (lanes_t)(scale + (j << 19));
+    }
+#else
+    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     lanes_t k[GROUP], r[GROUP], p[GROUP];
     for (int g = 0; g < n; ++g) k[g] = (x[g] * log2e + round) - round;
     for (int g = 0; g < n; ++g) r[g] = x[g] - k[g] * ln2_hi - k[g] * ln2_lo;
@@ -47,6 +80,7 @@ static inline __attribute__((always_inline)) void exp_clamped_lanes(const lanes_
     for (int g = 0; g < n; ++g) p[g] = p[g] * r[g] + 5.0000001201e-1f;
     for (int g = 0; g < n; ++g) p[g] = p[g] * r[g] * r[g] + r[g] + 1.0f;
     for (int g = 0; g < n; ++g) e[g] = p[g] * (lanes_t)((__builtin_convertvector(k[g], ilanes_t) + 127) << 23);
+#endif
 }
 
 /* A run's per-lane sums added to the mask score's parts, and zeroed for the next run (float partial
@@ -91,7 +125,7 @@ static inline __attribute__((always_inline)) void squash_vectors(const lanes_t *
     lanes_t t[GROUP], e[GROUP];
     for (int g = 0; g < n; ++g) pos[g] = v[g] > 0.0f;
     for (int g = 0; g < n; ++g) t[g] = select_lanes(pos[g], -v[g], zero);
-    for (int g = 0; g < n; ++g) t[g] = select_lanes(t[g] < -88.0f, zero - 88.0f, t[g]);
+    for (int g = 0; g < n; ++g) t[g] = select_lanes(t[g] < -18.0f, zero - 18.0f, t[g]);
     exp_clamped_lanes(t, e, n);
     for (int g = 0; g < n; ++g) s[g] = select_lanes(pos[g], 1.0f / (1.0f + e[g]), zero);
     for (int g = 0; g < n; ++g) *acc += s[g], *hits += pos[g];
