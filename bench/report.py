@@ -355,6 +355,12 @@ def section_stages(stages: dict[str, Any] | None) -> list[str]:
     if ratios:
         lines += ["", "Post-processing's per-pixel loops in the native kernel (`fused`, `make native`) vs OpenCV/numpy "
                   f"(`numpy`), same outputs, same run: {', '.join(ratios)} (median ÷ median)."]
+    narrow = [f"{mode} **{by[plain]['median'] / by[avx2]['median']:.2f}×**" for mode in ("exact", "fast")
+              for avx2, plain in [(f"test_stage_postprocess_720p[{mode}-fused-avx2]",
+                                   f"test_stage_postprocess_720p[{mode}-numpy]")] if avx2 in by and plain in by]
+    if narrow:
+        lines += ["", "The same library's AVX2 build of those loops (8-float vectors: what a CPU without AVX-512 runs; "
+                  f"`fused-avx2`) vs OpenCV/numpy: {', '.join(narrow)}."]
     return lines
 
 

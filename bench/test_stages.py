@@ -91,14 +91,20 @@ def test_stage_preprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any]) -
     benchmark(preprocess.prepare, photo_720p(), card.input_policy)
 
 
-@pytest.mark.parametrize("path", ["fused", "numpy"])
+@pytest.mark.parametrize("path", ["fused", "fused-avx2", "numpy"])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_stage_postprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], mode: str, path: str) -> None:
-    """``fused``: the per-pixel loops in the native kernel (``make native``); ``numpy``: OpenCV/numpy."""
+    """``fused``: the per-pixel loops in the native kernel (``make native``), the CPU's widest build;
+    ``fused-avx2``: the same library's 8-lane (AVX2) build, what a CPU without AVX-512 runs;
+    ``numpy``: OpenCV/numpy."""
     raw, card, meta = raw_720p
-    kernel = fused.built() if path == "fused" else None
-    if path == "fused" and kernel is None:
+    kernel = fused.built() if path.startswith("fused") else None
+    if path.startswith("fused") and kernel is None:
         pytest.skip("the post-processing kernel is not built (make native)")
+    if path == "fused-avx2":
+        if kernel is None or kernel.lanes < 8:
+            pytest.skip("this CPU does not run the AVX2 build")
+        kernel = fused.PostKernel(kernel.path, lanes=8)
     result = benchmark(postprocess.to_result, raw.class_logits, raw.mask_logits, meta, card.inference, card.classes,
                        mode=mode, kernel=kernel)
     assert len(np.unique(result.label_map)) >= 5  # confident weights: a non-trivial map
