@@ -18,6 +18,7 @@
 #define LANES M2FP_TARGET_LANES
 typedef float lanes_t __attribute__((vector_size(4 * LANES)));
 typedef int32_t ilanes_t __attribute__((vector_size(4 * LANES)));
+typedef uint32_t ulanes_t __attribute__((vector_size(4 * LANES)));
 typedef uint8_t bytes_t __attribute__((vector_size(LANES)));
 
 static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, lanes_t a, lanes_t b) {
@@ -29,13 +30,15 @@ static inline __attribute__((always_inline)) lanes_t select_lanes(ilanes_t m, la
  * GROUP vectors before the next makes the chains independent neighbours (the mask scores' pass 1.2x as
  * fast, the same values). */
 #define GROUP 4
+_Static_assert(4096 % (GROUP * LANES) == 0, "the row pass's runs of 4096 values start at a group of blocks");
 
 /* exp(x) of n <= GROUP vectors, each step for all n before the next, for x in [-18, 0] (callers
- * clamp; 1 + exp(x) rounds to 1 below -17.3, so the sigmoid needs no more), without branches.
+ * clamp; 1 + exp(x) rounds to 1 below ln 2^-24 = -16.6, so the sigmoid needs no more), without branches.
  *
  * With 8 or 16 lanes: 2^(k / 16) e^r with k = round(16 x / ln 2) (adding and subtracting 1.5 * 2^23
  * rounds to nearest), r = x - k ln 2 / 16 in two parts (|r| <= ln 2 / 32), 2^(j / 16) for j = k mod 16
- * from a table of 16 in one register or two (a lane permute), 2^(k div 16) added to its exponent, and
+ * from a table of 16 in one register (AVX-512) or two (AVX2) by a lane permute, 2^(k div 16) added to its
+ * exponent, and
  * e^r by its degree-3 Taylor polynomial (error < 1e-8): a shorter chain than Cephes' expf, the
  * sigmoid within an ulp of it. With 4 lanes (no lane permute in SSE2): Cephes' expf, 2^k p(r) with
  * k = round(x / ln 2) and p of degree 7. Within 2 ulp of expf either way. */
@@ -62,11 +65,14 @@ static inline __attribute__((always_inline)) void exp_clamped_lanes(const lanes_
     for (int g = 0; g < n; ++g) {
         ilanes_t j = (ilanes_t)big[g];  /* k + 1.5 * 2^23's bits: the same residues mod 16, and << 19 */
 #if LANES == 16
-        ilanes_t scale = __builtin_shuffle(low, j);  /* indices taken mod 16 */
+        ilanes_t scale = (ilanes_t)_mm512_permutexvar_epi32((__m512i)j, (__m512i)low);  /* indices mod 16 */
 #else
-        ilanes_t scale = __builtin_shuffle(low, high, j & 15);
+        ilanes_t first = (ilanes_t)_mm256_permutevar8x32_epi32((__m256i)low, (__m256i)j);  /* indices mod 8 */
+        ilanes_t last = (ilanes_t)_mm256_permutevar8x32_epi32((__m256i)high, (__m256i)j);
+        ilanes_t upper = (j & 8) != 0;  /* j mod 16 >= 8: the table's second half */
+        ilanes_t scale = (first & ~upper) | (last & upper);
 #endif
-        e[g] = p[g] * (lanes_t)(scale + (j << 19));
+        e[g] = p[g] * (lanes_t)(scale + (ilanes_t)((ulanes_t)j << 19));
     }
 #else
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
@@ -199,8 +205,9 @@ static inline void resample_row(const float *restrict src, int64_t n_src, const 
 
 /* m2fp_paste_vote's tiles: about this many pixels (rows of the output's width). Each instance's squash
  * is a call per tile, which resamples again the low rows the tile shares with the next: at 720p,
- * tiles of 25 rows made the paste 1.12-1.20x as fast as tiles of 12 (bench photo, one thread), and
- * the tile's working set (sig, sums, best: 14 bytes a pixel, 460 kB) still fits a 512 kB L2. */
+ * tiles of 25 rows made the paste 1.08-1.20x as fast as tiles of 12 (bench photo, one thread, on a Xeon
+ * with 2 MB of L2 a core); the tile's own maps (sig, sums, best: 14 bytes a pixel, 460 kB; the scratch
+ * rows come on top) stay within a 512 kB L2's reach, as larger tiles (no faster there) would not. */
 #define TILE_VALUES 32768
 
 typedef struct {
@@ -313,6 +320,7 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
         }
         lanes_t in, out[GROUP], q[GROUP];
         for (int g = 0; g < GROUP; ++g) {
+            out[g] = (lanes_t){0};  /* a row without a tap of weight > 0: its logits are 0s */
             for (int t = 0; t < taps; ++t) {
                 __builtin_memcpy(&in, src[t] + x0 + g * LANES, sizeof in);
                 out[g] = t == 0 ? w[t] * in : out[g] + w[t] * in;

@@ -45,15 +45,15 @@ def _composite(orig: tuple[int, int], resized: tuple[int, int], padded: tuple[in
 
 
 # (cols, rows). The kernel pastes tiles of TILE_VALUES = 32768 pixels: 25 rows at width 1280, 161 at
-# 203, 1057 at 31, 327 at 100 and 32768 at width 1 (the 40000 rows there are two tiles).
+# 203, 1057 at 31, 330 at 99 and 32768 at width 1 (the 40000 rows there are two tiles).
 GEOMETRIES = {
     "720p": lambda: _composite((720, 1280), (640, 1138), (640, 1152)),  # 160 x 288 logits
     "odd": lambda: _composite((151, 203), (145, 209), (148, 212)),  # 37 x 53: width not a multiple of 16
     "narrow": lambda: _composite((1999, 31), (600, 40), (608, 48)),  # a whole block and a partial one
     "one-column": lambda: _composite((40000, 1), (640, 4), (640, 32)),
-    # 327 rows of 100 = 32700 pixels a tile, not a multiple of 16: the tiles' vector loops end
+    # 330 rows of 99 = 32670 pixels a tile, not a multiple of 4, 8 or 16: the tiles' vector loops end
     # elsewhere than the band's
-    "off-grid-tiles": lambda: _composite((400, 100), (384, 96), (384, 96)),
+    "off-grid-tiles": lambda: _composite((400, 99), (384, 95), (384, 96)),
     "sharpened": lambda: (_sharpened(40, 176), _sharpened(40, 176)),
     "sharpened-rows": lambda: (postprocess.composite_taps(40, 160, 160, 176), _sharpened(40, 176)),
     "sharpened-cols": lambda: (_sharpened(40, 176), postprocess.composite_taps(40, 160, 160, 176)),

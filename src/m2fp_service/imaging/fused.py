@@ -118,7 +118,7 @@ class PostKernel:
     """The library's functions over C-contiguous arrays (one band of rows, or a whole map, per call).
 
     ``lanes``: the vector width (floats) of the per-pixel kernels to run, 16, 8 or 4; the widest the
-    library has for this CPU when None (``lanes`` says which).
+    library has that this CPU runs when None (``lanes`` says which).
 
     Raises:
         OSError: ``path`` is not a loadable library, or not this project's (another ABI), or has no
@@ -136,9 +136,10 @@ class PostKernel:
             raise OSError(f"{path}: ABI {abi()}, expected {ABI}; rebuild it with `make native`")
         lib.m2fp_post_lanes.restype = ctypes.c_int
         widest = lib.m2fp_post_lanes()
-        self.lanes = widest if lanes is None else lanes
-        if self.lanes > widest or not hasattr(lib, f"m2fp_paste_vote_w{self.lanes}"):
-            raise OSError(f"{path}: no {self.lanes}-lane kernels this CPU runs (the widest: {widest})")
+        built = [n for n in (16, 8, 4) if n <= widest and hasattr(lib, f"m2fp_paste_vote_w{n}")]
+        self.lanes = (built[0] if built else widest) if lanes is None else lanes
+        if self.lanes not in built:
+            raise OSError(f"{path}: no {self.lanes}-lane kernels this CPU runs (it has {built or 'none'})")
         # The per-pixel kernels of the vector width chosen: the CPU's widest unless asked (tests).
         kernels = {name: getattr(lib, f"m2fp_{name}_w{self.lanes}")
                    for name in ("upsample_squash", "mask_scores", "paste_vote", "add_instance")}
