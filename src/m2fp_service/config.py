@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_side: int = Field(16384, ge=32, description="Longest accepted image side in pixels (413 beyond)")
     mask_resolution: Literal["exact", "fast"] = Field(
         "exact", description="Post-processing at full image resolution ('exact', as ModelScope) or at model "
-                            "input resolution, upsampled at the end ('fast')")
+                            "input resolution, upsampled at the end ('fast'; a photo of at most twice the model "
+                            "input's pixels is processed exactly, which is faster there)")
     result_cache_mb: int = Field(
         128, ge=0, le=65536, description="Memory for parsing results of recently seen pictures (MiB; 0 = off): the "
                                          "same photo composed again skips inference")

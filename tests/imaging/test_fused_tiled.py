@@ -270,7 +270,8 @@ def test_to_result_tiled_equals_the_full_size_kernel_path(kernel: fused.PostKern
 
 
 @pytest.mark.parametrize(("mode", "orig", "tiled"), [("exact", (333, 517), True), ("exact", (720, 1280), True),
-                                                     ("fast", (150, 200), True), ("fast", (1000, 1500), False)])
+                                                     ("fast", (150, 200), True), ("fast", (720, 1280), True),
+                                                     ("fast", (1000, 1500), False)])
 def test_to_result_tiles_only_at_the_original_size(kernel: fused.PostKernel, monkeypatch: pytest.MonkeyPatch,
                                                    mode: str, orig: tuple[int, int], tiled: bool) -> None:
     """``paste_vote`` writes the label map, band by band, exactly when the work size is the original

@@ -280,6 +280,10 @@ WORK_HW = [
     pytest.param((640, 640), (640, 640), "fast", (640, 640), id="fast-equal"),
     pytest.param((20, 80), (40, 40), "fast", (20, 80), id="fast-equal-area-keeps-orig"),
     pytest.param((3000, 100), (1333, 44), "fast", (1333, 44), id="fast-capped-tall"),
+    # fast keeps the photo's size up to twice the model input's pixels (faster there, and exact)
+    pytest.param((720, 1280), (640, 1138), "fast", (720, 1280), id="fast-720p-keeps-orig"),
+    pytest.param((900, 1600), (640, 1138), "fast", (900, 1600), id="fast-1.98x-keeps-orig"),
+    pytest.param((1080, 1920), (640, 1138), "fast", (640, 1138), id="fast-1080p-uses-model-size"),
 ]
 
 
@@ -529,8 +533,8 @@ def test_to_result_exact_matches_modelscope(orig: tuple[int, int], short_edge: i
         )
 
 
-@pytest.mark.parametrize("orig", [(150, 200), (333, 517), (300, 100)])
-def test_to_result_fast_is_exact_when_image_smaller_than_input(orig: tuple[int, int]) -> None:
+@pytest.mark.parametrize("orig", [(150, 200), (333, 517), (300, 100), (720, 720), (700, 1100)])
+def test_to_result_fast_is_exact_up_to_twice_the_input_pixels(orig: tuple[int, int]) -> None:
     meta = _meta(orig)
     class_logits, mask_logits = synthetic_outputs(meta, seed=sum(orig))
     exact = to_result(class_logits, mask_logits, meta, SETTINGS, CLASSES, mode="exact")
@@ -541,7 +545,7 @@ def test_to_result_fast_is_exact_when_image_smaller_than_input(orig: tuple[int, 
     assert fast.parts == exact.parts
 
 
-@pytest.mark.parametrize("orig", [(720, 720), (1000, 1000), (700, 1100)])
+@pytest.mark.parametrize("orig", [(1000, 1000), (1200, 1200), (1000, 1700)])
 def test_to_result_fast_close_to_exact_when_image_larger(orig: tuple[int, int]) -> None:
     meta = _meta(orig)
     assert work_hw_for(meta, "fast") == meta.resized_hw != orig
