@@ -96,8 +96,13 @@ def test_stage_preprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any]) -
 def test_stage_postprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], mode: str, path: str) -> None:
     """``fused``: the per-pixel loops in the native kernel (``make native``), the CPU's widest build;
     ``fused-avx2``: the same library's 8-lane (AVX2) build, what a CPU without AVX-512 runs;
-    ``numpy``: OpenCV/numpy."""
+    ``numpy``: OpenCV/numpy. ``fast`` keeps a photo's own size up to twice the model input's pixels
+    (720p: the exact path), so its stage takes the same outputs as a 1080p photo's (the model input is
+    the same 640 x 1138): the one-pass path at the model-input size, resized to 1920 x 1080."""
     raw, card, meta = raw_720p
+    if mode == "fast":
+        meta = preprocess.PreprocessMeta(orig_hw=(1080, 1920), resized_hw=meta.resized_hw, padded_hw=meta.padded_hw)
+        assert postprocess.work_hw_for(meta, "fast") == meta.resized_hw
     kernel = fused.built() if path.startswith("fused") else None
     if path.startswith("fused") and kernel is None:
         pytest.skip("the post-processing kernel is not built (make native)")
