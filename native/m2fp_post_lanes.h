@@ -37,11 +37,10 @@ _Static_assert(4096 % (GROUP * LANES) == 0, "the row pass's runs of 4096 values 
  *
  * With 8 or 16 lanes: 2^(k / 16) e^r with k = round(16 x / ln 2) (adding and subtracting 1.5 * 2^23
  * rounds to nearest), r = x - k ln 2 / 16 in two parts (|r| <= ln 2 / 32), 2^(j / 16) for j = k mod 16
- * from a table of 16 in one register (AVX-512) or two (AVX2) by a lane permute, 2^(k div 16) added to its
- * exponent, and
- * e^r by its degree-3 Taylor polynomial (error < 1e-8): a shorter chain than Cephes' expf, the
- * sigmoid within an ulp of it. With 4 lanes (no lane permute in SSE2): Cephes' expf, 2^k p(r) with
- * k = round(x / ln 2) and p of degree 7. Within 2 ulp of expf either way. */
+ * from a table of 16 in one register (AVX-512) or two (AVX2) by a lane permute, 2^(k div 16) added to
+ * its exponent, and e^r by its degree-3 Taylor polynomial (error < 1e-8): a shorter chain than Cephes'
+ * expf, the sigmoid within an ulp of it. With 4 lanes (no lane permute in SSE2): Cephes' expf, 2^k p(r)
+ * with k = round(x / ln 2) and p of degree 7. Within 2 ulp of expf either way. */
 static inline __attribute__((always_inline)) void exp_clamped_lanes(const lanes_t *x, lanes_t *e, int n) {
     const float round = 12582912.0f;
 #if LANES >= 8
