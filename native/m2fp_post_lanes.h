@@ -297,9 +297,42 @@ static inline void plain_row(const float *rows, int64_t first_row, int64_t n, co
         for (int64_t x = 0; x < n; ++x) v[x] = 0.0f;
 }
 
-/* One output row's whole blocks of LANES: the row pass from `taps` rows of scratch (src, weights w,
- * their blocks' live flags) into v when `keep`, and the squash into s, a block with no live input
- * not squashed (sig 0). The mask score's parts added to *sum and *count. */
+/* n <= GROUP consecutive blocks of one output row from x0: the row pass from `taps` rows of scratch
+ * (src, weights w, their blocks' live flags) into v when `keep`, and the squash into s, blocks
+ * without a live input not squashed (sig 0) when none of the n has one; a dead block among live ones
+ * is squashed too (its logits are <= 0 or NaN: sig 0, nothing added, as when skipped). The sig added
+ * to the run's sums *acc and *hits. */
+static inline __attribute__((always_inline)) void row_group(int n, int taps, int keep, const float *const *src,
+                                                            const uint8_t *const *src_live, const float *w,
+                                                            int64_t x0, float *restrict v, float *restrict s,
+                                                            lanes_t *acc, ilanes_t *hits) {
+    int64_t k = x0 / LANES;
+    int any = 0;
+    for (int t = 0; t < taps; ++t)
+        for (int g = 0; g < n; ++g) any |= src_live[t][k + g];
+    if (!any && !keep) {  /* every logit <= 0 */
+        __builtin_memset(s + x0, 0, (size_t)n * sizeof(lanes_t));
+        return;
+    }
+    lanes_t in, out[GROUP], q[GROUP];
+    for (int g = 0; g < n; ++g) {
+        out[g] = (lanes_t){0};  /* a row without a tap of weight > 0: its logits are 0s */
+        for (int t = 0; t < taps; ++t) {
+            __builtin_memcpy(&in, src[t] + x0 + g * LANES, sizeof in);
+            out[g] = t == 0 ? w[t] * in : out[g] + w[t] * in;
+        }
+    }
+    if (keep) __builtin_memcpy(v + x0, out, (size_t)n * sizeof(lanes_t));
+    if (!any) {
+        __builtin_memset(s + x0, 0, (size_t)n * sizeof(lanes_t));
+        return;
+    }
+    squash_vectors(out, q, n, acc, hits);
+    __builtin_memcpy(s + x0, q, (size_t)n * sizeof(lanes_t));
+}
+
+/* One output row's whole blocks of LANES (row_group), GROUP at a time, then the rest one by one. The
+ * mask score's parts added to *sum and *count. */
 static inline __attribute__((always_inline)) void row_blocks(int taps, int keep, const float *const *src,
                                                              const uint8_t *const *src_live, const float *w,
                                                              int64_t whole, float *restrict v, float *restrict s,
@@ -307,55 +340,13 @@ static inline __attribute__((always_inline)) void row_blocks(int taps, int keep,
     lanes_t acc = {0};
     ilanes_t hits = {0};
     int64_t x0 = 0;
-    for (; x0 + GROUP * LANES <= whole; x0 += GROUP * LANES) {  /* GROUP blocks at a time */
-        int64_t k = x0 / LANES;
+    for (; x0 + GROUP * LANES <= whole; x0 += GROUP * LANES) {
         if (x0 % 4096 == 0 && x0 > 0) add_lanes(&acc, &hits, sum, count);  /* runs of 4096 */
-        int any = 0;
-        for (int t = 0; t < taps; ++t)
-            for (int g = 0; g < GROUP; ++g) any |= src_live[t][k + g];
-        if (!any && !keep) {  /* every logit <= 0 */
-            __builtin_memset(s + x0, 0, GROUP * sizeof(lanes_t));
-            continue;
-        }
-        lanes_t in, out[GROUP], q[GROUP];
-        for (int g = 0; g < GROUP; ++g) {
-            out[g] = (lanes_t){0};  /* a row without a tap of weight > 0: its logits are 0s */
-            for (int t = 0; t < taps; ++t) {
-                __builtin_memcpy(&in, src[t] + x0 + g * LANES, sizeof in);
-                out[g] = t == 0 ? w[t] * in : out[g] + w[t] * in;
-            }
-        }
-        if (keep) __builtin_memcpy(v + x0, out, sizeof out);
-        if (!any) {
-            __builtin_memset(s + x0, 0, GROUP * sizeof(lanes_t));
-            continue;
-        }
-        /* A block without a live input among live ones is squashed too: its logits are <= 0 (or NaN),
-         * so its sig is 0 and it adds nothing, as when skipped. */
-        squash_vectors(out, q, GROUP, &acc, &hits);
-        __builtin_memcpy(s + x0, q, sizeof q);
+        row_group(GROUP, taps, keep, src, src_live, w, x0, v, s, &acc, &hits);
     }
-    for (; x0 < whole; x0 += LANES) {  /* the blocks left, one at a time */
-        int64_t k = x0 / LANES;
+    for (; x0 < whole; x0 += LANES) {
         if (x0 % 4096 == 0 && x0 > 0) add_lanes(&acc, &hits, sum, count);
-        int any = 0;
-        for (int t = 0; t < taps; ++t) any |= src_live[t][k];
-        if (!any && !keep) {  /* every logit <= 0 */
-            __builtin_memset(s + x0, 0, sizeof(lanes_t));
-            continue;
-        }
-        lanes_t in, out = {0};
-        for (int t = 0; t < taps; ++t) {
-            __builtin_memcpy(&in, src[t] + x0, sizeof in);
-            out = t == 0 ? w[t] * in : out + w[t] * in;
-        }
-        if (keep) __builtin_memcpy(v + x0, &out, sizeof out);
-        if (!any) {
-            __builtin_memset(s + x0, 0, sizeof(lanes_t));
-            continue;
-        }
-        lanes_t q = squash_lanes(out, &acc, &hits);
-        __builtin_memcpy(s + x0, &q, sizeof q);
+        row_group(1, taps, keep, src, src_live, w, x0, v, s, &acc, &hits);
     }
     add_lanes(&acc, &hits, sum, count);
 }
