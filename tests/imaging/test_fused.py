@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
 import logging
 import os
 import platform
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from m2fp_export.quantize import cpu_flags
 from m2fp_service.imaging import fused, postprocess
 from m2fp_service.imaging.postprocess import to_result
 from m2fp_service.imaging.preprocess import PreprocessMeta
-from tests.imaging.conftest import LIBRARY_UNDER_TEST
+from tests.imaging.conftest import LIBRARY_UNDER_TEST, assert_tests_pass_on_a_build_for, cpu_lanes
 from tests.imaging.test_postprocess import CLASSES, SETTINGS, _meta, argmax_label_map, synthetic_outputs
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
@@ -589,21 +585,13 @@ def test_built_is_none_when_missing_and_warns_when_broken(tmp_path: Path, monkey
         fused.built.cache_clear()
 
 
-def _cpu_lanes() -> int:
-    """The vector width of the per-pixel kernels the package's build should run on this CPU."""
-    flags = cpu_flags() if platform.machine() == "x86_64" else set()
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"} <= flags:
-        return 16
-    return 8 if {"avx2", "fma", "bmi2"} <= flags else 4
-
-
 def test_the_package_build_runs_the_cpus_widest_kernels(kernel: fused.PostKernel) -> None:
     """A build for x86-64's levels (GCC >= 11, as ``make native`` makes it here) has every width; the
     CPU's widest is the one bound."""
     library = ctypes.CDLL(str(kernel.path))
     if os.environ.get(LIBRARY_UNDER_TEST) or not all(hasattr(library, f"m2fp_paste_vote_w{n}") for n in (4, 8, 16)):
         pytest.skip("a build for one level has one width")
-    assert kernel.lanes == _cpu_lanes()
+    assert kernel.lanes == cpu_lanes()
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
@@ -659,18 +647,6 @@ def test_every_narrower_build_passes_these_tests(march: str, tmp_path: Path) -> 
     process. (x86-64-v3: on a CPU with AVX2 and FMA; v4: with AVX-512.)"""
     if os.environ.get(LIBRARY_UNDER_TEST):
         pytest.skip("already a child")
-    if platform.machine() != "x86_64" or _cpu_lanes() < {"x86-64": 4, "x86-64-v3": 8, "x86-64-v4": 16}[march]:
+    if platform.machine() != "x86_64" or cpu_lanes() < {"x86-64": 4, "x86-64-v3": 8, "x86-64-v4": 16}[march]:
         pytest.skip(f"this CPU does not run {march}")
-    build_py = Path(__file__).parents[2] / "native" / "build.py"
-    spec = importlib.util.spec_from_file_location("m2fp_native_build", build_py)
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    library = tmp_path / f"libm2fp_post-{march}.so"
-    subprocess.run([os.environ.get("CC", "cc"), *build.POST_FLAGS, f"-march={march}", "-DM2FP_CLONES=",
-                    *map(str, build.POST_SOURCES), "-o", str(library)], check=True)
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                           env={**os.environ, LIBRARY_UNDER_TEST: str(library)}, capture_output=True, text=True,
-                           check=False)
-    assert child.returncode == 0, child.stdout[-3000:]
-    assert " passed" in child.stdout and " failed" not in child.stdout
+    assert_tests_pass_on_a_build_for(march, tmp_path, __file__)

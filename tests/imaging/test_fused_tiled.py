@@ -10,19 +10,15 @@ from __future__ import annotations
 import itertools
 import os
 import platform
-import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from m2fp_export.quantize import cpu_flags
 from m2fp_service.imaging import fused, postprocess
 from m2fp_service.imaging.preprocess import PreprocessMeta
 from m2fp_service.modelcard import InferenceSettings
-from tests.imaging.conftest import LIBRARY_UNDER_TEST
+from tests.imaging.conftest import LIBRARY_UNDER_TEST, assert_tests_pass_on_a_build_for, cpu_lanes
 
 HOSTILE = np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 17, -17, 87.9, -87.9, 88, -88, 89, -89, 100, -100,
                     1e30, -1e30, np.inf, -np.inf, np.nan, 3e-39, -3e-39], np.float32)  # test_fused.py's
@@ -307,14 +303,5 @@ def test_the_narrower_build_passes_these_tests_too(tmp_path: Path) -> None:
         pytest.skip("already a child")
     if platform.machine() != "x86_64":
         pytest.skip("the narrower builds are x86-64 levels")
-    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"} <= cpu_flags()
-    march = "x86-64-v3" if v4 else "x86-64"
-    build = runpy.run_path(str(Path(__file__).parents[2] / "native" / "build.py"))
-    library = tmp_path / f"libm2fp_post-{march}.so"
-    subprocess.run([os.environ.get("CC", "cc"), *build["POST_FLAGS"], f"-march={march}", "-DM2FP_CLONES=",
-                    *map(str, build["POST_SOURCES"]), "-o", str(library)], check=True)
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                            "-k", "not to_result"], env={**os.environ, LIBRARY_UNDER_TEST: str(library)},
-                           capture_output=True, text=True, check=False)
-    assert child.returncode == 0, child.stdout[-3000:]
-    assert " passed" in child.stdout and " failed" not in child.stdout
+    march = "x86-64-v3" if cpu_lanes() == 16 else "x86-64"
+    assert_tests_pass_on_a_build_for(march, tmp_path, __file__, "-k", "not to_result")
