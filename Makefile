@@ -70,7 +70,7 @@ $(MSDA_LIB): native/m2fp_msda.cc native/m2fp_winograd.cc native/m2fp_winograd.h 
         native/m2fp_checked.h native/build.py | $(VENV)/bin/python
 	@$(PY) native/build.py msda -o $@ || echo "*** the fused kernel was not built (see above): standard ops, same results, slower"
 $(POST_LIB): native/m2fp_post.c native/m2fp_post.h native/m2fp_post_lanes.h native/m2fp_post_avx2.c \
-        native/m2fp_post_avx512.c native/build.py | $(VENV)/bin/python
+        native/m2fp_post_avx512.c native/m2fp_resize.c native/build.py | $(VENV)/bin/python
 	@$(PY) native/build.py post -o $@ || echo "*** the post-processing kernel was not built (see above): OpenCV/numpy, same results, slower"
 native: $(MSDA_LIB) $(POST_LIB)
 

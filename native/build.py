@@ -162,7 +162,7 @@ def _qffn_objects(compiler: list[str], include: Path, tmp: Path) -> list[str]:
 
 
 # Its translation units: the AVX2 and AVX-512 ones are empty unless the build is for x86-64's levels.
-POST_SOURCES = [HERE / name for name in ("m2fp_post.c", "m2fp_post_avx2.c", "m2fp_post_avx512.c")]
+POST_SOURCES = [HERE / name for name in ("m2fp_post.c", "m2fp_post_avx2.c", "m2fp_post_avx512.c", "m2fp_resize.c")]
 
 
 def build_post(output: Path) -> Path:

@@ -32,7 +32,7 @@
  */
 #include "m2fp_post.h"
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 7; }  /* 7: the per-pixel kernels per vector width */
+M2FP_EXPORT int m2fp_post_abi(void) { return 8; }  /* 8: preprocessing's resize (m2fp_resize.c) */
 
 /* The vector width of the per-pixel kernels the CPU runs best: 16 (their names end in _w16), 8 or 4. */
 M2FP_EXPORT int m2fp_post_lanes(void) {

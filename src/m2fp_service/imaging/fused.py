@@ -1,5 +1,5 @@
 """The fused per-pixel kernels of post-processing and compositing, ``libm2fp_post.so``
-(``native/m2fp_post.c``), via ctypes.
+(``native/m2fp_post.c``), and preprocessing's resize (``native/m2fp_resize.c``), via ctypes.
 
 Built by ``native/build.py`` (``make native``) beside the deformable-attention kernel. Where it is
 absent (no compiler at install time) or does not load (built for another machine), post-processing
@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 7  # m2fp_post_abi() of the library these signatures and meanings match
+ABI = 8  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -172,6 +172,8 @@ class PostKernel:
         lib.m2fp_compose.argtypes = [_bytes, _floats, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, _floats,
                                      ctypes.c_int64, ctypes.c_int64, _ints, _floats, _ints, _floats, _floats, _bytes]
         lib.m2fp_compose.restype = None
+        lib.m2fp_resize_rgb.argtypes = [_address, *[ctypes.c_int64] * 6, _address, ctypes.c_int64, ctypes.c_int64]
+        lib.m2fp_resize_rgb.restype = ctypes.c_int
         self.path = path
         self._lib = lib
 
@@ -392,6 +394,49 @@ class PostKernel:
                                sums.shape[2], rows.index, rows.weight, cols.index, cols.weight,
                                np.empty(9 * w, np.float32), out)
         return out
+
+
+    def resize_rgb(self, image: np.ndarray, hw: tuple[int, int], out: np.ndarray, rows: tuple[int, int]) -> None:
+        """Rows ``rows[0]:rows[1]`` of ``image`` resized to ``hw`` (height, width) as Pillow's bilinear
+        resize makes them, to the byte, written as floats into ``out[:, rows[0]:rows[1], :width]``
+        (the rest of ``out`` is left alone). Pillow's own order of passes only (``pillow_rows_first``).
+
+        Args:
+            image: (H, W, 3) uint8 RGB, C-contiguous.
+            hw: the resized (height, width).
+            out: (3, Hp, Wp) float32, C-contiguous, Hp >= height and Wp >= width.
+            rows: the band of output rows, within ``[0, height]``.
+
+        Raises:
+            ValueError: arrays or rows that do not fit; Pillow would take the passes the other way.
+            MemoryError: the kernel got no working memory (nothing written).
+        """
+        (h, w), (y0, y1) = hw, rows
+        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise ValueError(f"image must be (H, W, 3), got {image.shape}")
+        if out.ndim != 3 or out.shape[0] != 3 or out.shape[1] < h or out.shape[2] < w or min(h, w) < 1:
+            raise ValueError(f"out must be (3, Hp, Wp) with room for {h}x{w}, got {out.shape}")
+        if not 0 <= y0 <= y1 <= h:
+            raise ValueError(f"rows {y0}:{y1} are not within the resized height {h}")
+        if not pillow_rows_first(image.shape[:2], hw):
+            raise ValueError(f"Pillow resizes {image.shape[:2]} to {hw} along columns first")
+        if y0 == y1:
+            return
+        status = self._lib.m2fp_resize_rgb(_checked(image, np.uint8, "image"), image.shape[0], image.shape[1], h, w,
+                                           y0, y1, _checked(out, np.float32, "out", written=True), out.shape[1],
+                                           out.shape[2])
+        if status != 0:
+            raise MemoryError("the resize kernel got no working memory")
+
+
+def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+    """Whether Pillow's resize from ``in_hw`` to ``out_hw`` takes its pass along rows first (the only
+    order ``PostKernel.resize_rgb`` takes). Pillow 13 takes the columns first when the height shrinks
+    by more than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner;
+    earlier versions always take the rows first): the two orders round differently, so there, and only
+    there, the result depends on Pillow's version, and the kernel is not used."""
+    (h, w), (new_h, new_w) = in_hw, out_hw
+    return not (h - new_h > 0 and h - new_h > (w - new_w) * 2)
 
 
 Choice = PostKernel | None | Literal["built"]  # what callers pass as ``kernel=``
