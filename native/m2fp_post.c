@@ -32,7 +32,7 @@
  */
 #include "m2fp_post.h"
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 8; }  /* 8: preprocessing's resize (m2fp_resize.c) */
+M2FP_EXPORT int m2fp_post_abi(void) { return 9; }  /* 9: m2fp_mask_rows_up; 8: the resize */
 
 /* The vector width of the per-pixel kernels the CPU runs best: 16 (their names end in _w16), 8 or 4. */
 M2FP_EXPORT int m2fp_post_lanes(void) {
@@ -64,6 +64,26 @@ M2FP_CLONES M2FP_EXPORT void m2fp_vote(const float *restrict prob, int64_t n, ui
 M2FP_CLONES M2FP_EXPORT void m2fp_average_vote(const float *restrict probs, const uint8_t *restrict counts, int64_t n,
                                                uint8_t class_id, float *restrict best, uint8_t *restrict labels) {
     average_vote(probs, counts, n, class_id, best, labels);
+}
+
+/* ---- encoding ------------------------------------------------------------------------------- */
+
+/* One class's mask (255 where labels == class_id, else 0) as PNG rows filtered "up" (each row's
+ * filter byte 2, then the row minus the row above, modulo 256; the first row's above is zeros), into
+ * out (h x (w + 1) bytes): imaging/render.py's class_mask and encode_png's filter in one pass, without
+ * the mask (the seed envelope's 17 masks: 1.2-1.3x as fast, encoding included). */
+M2FP_CLONES M2FP_EXPORT void m2fp_mask_rows_up(const uint8_t *restrict labels, int64_t h, int64_t w, uint8_t class_id,
+                                               uint8_t *restrict out) {
+    for (int64_t y = 0; y < h; ++y) {
+        const uint8_t *row = labels + y * w;
+        uint8_t *o = out + y * (w + 1);
+        o[0] = 2;
+        if (y == 0)
+            for (int64_t x = 0; x < w; ++x) o[1 + x] = row[x] == class_id ? 255 : 0;
+        else
+            for (int64_t x = 0; x < w; ++x)
+                o[1 + x] = (uint8_t)((row[x] == class_id ? 255 : 0) - (row[x - w] == class_id ? 255 : 0));
+    }
 }
 
 /* ---- compositing ------------------------------------------------------------------------------ */

@@ -203,7 +203,7 @@ def render(image_rgb: np.ndarray, result: ParsingResult, request: RenderRequest,
 
 
 def _class_png(label_map: np.ndarray, class_id: int) -> bytes:
-    return pictures.encode_png(pictures.class_mask(label_map, class_id))
+    return pictures.encode_class_png(label_map, class_id)
 
 
 def _person_png(mask: np.ndarray) -> bytes:

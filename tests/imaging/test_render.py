@@ -6,15 +6,18 @@ import base64
 import contextlib
 import functools
 import io
+import os
+import platform
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from m2fp_service.imaging import render
+from m2fp_service.imaging import fused, render
 from m2fp_service.imaging.render import (
     b64_png,
     class_mask,
@@ -26,6 +29,7 @@ from m2fp_service.imaging.render import (
     present_classes,
 )
 from m2fp_service.labels import pascal_palette
+from tests.imaging.conftest import LIBRARY_UNDER_TEST, assert_tests_pass_on_a_build_for, cpu_lanes
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (10, 20, 30)]
 
@@ -395,3 +399,66 @@ def test_encode_all_raises_a_job_s_error(monkeypatch: pytest.MonkeyPatch) -> Non
     jobs = [functools.partial(encode_png, rgba), functools.partial(render.encode_image, rgba, "jpeg")]
     with pytest.raises(ValueError, match="JPEG has no alpha"):
         render.encode_all(jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_class_png: the mask's filtered rows from the label map in one pass (native kernel)
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_maps() -> list[np.ndarray]:
+    rng = np.random.default_rng(4)
+    blobs = cv2.resize(rng.integers(0, 20, (9, 16), dtype=np.uint8), (1280, 720), interpolation=cv2.INTER_NEAREST)
+    return [LABELS_4X4, np.array([[7]], np.uint8), rng.integers(0, 4, (1, 57), dtype=np.uint8),
+            rng.integers(0, 4, (57, 1), dtype=np.uint8), rng.integers(0, 256, (33, 65), dtype=np.uint8), blobs]
+
+
+def test_encode_class_png_gives_encode_png_s_bytes(kernel: fused.PostKernel) -> None:
+    """The kernel's path and the numpy path write the same file for every class of maps of odd shapes (one
+    row, one column, 1x1), for classes absent from the map, and for the ends of the uint8 range."""
+    for labels in _label_maps():
+        for class_id in {*np.unique(labels).tolist(), 0, 1, 254, 255}:
+            expected = encode_png(class_mask(labels, class_id))
+            assert render.encode_class_png(labels, class_id, kernel=kernel) == expected, (labels.shape, class_id)
+            assert render.encode_class_png(labels, class_id, kernel=None) == expected
+
+
+def test_encode_class_png_decodes_to_the_class_mask(kernel: fused.PostKernel) -> None:
+    labels = _label_maps()[-1]
+    decoded = np.asarray(Image.open(io.BytesIO(render.encode_class_png(labels, 3, kernel=kernel))))
+    np.testing.assert_array_equal(decoded, np.where(labels == 3, 255, 0))
+
+
+def test_encode_class_png_of_a_view_and_of_other_arrays(kernel: fused.PostKernel) -> None:
+    """A non-contiguous view is copied for the kernel; maps the kernel does not take (int32 labels, a class
+    id past 255) go the numpy way, with its results."""
+    labels = _label_maps()[-1]
+    view = labels[::2, ::3]
+    assert render.encode_class_png(view, 5, kernel=kernel) == encode_png(class_mask(view, 5))
+    wide = labels.astype(np.int32)
+    assert render.encode_class_png(wide, 5, kernel=kernel) == encode_png(class_mask(wide, 5))
+    assert render.encode_class_png(wide, 300, kernel=kernel) == encode_png(class_mask(wide, 300))
+
+
+@pytest.mark.parametrize(("labels", "class_id", "message"), [
+    pytest.param(np.zeros((4, 4, 1), np.uint8), 1, "non-empty", id="3-d"),
+    pytest.param(np.zeros((0, 4), np.uint8), 1, "non-empty", id="empty"),
+    pytest.param(np.zeros((4, 4), np.int32), 1, "uint8", id="int32"),
+    pytest.param(np.zeros((4, 8), np.uint8)[:, ::2], 1, "C-contiguous", id="strided"),
+    pytest.param(np.zeros((4, 4), np.uint8), 256, "does not fit", id="class-256"),
+    pytest.param(np.zeros((4, 4), np.uint8), -1, "does not fit", id="class-negative"),
+])
+def test_mask_rows_up_refuses(kernel: fused.PostKernel, labels: np.ndarray, class_id: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        kernel.mask_rows_up(labels, class_id)
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
+def test_every_narrower_build_writes_the_same_masks(march: str, tmp_path: Path) -> None:
+    """The mask rows' loop is built per x86-64 level (target clones): each level built alone passes the
+    tests above in a child process."""
+    if os.environ.get(LIBRARY_UNDER_TEST):
+        pytest.skip("already a child")
+    if platform.machine() != "x86_64" or cpu_lanes() < {"x86-64": 4, "x86-64-v3": 8, "x86-64-v4": 16}[march]:
+        pytest.skip(f"this CPU does not run {march}")
+    assert_tests_pass_on_a_build_for(march, tmp_path, __file__, "-k", "class_png or mask_rows_up")

@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 8  # m2fp_post_abi() of the library these signatures and meanings match
+ABI = 9  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -174,6 +174,8 @@ class PostKernel:
         lib.m2fp_compose.restype = None
         lib.m2fp_resize_rgb.argtypes = [_address, *[ctypes.c_int64] * 6, _address, ctypes.c_int64, ctypes.c_int64]
         lib.m2fp_resize_rgb.restype = ctypes.c_int
+        lib.m2fp_mask_rows_up.argtypes = [_address, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint8, _address]
+        lib.m2fp_mask_rows_up.restype = None
         self.path = path
         self._lib = lib
 
@@ -427,6 +429,23 @@ class PostKernel:
                                            out.shape[2])
         if status != 0:
             raise MemoryError("the resize kernel got no working memory")
+
+
+    def mask_rows_up(self, label_map: np.ndarray, class_id: int) -> np.ndarray:
+        """One class's 0/255 mask of ``label_map`` as PNG rows filtered "up", each led by its filter byte:
+        (H, W + 1) uint8, what ``render.encode_png`` deflates for ``render.class_mask(label_map, class_id)``.
+
+        Raises:
+            ValueError: not a non-empty (H, W) C-contiguous uint8 map, or a class id outside 0..255.
+        """
+        if label_map.ndim != 2 or 0 in label_map.shape:
+            raise ValueError(f"label map must be a non-empty (H, W) array, got {label_map.shape}")
+        if not 0 <= class_id <= 255:
+            raise ValueError(f"class id {class_id} does not fit a uint8 label map")
+        h, w = label_map.shape
+        out = np.empty((h, w + 1), np.uint8)
+        self._lib.m2fp_mask_rows_up(_checked(label_map, np.uint8, "label map"), h, w, class_id, out.ctypes.data)
+        return out
 
 
 def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
