@@ -363,6 +363,13 @@ def section_stages(stages: dict[str, Any] | None) -> list[str]:
     if narrow:
         lines += ["", "The same library's AVX2 build of those loops (8-float vectors: what a CPU without AVX-512 runs; "
                   f"`fused-avx2`) vs OpenCV/numpy: {', '.join(narrow)}."]
+    others = [f"{what} **{by[plain]['median'] / by[fast]['median']:.2f}×**" for what, fast, plain in [
+        ("preprocessing", "test_stage_preprocess_720p[fused]", "test_stage_preprocess_720p[pillow]"),
+        ("class masks", "test_stage_render_class_masks_png_720p[fused]",
+         "test_stage_render_class_masks_png_720p[numpy]")] if fast in by and plain in by]
+    if others:
+        lines += ["", "The same library's resize (Pillow's bytes, on row bands, into the model input) vs Pillow, and "
+                  f"its mask rows vs OpenCV's masks filtered by numpy (the same files): {', '.join(others)}."]
     return lines
 
 

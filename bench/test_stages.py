@@ -86,9 +86,15 @@ def test_stage_decode_jpeg_720p(benchmark: Any) -> None:
     benchmark(decode_image, data, max_pixels=40_000_000, max_side=16384)
 
 
-def test_stage_preprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any]) -> None:
+@pytest.mark.parametrize("path", ["fused", "pillow"])
+def test_stage_preprocess_720p(benchmark: Any, raw_720p: tuple[Any, Any, Any], path: str) -> None:
+    """``fused``: Pillow's resize done by the native kernel on row bands, into the model input
+    (``make native``); ``pillow``: Pillow's own, then the float copy. The same tensor."""
     _, card, _ = raw_720p
-    benchmark(preprocess.prepare, photo_720p(), card.input_policy)
+    kernel = fused.built() if path == "fused" else None
+    if path == "fused" and kernel is None:
+        pytest.skip("the native kernel is not built (make native)")
+    benchmark(preprocess.prepare, photo_720p(), card.input_policy, kernel=kernel)
 
 
 @pytest.mark.parametrize("path", ["fused", "fused-avx2", "numpy"])
@@ -121,10 +127,16 @@ def test_stage_render_color_png_720p(benchmark: Any) -> None:
     benchmark(lambda: render.b64_png(render.colorize(labels, PALETTE)))
 
 
-def test_stage_render_class_masks_png_720p(benchmark: Any) -> None:
-    """The seed envelope's class masks (one 0/255 PNG per class present, 20 here) on the encoding threads."""
+@pytest.mark.parametrize("path", ["fused", "numpy"])
+def test_stage_render_class_masks_png_720p(benchmark: Any, path: str) -> None:
+    """The seed envelope's class masks (one 0/255 PNG per class present, 20 here) on the encoding threads:
+    ``fused``, each mask's filtered rows made from the label map by the native kernel; ``numpy``, the mask
+    by OpenCV and its rows filtered by numpy. The same files."""
     labels = label_map((720, 1280))
     present = render.present_classes(labels)
-    jobs = [lambda c=c: render.encode_png(render.class_mask(labels, c)) for c in present]
+    kernel = fused.built() if path == "fused" else None
+    if path == "fused" and kernel is None:
+        pytest.skip("the native kernel is not built (make native)")
+    jobs = [lambda c=c: render.encode_class_png(labels, c, kernel=kernel) for c in present]
     pngs = benchmark(render.encode_all, jobs)
     assert len(pngs) == len(present) >= 5
