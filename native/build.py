@@ -13,8 +13,9 @@ results come from standard code, slower).
   (``ORT_API_VERSION`` 21) loads in any newer runtime. Needs a C++17 compiler (``$CXX``, default
   ``c++``).
 - ``libm2fp_post.so`` (``m2fp_post.c``; ``m2fp_post_avx2.c`` and ``m2fp_post_avx512.c`` build its
-  per-pixel kernels again for those x86-64 levels, each with its own vector width): post-processing's
-  fused per-pixel loops, plain C with no dependencies, loaded through ctypes (``imaging/fused.py``).
+  per-pixel kernels again for those x86-64 levels, each with its own vector width; ``m2fp_resize.c``):
+  post-processing's and compositing's fused per-pixel loops, preprocessing's resize and the class masks'
+  PNG rows, plain C with no dependencies, loaded through ctypes (``imaging/fused.py``).
   Needs a C compiler (``$CC``, default ``cc``).
 
 Only Python's standard library is used.
