@@ -1,6 +1,6 @@
-/* What libm2fp_post.so's translation units share (m2fp_post.c, m2fp_post_avx2.c, m2fp_post_avx512.c):
- * how functions are built and exported, the vector width of the build's own target, and the per-pixel
- * steps of the argmax that both the exported loops and m2fp_paste_vote take. */
+/* What libm2fp_post.so's translation units share (m2fp_post.c, m2fp_post_avx2.c, m2fp_post_avx512.c,
+ * m2fp_resize.c): how functions are built and exported, the vector width of the build's own target, and
+ * the per-pixel steps of the argmax that both the exported loops and m2fp_paste_vote take. */
 #ifndef M2FP_POST_H
 #define M2FP_POST_H
 

@@ -205,8 +205,9 @@ static inline void resample_row(const float *restrict src, int64_t n_src, const 
 /* m2fp_paste_vote's tiles: about this many pixels (rows of the output's width). Each instance's squash
  * is a call per tile, which resamples again the low rows the tile shares with the next: at 720p,
  * tiles of 25 rows made the paste 1.08-1.20x as fast as tiles of 12 (bench photo, one thread, on a Xeon
- * with 2 MB of L2 a core); the tile's own maps (sig, sums, best: 14 bytes a pixel, 460 kB; the scratch
- * rows come on top) stay within a 512 kB L2's reach, as larger tiles (no faster there) would not. */
+ * with 2 MB of L2 a core, when a tile of sig was stored too); the tile's own maps (sums, best, counts,
+ * labels: 10 bytes a pixel, 330 kB; the scratch rows come on top) stay within a 512 kB L2's reach (tiles
+ * of 49,152 and 65,536 pixels were no faster there within the noise). */
 #define TILE_VALUES 32768
 
 typedef struct {
@@ -499,8 +500,8 @@ static inline __attribute__((always_inline)) void squash_rows(
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
             squash(v, out_w, sig + i * sig_stride, sum, count);
             if (pasted != NULL)
-                add_instance(sig, out_w, pasted->score, pasted->probs + i * out_w, pasted->counts + i * out_w,
-                             pasted->first);
+                add_instance(sig + i * sig_stride, out_w, pasted->score, pasted->probs + i * out_w,
+                             pasted->counts + i * out_w, pasted->first);
         }
         return;
     }
@@ -662,7 +663,8 @@ M2FP_EXPORT void M2FP_WIDE(m2fp_add_instance)(const float *restrict sig, int64_t
  * operations on every pixel as m2fp_upsample_squash, m2fp_add_instance and m2fp_average_vote over the
  * whole band, so the same labels; done tile by tile of a few rows, so that the class's sums and the
  * best probabilities stay in the cache and no full-size map is written but the labels (the paste's
- * sig is not stored at all: 1.05x as fast as a tile of it written and read back).
+ * sig is stored only a row at a time, on the plain paths: 1.03-1.05x as fast as a tile of it written
+ * and read back).
  *
  * lows[i], scores[i] (in [0, 1]), classes[i]: instance i's (low_h, low_w) logits, score and class,
  * the classes non-decreasing (the caller checks). labels: rows x out_w, written. Working memory is

@@ -3,7 +3,9 @@
  * planar float input and done on row bands in parallel (imaging/preprocess.py).
  *
  * Pillow resizes in two passes, each output value a fixed-point sum of its inputs: first along rows
- * (into 8-bit values, only for the rows the second pass reads), then along columns. Its coefficients
+ * (into 8-bit values, only for the rows the second pass reads), then along columns. (Pillow 12.2 and
+ * later take the columns first for some tall images, which rounds otherwise: the caller keeps Pillow's
+ * own resize there, fused.pillow_rows_first; this file takes the rows first only.) Its coefficients
  * come from the triangle filter stretched by the scale when shrinking (an antialiased resize), in
  * double precision, normalised to sum 1 and rounded to 22 fractional bits (Pillow's
  * src/libImaging/Resample.c: precompute_coeffs, normalize_coeffs_8bpc,
@@ -103,11 +105,14 @@ M2FP_CLONES static void down_row(const uint8_t *restrict in, int64_t out_w, cons
 
 /* Rows y0..y1 (of out_h) of the (in_h, in_w, 3) RGB image `src` resized to (out_h, out_w) as Pillow's
  * bilinear resize makes them, written as floats into the planar (3, dst_h, dst_w) `dst` (rows y0..y1,
- * columns 0..out_w; the rest is left alone). Returns 0, or -1 without memory (nothing written). */
+ * columns 0..out_w; the rest is left alone). Returns 0, -1 without memory or -2 for sizes or rows that do
+ * not fit (nothing written either way; fused.PostKernel.resize_rgb checks them first). */
 M2FP_EXPORT int m2fp_resize_rgb(const uint8_t *restrict src, int64_t in_h, int64_t in_w, int64_t out_h,
                                 int64_t out_w, int64_t y0, int64_t y1, float *restrict dst, int64_t dst_h,
                                 int64_t dst_w) {
-    if (y0 < 0 || y1 > out_h || y0 >= y1 || out_w <= 0 || in_h <= 0 || in_w <= 0) return 0;
+    if (in_h <= 0 || in_w <= 0 || out_w <= 0 || out_w > dst_w || out_h > dst_h || y0 < 0 || y1 > out_h || y0 > y1)
+        return -2;
+    if (y0 == y1) return 0;
     int32_t *rb, *rk, *cb, *ck;
     int64_t rsize = resize_taps(in_h, out_h, &rb, &rk);
     if (rsize == 0) return -1;

@@ -35,6 +35,14 @@ def _sharpened(n_low: int, n_out: int) -> fused.Taps:
     return fused.Taps((base[:, None] + np.arange(4)).astype(np.int32), weight.astype(np.float32), n_low)
 
 
+def _box(n_low: int, n_out: int, k: int) -> fused.Taps:
+    """k equal taps per output (a box filter shrinking n_low to n_out): with more than 8 taps of weight > 0,
+    the kernel's rows take the plain loop in the tap order (squash_rows' taps < 0)."""
+    centre = (np.arange(n_out) + 0.5) * n_low / n_out - 0.5
+    base = np.clip(np.floor(centre).astype(int) - k // 2, 0, n_low - k)
+    return fused.Taps((base[:, None] + np.arange(k)).astype(np.int32), np.full((n_out, k), 1 / k, np.float32), n_low)
+
+
 def _composite(orig: tuple[int, int], resized: tuple[int, int], padded: tuple[int, int]) -> tuple[fused.Taps, ...]:
     """(cols, rows) as ``_FusedPixels`` builds them: logits at a quarter of the padded input's size."""
     return tuple(postprocess.composite_taps(padded[i] // 4, padded[i], resized[i], orig[i]) for i in (1, 0))
@@ -53,6 +61,7 @@ GEOMETRIES = {
     "sharpened": lambda: (_sharpened(40, 176), _sharpened(40, 176)),
     "sharpened-rows": lambda: (postprocess.composite_taps(40, 160, 160, 176), _sharpened(40, 176)),
     "sharpened-cols": lambda: (_sharpened(40, 176), postprocess.composite_taps(40, 160, 160, 176)),
+    "nine-row-taps": lambda: (postprocess.composite_taps(40, 160, 160, 176), _box(400, 44, 9)),
 }
 
 

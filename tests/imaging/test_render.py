@@ -420,7 +420,10 @@ def test_encode_class_png_gives_encode_png_s_bytes(kernel: fused.PostKernel) -> 
         for class_id in {*np.unique(labels).tolist(), 0, 1, 254, 255}:
             expected = encode_png(class_mask(labels, class_id))
             assert render.encode_class_png(labels, class_id, kernel=kernel) == expected, (labels.shape, class_id)
-            assert render.encode_class_png(labels, class_id, kernel=None) == expected
+    labels = _label_maps()[-1]
+    assert render.encode_class_png(labels, 2, 6, kernel=kernel) == encode_png(class_mask(labels, 2), 6)
+    with pytest.raises(ValueError, match="0-9"):
+        render.encode_class_png(labels, 2, 10, kernel=kernel)
 
 
 def test_encode_class_png_decodes_to_the_class_mask(kernel: fused.PostKernel) -> None:

@@ -140,7 +140,8 @@ BAD = [
     pytest.param(np.zeros((10, 10, 3), np.uint8), (5, 5), (3, 5, 5), (0, 6), "not within", id="rows-past-end"),
     pytest.param(np.zeros((10, 10, 3), np.uint8), (5, 5), (3, 5, 5), (3, 2), "not within", id="rows-reversed"),
     pytest.param(np.zeros((10, 10, 3), np.uint8), (5, 5), (3, 5, 5), (-1, 2), "not within", id="rows-negative"),
-    pytest.param(np.zeros((10, 10, 3), np.uint8), (0, 5), (3, 5, 5), (0, 0), "room for", id="no-height"),
+    pytest.param(np.zeros((10, 10, 3), np.uint8), (0, 5), (3, 5, 5), (0, 0), "at least 1x1", id="no-height"),
+    pytest.param(np.zeros((10, 10, 3), np.float32), (5, 5), (3, 5, 5), (2, 2), "uint8", id="empty-band-float"),
     pytest.param(np.zeros((100, 10, 3), np.uint8), (20, 9), (3, 20, 9), (0, 20), "columns first",
                  id="pillows-other-order"),
 ]
@@ -163,6 +164,29 @@ def test_resize_rgb_refuses_a_read_only_or_float64_output(kernel: fused.PostKern
         kernel.resize_rgb(image, (5, 5), read_only, (0, 5))
     with pytest.raises(ValueError, match="float32"):
         kernel.resize_rgb(image, (5, 5), np.zeros((3, 5, 5)), (0, 5))
+
+
+RULES = [
+    # (in_hw, out_hw, version, rows first), worked out from each version's rule
+    pytest.param((100, 10), (50, 5), (12, 1), True, id="before-12.2-always"),
+    pytest.param((2000, 10), (1333, 7), (12, 1), True, id="before-12.2-tall"),
+    pytest.param((2000, 10), (1333, 7), (12, 2), False, id="12.2-over-100x-shrinking"),
+    pytest.param((1000, 10), (500, 5), (12, 3), True, id="12.3-exactly-100x"),
+    pytest.param((2000, 10), (2100, 11), (12, 3), True, id="12.3-over-100x-growing"),
+    pytest.param((300, 150), (100, 50), (13, 0), True, id="13-height-loses-twice-the-width"),
+    pytest.param((300, 150), (99, 50), (13, 0), False, id="13-height-loses-more"),
+    pytest.param((300, 100), (100, 100), (13, 0), False, id="13-width-kept"),
+    pytest.param((100, 300), (50, 150), (13, 0), True, id="13-wide"),
+    pytest.param((100, 100), (50, 200), (13, 0), False, id="13-width-grows-height-shrinks"),
+    pytest.param((100, 100), (200, 50), (13, 0), True, id="13-height-grows"),
+    pytest.param((720, 1280), (640, 1138), (14, 0), False, id="14-unknown"),
+]
+
+
+@pytest.mark.parametrize(("in_hw", "out_hw", "version", "rows_first"), RULES)
+def test_pillow_rows_first_per_version(in_hw: tuple[int, int], out_hw: tuple[int, int], version: tuple[int, int],
+                                       rows_first: bool) -> None:
+    assert fused.pillow_rows_first(in_hw, out_hw, version) is rows_first
 
 
 def test_an_empty_band_writes_nothing(kernel: fused.PostKernel) -> None:

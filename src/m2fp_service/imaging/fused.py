@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import PIL
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +398,6 @@ class PostKernel:
                                np.empty(9 * w, np.float32), out)
         return out
 
-
     def resize_rgb(self, image: np.ndarray, hw: tuple[int, int], out: np.ndarray, rows: tuple[int, int]) -> None:
         """Rows ``rows[0]:rows[1]`` of ``image`` resized to ``hw`` (height, width) as Pillow's bilinear
         resize makes them, to the byte, written as floats into ``out[:, rows[0]:rows[1], :width]``
@@ -416,20 +416,21 @@ class PostKernel:
         (h, w), (y0, y1) = hw, rows
         if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
             raise ValueError(f"image must be (H, W, 3), got {image.shape}")
-        if out.ndim != 3 or out.shape[0] != 3 or out.shape[1] < h or out.shape[2] < w or min(h, w) < 1:
+        if min(h, w) < 1:
+            raise ValueError(f"the resized size must be at least 1x1, got {h}x{w}")
+        if out.ndim != 3 or out.shape[0] != 3 or out.shape[1] < h or out.shape[2] < w:
             raise ValueError(f"out must be (3, Hp, Wp) with room for {h}x{w}, got {out.shape}")
         if not 0 <= y0 <= y1 <= h:
             raise ValueError(f"rows {y0}:{y1} are not within the resized height {h}")
         if not pillow_rows_first(image.shape[:2], hw):
             raise ValueError(f"Pillow resizes {image.shape[:2]} to {hw} along columns first")
-        if y0 == y1:
-            return
-        status = self._lib.m2fp_resize_rgb(_checked(image, np.uint8, "image"), image.shape[0], image.shape[1], h, w,
-                                           y0, y1, _checked(out, np.float32, "out", written=True), out.shape[1],
+        source, target = _checked(image, np.uint8, "image"), _checked(out, np.float32, "out", written=True)
+        status = self._lib.m2fp_resize_rgb(source, image.shape[0], image.shape[1], h, w, y0, y1, target, out.shape[1],
                                            out.shape[2])
-        if status != 0:
+        if status == -1:
             raise MemoryError("the resize kernel got no working memory")
-
+        if status != 0:
+            raise ValueError(f"the resize kernel refused {image.shape} -> {hw}, rows {y0}:{y1}, into {out.shape}")
 
     def mask_rows_up(self, label_map: np.ndarray, class_id: int) -> np.ndarray:
         """One class's 0/255 mask of ``label_map`` as PNG rows filtered "up", each led by its filter byte:
@@ -448,14 +449,30 @@ class PostKernel:
         return out
 
 
-def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
-    """Whether Pillow's resize from ``in_hw`` to ``out_hw`` takes its pass along rows first (the only
-    order ``PostKernel.resize_rgb`` takes). Pillow 13 takes the columns first when the height shrinks
-    by more than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner;
-    earlier versions always take the rows first): the two orders round differently, so there, and only
-    there, the result depends on Pillow's version, and the kernel is not used."""
+def _pillow_version() -> tuple[int, int]:
+    major, minor, *_ = (int(part) if part.isdigit() else 0 for part in f"{PIL.__version__}.0.0".split("."))
+    return major, minor
+
+
+PILLOW_VERSION = _pillow_version()
+
+
+def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int],
+                      version: tuple[int, int] = PILLOW_VERSION) -> bool:
+    """Whether Pillow ``version`` (the installed one by default) resizes ``in_hw`` to ``out_hw`` along rows
+    first (the only order ``PostKernel.resize_rgb`` takes; the two orders round differently). Before 12.2,
+    always. 12.2 and 12.3 take the columns first, as two resizes, for an image more than 100 times as tall
+    as wide whose height shrinks (src/PIL/Image.py); 13 does in its C code when the height shrinks by more
+    than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner). A Pillow
+    after 13, whose order this code does not know, is taken as not rows first: its own resize is used."""
     (h, w), (new_h, new_w) = in_hw, out_hw
-    return not (h - new_h > 0 and h - new_h > (w - new_w) * 2)
+    if version < (12, 2):
+        return True
+    if version < (13, 0):
+        return not (h > w * 100 and new_h < h)
+    if version < (14, 0):
+        return not (h - new_h > 0 and h - new_h > (w - new_w) * 2)
+    return False
 
 
 Choice = PostKernel | None | Literal["built"]  # what callers pass as ``kernel=``

@@ -106,14 +106,15 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     return _png(filtered, width, channels, compression)
 
 
-def encode_class_png(label_map: np.ndarray, class_id: int, kernel: fused.Choice = "built") -> bytes:
-    """``encode_png(class_mask(label_map, class_id))``, the same bytes: with the native kernel, the mask's
-    filtered rows come from the label map in one pass (``fused.PostKernel.mask_rows_up``)."""
+def encode_class_png(label_map: np.ndarray, class_id: int, compression: int = 1,
+                     kernel: fused.Choice = "built") -> bytes:
+    """``encode_png(class_mask(label_map, class_id), compression)``, the same bytes: with the native kernel,
+    the mask's filtered rows come from the label map in one pass (``fused.PostKernel.mask_rows_up``)."""
     fast = fused.chosen(kernel)
     if (fast is None or label_map.dtype != np.uint8 or label_map.ndim != 2 or 0 in label_map.shape
-            or not 0 <= class_id <= 255 or max(label_map.shape) >= 2**31):
-        return encode_png(class_mask(label_map, class_id))
-    return _png(fast.mask_rows_up(np.ascontiguousarray(label_map), class_id), label_map.shape[1], 1, 1)
+            or not 0 <= class_id <= 255 or max(label_map.shape) >= 2**31 or not 0 <= compression <= 9):
+        return encode_png(class_mask(label_map, class_id), compression)
+    return _png(fast.mask_rows_up(np.ascontiguousarray(label_map), class_id), label_map.shape[1], 1, compression)
 
 
 def _png(filtered: np.ndarray, width: int, channels: int, compression: int) -> bytes:
