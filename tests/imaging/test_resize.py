@@ -18,6 +18,14 @@ from m2fp_service.modelcard import InputPolicy
 from tests.imaging.conftest import LIBRARY_UNDER_TEST, assert_tests_pass_on_a_build_for, cpu_lanes
 
 
+def _needs_a_known_pillow() -> None:
+    """Skips a test of the kernel against the installed Pillow when ``pillow_rows_first`` does not know
+    its order of passes (a Pillow after 13: the kernel is then never used, and refuses)."""
+    if fused.PILLOW_VERSION >= (14, 0):
+        pytest.skip(f"Pillow {Image.__version__}'s order of passes is not known to fused.pillow_rows_first: "
+                    "teach it this version")
+
+
 def _pillow(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(3, h, w) float32: Pillow's resize, planar."""
     resized = Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
@@ -68,6 +76,7 @@ SIZES = [
 
 @pytest.mark.parametrize(("in_hw", "out_hw"), SIZES)
 def test_the_same_bytes_as_pillow(kernel: fused.PostKernel, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+    _needs_a_known_pillow()
     rng = np.random.default_rng(sum(in_hw) + sum(out_hw))
     for image in _images(rng, *in_hw):
         got = _kernel(kernel, image, out_hw, [0, out_hw[0]])
@@ -77,6 +86,7 @@ def test_the_same_bytes_as_pillow(kernel: fused.PostKernel, in_hw: tuple[int, in
 def test_the_same_bytes_as_pillow_on_random_sizes_and_bands(kernel: fused.PostKernel) -> None:
     """Any split of the rows into bands (of one row too) gives Pillow's bytes: each band resizes the input
     rows it reads along the row itself."""
+    _needs_a_known_pillow()
     rng = np.random.default_rng(5)
     for in_hw, out_hw in _cases(150, seed=11):
         image = _images(rng, *in_hw)[int(rng.integers(0, 2))]
@@ -89,6 +99,7 @@ def test_pillow_rows_first_is_the_installed_pillows_order() -> None:
     """Where the rule says rows first, Pillow's resize equals its row pass then its column pass (each
     alone a one-axis resize); elsewhere (Pillow 13 and later) the other way round. Sizes where the two
     orders give the same bytes say nothing and are not counted."""
+    _needs_a_known_pillow()
     rng = np.random.default_rng(2)
     seen = {True: 0, False: 0}
     for _ in range(400):
@@ -190,6 +201,7 @@ def test_pillow_rows_first_per_version(in_hw: tuple[int, int], out_hw: tuple[int
 
 
 def test_an_empty_band_writes_nothing(kernel: fused.PostKernel) -> None:
+    _needs_a_known_pillow()
     out = np.full((3, 5, 5), -7.0, np.float32)
     kernel.resize_rgb(np.zeros((10, 10, 3), np.uint8), (5, 5), out, (2, 2))
     assert np.all(out == -7.0)

@@ -420,11 +420,12 @@ class PostKernel:
             raise ValueError(f"the resized size must be at least 1x1, got {h}x{w}")
         if out.ndim != 3 or out.shape[0] != 3 or out.shape[1] < h or out.shape[2] < w:
             raise ValueError(f"out must be (3, Hp, Wp) with room for {h}x{w}, got {out.shape}")
+        source, target = _checked(image, np.uint8, "image"), _checked(out, np.float32, "out", written=True)
         if not 0 <= y0 <= y1 <= h:
             raise ValueError(f"rows {y0}:{y1} are not within the resized height {h}")
         if not pillow_rows_first(image.shape[:2], hw):
-            raise ValueError(f"Pillow resizes {image.shape[:2]} to {hw} along columns first")
-        source, target = _checked(image, np.uint8, "image"), _checked(out, np.float32, "out", written=True)
+            raise ValueError(f"Pillow {PIL.__version__} resizes {image.shape[:2]} to {hw} along columns first, "
+                             "or in an order this code does not know")
         status = self._lib.m2fp_resize_rgb(source, image.shape[0], image.shape[1], h, w, y0, y1, target, out.shape[1],
                                            out.shape[2])
         if status == -1:
@@ -458,7 +459,7 @@ PILLOW_VERSION = _pillow_version()
 
 
 def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int],
-                      version: tuple[int, int] = PILLOW_VERSION) -> bool:
+                      version: tuple[int, int] | None = None) -> bool:
     """Whether Pillow ``version`` (the installed one by default) resizes ``in_hw`` to ``out_hw`` along rows
     first (the only order ``PostKernel.resize_rgb`` takes; the two orders round differently). Before 12.2,
     always. 12.2 and 12.3 take the columns first, as two resizes, for an image more than 100 times as tall
@@ -466,6 +467,7 @@ def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int],
     than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner). A Pillow
     after 13, whose order this code does not know, is taken as not rows first: its own resize is used."""
     (h, w), (new_h, new_w) = in_hw, out_hw
+    version = PILLOW_VERSION if version is None else version
     if version < (12, 2):
         return True
     if version < (13, 0):
