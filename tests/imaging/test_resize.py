@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 
@@ -21,7 +22,7 @@ from tests.imaging.conftest import LIBRARY_UNDER_TEST, assert_tests_pass_on_a_bu
 def _needs_a_known_pillow() -> None:
     """Skips a test of the kernel against the installed Pillow when ``pillow_rows_first`` does not know
     its order of passes (a Pillow after 13: the kernel is then never used, and refuses)."""
-    if fused.PILLOW_VERSION >= (14, 0):
+    if not fused.pillow_rows_first((3, 3), (2, 2)):  # rows first in every version it knows
         pytest.skip(f"Pillow {Image.__version__}'s order of passes is not known to fused.pillow_rows_first: "
                     "teach it this version")
 
@@ -97,13 +98,19 @@ def test_the_same_bytes_as_pillow_on_random_sizes_and_bands(kernel: fused.PostKe
 
 def test_pillow_rows_first_is_the_installed_pillows_order() -> None:
     """Where the rule says rows first, Pillow's resize equals its row pass then its column pass (each
-    alone a one-axis resize); elsewhere (Pillow 13 and later) the other way round. Sizes where the two
+    alone a one-axis resize); where it says columns first (12.2 and later), the other way round. Half
+    the sizes are photo-like, half over 100 times as tall as wide (12.2-12.3's case). Sizes where the two
     orders give the same bytes say nothing and are not counted."""
     _needs_a_known_pillow()
     rng = np.random.default_rng(2)
     seen = {True: 0, False: 0}
-    for _ in range(400):
-        h, w, oh, ow = (int(v) for v in rng.integers(2, 120, 4))
+    for i in range(400):
+        if i % 2:
+            h, w, oh, ow = (int(v) for v in rng.integers(2, 120, 4))
+        else:
+            w, ow = (int(v) for v in rng.integers(1, 4, 2))
+            h = int(rng.integers(101 * w, 420))
+            oh = int(rng.integers(2, h))
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         whole = np.asarray(Image.fromarray(image).resize((ow, oh), Image.Resampling.BILINEAR))
         rows_then_columns = np.asarray(Image.fromarray(image).resize((ow, h), Image.Resampling.BILINEAR))
@@ -113,10 +120,19 @@ def test_pillow_rows_first_is_the_installed_pillows_order() -> None:
         if np.array_equal(rows_then_columns, columns_then_rows):
             continue
         rows_first = fused.pillow_rows_first((h, w), (oh, ow))
-        expected = rows_then_columns if rows_first or int(Image.__version__.split(".")[0]) < 13 else columns_then_rows
+        expected = rows_then_columns if rows_first else columns_then_rows
         np.testing.assert_array_equal(whole, expected, err_msg=f"{(h, w)} -> {(oh, ow)}")
         seen[rows_first] += 1
-    assert seen[True] > 50 and seen[False] > 20  # both orders were put to the test
+    assert seen[True] > 50  # both orders were put to the test, where the installed Pillow has two
+    assert seen[False] > 20 or fused.PILLOW_VERSION is not None and fused.PILLOW_VERSION < (12, 2)
+
+
+@pytest.mark.parametrize(("text", "version"), [("12.1.1", (12, 1)), ("12.2.0", (12, 2)), ("13.0.0", (13, 0)),
+                                               ("13.1.0.dev0", None), ("14.0.0rc1", None), ("13", None)])
+def test_pillow_version_of_releases_only(monkeypatch: pytest.MonkeyPatch, text: str,
+                                          version: tuple[int, int] | None) -> None:
+    monkeypatch.setattr(PIL, "__version__", text)
+    assert fused._pillow_version() == version
 
 
 def test_prepare_gives_pillows_tensor(kernel: fused.PostKernel) -> None:
@@ -160,7 +176,9 @@ BAD = [
 
 @pytest.mark.parametrize(("image", "hw", "out_shape", "rows", "message"), BAD)
 def test_resize_rgb_refuses(kernel: fused.PostKernel, image: np.ndarray, hw: tuple[int, int],
-                            out_shape: tuple[int, int, int], rows: tuple[int, int], message: str) -> None:
+                            out_shape: tuple[int, int, int], rows: tuple[int, int], message: str,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "PILLOW_VERSION", (13, 0))  # whose rule takes the columns first for one case
     out = np.full(out_shape, -7.0, np.float32)
     with pytest.raises(ValueError, match=message):
         kernel.resize_rgb(image, hw, out, rows)
@@ -186,11 +204,14 @@ RULES = [
     pytest.param((2000, 10), (2100, 11), (12, 3), True, id="12.3-over-100x-growing"),
     pytest.param((300, 150), (100, 50), (13, 0), True, id="13-height-loses-twice-the-width"),
     pytest.param((300, 150), (99, 50), (13, 0), False, id="13-height-loses-more"),
-    pytest.param((300, 100), (100, 100), (13, 0), False, id="13-width-kept"),
+    pytest.param((300, 100), (100, 100), (13, 0), True, id="13-width-kept-one-pass"),
+    pytest.param((3000, 10), (1000, 10), (12, 2), True, id="12.2-width-kept-one-pass"),
     pytest.param((100, 300), (50, 150), (13, 0), True, id="13-wide"),
     pytest.param((100, 100), (50, 200), (13, 0), False, id="13-width-grows-height-shrinks"),
     pytest.param((100, 100), (200, 50), (13, 0), True, id="13-height-grows"),
     pytest.param((720, 1280), (640, 1138), (14, 0), False, id="14-unknown"),
+    pytest.param((720, 1280), (640, 1138), (13, 1), False, id="13.1-unknown"),
+    pytest.param((720, 1280), (640, 1138), (12, 4), False, id="12.4-unknown"),
 ]
 
 

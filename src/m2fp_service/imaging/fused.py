@@ -410,7 +410,8 @@ class PostKernel:
             rows: the band of output rows, within ``[0, height]``.
 
         Raises:
-            ValueError: arrays or rows that do not fit; Pillow would take the passes the other way.
+            ValueError: arrays or rows that do not fit; Pillow would take the passes the other way, or
+                its order is not known (``pillow_rows_first``).
             MemoryError: the kernel got no working memory (nothing written).
         """
         (h, w), (y0, y1) = hw, rows
@@ -450,9 +451,13 @@ class PostKernel:
         return out
 
 
-def _pillow_version() -> tuple[int, int]:
-    major, minor, *_ = (int(part) if part.isdigit() else 0 for part in f"{PIL.__version__}.0.0".split("."))
-    return major, minor
+def _pillow_version() -> tuple[int, int] | None:
+    """The installed Pillow's (major, minor); None for a pre-release (a 13.0 development build still
+    had 12.2's order of passes) or a version string of another form."""
+    parts = PIL.__version__.split(".")
+    if len(parts) < 3 or not all(part.isdigit() for part in parts[:3]) or len(parts) > 3:
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 PILLOW_VERSION = _pillow_version()
@@ -463,18 +468,19 @@ def pillow_rows_first(in_hw: tuple[int, int], out_hw: tuple[int, int],
     """Whether Pillow ``version`` (the installed one by default) resizes ``in_hw`` to ``out_hw`` along rows
     first (the only order ``PostKernel.resize_rgb`` takes; the two orders round differently). Before 12.2,
     always. 12.2 and 12.3 take the columns first, as two resizes, for an image more than 100 times as tall
-    as wide whose height shrinks (src/PIL/Image.py); 13 does in its C code when the height shrinks by more
-    than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner). A Pillow
-    after 13, whose order this code does not know, is taken as not rows first: its own resize is used."""
+    as wide whose height shrinks (src/PIL/Image.py); 13.0 does in its C code when the height shrinks by
+    more than twice as many pixels as the width (src/libImaging/Resample.c, ImagingResampleInner). A resize
+    along one axis is that axis's one pass in all of them. Another version (13.1 and later, a pre-release),
+    whose order this code does not know, is taken as not rows first: its own resize is used."""
     (h, w), (new_h, new_w) = in_hw, out_hw
-    version = PILLOW_VERSION if version is None else version
-    if version < (12, 2):
+    known = PILLOW_VERSION if version is None else version
+    if known is None or known >= (13, 1) or (12, 4) <= known < (13, 0):
+        return False
+    if known < (12, 2) or h == new_h or w == new_w:
         return True
-    if version < (13, 0):
+    if known < (13, 0):
         return not (h > w * 100 and new_h < h)
-    if version < (14, 0):
-        return not (h - new_h > 0 and h - new_h > (w - new_w) * 2)
-    return False
+    return not (h - new_h > 0 and h - new_h > (w - new_w) * 2)
 
 
 Choice = PostKernel | None | Literal["built"]  # what callers pass as ``kernel=``
