@@ -32,7 +32,7 @@
  */
 #include "m2fp_post.h"
 
-M2FP_EXPORT int m2fp_post_abi(void) { return 9; }  /* 9: m2fp_mask_rows_up; 8: the resize */
+M2FP_EXPORT int m2fp_post_abi(void) { return 10; }  /* 10: m2fp_upsample_positive; 9: mask rows; 8: resize */
 
 /* The vector width of the per-pixel kernels the CPU runs best: 16 (their names end in _w16), 8 or 4. */
 M2FP_EXPORT int m2fp_post_lanes(void) {

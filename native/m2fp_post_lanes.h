@@ -380,13 +380,16 @@ static inline __attribute__((always_inline)) void paste_zeros(const paste_t *pas
 static inline __attribute__((always_inline)) void row_group(int n, int taps, int keep, const float *const *src,
                                                             const uint8_t *const *src_live, const float *w,
                                                             int64_t x0, float *restrict v, float *restrict s,
-                                                            lanes_t *acc, ilanes_t *hits, const paste_t *paste) {
+                                                            lanes_t *acc, ilanes_t *hits, const paste_t *paste,
+                                                            uint8_t *restrict positive) {
     int64_t k = x0 / LANES;
     int any = 0;
     for (int t = 0; t < taps; ++t)
         for (int g = 0; g < n; ++g) any |= src_live[t][k + g];
     if (!any && !keep) {  /* every logit <= 0 */
-        if (paste != NULL)
+        if (positive != NULL)
+            __builtin_memset(positive + x0, 0, (size_t)(n * LANES));
+        else if (paste != NULL)
             paste_zeros(paste, x0, n * LANES);
         else
             __builtin_memset(s + x0, 0, (size_t)n * sizeof(lanes_t));
@@ -401,6 +404,13 @@ static inline __attribute__((always_inline)) void row_group(int n, int taps, int
         }
     }
     if (keep) __builtin_memcpy(v + x0, out, (size_t)n * sizeof(lanes_t));
+    if (positive != NULL) {  /* where the logits are > 0 (NaN is not), no squash */
+        for (int g = 0; g < n; ++g) {
+            bytes_t one = __builtin_convertvector(out[g] > 0.0f, bytes_t) & 1;
+            __builtin_memcpy(positive + x0 + g * LANES, &one, sizeof one);
+        }
+        return;
+    }
     if (!any) {
         if (paste != NULL)
             paste_zeros(paste, x0, n * LANES);
@@ -420,17 +430,18 @@ static inline __attribute__((always_inline)) void row_group(int n, int taps, int
 static inline __attribute__((always_inline)) void row_blocks(int taps, int keep, const float *const *src,
                                                              const uint8_t *const *src_live, const float *w,
                                                              int64_t whole, float *restrict v, float *restrict s,
-                                                             double *sum, int64_t *count, const paste_t *paste) {
+                                                             double *sum, int64_t *count, const paste_t *paste,
+                                                             uint8_t *restrict positive) {
     lanes_t acc = {0};
     ilanes_t hits = {0};
     int64_t x0 = 0;
     for (; x0 + GROUP * LANES <= whole; x0 += GROUP * LANES) {
         if (x0 % 4096 == 0 && x0 > 0) add_lanes(&acc, &hits, sum, count);  /* runs of 4096 */
-        row_group(GROUP, taps, keep, src, src_live, w, x0, v, s, &acc, &hits, paste);
+        row_group(GROUP, taps, keep, src, src_live, w, x0, v, s, &acc, &hits, paste, positive);
     }
     for (; x0 < whole; x0 += LANES) {
         if (x0 % 4096 == 0 && x0 > 0) add_lanes(&acc, &hits, sum, count);
-        row_group(1, taps, keep, src, src_live, w, x0, v, s, &acc, &hits, paste);
+        row_group(1, taps, keep, src, src_live, w, x0, v, s, &acc, &hits, paste, positive);
     }
     add_lanes(&acc, &hits, sum, count);
 }
@@ -464,6 +475,11 @@ static inline int reads_positive(const int32_t *restrict idx, const float *restr
     return any;
 }
 
+/* positive[x] = 1 where v[x] > 0, else 0 (NaN too), for n values. */
+static inline void positive_row(const float *restrict v, int64_t n, uint8_t *restrict positive) {
+    for (int64_t x = 0; x < n; ++x) positive[x] = v[x] > 0.0f;
+}
+
 /* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
  * with the column blocks `cols` made once by the caller (count 0: the plain loops), `live` room for
  * low_h x (cols->count + 2) flags, and sig advancing by `sig_stride` values per output row (0: every
@@ -471,6 +487,8 @@ static inline int reads_positive(const int32_t *restrict idx, const float *restr
  *
  * With `pasted` (its probs and counts: rows x out_w), each row's sig is added to them as the row is
  * squashed (add_instance; paste_lanes from the vectors while they are in registers), not stored.
+ * With `positive` (rows x out_w bytes), nothing is squashed: positive = 1 where the resampled logit is
+ * > 0, else 0 (NaN too), skipping what cannot be positive as the squash does (m2fp_upsample_positive).
  *
  * Without `logits` (only sig and the score wanted), an output row whose rows of low logits hold no
  * value > 0 is not resampled at all: with weights >= 0 its logits are <= 0 (or NaN), so its sig is 0
@@ -481,7 +499,7 @@ static inline __attribute__((always_inline)) void squash_rows(
     const float *restrict col_w, int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
     const float *restrict row_w, int64_t rows, int64_t row_taps, float *restrict scratch, uint8_t *restrict live,
     float *restrict logits, float *restrict sig, int64_t sig_stride, double *sum, int64_t *count,
-    const paste_t *pasted) {
+    const paste_t *pasted, uint8_t *restrict positive) {
     *sum = 0.0;
     *count = 0;
     int64_t lo = low_h, hi = -1;
@@ -498,6 +516,10 @@ static inline __attribute__((always_inline)) void squash_rows(
         for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
             float *v = logits != NULL ? logits + i * out_w : spare;
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            if (positive != NULL) {
+                positive_row(v, out_w, positive + i * out_w);
+                continue;
+            }
             squash(v, out_w, sig + i * sig_stride, sum, count);
             if (pasted != NULL)
                 add_instance(sig + i * sig_stride, out_w, pasted->score, pasted->probs + i * out_w,
@@ -507,14 +529,14 @@ static inline __attribute__((always_inline)) void squash_rows(
     }
     /* Which low rows hold a value > 0 (positive), and which are read by an output row that reads one
      * (needed); every low row is needed when the logits are kept. */
-    uint8_t *positive = live + low_h * cols->count, *needed = positive + low_h;
+    uint8_t *positive_low = live + low_h * cols->count, *needed = positive_low + low_h;
     for (int64_t r = lo; r <= hi; ++r) {
-        positive[r - lo] = logits != NULL || any_positive(low + r * low_w, low_w);
+        positive_low[r - lo] = logits != NULL || any_positive(low + r * low_w, low_w);
         needed[r - lo] = logits != NULL;
     }
     if (logits == NULL)
         for (int64_t i = 0; i < rows; ++i)
-            if (reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo))
+            if (reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive_low, lo))
                 for (int64_t k = 0; k < row_taps; ++k)
                     if (row_w[i * row_taps + k] != 0.0f) needed[row_idx[i * row_taps + k] - lo] = 1;
     for (int64_t r = lo; r <= hi; ++r) {
@@ -553,8 +575,11 @@ static inline __attribute__((always_inline)) void squash_rows(
             row_paste = *pasted, paste = &row_paste;
             row_paste.probs += i * out_w, row_paste.counts += i * out_w;
         }
-        if (logits == NULL && !reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive, lo)) {
-            if (paste != NULL)
+        uint8_t *row_positive = positive != NULL ? positive + i * out_w : NULL;
+        if (logits == NULL && !reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive_low, lo)) {
+            if (row_positive != NULL)
+                __builtin_memset(row_positive, 0, (size_t)out_w);
+            else if (paste != NULL)
                 paste_zeros(paste, 0, out_w);
             else
                 for (int64_t x = 0; x < out_w; ++x) s[x] = 0.0f;  /* every logit <= 0 (or NaN) */
@@ -562,23 +587,27 @@ static inline __attribute__((always_inline)) void squash_rows(
         }
         if (taps < 0) {
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
+            if (row_positive != NULL) {
+                positive_row(v, out_w, row_positive);
+                continue;
+            }
             squash(v, out_w, s, sum, count);
             if (paste != NULL) add_instance(s, out_w, paste->score, paste->probs, paste->counts, paste->first);
             continue;
         }
         if (logits != NULL) {
             switch (taps) {  /* constant tap counts: the loops over taps unrolled, the pointers in registers */
-            case 1: row_blocks(1, 1, src, src_live, w, whole, v, s, sum, count, paste); break;
-            case 2: row_blocks(2, 1, src, src_live, w, whole, v, s, sum, count, paste); break;
-            case 3: row_blocks(3, 1, src, src_live, w, whole, v, s, sum, count, paste); break;
-            default: row_blocks(taps, 1, src, src_live, w, whole, v, s, sum, count, paste);
+            case 1: row_blocks(1, 1, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            case 2: row_blocks(2, 1, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            case 3: row_blocks(3, 1, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            default: row_blocks(taps, 1, src, src_live, w, whole, v, s, sum, count, paste, row_positive);
             }
         } else {
             switch (taps) {
-            case 1: row_blocks(1, 0, src, src_live, w, whole, v, s, sum, count, paste); break;
-            case 2: row_blocks(2, 0, src, src_live, w, whole, v, s, sum, count, paste); break;
-            case 3: row_blocks(3, 0, src, src_live, w, whole, v, s, sum, count, paste); break;
-            default: row_blocks(taps, 0, src, src_live, w, whole, v, s, sum, count, paste);
+            case 1: row_blocks(1, 0, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            case 2: row_blocks(2, 0, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            case 3: row_blocks(3, 0, src, src_live, w, whole, v, s, sum, count, paste, row_positive); break;
+            default: row_blocks(taps, 0, src, src_live, w, whole, v, s, sum, count, paste, row_positive);
             }
         }
         if (whole < out_w) {  /* the last, partial block */
@@ -586,6 +615,10 @@ static inline __attribute__((always_inline)) void squash_rows(
                 float o = 0.0f;
                 for (int t = 0; t < taps; ++t) o = t == 0 ? w[t] * src[t][x] : o + w[t] * src[t][x];
                 v[x] = o;
+            }
+            if (row_positive != NULL) {
+                positive_row(v + whole, out_w - whole, row_positive + whole);
+                continue;
             }
             squash(v + whole, out_w - whole, s + whole, sum, count);
             if (paste != NULL)
@@ -622,7 +655,7 @@ M2FP_EXPORT void M2FP_WIDE(m2fp_upsample_squash)(const float *restrict low, int6
     uint8_t *live;
     blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
     squash_rows(&cols, low, low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps, scratch,
-                live, logits, sig, out_w, sum, count, NULL);
+                live, logits, sig, out_w, sum, count, NULL, NULL);
     free(live);
     free_blocks(&cols);
 }
@@ -644,7 +677,33 @@ M2FP_EXPORT int M2FP_WIDE(m2fp_mask_scores)(const float *const *lows, int64_t n,
     int status = scratch == NULL ? -1 : 0;
     for (int64_t q = 0; q < n && status == 0; ++q)
         squash_rows(&cols, lows[q], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps,
-                    scratch, live, NULL, scratch + (low_h + 1) * out_w, 0, sums + q, counts + q, NULL);
+                    scratch, live, NULL, scratch + (low_h + 1) * out_w, 0, sums + q, counts + q, NULL, NULL);
+    free(scratch);
+    free(live);
+    free_blocks(&cols);
+    return status;
+}
+
+/* Where one query's resampled logits (m2fp_upsample_squash's, the same values) are > 0 over a band of rows:
+ * positive (rows x out_w bytes) = 1 there, else 0 (NaN too), with no sigmoid, and the rows and blocks that
+ * cannot be positive skipped as the squash skips them (a person's mask: most of a trained one is 0). Working
+ * memory is the function's own. Returns 0, or -1 when it could not get it (nothing written). */
+M2FP_EXPORT int M2FP_WIDE(m2fp_upsample_positive)(const float *restrict low, int64_t low_h, int64_t low_w,
+                                                  const int32_t *restrict col_idx, const float *restrict col_w,
+                                                  int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
+                                                  const float *restrict row_w, int64_t rows, int64_t row_taps,
+                                                  uint8_t *restrict positive) {
+    if (rows <= 0 || out_w <= 0) return 0;
+    uint8_t *live;
+    blocks_t cols = column_plan(low_h, low_w, col_idx, col_w, col_taps, out_w, row_w, rows, row_taps, &live);
+    float *scratch = malloc(sizeof(float) * (size_t)((low_h + 2) * out_w));
+    int status = scratch == NULL ? -1 : 0;
+    if (status == 0) {
+        double sum;
+        int64_t count;
+        squash_rows(&cols, low, low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx, row_w, rows, row_taps,
+                    scratch, live, NULL, scratch + (low_h + 1) * out_w, 0, &sum, &count, NULL, positive);
+    }
     free(scratch);
     free(live);
     free_blocks(&cols);
@@ -697,7 +756,7 @@ M2FP_EXPORT int M2FP_WIDE(m2fp_paste_vote)(const float *const *lows, const float
                 paste_t paste = {scores[i], probs, counts, first};  /* added as each row is squashed */
                 squash_rows(&cols, lows[i], low_h, low_w, col_idx, col_w, out_w, col_taps, row_idx + r0 * row_taps,
                             row_w + r0 * row_taps, height, row_taps, scratch, live, NULL, sig, 0, &sum, &count,
-                            &paste);
+                            &paste, NULL);
             }
             average_vote(probs, counts, values, class_id, best, tile_labels);
         }

@@ -114,6 +114,44 @@ def _paste(kernel: fused.PostKernel, lows: list[np.ndarray], scores: np.ndarray,
     return labels
 
 
+# --- upsample_positive ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_upsample_positive_is_where_upsample_squash_s_logits_are_positive(kernel: fused.PostKernel,
+                                                                          geometry: str) -> None:
+    """A person's mask without a sigmoid: 1 exactly where the logits ``upsample_squash`` keeps are > 0
+    (NaN and -0 not), on every band, for logits of mixed signs, all negative, hostile and all positive."""
+    cols, rows = GEOMETRIES[geometry]()
+    lows = _queries(cols, rows, 4, seed=len(geometry) + 7)
+    lows[3] = np.abs(lows[3]) + 0.1
+    for band in _bands(len(rows)):
+        band_rows = rows.band(band)
+        scratch = np.empty((rows.n_in + 1) * len(cols), np.float32)
+        sig, logits = (np.empty((len(band_rows), len(cols)), np.float32) for _ in range(2))
+        for i, low in enumerate(lows):
+            kernel.upsample_squash(low, cols, band_rows, scratch, sig, logits)
+            positive = np.full((len(band_rows), len(cols)), 7, np.uint8)  # every value must be written
+            kernel.upsample_positive(low, cols, band_rows, positive)
+            np.testing.assert_array_equal(positive, (logits > 0).astype(np.uint8), err_msg=f"{band} query {i}")
+            mask = np.zeros(positive.shape, bool)
+            kernel.upsample_positive(low, cols, band_rows, mask)
+            np.testing.assert_array_equal(mask, logits > 0)
+
+
+def test_upsample_positive_refuses(kernel: fused.PostKernel) -> None:
+    cols, rows = GEOMETRIES["odd"]()
+    low = _queries(cols, rows, 1, seed=1)[0]
+    with pytest.raises(ValueError, match="uint8 or bool"):
+        kernel.upsample_positive(low, cols, rows, np.zeros((len(rows), len(cols)), np.float32))
+    with pytest.raises(ValueError, match="uint8 or bool"):
+        kernel.upsample_positive(low, cols, rows, np.zeros((len(rows), len(cols) + 1), np.uint8))
+    with pytest.raises(ValueError, match="do not match"):
+        kernel.upsample_positive(low[1:], cols, rows, np.zeros((len(rows), len(cols)), np.uint8))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel.upsample_positive(low, cols, rows, np.zeros((len(rows), 2 * len(cols)), np.uint8)[:, ::2])
+
+
 # --- mask_scores ------------------------------------------------------------------------------
 
 

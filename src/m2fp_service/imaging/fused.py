@@ -21,7 +21,7 @@ import PIL
 log = logging.getLogger(__name__)
 
 BUILT = Path(__file__).resolve().parent.parent / "native" / "libm2fp_post.so"
-ABI = 9  # m2fp_post_abi() of the library these signatures and meanings match
+ABI = 10  # m2fp_post_abi() of the library these signatures and meanings match
 
 _floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _bytes = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
@@ -143,7 +143,7 @@ class PostKernel:
             raise OSError(f"{path}: no {self.lanes}-lane kernels this CPU runs (it has {built or 'none'})")
         # The per-pixel kernels of the vector width chosen: the CPU's widest unless asked (tests).
         kernels = {name: getattr(lib, f"m2fp_{name}_w{self.lanes}")
-                   for name in ("upsample_squash", "mask_scores", "paste_vote", "add_instance")}
+                   for name in ("upsample_squash", "mask_scores", "paste_vote", "add_instance", "upsample_positive")}
         taps: list[Any] = [ctypes.c_int64, ctypes.c_int64, _address, _address, ctypes.c_int64, ctypes.c_int64, _address,
                 _address, ctypes.c_int64, ctypes.c_int64]  # low_h, low_w, then the columns' and rows' taps (_taps)
         kernels["upsample_squash"].argtypes = [_address, *taps, _address, _address, _address,
@@ -155,6 +155,9 @@ class PostKernel:
         kernels["paste_vote"].restype = ctypes.c_int
         kernels["add_instance"].argtypes = [_address, ctypes.c_int64, ctypes.c_float, _address, _address, ctypes.c_int]
         kernels["add_instance"].restype = None
+        kernels["upsample_positive"].argtypes = [_address, *taps, _address]
+        kernels["upsample_positive"].restype = ctypes.c_int
+        self._upsample_positive = kernels["upsample_positive"]
         self._upsample_squash, self._mask_scores = kernels["upsample_squash"], kernels["mask_scores"]
         self._paste_vote, self._add_instance = kernels["paste_vote"], kernels["add_instance"]
         lib.m2fp_average.argtypes = [_floats, _bytes, ctypes.c_int64]
@@ -213,6 +216,26 @@ class PostKernel:
                               _checked(sig, np.float32, "sig", written=True), ctypes.byref(total),
                               ctypes.byref(count))
         return total.value, count.value
+
+    def upsample_positive(self, low: np.ndarray, cols: Taps, rows: Taps, positive: np.ndarray) -> None:
+        """Where one query's low-resolution logits resampled (``rows`` x ``cols``, ``upsample_squash``'s
+        values) are > 0: ``positive`` = 1 there, else 0 (NaN too); no sigmoid, and what cannot be positive
+        is skipped. A person's mask, without its logits stored.
+
+        Args:
+            low: (h, w) float32 logits.
+            positive: (len(rows), len(cols)) uint8 or bool, written.
+
+        Raises:
+            MemoryError: the kernel got no working memory (nothing written).
+        """
+        out_hw = (len(rows), len(cols))
+        _check_low(low, cols, rows)
+        if positive.shape != out_hw or positive.dtype not in (np.uint8, np.bool_):
+            raise ValueError(f"positive must be a uint8 or bool {out_hw} array, got {positive.dtype} {positive.shape}")
+        target = _checked(positive.view(np.uint8), np.uint8, "positive", written=True)
+        if self._upsample_positive(_checked(low, np.float32, "low"), *self._taps(low, cols, rows), target) != 0:
+            raise MemoryError("the post-processing kernel got no working memory")
 
     def mask_scores(self, lows: list[np.ndarray], cols: Taps, rows: Taps) -> tuple[np.ndarray, np.ndarray]:
         """``upsample_squash``'s (sum, count) of each query over a band of output rows (``rows``), in

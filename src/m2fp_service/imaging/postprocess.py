@@ -262,15 +262,25 @@ class _Pixels:
     """What ``to_result`` asks of its per-pixel work, besides ``squash``, ``add`` and ``vote``."""
 
     meta: PreprocessMeta
+    logits: np.ndarray
+    # Whether ``prepare`` scores the people's queries too (their masks then come from ``person_mask``
+    # without a squash of their own).
+    people_in_first_pass = False
 
     def prepare(self, queries: list[int]) -> None:
-        """Before the first query (``queries``: those with pairs of a class other than "human"; each
-        is squashed when it comes): the best probability so far at each pixel, for the votes."""
+        """Before the first query (``queries``: those with pairs of a class other than "human", and the
+        people's when ``people_in_first_pass``; each is squashed when it comes): the best probability
+        so far at each pixel, for the votes."""
         self.best = np.empty(self.meta.orig_hw, np.float32)
         self.best.fill(0)  # written now, not on first use: a fresh page read and then written faults twice
 
     def finish(self, label_map: np.ndarray) -> None:
         """Nothing left: every class was voted as it ended."""
+
+    def person_mask(self, q: int) -> np.ndarray:
+        """Query ``q``'s mask at the original size, (H, W) bool where its logits are > 0: from the logits
+        its squash (``keep_logits``) left."""
+        return resize_bilinear(self.logits, self.meta.orig_hw) > 0  # no-op when work size = original
 
 
 class _NumpyPixels(_Pixels):
@@ -356,9 +366,11 @@ class _TiledPixels(_FusedPixels):
     the cache). At 720p a query's sig was 3.7 MB written and read again, its class's sums as much:
     post-processing streamed ~1.6 GB for a photo of ~100 queries. The same labels and scores to the
     bit as ``_FusedPixels``: the same operations on every pixel, the scores summed in the same order.
-    A person's mask still comes from its logits stored at full size (``_FusedPixels.squash``, which
-    also gives its score: a query with only a "human" pair skips the first pass); the full-size
-    buffers it inherits for the rest are never touched (no pages)."""
+    A person's query is scored in the first pass too, and its mask is where its resampled logits are
+    > 0 (``PostKernel.upsample_positive``: no sigmoid, no logits stored, what cannot be positive
+    skipped); the full-size buffers it inherits are never touched (no pages)."""
+
+    people_in_first_pass = True
 
     def __init__(self, kernel: fused.PostKernel, pool: ThreadPoolExecutor, meta: PreprocessMeta,
                  work_hw: tuple[int, int], mask_logits: np.ndarray) -> None:
@@ -377,10 +389,14 @@ class _TiledPixels(_FusedPixels):
 
     def squash(self, q: int, keep_logits: bool) -> tuple[float, int]:
         self.query = q
-        if keep_logits:  # a person's mask is read from its logits: the full squash, whose sums are the first pass's
-            return super().squash(q, keep_logits)
-        self.has_logits = False  # the buffer holds another query's logits, if any
         return self.scores[q]
+
+    def person_mask(self, q: int) -> np.ndarray:
+        mask = np.empty(self.meta.orig_hw, bool)  # work size = original here
+        low = _low(self.mask_logits, q)
+        _map(self.pool, lambda rows, band: self.kernel.upsample_positive(low, self.cols, rows, mask[band]),
+             self.row_bands, self.bands)
+        return mask
 
     def add(self, final: np.float32, first: bool) -> None:
         self.pending.append((self.query, float(final)))
@@ -460,7 +476,7 @@ def to_result(
         pixels = (_NumpyPixels(pool, meta, work_hw, mask_logits) if fast is None
                   else _TiledPixels(fast, pool, meta, work_hw, mask_logits) if work_hw == meta.orig_hw
                   else _FusedPixels(fast, pool, meta, work_hw, mask_logits))
-        pixels.prepare(sorted({q for label, q, _ in order if label != human}))  # a person's: when squashed
+        pixels.prepare(sorted({q for label, q, _ in order if label != human or pixels.people_in_first_pass}))
         for label, group in itertools.groupby(order, key=lambda pair: pair[0]):
             pasted = False
             for _, q, score in group:
@@ -473,8 +489,7 @@ def to_result(
                 final = np.float32(score) * np.float32(mask_scores[q])
                 if label == human:
                     if final > settings.human_score_thr:
-                        mask = resize_bilinear(pixels.logits, meta.orig_hw) > 0  # no-op when work size = original
-                        people.append((float(final), q, mask))
+                        people.append((float(final), q, pixels.person_mask(q)))
                     continue
                 if label != 0 and final >= settings.part_score_thr:
                     parts.append((float(final), q, PartInstance(label, float(final))))
