@@ -121,10 +121,14 @@ def _paste(kernel: fused.PostKernel, lows: list[np.ndarray], scores: np.ndarray,
 def test_upsample_positive_is_where_upsample_squash_s_logits_are_positive(kernel: fused.PostKernel,
                                                                           geometry: str) -> None:
     """A person's mask without a sigmoid: 1 exactly where the logits ``upsample_squash`` keeps are > 0
-    (NaN and -0 not), on every band, for logits of mixed signs, all negative, hostile and all positive."""
+    (NaN and 0 not), on every band, for logits of mixed signs, all negative, hostile, all positive, and
+    zeros beside a positive column."""
     cols, rows = GEOMETRIES[geometry]()
     lows = _queries(cols, rows, 4, seed=len(geometry) + 7)
     lows[3] = np.abs(lows[3]) + 0.1
+    edge = np.zeros_like(lows[0])  # zeros beside one positive column: exact 0s in blocks that are live
+    edge[:, 0] = 1.0
+    lows.append(edge)
     for band in _bands(len(rows)):
         band_rows = rows.band(band)
         scratch = np.empty((rows.n_in + 1) * len(cols), np.float32)
