@@ -376,7 +376,8 @@ static inline __attribute__((always_inline)) void paste_zeros(const paste_t *pas
  * (src, weights w, their blocks' live flags) into v when `keep`, and the squash into s, blocks
  * without a live input not squashed (sig 0) when none of the n has one; a dead block among live ones
  * is squashed too (its logits are <= 0 or NaN: sig 0, nothing added, as when skipped). The sig added
- * to the run's sums *acc and *hits. */
+ * to the run's sums *acc and *hits; with `paste`, added to its class's sums instead of stored; with
+ * `positive`, not computed: positive = 1 where the logits are > 0 (0 for blocks without a live input). */
 static inline __attribute__((always_inline)) void row_group(int n, int taps, int keep, const float *const *src,
                                                             const uint8_t *const *src_live, const float *w,
                                                             int64_t x0, float *restrict v, float *restrict s,
@@ -490,10 +491,10 @@ static inline void positive_row(const float *restrict v, int64_t n, uint8_t *res
  * With `positive` (rows x out_w bytes), nothing is squashed: positive = 1 where the resampled logit is
  * > 0, else 0 (NaN too), skipping what cannot be positive as the squash does (m2fp_upsample_positive).
  *
- * Without `logits` (only sig and the score wanted), an output row whose rows of low logits hold no
- * value > 0 is not resampled at all: with weights >= 0 its logits are <= 0 (or NaN), so its sig is 0
- * and it adds nothing to the score; nor is a low row that only such output rows read. Most rows of a
- * trained mask (one person's part); few of an untrained one's. */
+ * Without `logits` (only sig and the score wanted, or `positive`), an output row whose rows of low
+ * logits hold no value > 0 is not resampled at all: with weights >= 0 its logits are <= 0 (or NaN), so
+ * its sig is 0 and it adds nothing to the score; nor is a low row that only such output rows read. Most
+ * rows of a trained mask (one person's part); few of an untrained one's. */
 static inline __attribute__((always_inline)) void squash_rows(
     const blocks_t *cols, const float *restrict low, int64_t low_h, int64_t low_w, const int32_t *restrict col_idx,
     const float *restrict col_w, int64_t out_w, int64_t col_taps, const int32_t *restrict row_idx,
@@ -527,7 +528,7 @@ static inline __attribute__((always_inline)) void squash_rows(
         }
         return;
     }
-    /* Which low rows hold a value > 0 (positive), and which are read by an output row that reads one
+    /* Which low rows hold a value > 0 (positive_low), and which are read by an output row that reads one
      * (needed); every low row is needed when the logits are kept. */
     uint8_t *positive_low = live + low_h * cols->count, *needed = positive_low + low_h;
     for (int64_t r = lo; r <= hi; ++r) {

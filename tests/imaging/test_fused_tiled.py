@@ -1,6 +1,6 @@
-"""The fused kernel's two-pass post-processing (``PostKernel.mask_scores`` and ``paste_vote``, used
-by ``postprocess._TiledPixels``) against the one-call-per-step functions it replaces
-(``upsample_squash``, ``add_instance``, ``average_vote``): the same values to the bit, so every
+"""The fused kernel's two-pass post-processing (``PostKernel.mask_scores``, ``paste_vote`` and a person's
+mask by ``upsample_positive``, used by ``postprocess._TiledPixels``) against the one-call-per-step functions
+it replaces (``upsample_squash``, ``add_instance``, ``average_vote``): the same values to the bit, so every
 comparison here is exact. Then whole ``to_result`` calls through ``_TiledPixels`` and
 ``_FusedPixels``, and a narrower build of the library on this module's kernel tests in a child
 process (which does not import torch: test_postprocess.py is imported only by the ``to_result`` tests)."""
@@ -128,13 +128,17 @@ def test_upsample_positive_is_where_upsample_squash_s_logits_are_positive(kernel
     lows[3] = np.abs(lows[3]) + 0.1
     edge = np.zeros_like(lows[0])  # zeros beside one positive column: exact 0s in blocks that are live
     edge[:, 0] = 1.0
-    lows.append(edge)
+    blob = np.full_like(lows[0], -1.0)  # positive in a few low rows and columns: the rest skipped
+    blob[rows.n_in // 3:rows.n_in // 3 + 2, cols.n_in // 2:cols.n_in // 2 + 3] = 2.0
+    lows += [edge, blob]
     for band in _bands(len(rows)):
         band_rows = rows.band(band)
         scratch = np.empty((rows.n_in + 1) * len(cols), np.float32)
         sig, logits = (np.empty((len(band_rows), len(cols)), np.float32) for _ in range(2))
+        scores, counts = kernel.mask_scores(lows, cols, band_rows)
         for i, low in enumerate(lows):
-            kernel.upsample_squash(low, cols, band_rows, scratch, sig, logits)
+            # a person's score from the first pass: the squash that kept the logits gave the same, to the bit
+            assert kernel.upsample_squash(low, cols, band_rows, scratch, sig, logits) == (scores[i], counts[i])
             positive = np.full((len(band_rows), len(cols)), 7, np.uint8)  # every value must be written
             kernel.upsample_positive(low, cols, band_rows, positive)
             np.testing.assert_array_equal(positive, (logits > 0).astype(np.uint8), err_msg=f"{band} query {i}")
@@ -154,6 +158,8 @@ def test_upsample_positive_refuses(kernel: fused.PostKernel) -> None:
         kernel.upsample_positive(low[1:], cols, rows, np.zeros((len(rows), len(cols)), np.uint8))
     with pytest.raises(ValueError, match="C-contiguous"):
         kernel.upsample_positive(low, cols, rows, np.zeros((len(rows), 2 * len(cols)), np.uint8)[:, ::2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel.upsample_positive(low, cols, rows, np.zeros((len(rows), 2 * len(cols)), bool)[:, ::2])
 
 
 # --- mask_scores ------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ def _both_paths(kernel: fused.PostKernel, orig: tuple[int, int], monkeypatch: py
     meta, class_logits, mask_logits = _outputs(orig, seed)
     class_logits[class_logits.argmax(1) == 19, 18] += 20  # nobody else in class 19
     class_logits[0, :] = -10
-    class_logits[0, [19, 20]] = 10  # query 0: the last part class, then a person (squashed again)
+    class_logits[0, [19, 20]] = 10  # query 0: the last part class, then a person (its mask taken after)
     args = (class_logits, mask_logits, meta, SETTINGS, CLASSES)
     tiled = postprocess.to_result(*args, mode="exact", kernel=kernel)
     monkeypatch.setattr(postprocess, "_TiledPixels", postprocess._FusedPixels)

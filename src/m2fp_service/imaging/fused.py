@@ -224,18 +224,23 @@ class PostKernel:
 
         Args:
             low: (h, w) float32 logits.
-            positive: (len(rows), len(cols)) uint8 or bool, written.
+            cols: taps from ``w`` columns to the output's width.
+            rows: taps from ``h`` rows to this band's output rows.
+            positive: (len(rows), len(cols)) uint8 or bool, C-contiguous, written.
 
         Raises:
-            MemoryError: the kernel got no working memory (nothing written).
+            ValueError: arrays that do not match the taps, or of another type or layout.
+            MemoryError: the kernel could not get its working memory (nothing written).
         """
         out_hw = (len(rows), len(cols))
         _check_low(low, cols, rows)
         if positive.shape != out_hw or positive.dtype not in (np.uint8, np.bool_):
             raise ValueError(f"positive must be a uint8 or bool {out_hw} array, got {positive.dtype} {positive.shape}")
+        if not positive.flags.c_contiguous:
+            raise ValueError("positive must be C-contiguous")
         target = _checked(positive.view(np.uint8), np.uint8, "positive", written=True)
         if self._upsample_positive(_checked(low, np.float32, "low"), *self._taps(low, cols, rows), target) != 0:
-            raise MemoryError("the post-processing kernel got no working memory")
+            raise MemoryError("the post-processing kernel could not get its working memory")
 
     def mask_scores(self, lows: list[np.ndarray], cols: Taps, rows: Taps) -> tuple[np.ndarray, np.ndarray]:
         """``upsample_squash``'s (sum, count) of each query over a band of output rows (``rows``), in

@@ -21,7 +21,8 @@ kernel (``imaging/fused.py``) when it is built, else with OpenCV's SIMD kernels 
 float32 ``exp`` and masked operations are slow; every pixel gets the same operations in the same
 order whatever the number of bands. The kernel does a query's two resizes as the one resampling
 they compose to (``composite_taps``: columns at the low resolution, then rows), with the squash, in
-one pass: no padded-size or work-size logits are stored (a person's are, for its mask), and the
+one pass: no padded-size or work-size logits are stored (a person's are for its mask on the one-step
+path; the two-pass path takes the mask without them), and the
 results equal OpenCV's two resizes to float rounding (~2e-7 relative at photo sizes; for a
 resized image only a pixel or so thick, OpenCV's own rounding is larger, ~1e-5).
 
