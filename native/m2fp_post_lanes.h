@@ -298,46 +298,6 @@ static inline void plain_row(const float *rows, int64_t first_row, int64_t n, co
         for (int64_t x = 0; x < n; ++x) v[x] = 0.0f;
 }
 
-/* Adds one instance to its class: with p = sig * score, probs += p and counts += 1 where p > 0.5
- * (one pass for numpy's five). `n` values from each pointer (a band of rows). With `first` (the
- * class's first instance) probs and counts are written, not added to: the same values as adding to
- * zeros, without the pass that zeroes them. */
-static inline __attribute__((always_inline)) void add_instance(const float *restrict sig, int64_t n, float score,
-                                                          float *restrict probs, uint8_t *restrict counts,
-                                                          int first) {
-    if (first) {
-        for (int64_t i = 0; i < n; ++i) {
-            float p = sig[i] * score;
-            int hit = p > 0.5f;
-            probs[i] = hit ? p : 0.0f;
-            counts[i] = (uint8_t)hit;
-        }
-        return;
-    }
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {  /* a vector without a hit leaves probs and counts alone */
-        lanes_t p, sums;
-        __builtin_memcpy(&p, sig + i, sizeof p);
-        p *= score;
-        ilanes_t hit = p > 0.5f;
-        if (!any_lane(hit)) continue;
-        bytes_t hit8 = __builtin_convertvector(hit, bytes_t);  /* 255 where hit */
-        __builtin_memcpy(&sums, probs + i, sizeof sums);
-        sums += select_lanes(hit, p, (lanes_t){0});
-        __builtin_memcpy(probs + i, &sums, sizeof sums);
-        bytes_t c;
-        __builtin_memcpy(&c, counts + i, sizeof c);
-        c -= hit8;  /* - 255 = + 1 (mod 256) */
-        __builtin_memcpy(counts + i, &c, sizeof c);
-    }
-    for (; i < n; ++i) {
-        float p = sig[i] * score;
-        int hit = p > 0.5f;
-        probs[i] += hit ? p : 0.0f;
-        counts[i] += (uint8_t)hit;
-    }
-}
-
 /* Where m2fp_paste_vote adds the sig it squashes, for one output row: add_instance's arguments. */
 typedef struct {
     float score;
@@ -346,7 +306,8 @@ typedef struct {
     int first;
 } paste_t;
 
-/* add_instance of one vector of sig at x of the row. */
+/* One vector of sig at x of the row added to its class (add_instance's step; a vector without a hit
+ * leaves probs and counts alone unless it is the class's first). */
 static inline __attribute__((always_inline)) void paste_lanes(lanes_t sig, const paste_t *paste, int64_t x) {
     lanes_t p = sig * paste->score, sums;
     ilanes_t hit = p > 0.5f;
@@ -372,6 +333,40 @@ static inline __attribute__((always_inline)) void paste_zeros(const paste_t *pas
     __builtin_memset(paste->counts + x0, 0, (size_t)n);
 }
 
+/* Adds one instance to its class: with p = sig * score, probs += p and counts += 1 where p > 0.5
+ * (one pass for numpy's five). `n` values from each pointer (a band of rows). With `first` (the
+ * class's first instance) probs and counts are written, not added to: the same values as adding to
+ * zeros, without the pass that zeroes them. */
+static inline __attribute__((always_inline)) void add_instance(const float *restrict sig, int64_t n, float score,
+                                                          float *restrict probs, uint8_t *restrict counts,
+                                                          int first) {
+    const paste_t paste = {score, probs, counts, first};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        lanes_t v;
+        __builtin_memcpy(&v, sig + i, sizeof v);
+        paste_lanes(v, &paste, i);
+    }
+    for (; i < n; ++i) {
+        float p = sig[i] * score;
+        int hit = p > 0.5f;
+        probs[i] = (first ? 0.0f : probs[i]) + (hit ? p : 0.0f);
+        counts[i] = (uint8_t)((first ? 0 : counts[i]) + hit);
+    }
+}
+
+/* Values x0..x0 + n of a row where no logit is > 0: positive 0s, or pasted as sig 0s (paste_zeros), or
+ * sig 0s. */
+static inline __attribute__((always_inline)) void none_positive(int64_t x0, int64_t n, float *restrict s,
+                                                                const paste_t *paste, uint8_t *restrict positive) {
+    if (positive != NULL)
+        __builtin_memset(positive + x0, 0, (size_t)n);
+    else if (paste != NULL)
+        paste_zeros(paste, x0, n);
+    else
+        __builtin_memset(s + x0, 0, (size_t)n * sizeof(float));
+}
+
 /* n <= GROUP consecutive blocks of one output row from x0: the row pass from `taps` rows of scratch
  * (src, weights w, their blocks' live flags) into v when `keep`, and the squash into s, blocks
  * without a live input not squashed (sig 0) when none of the n has one; a dead block among live ones
@@ -388,12 +383,7 @@ static inline __attribute__((always_inline)) void row_group(int n, int taps, int
     for (int t = 0; t < taps; ++t)
         for (int g = 0; g < n; ++g) any |= src_live[t][k + g];
     if (!any && !keep) {  /* every logit <= 0 */
-        if (positive != NULL)
-            __builtin_memset(positive + x0, 0, (size_t)(n * LANES));
-        else if (paste != NULL)
-            paste_zeros(paste, x0, n * LANES);
-        else
-            __builtin_memset(s + x0, 0, (size_t)n * sizeof(lanes_t));
+        none_positive(x0, n * LANES, s, paste, positive);
         return;
     }
     lanes_t in, out[GROUP], q[GROUP];
@@ -413,10 +403,7 @@ static inline __attribute__((always_inline)) void row_group(int n, int taps, int
         return;
     }
     if (!any) {
-        if (paste != NULL)
-            paste_zeros(paste, x0, n * LANES);
-        else
-            __builtin_memset(s + x0, 0, (size_t)n * sizeof(lanes_t));
+        none_positive(x0, n * LANES, s, paste, NULL);
         return;
     }
     squash_vectors(out, q, n, acc, hits);
@@ -476,9 +463,27 @@ static inline int reads_positive(const int32_t *restrict idx, const float *restr
     return any;
 }
 
-/* positive[x] = 1 where v[x] > 0, else 0 (NaN too), for n values. */
-static inline void positive_row(const float *restrict v, int64_t n, uint8_t *restrict positive) {
-    for (int64_t x = 0; x < n; ++x) positive[x] = v[x] > 0.0f;
+/* Values x0..x0 + n of a row's logits v taken as asked, outside the block loops: positive = 1 where
+ * v > 0 (NaN not), or squashed into s (the score's parts into *sum, *count) and, with `paste`, added to
+ * its class. */
+static inline __attribute__((always_inline)) void finish_values(const float *restrict v, int64_t x0, int64_t n,
+                                                                float *restrict s, double *sum, int64_t *count,
+                                                                const paste_t *paste, uint8_t *restrict positive) {
+    if (positive != NULL) {
+        for (int64_t x = x0; x < x0 + n; ++x) positive[x] = v[x] > 0.0f;
+        return;
+    }
+    squash(v + x0, n, s + x0, sum, count);
+    if (paste != NULL) add_instance(s + x0, n, paste->score, paste->probs + x0, paste->counts + x0, paste->first);
+}
+
+/* The paste of row i of a band (`pasted` at its first row) in *row, or NULL without one. */
+static inline __attribute__((always_inline)) const paste_t *row_paste(const paste_t *pasted, int64_t i,
+                                                                      int64_t out_w, paste_t *row) {
+    if (pasted == NULL) return NULL;
+    *row = *pasted;
+    row->probs += i * out_w, row->counts += i * out_w;
+    return row;
 }
 
 /* Rows of one query's mask upsampled and squashed (m2fp_upsample_squash, whose description this is),
@@ -516,15 +521,10 @@ static inline __attribute__((always_inline)) void squash_rows(
             resample_row(low + r * low_w, low_w, col_idx, col_w, col_taps, out_w, scratch + (r - lo) * out_w);
         for (int64_t i = 0; i < rows; ++i) {  /* rows: each output row from the rows it weighs on */
             float *v = logits != NULL ? logits + i * out_w : spare;
+            paste_t stretch;
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
-            if (positive != NULL) {
-                positive_row(v, out_w, positive + i * out_w);
-                continue;
-            }
-            squash(v, out_w, sig + i * sig_stride, sum, count);
-            if (pasted != NULL)
-                add_instance(sig + i * sig_stride, out_w, pasted->score, pasted->probs + i * out_w,
-                             pasted->counts + i * out_w, pasted->first);
+            finish_values(v, 0, out_w, sig + i * sig_stride, sum, count, row_paste(pasted, i, out_w, &stretch),
+                          positive != NULL ? positive + i * out_w : NULL);
         }
         return;
     }
@@ -571,29 +571,16 @@ static inline __attribute__((always_inline)) void squash_rows(
         }
         float *v = logits != NULL ? logits + i * out_w : spare;
         float *s = sig + i * sig_stride;
-        paste_t row_paste, *paste = NULL;  /* this row's share of the instance's paste */
-        if (pasted != NULL) {
-            row_paste = *pasted, paste = &row_paste;
-            row_paste.probs += i * out_w, row_paste.counts += i * out_w;
-        }
+        paste_t stretch;  /* this row's share of the instance's paste */
+        const paste_t *paste = row_paste(pasted, i, out_w, &stretch);
         uint8_t *row_positive = positive != NULL ? positive + i * out_w : NULL;
         if (logits == NULL && !reads_positive(row_idx + i * row_taps, row_w + i * row_taps, row_taps, positive_low, lo)) {
-            if (row_positive != NULL)
-                __builtin_memset(row_positive, 0, (size_t)out_w);
-            else if (paste != NULL)
-                paste_zeros(paste, 0, out_w);
-            else
-                for (int64_t x = 0; x < out_w; ++x) s[x] = 0.0f;  /* every logit <= 0 (or NaN) */
+            none_positive(0, out_w, s, paste, row_positive);  /* every logit <= 0 (or NaN) */
             continue;
         }
         if (taps < 0) {
             plain_row(scratch, lo, out_w, row_idx + i * row_taps, row_w + i * row_taps, row_taps, v);
-            if (row_positive != NULL) {
-                positive_row(v, out_w, row_positive);
-                continue;
-            }
-            squash(v, out_w, s, sum, count);
-            if (paste != NULL) add_instance(s, out_w, paste->score, paste->probs, paste->counts, paste->first);
+            finish_values(v, 0, out_w, s, sum, count, paste, row_positive);
             continue;
         }
         if (logits != NULL) {
@@ -617,14 +604,7 @@ static inline __attribute__((always_inline)) void squash_rows(
                 for (int t = 0; t < taps; ++t) o = t == 0 ? w[t] * src[t][x] : o + w[t] * src[t][x];
                 v[x] = o;
             }
-            if (row_positive != NULL) {
-                positive_row(v + whole, out_w - whole, row_positive + whole);
-                continue;
-            }
-            squash(v + whole, out_w - whole, s + whole, sum, count);
-            if (paste != NULL)
-                add_instance(s + whole, out_w - whole, paste->score, paste->probs + whole, paste->counts + whole,
-                             paste->first);
+            finish_values(v, whole, out_w - whole, s, sum, count, paste, row_positive);
         }
     }
 }
