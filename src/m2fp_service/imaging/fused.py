@@ -440,7 +440,7 @@ class PostKernel:
         Raises:
             ValueError: arrays or rows that do not fit; Pillow would take the passes the other way, or
                 its order is not known (``pillow_rows_first``).
-            MemoryError: the kernel got no working memory (nothing written).
+            MemoryError: the kernel could not get its working memory (nothing written).
         """
         (h, w), (y0, y1) = hw, rows
         if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
@@ -458,7 +458,7 @@ class PostKernel:
         status = self._lib.m2fp_resize_rgb(source, image.shape[0], image.shape[1], h, w, y0, y1, target, out.shape[1],
                                            out.shape[2])
         if status == -1:
-            raise MemoryError("the resize kernel got no working memory")
+            raise MemoryError("the resize kernel could not get its working memory")
         if status != 0:
             raise ValueError(f"the resize kernel refused {image.shape} -> {hw}, rows {y0}:{y1}, into {out.shape}")
 
@@ -483,7 +483,7 @@ def _pillow_version() -> tuple[int, int] | None:
     """The installed Pillow's (major, minor); None for a pre-release (a 13.0 development build still
     had 12.2's order of passes) or a version string of another form."""
     parts = PIL.__version__.split(".")
-    if len(parts) < 3 or not all(part.isdigit() for part in parts[:3]) or len(parts) > 3:
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
         return None
     return int(parts[0]), int(parts[1])
 
