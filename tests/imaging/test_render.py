@@ -428,6 +428,7 @@ def test_encode_class_png_gives_encode_png_s_bytes(kernel: fused.PostKernel) -> 
 
 def test_encode_class_png_decodes_to_the_class_mask(kernel: fused.PostKernel) -> None:
     labels = _label_maps()[-1]
+    assert 0 < np.count_nonzero(labels == 3) < labels.size  # a mask with both values
     decoded = np.asarray(Image.open(io.BytesIO(render.encode_class_png(labels, 3, kernel=kernel))))
     np.testing.assert_array_equal(decoded, np.where(labels == 3, 255, 0))
 
