@@ -223,10 +223,11 @@ def section_rewrites(w: dict[str, Any] | None) -> list[str]:
     if not w or not w.get("rows"):
         return []
     counts = w["counts"]
-    convs = [n for n in w["replaced_nodes"]["winograd"] if not n.endswith("_nchwc")]
+    convs = [n for n in w["replaced_nodes"]["winograd"] if not n.endswith("_nchwc") and "Conv" in n]
+    named = ", ".join(f"`{n}`" for n in convs[:3]) + (f" and {len(convs) - 3} more" if len(convs) > 3 else "")
     lines = ["", f"The graph rewrites (`rewrite.py`): {counts['winograd']} 3×3 convolution(s) as Winograd F(4×4, 3×3) "
-             "(" + ", ".join(f"`{n}`" for n in convs if "Conv" in n) + f"), {counts['feedforward']} feed-forward "
-             "blocks (MatMul, Add, Relu, MatMul, Add) as one fused op, "
+             f"({named}; with ONNX Runtime's layout reorders, as exported and rewritten), "
+             f"{counts['feedforward']} feed-forward blocks (MatMul, Add, Relu, MatMul, Add) as one fused op, "
              f"{counts.get('linear', 0)} linear layers (MatMul, Add) as another and {counts.get('softmax', 0)} "
              "softmaxes after an additive mask (the decoder's masked attention) as the library's own. The FP32 "
              "model as exported vs as the engine runs it, one process, runs alternating, ONNX Runtime's profiler "

@@ -101,7 +101,10 @@ def test_bands_match_and_cover_every_size(band_bytes: int, monkeypatch: pytest.M
     ({}, 64, 128),    # too few channels in
     ({}, 128, 64),    # too few out
     ({}, 132, 128),   # not a multiple of 8
-], ids=["stride", "dilation", "group", "no-pad", "uneven-pad", "thin-in", "thin-out", "odd-channels"])
+    ({}, 512, 256),   # too many in
+    ({}, 256, 512),   # too many out
+], ids=["stride", "dilation", "group", "no-pad", "uneven-pad", "thin-in", "thin-out", "odd-channels", "wide-in",
+        "wide-out"])
 def test_convolutions_that_do_not_qualify_are_left_alone(attrs: dict[str, object], c: int, k: int) -> None:
     if attrs.get("group") == 2:
         model = conv_model(c, k, relu=False)
@@ -129,14 +132,105 @@ def test_quantised_and_1x1_convolutions_are_left_alone() -> None:
     assert winograd.rewrite(one) == 0
 
 
-def test_residual_blocks_are_left_alone() -> None:
-    """conv3x3 -> Relu -> conv1x1 -> Add(x): ONNX Runtime fuses that Add only if the block stays its own."""
-    model = conv_model(128, 128)
+def residual_model(c: int = 128) -> onnx.ModelProto:
+    """x (1, 3, h, w) -> stem conv -> three ResNet bottleneck blocks of ``c`` channels (the second halves the
+    size: its 3x3 and its shortcut at stride 2) -> y: 3x3 convolutions at stride 1 in the first and third."""
+    rng = np.random.default_rng(5)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def conv(x: str, name: str, k: int, c_in: int, stride: int = 1) -> str:
+        w = (rng.standard_normal((c, c_in, k, k)) / np.sqrt(k * k * c_in)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.w"),
+                      numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+                                      pads=[k // 2] * 4, strides=[stride, stride]))
+        return f"{name}.y"
+
+    def relu(x: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
+        return f"{x}.relu"
+
+    x = relu(conv("x", "stem", 3, 3))
+    for block, stride in (("a", 1), ("b", 2), ("c", 1)):
+        main = relu(conv(relu(conv(x, f"{block}.conv1", 1, c)), f"{block}.conv2", 3, c, stride))
+        shortcut = conv(x, f"{block}.shortcut", 1, c, stride) if stride > 1 else x
+        nodes.append(helper.make_node("Add", [conv(main, f"{block}.conv3", 1, c), shortcut], [f"{block}.sum"],
+                                      name=f"{block}.add"))
+        x = relu(f"{block}.sum")
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def optimised_ops(model: onnx.ModelProto, tmp_path: Path) -> list[tuple[str, str]]:
+    """(domain, op type) of every node of ``model`` as ONNX Runtime optimises it (the engine's settings)."""
+    so = session_options(2)
+    so.register_custom_ops_library(str(BUILT_MSDA_KERNEL))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [(node.domain, node.op_type) for node in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def test_residual_blocks_are_rewritten_and_keep_their_fused_add(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 3x3 convolutions of ResNet blocks: rewritten, and ONNX Runtime still fuses each block's Add and Relu
+    into its last convolution (its layout optimiser needs the declared sizes to see that the Add's inputs have
+    the same shape, also after a stride of 2); the same result as the blocks as written, at odd sizes too."""
+    model = residual_model()
+    assert ("", "Add") not in optimised_ops(model, tmp_path)  # what ONNX Runtime does with the blocks as written
+    fast = onnx.ModelProto()
+    fast.CopyFrom(model)
+    assert winograd.rewrite(fast, (64, 64)) == 2  # blocks a and c (b's 3x3 has stride 2); one band each
+    ops = optimised_ops(fast, tmp_path)
+    assert ops.count((winograd.DOMAIN, "Winograd4x3OutputRelu")) == 2
+    assert ("", "Add") not in ops and ("", "Relu") not in ops
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in fast.graph.value_info}
+    assert shapes["a.conv3.y"] == shapes["stem.y.relu"] == [1, 128, "h", "w"]
+    assert shapes["c.conv3.y"] == shapes["b.sum.relu"] == shapes["c.conv2.y.relu"] == [1, 128, "ceil(h/2)", "ceil(w/2)"]
+    rng = np.random.default_rng(6)
+    for h, w in [(32, 48), (29, 23), (5, 3)]:
+        x = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+        assert_same(run(model, x, library=False), run(fast, x, library=True))
+
+    # Without the declared sizes the rewritten blocks add and rectify in nodes of their own.
+    monkeypatch.setattr(winograd, "declare_spatial_shapes", lambda model: 0)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    assert winograd.rewrite(plain, (64, 64)) == 2
+    assert optimised_ops(plain, tmp_path).count(("", "Add")) == 2
+
+
+STEM = ["stem.y", "stem.y.relu"]
+
+
+@pytest.mark.parametrize("change,declared", [
+    ("fixed-size", []),                                   # shape inference knows every size: nothing to declare
+    ("ceil-mode-pool", STEM),                             # a pooling rounding up: not ceil(h/2), nothing after it
+    ("dilated", [*STEM, "a.conv1.y", "a.conv1.y.relu"]),  # block a's 3x3 dilated: its size is not traced
+])
+def test_declared_sizes_stop_where_they_are_not_exact(change: str, declared: list[str]) -> None:
+    model = residual_model()
     graph = model.graph
-    graph.initializer.append(numpy_helper.from_array(np.ones((128, 128, 1, 1), np.float32) / 128, "w1"))
-    graph.output[0].name = "z"
-    graph.node.extend([helper.make_node("Conv", ["y", "w1"], ["p"]), helper.make_node("Add", ["p", "x"], ["z"])])
-    assert winograd.rewrite(model) == 0
+    if change == "fixed-size":
+        for dim in graph.input[0].type.tensor_type.shape.dim[2:]:
+            dim.dim_value = 64
+    elif change == "ceil-mode-pool":
+        stem = next(i for i, n in enumerate(graph.node) if n.name == "stem.y.relu")
+        for node in graph.node[stem + 1:]:
+            node.input[:] = ["pool.y" if name == "stem.y.relu" else name for name in node.input]
+        graph.node.insert(stem + 1, helper.make_node("MaxPool", ["stem.y.relu"], ["pool.y"], kernel_shape=[3, 3],
+                                                     pads=[1, 1, 1, 1], strides=[2, 2], ceil_mode=1))
+    else:
+        conv2 = next(n for n in graph.node if n.name == "a.conv2")
+        del conv2.attribute[:]
+        conv2.attribute.extend([helper.make_attribute("pads", [2] * 4), helper.make_attribute("dilations", [2, 2])])
+    assert winograd.declare_spatial_shapes(model) == len(declared)
+    assert [v.name for v in graph.value_info] == declared
+    if change != "fixed-size":  # and as written, every block's tensors are declared
+        assert winograd.declare_spatial_shapes(residual_model()) == 2 + 3 * 7 + 1  # 7 per block, b's shortcut
 
 
 def test_relu_is_fused_only_when_it_is_the_sole_reader() -> None:
@@ -226,15 +320,20 @@ def test_output_of_an_empty_band_is_empty() -> None:
 
 
 @pytest.mark.slow
-def test_engine_runs_the_full_model_s_decoder_convolution_as_winograd(full_model_path: Path, tmp_path: Path) -> None:
-    """The full-size M2FP: its pixel decoder's 3x3 convolution (256 channels at 1/4 size) is
-    rewritten, and said so also when the optimised graph comes from the cache. (Its labels against
-    ModelScope's pipeline: tests/test_reference.py, through this same engine.)"""
+def test_engine_runs_the_full_model_s_convolutions_as_winograd(full_model_path: Path, tmp_path: Path) -> None:
+    """The full-size M2FP: its pixel decoder's 3x3 convolution (256 channels at 1/4 size) and ResNet-101's
+    stride-1 3x3 convolutions of 128 and 256 channels (3 at 1/8 size, 22 at 1/16) are rewritten, and said so
+    also when the optimised graph comes from the cache; every residual block keeps its Add and Relu fused into
+    its last convolution. (Its labels against ModelScope's pipeline: tests/test_reference.py, through this same
+    engine.)"""
     options = EngineOptions(intra_op_threads=2, cache_dir=tmp_path)
     first = ParsingEngine(full_model_path, options=options, warmup=False)
-    assert (first.cache_status, first.winograd_convolutions) == ("cache written", 1)
+    assert (first.cache_status, first.winograd_convolutions) == ("cache written", 26)
     again = ParsingEngine(full_model_path, options=options, warmup=False)
-    assert (again.cache_status, again.winograd_convolutions) == ("cache hit", 1)
+    assert (again.cache_status, again.winograd_convolutions) == ("cache hit", 26)
+    (cached,) = tmp_path.glob("*.onnx")
+    backbone = [n.op_type for n in onnx.load(cached, load_external_data=False).graph.node if "backbone" in n.name]
+    assert "Add" not in backbone and "Relu" not in backbone
     plain = ParsingEngine(full_model_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path,
                                                                  msda_kernel="off"), warmup=False)
     assert plain.winograd_convolutions == 0

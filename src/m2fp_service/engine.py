@@ -175,7 +175,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # ONNX Runtime saved for the cache.
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "9"
+GRAPH_REWRITES = "10"
 # ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
 # turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
 # kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
