@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,17 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     return path
+
+
+def emit(report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], out: Path | None) -> None:
+    """The tail of a one-off study (``bench/studies``): adds ``report["markdown"]``, prints it, and writes the
+    whole report as JSON to ``out``."""
+    report["markdown"] = markdown(report)
+    print(report["markdown"])
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {out}", file=sys.stderr)
 
 
 def read_json(name: str) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ import requests
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import emit  # noqa: E402
+from common import emit  # noqa: E402
 
 
 def photo_jpeg(w: int, h: int) -> bytes:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import emit  # noqa: E402
+from common import emit  # noqa: E402
 
 from m2fp_export.light.fetch import obtain  # noqa: E402
 from m2fp_export.light.reference import MediaPipeReference, version  # noqa: E402
