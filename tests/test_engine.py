@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +249,51 @@ def test_damaged_cache_is_rebuilt(tiny_model_path: Path, tmp_path: Path, caplog:
         engine = _cached_engine(tiny_model_path, tmp_path)
     assert engine.cache_status == "cache written" and "rebuilding" in caplog.text
     assert _cached_engine(tiny_model_path, tmp_path).cache_status == "cache hit"
+
+
+def test_a_saved_graph_that_does_not_load_is_optimised_in_memory(tiny_model_path: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture, photo: np.ndarray,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start that writes the cache serves the graph from the file it wrote (as later starts do); should
+    that file not load, the start optimises in memory instead, says so, and leaves no cache behind."""
+    def refuse(*args: object) -> None:
+        raise RuntimeError("the file is unreadable")
+
+    monkeypatch.setattr(engine_module, "_open_saved", refuse)
+    with caplog.at_level(logging.WARNING, logger="m2fp.engine"):
+        engine = _cached_engine(tiny_model_path, tmp_path)
+    assert engine.cache_status == "cache written but unusable" and "does not load" in caplog.text
+    assert not cache_path_for(tiny_model_path, tmp_path, engine.msda_kernel).exists()
+    assert parse_array(engine, photo).num_people >= 2
+
+
+START = """
+import resource, sys
+from pathlib import Path
+from m2fp_service.engine import EngineOptions, ParsingEngine
+engine = ParsingEngine(Path(sys.argv[1]), options=EngineOptions(intra_op_threads=2, cache_dir=Path(sys.argv[2])))
+with open("/proc/self/statm") as f:
+    rss = int(f.read().split()[1]) * resource.getpagesize()
+print(engine.cache_status.replace(" ", "-"), rss)
+"""
+
+
+@pytest.mark.slow
+def test_the_start_that_writes_the_cache_keeps_no_more_memory_than_one_that_reads_it(full_model_path: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The session that optimised the graph held what optimising took (~0.5 GB more for the full-size FP32
+    model, for the process's life); the first start serves the saved graph instead. Each start in its own
+    process, RSS once it is ready."""
+    def start() -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", START, str(full_model_path), str(tmp_path)], capture_output=True,
+                              text=True, timeout=900, check=True)
+        status, rss = done.stdout.split()[-2:]
+        return status, int(rss)
+
+    (written, written_rss), (hit, hit_rss) = start(), start()
+    assert (written, hit) == ("cache-written", "cache-hit")
+    assert hit_rss > 200 << 20  # the model is there to be measured
+    assert written_rss < hit_rss + (150 << 20), (written_rss >> 20, hit_rss >> 20)
 
 
 def test_fast_input_profile(tiny_model_path: Path, tmp_path: Path, photo: np.ndarray) -> None:
