@@ -251,6 +251,23 @@ def test_damaged_cache_is_rebuilt(tiny_model_path: Path, tmp_path: Path, caplog:
     assert _cached_engine(tiny_model_path, tmp_path).cache_status == "cache hit"
 
 
+def test_the_start_that_writes_the_cache_serves_the_saved_graph(tiny_model_path: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As every later start does (the session that optimised the graph kept what optimising took: see the slow
+    test below for the memory)."""
+    opened: list[Path] = []
+    open_saved = engine_module._open_saved
+
+    def counted(path: Path, *args: object) -> object:
+        opened.append(path)
+        return open_saved(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_open_saved", counted)
+    engine = _cached_engine(tiny_model_path, tmp_path)
+    assert engine.cache_status == "cache written"
+    assert opened == [cache_path_for(tiny_model_path, tmp_path, engine.msda_kernel)]
+
+
 def test_a_saved_graph_that_does_not_load_is_optimised_in_memory(tiny_model_path: Path, tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture, photo: np.ndarray,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -132,7 +132,7 @@ def test_quantised_and_1x1_convolutions_are_left_alone() -> None:
     assert winograd.rewrite(one) == 0
 
 
-def residual_model(c: int = 128) -> onnx.ModelProto:
+def residual_model(c: int = 128, batch: int | str = 1) -> onnx.ModelProto:
     """x (1, 3, h, w) -> stem conv -> three ResNet bottleneck blocks of ``c`` channels (the second halves the
     size: its 3x3 and its shortcut at stride 2) -> y: 3x3 convolutions at stride 1 in the first and third."""
     rng = np.random.default_rng(5)
@@ -159,7 +159,7 @@ def residual_model(c: int = 128) -> onnx.ModelProto:
                                       name=f"{block}.add"))
         x = relu(f"{block}.sum")
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, "h", "w"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -231,6 +231,119 @@ def test_declared_sizes_stop_where_they_are_not_exact(change: str, declared: lis
     assert [v.name for v in graph.value_info] == declared
     if change != "fixed-size":  # and as written, every block's tensors are declared
         assert winograd.declare_spatial_shapes(residual_model()) == 2 + 3 * 7 + 1  # 7 per block, b's shortcut
+
+
+def declared_after(model: onnx.ModelProto) -> list[str]:
+    winograd.declare_spatial_shapes(model)
+    return [v.name for v in model.graph.value_info]
+
+
+def input_op(op: str, constant: np.ndarray, first: bool = False) -> onnx.ModelProto:
+    """``residual_model`` with ``x op constant`` (or ``constant op x``) in front of the stem, as an exported
+    model normalises its input."""
+    model = residual_model()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(constant.astype(np.float32), "k"))
+    graph.node[0].input[0] = "x.k"
+    graph.node.insert(0, helper.make_node(op, ["k", "x"] if first else ["x", "k"], ["x.k"]))
+    return model
+
+
+@pytest.mark.parametrize("constant,first,traced", [
+    (np.full((1, 3, 1, 1), 2), False, True),    # per channel, as the exporter's normalisation
+    (np.float32(2), False, True),               # a scalar
+    (np.full((1, 3, 4, 4), 2), False, False),   # would broadcast the size up
+    (np.full((2, 1, 1, 1), 2), False, False),   # would double the batch
+    (np.full((1, 3, 1, 1), 2), True, False),    # first: not followed (no gain worth the rule)
+], ids=["per-channel", "scalar", "spatial", "batch", "first"])
+def test_declared_sizes_follow_only_constants_that_keep_the_shape(constant: np.ndarray, first: bool,
+                                                                  traced: bool) -> None:
+    names = declared_after(input_op("Sub", constant, first))
+    assert ("c.sum.relu" in names) == traced and ("x.k" in names) == traced
+    if not traced:
+        assert names == []
+
+
+def test_a_constant_a_graph_input_can_override_is_not_followed() -> None:
+    model = input_op("Div", np.full((1, 3, 1, 1), 2))
+    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 3, 1, 1]))
+    assert declared_after(model) == []
+
+
+@pytest.mark.parametrize("change", ["maxpool-k2-p0", "conv-p0", "stride-3", "same-upper", "unequal-add"])
+def test_declared_sizes_stop_at_a_size_they_cannot_name(change: str) -> None:
+    """A layer whose output is not ceil(size / stride) at a stride of 1 or 2 ends the trace, and an Add of two
+    different sizes: nothing after them is declared."""
+    model = residual_model()
+    graph = model.graph
+    node = next(n for n in graph.node if n.name == ("b.conv2" if change == "unequal-add" else "a.conv2"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if change == "maxpool-k2-p0":
+        stem = next(i for i, n in enumerate(graph.node) if n.name == "stem.y.relu")
+        for later in graph.node[stem + 1:]:
+            later.input[:] = ["pool.y" if name == "stem.y.relu" else name for name in later.input]
+        graph.node.insert(stem + 1, helper.make_node("MaxPool", ["stem.y.relu"], ["pool.y"], kernel_shape=[2, 2],
+                                                     strides=[2, 2]))
+    else:
+        attrs |= {"conv-p0": {"pads": [0] * 4}, "stride-3": {"strides": [3, 3]},
+                  "unequal-add": {"strides": [1, 1]}}.get(change, {})
+        if change == "same-upper":
+            del attrs["pads"]
+            attrs["auto_pad"] = "SAME_UPPER"
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    names = declared_after(model)
+    assert "stem.y.relu" in names and not any(n.startswith("c.") for n in names)
+    if change == "unequal-add":  # b's main path keeps the size, its shortcut halves it
+        assert {"b.conv3.y", "b.shortcut.y"} <= set(names) and "b.sum" not in names
+    else:
+        assert not any(n.startswith(("a.conv2", "b.")) for n in names) and "pool.y" not in names
+
+
+def test_bands_are_declared_once_concatenated_and_the_blocks_stay_fused(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convolutions run in bands of tile rows: their concatenation has the input's size, and only when it holds
+    every band of one convolution in order."""
+    monkeypatch.setattr(winograd, "MAX_BAND_BYTES", 1 << 20)
+    model = residual_model()
+    fast = onnx.ModelProto()
+    fast.CopyFrom(model)
+    assert winograd.rewrite(fast, (64, 64)) == 2
+    concats = [n for n in fast.graph.node if n.op_type == "Concat"]
+    assert [len(n.input) for n in concats] == [5, 2]  # 36*16*16*128*4 B = 4.7 MB at 64x64, 1.2 MB at 32x32
+    assert {"a.conv2.y.relu", "c.conv2.y.relu", "c.sum.relu"} <= {v.name for v in fast.graph.value_info}
+    ops = optimised_ops(fast, tmp_path)
+    assert ("", "Add") not in ops and ("", "Relu") not in ops
+    rng = np.random.default_rng(7)
+    for h, w in [(64, 64), (29, 23), (5, 3)]:
+        x = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+        assert_same(run(model, x, library=False), run(fast, x, library=True))
+    for spoil in ("reversed", "missing", "axis-3"):
+        broken = onnx.ModelProto()
+        broken.CopyFrom(fast)
+        del broken.graph.value_info[:]
+        concat = next(n for n in broken.graph.node if n.op_type == "Concat")
+        if spoil == "reversed":
+            concat.input[:] = list(concat.input)[::-1]
+        elif spoil == "missing":
+            del concat.input[-1]
+        else:
+            del concat.attribute[:]
+            concat.attribute.append(helper.make_attribute("axis", 3))
+        names = declared_after(broken)
+        assert "a.conv1.y.relu" in names and concat.output[0] not in names and "c.sum.relu" not in names, spoil
+
+
+def test_a_symbolic_batch_is_declared_as_it_is(tmp_path: Path) -> None:
+    model = residual_model(batch="N")
+    fast = onnx.ModelProto()
+    fast.CopyFrom(model)
+    assert winograd.rewrite(fast, (64, 64)) == 2
+    dims = next(v for v in fast.graph.value_info if v.name == "c.sum.relu").type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["N", 128, "ceil(h/2)", "ceil(w/2)"]
+    assert ("", "Add") not in optimised_ops(fast, tmp_path)
+    x = np.random.default_rng(8).standard_normal((2, 3, 29, 23)).astype(np.float32)
+    assert_same(run(model, x, library=False), run(fast, x, library=True))
 
 
 def test_relu_is_fused_only_when_it_is_the_sole_reader() -> None:
@@ -332,8 +445,10 @@ def test_engine_runs_the_full_model_s_convolutions_as_winograd(full_model_path: 
     again = ParsingEngine(full_model_path, options=options, warmup=False)
     assert (again.cache_status, again.winograd_convolutions) == ("cache hit", 26)
     (cached,) = tmp_path.glob("*.onnx")
-    backbone = [n.op_type for n in onnx.load(cached, load_external_data=False).graph.node if "backbone" in n.name]
-    assert "Add" not in backbone and "Relu" not in backbone
+    backbone = [n for n in onnx.load(cached, load_external_data=False).graph.node if "backbone" in n.name]
+    assert not any(n.op_type in ("Add", "Relu") and n.domain == "" for n in backbone)
+    # ResNet-101's 33 blocks, each its Add in its last convolution (the 4th input: the sum)
+    assert sum(n.op_type == "Conv" and len(n.input) == 4 for n in backbone) == 33
     plain = ParsingEngine(full_model_path, options=EngineOptions(intra_op_threads=2, cache_dir=tmp_path,
                                                                  msda_kernel="off"), warmup=False)
     assert plain.winograd_convolutions == 0

@@ -343,7 +343,9 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     """A fully optimised session, through the on-disk cache when it can be used.
 
     Returns:
-        ``(session, how)``: how = "cache hit", "cache written", or why no cache was used.
+        ``(session, how)``: how = "cache hit", "cache written" (then served from the saved file), "cache written
+        but unusable" (the saved file did not load: optimised in memory, an INT8 model without the rewrites of
+        its saved graph), or why no cache was used.
     """
     so = _base_options(options, kernel)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -386,7 +388,8 @@ def _open_optimized(model_path: Path, options: EngineOptions,
     try:
         return _open_saved(cached, options, kernel), "cache written"
     except Exception as exc:  # the file just written: never expected, never fatal
-        log.warning("the optimised graph just saved to %s does not load (%s); optimising in memory", cached, exc)
+        log.warning("the optimised graph just saved to %s does not load (%s); optimising in memory (an INT8 "
+                    "model's convolutions and group norms stay ONNX Runtime's)", cached, exc)
         cached.unlink(missing_ok=True)
         so = _base_options(options, kernel)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

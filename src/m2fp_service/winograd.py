@@ -151,8 +151,9 @@ def _declare(graph: onnx.GraphProto, name: str, channels: int) -> None:
 
 
 def _constant_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    """The dims of every initialiser and ``Constant`` node's value."""
-    dims = {t.name: list(t.dims) for t in graph.initializer}
+    """The dims of every initialiser (but those a graph input can override) and ``Constant`` node's value."""
+    inputs = {i.name for i in graph.input}
+    dims = {t.name: list(t.dims) for t in graph.initializer if t.name not in inputs}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute[:1]:
             value = node.attribute[0]
@@ -198,8 +199,9 @@ def declare_spatial_shapes(model: onnx.ModelProto) -> int:
     input's is symbolic; so, without this, every rewritten block would add and rectify in two more passes.
     Each declared size is exact: ``ceil(height / 2**k)`` after k stride-2 convolutions or poolings that
     keep the size at stride 1 (what the optimiser itself assumes), carried through Relu, the library's
-    Winograd outputs, element-wise ops with a constant, and Adds of two equal sizes. Nothing else is
-    touched; a picture input of fixed size needs none of this (shape inference knows every size).
+    Winograd outputs (a convolution's bands once concatenated), element-wise ops whose second input is a
+    scalar or per-channel constant, and Adds of two equal sizes. Nothing else is touched; a picture input
+    of fixed size needs none of this (shape inference knows every size).
     """
     graph = model.graph
     if not graph.input or len(graph.input[0].type.tensor_type.shape.dim) != 4:
