@@ -280,7 +280,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--startup-repeat", type=int, default=2)
     ap.add_argument("--child", choices=["reference"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -331,6 +331,11 @@ def main() -> None:
                 reference.proc.wait()
     for name, result in paths.items():
         result["stages"] = summarize(runs[name])
+        # Per request: its own total minus its own inference (two medians taken apart can come from different
+        # requests, and one slow stage in one round moves their difference).
+        shares = [(r["total"] - r["infer"]) / r["infer"] for r in runs[name] if r.get("infer")]
+        if shares:
+            result["around_inference"] = stats(shares)
         result["other_cores"] = other
         result["vs_reference"] = stats([r["total"] / own["total"] for r, own in zip(runs["reference"], runs[name],
                                                                                      strict=True)])
