@@ -47,7 +47,7 @@ def main() -> int:
                     "1", "--values", "1" if args.quick else "2", "--tuning", *q],
         "rewrites": [py, str(BENCH / "rewrites.py"), *(["--rounds", "1", *q] if args.quick else ["--rounds", "4"])],
         "e2e": [py, str(BENCH / "e2e.py"), *(["--repeat", "1", "--startup-repeat", "1", *q] if args.quick
-                                             else ["--repeat", "3", "--startup-repeat", "2"])],
+                                             else ["--repeat", "5", "--startup-repeat", "2"])],
         "stages": [py, "-m", "pytest", str(BENCH / "test_stages.py"), "-q", "-p", "no:cacheprovider",
                    "--benchmark-json", str(RESULTS / "stages.json"), "--benchmark-min-rounds", "3",
                    "--benchmark-max-time", "0.5" if args.quick else "2"],
