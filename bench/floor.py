@@ -22,7 +22,7 @@ the ratio the targets are judged by.
 
 Usage (``make bench`` runs it)::
 
-    python bench/floor.py [--quick] [--seconds 1.5] [--rounds 5]
+    python bench/floor.py [--quick] [--seconds 1.5] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 512x512, fewer probes")
     parser.add_argument("--seconds", type=float, default=1.5, help="sampling window per rate probe")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (0: none)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per size (0: none)")
     args = parser.parse_args(argv)
     model = models(args.quick).fp32
     sizes = NETWORK_SIZES[:1] if args.quick else NETWORK_SIZES

@@ -42,7 +42,7 @@ def main() -> int:
     q = ["--quick"] if args.quick else []
     py = sys.executable
     steps = {
-        "floor": [py, str(BENCH / "floor.py"), *(["--rounds", "2", *q] if args.quick else ["--rounds", "5"])],
+        "floor": [py, str(BENCH / "floor.py"), *(["--rounds", "2", *q] if args.quick else ["--rounds", "9"])],
         "network": [py, str(BENCH / "network.py"), "-o", str(RESULTS / "network.json"), "--processes",
                     "1", "--values", "1" if args.quick else "2", "--tuning", *q],
         "rewrites": [py, str(BENCH / "rewrites.py"), *(["--rounds", "1", *q] if args.quick else ["--rounds", "4"])],
