@@ -48,10 +48,11 @@ def run(model: onnx.ModelProto, x: np.ndarray, library: bool) -> np.ndarray:
     return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
 
 
-def rewritten(model: onnx.ModelProto, size: tuple[int, int] = winograd.NOMINAL_SIZE) -> onnx.ModelProto:
+def rewritten(model: onnx.ModelProto, size: tuple[int, int] = winograd.NOMINAL_SIZE, count: int = 1) -> onnx.ModelProto:
+    """A copy of ``model`` with its ``count`` qualifying convolutions rewritten."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    assert winograd.rewrite(copy, size) == 1
+    assert winograd.rewrite(copy, size) == count
     return copy
 
 
@@ -181,9 +182,7 @@ def test_residual_blocks_are_rewritten_and_keep_their_fused_add(tmp_path: Path,
     the same shape, also after a stride of 2); the same result as the blocks as written, at odd sizes too."""
     model = residual_model()
     assert ("", "Add") not in optimised_ops(model, tmp_path)  # what ONNX Runtime does with the blocks as written
-    fast = onnx.ModelProto()
-    fast.CopyFrom(model)
-    assert winograd.rewrite(fast, (64, 64)) == 2  # blocks a and c (b's 3x3 has stride 2); one band each
+    fast = rewritten(model, (64, 64), count=2)  # blocks a and c (b's 3x3 has stride 2); one band each
     ops = optimised_ops(fast, tmp_path)
     assert ops.count((winograd.DOMAIN, "Winograd4x3OutputRelu")) == 2
     assert ("", "Add") not in ops and ("", "Relu") not in ops
@@ -197,13 +196,18 @@ def test_residual_blocks_are_rewritten_and_keep_their_fused_add(tmp_path: Path,
 
     # Without the declared sizes the rewritten blocks add and rectify in nodes of their own.
     monkeypatch.setattr(winograd, "declare_spatial_shapes", lambda model: 0)
-    plain = onnx.ModelProto()
-    plain.CopyFrom(model)
-    assert winograd.rewrite(plain, (64, 64)) == 2
-    assert optimised_ops(plain, tmp_path).count(("", "Add")) == 2
+    assert optimised_ops(rewritten(model, (64, 64), count=2), tmp_path).count(("", "Add")) == 2
 
 
 STEM = ["stem.y", "stem.y.relu"]
+
+
+def pool_after_stem(graph: onnx.GraphProto, **attrs: object) -> None:
+    """A MaxPool ``attrs`` between ``residual_model``'s stem and its first block (output "pool.y")."""
+    stem = next(i for i, n in enumerate(graph.node) if n.name == "stem.y.relu")
+    for later in graph.node[stem + 1:]:
+        later.input[:] = ["pool.y" if name == "stem.y.relu" else name for name in later.input]
+    graph.node.insert(stem + 1, helper.make_node("MaxPool", ["stem.y.relu"], ["pool.y"], **attrs))
 
 
 @pytest.mark.parametrize("change,declared", [
@@ -218,11 +222,7 @@ def test_declared_sizes_stop_where_they_are_not_exact(change: str, declared: lis
         for dim in graph.input[0].type.tensor_type.shape.dim[2:]:
             dim.dim_value = 64
     elif change == "ceil-mode-pool":
-        stem = next(i for i, n in enumerate(graph.node) if n.name == "stem.y.relu")
-        for node in graph.node[stem + 1:]:
-            node.input[:] = ["pool.y" if name == "stem.y.relu" else name for name in node.input]
-        graph.node.insert(stem + 1, helper.make_node("MaxPool", ["stem.y.relu"], ["pool.y"], kernel_shape=[3, 3],
-                                                     pads=[1, 1, 1, 1], strides=[2, 2], ceil_mode=1))
+        pool_after_stem(graph, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], ceil_mode=1)
     else:
         conv2 = next(n for n in graph.node if n.name == "a.conv2")
         del conv2.attribute[:]
@@ -279,11 +279,7 @@ def test_declared_sizes_stop_at_a_size_they_cannot_name(change: str) -> None:
     node = next(n for n in graph.node if n.name == ("b.conv2" if change == "unequal-add" else "a.conv2"))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if change == "maxpool-k2-p0":
-        stem = next(i for i, n in enumerate(graph.node) if n.name == "stem.y.relu")
-        for later in graph.node[stem + 1:]:
-            later.input[:] = ["pool.y" if name == "stem.y.relu" else name for name in later.input]
-        graph.node.insert(stem + 1, helper.make_node("MaxPool", ["stem.y.relu"], ["pool.y"], kernel_shape=[2, 2],
-                                                     strides=[2, 2]))
+        pool_after_stem(graph, kernel_shape=[2, 2], strides=[2, 2])
     else:
         attrs |= {"conv-p0": {"pads": [0] * 4}, "stride-3": {"strides": [3, 3]},
                   "unequal-add": {"strides": [1, 1]}}.get(change, {})
@@ -306,9 +302,7 @@ def test_bands_are_declared_once_concatenated_and_the_blocks_stay_fused(tmp_path
     every band of one convolution in order."""
     monkeypatch.setattr(winograd, "MAX_BAND_BYTES", 1 << 20)
     model = residual_model()
-    fast = onnx.ModelProto()
-    fast.CopyFrom(model)
-    assert winograd.rewrite(fast, (64, 64)) == 2
+    fast = rewritten(model, (64, 64), count=2)
     concats = [n for n in fast.graph.node if n.op_type == "Concat"]
     assert [len(n.input) for n in concats] == [5, 2]  # 36*16*16*128*4 B = 4.7 MB at 64x64, 1.2 MB at 32x32
     assert {"a.conv2.y.relu", "c.conv2.y.relu", "c.sum.relu"} <= {v.name for v in fast.graph.value_info}
@@ -336,9 +330,7 @@ def test_bands_are_declared_once_concatenated_and_the_blocks_stay_fused(tmp_path
 
 def test_a_symbolic_batch_is_declared_as_it_is(tmp_path: Path) -> None:
     model = residual_model(batch="N")
-    fast = onnx.ModelProto()
-    fast.CopyFrom(model)
-    assert winograd.rewrite(fast, (64, 64)) == 2
+    fast = rewritten(model, (64, 64), count=2)
     dims = next(v for v in fast.graph.value_info if v.name == "c.sum.relu").type.tensor_type.shape.dim
     assert [d.dim_value or d.dim_param for d in dims] == ["N", 128, "ceil(h/2)", "ceil(w/2)"]
     assert ("", "Add") not in optimised_ops(fast, tmp_path)
