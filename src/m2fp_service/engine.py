@@ -232,6 +232,13 @@ def _base_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOpt
     return so
 
 
+def _optimising_options(options: EngineOptions, kernel: Path | None) -> ort.SessionOptions:
+    """Session options that optimise the graph fully (ONNX Runtime's every level)."""
+    so = _base_options(options, kernel)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 def usable_msda_kernel(setting: str) -> Path | None:
     """The kernel library to register for ``setting`` ("auto", "off" or a path), after checking it.
 
@@ -347,8 +354,7 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         but unusable" (the saved file did not load: optimised in memory, an INT8 model without the rewrites of
         its saved graph), or why no cache was used.
     """
-    so = _base_options(options, kernel)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = _optimising_options(options, kernel)
     if not options.optimized_cache:
         return _open(model_path, so, rewritten_graph(model_path, kernel)), "cache off"
     if not model_path.is_file():
@@ -391,9 +397,8 @@ def _open_optimized(model_path: Path, options: EngineOptions,
         log.warning("the optimised graph just saved to %s does not load (%s); optimising in memory (an INT8 "
                     "model's convolutions and group norms stay ONNX Runtime's)", cached, exc)
         cached.unlink(missing_ok=True)
-        so = _base_options(options, kernel)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return _open(model_path, so, rewritten_graph(model_path, kernel)), "cache written but unusable"
+        return (_open(model_path, _optimising_options(options, kernel), rewritten_graph(model_path, kernel)),
+                "cache written but unusable")
 
 
 class ParsingEngine:
