@@ -89,8 +89,9 @@ def ensure_models(m: Models, log: Any = print) -> None:
             log(f"{path} predates the fused deformable-attention node: exporting it again")
             path.unlink()
             m.int8.unlink(missing_ok=True)
-    if m.int8.is_file() and "float_outputs" not in _card(m.int8).exporter.get("quantization", {}).get("preset", {}):
-        log(f"{m.int8} predates float MatMul outputs: quantizing it again")
+    preset = _card(m.int8).exporter.get("quantization", {}).get("preset", {}) if m.int8.is_file() else {}
+    if m.int8.is_file() and ("float_outputs" not in preset or "fallback_keep_fp32" not in preset):
+        log(f"{m.int8} predates float MatMul outputs or quantized attention projections: quantizing it again")
         m.int8.unlink()
     if not m.fp32.is_file():
         log(f"exporting {m.fp32} (untrained confident weights, seed 0)...")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,11 @@ def test_int8_is_served(int8_path: Path, photo: np.ndarray) -> None:
 def test_int8_below_the_bar_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "q.onnx"
     strict = dataclasses.replace(TEST_CONFIG, min_label_agreement=0.9999)
+    lines: list[str] = []
     with pytest.raises(QuantizationError, match="model not written"):
-        quantize_file(tiny_model_path, out, strict, [], **QUIET)
+        quantize_file(tiny_model_path, out, strict, [], report=lines.append)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+    assert sum("checking INT8" in line for line in lines) == 2  # the fallback was tried too
 
 
 def test_int8_from_int8_is_refused(int8_path: Path, tmp_path: Path) -> None:
@@ -132,11 +135,83 @@ def test_presets() -> None:
         QuantizationConfig.preset("gpu")
 
 
+def _quantized_matmuls(path: Path) -> set[str]:
+    """The MatMuls of an INT8 file whose inputs are all dequantized (those quantize_static quantized)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    return {n.name for n in graph.node
+            if n.op_type == "MatMul" and all(producer.get(i) == "DequantizeLinear" for i in n.input)}
+
+
+KEY_VALUE = re.compile(r"/predictor/transformer_cross_attention_layers\.\d+/multihead_attn/MatMul_[12]$")
+
+
 def test_sensitive_nodes_stay_fp32(tiny_model_path: Path) -> None:
-    kept = excluded_nodes(tiny_model_path, PRESETS["avx2"])
+    """First attempt: the decoder stays FP32 but for its cross-attention's key and value projections; the fallback
+    keeps those and the encoder's sampling offsets and attention weights too."""
+    first = excluded_nodes(tiny_model_path, PRESETS["avx2"])
+    assert any("/predictor/" in n for n in first) and not any("/backbone/" in n for n in first)
+    assert not any("sampling_offsets" in n or "attention_weights" in n or KEY_VALUE.search(n) for n in first)
+    assert any("/predictor/" in n and "multihead_attn/MatMul" in n for n in first)  # the query projection, scores...
+    fallback = dataclasses.replace(PRESETS["avx2"], keep_fp32=PRESETS["avx2"].fallback_keep_fp32 or ())
+    kept = excluded_nodes(tiny_model_path, fallback)
     assert any("sampling_offsets" in n for n in kept) and any("attention_weights" in n for n in kept)
-    assert any("/predictor/" in n for n in kept)
+    assert any(KEY_VALUE.search(n) for n in kept) and set(first) < set(kept)
     assert not any("/backbone/" in n for n in kept)
+
+
+def test_attention_projections_are_quantized_when_the_model_passes(int8_path: Path) -> None:
+    quantized = _quantized_matmuls(int8_path)
+    layers = {n.rsplit("/", 1)[0] for n in quantized if KEY_VALUE.search(n)}  # .../multihead_attn
+    assert len(layers) >= 2 and all(f"{layer}/MatMul_1" in quantized and f"{layer}/MatMul_2" in quantized
+                                    for layer in layers)  # keys and values, every cross-attention layer
+    assert any("sampling_offsets" in n for n in quantized) and any("attention_weights" in n for n in quantized)
+    assert not any("/predictor/" in n and not KEY_VALUE.search(n) for n in quantized)
+    q = read_card(int8_path).exporter["quantization"]
+    assert "first_attempt" not in q and q["preset"]["keep_fp32"] == list(PRESETS["avx2"].keep_fp32)
+    assert any("attention projections in INT8" in n for n in read_card(int8_path).notes)
+
+
+def test_a_model_short_of_the_bar_is_quantized_again_with_the_attention_in_fp32(
+        tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The untrained weights cannot fail the first attempt alone (their sampling-offset and attention-weight
+    projections are zero, their decoder's residual branches too: both attempts give the same outputs), so the
+    first check's label agreement is lowered on its way out; the quantization and the second check are real."""
+    from m2fp_export import check
+
+    compare, calls = check.compare, []
+
+    def first_falls_short(*args: object, **kwargs: object) -> check.CheckReport:
+        report = compare(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(report)
+        if len(calls) > 1:
+            return report
+        return check.CheckReport(tuple(dataclasses.replace(i, label_agreement=0.25) for i in report.images))
+
+    monkeypatch.setattr(check, "compare", first_falls_short)
+    out, lines = tmp_path / "q.onnx", []
+    quantize_file(tiny_model_path, out, TEST_CONFIG, [], report=lines.append)
+    assert len(calls) == 2 and any("quantizing again" in line for line in lines)
+    quantized = _quantized_matmuls(out)
+    assert quantized and not any("/predictor/" in n or "sampling_offsets" in n or "attention_weights" in n
+                                 for n in quantized)
+    card = read_card(out)
+    q = card.exporter["quantization"]
+    assert q["first_attempt"]["min_label_agreement"] == 0.25 and "25.0000%" in q["first_attempt"]["failures"][0]
+    assert q["preset"]["keep_fp32"] == list(PRESETS["avx2"].fallback_keep_fp32 or ())
+    assert q["preset"]["fallback_keep_fp32"] is None
+    assert q["check_vs_fp32"]["min_label_agreement"] >= TEST_CONFIG.min_label_agreement
+    assert any("attention projections in FP32" in n for n in card.notes)
+
+
+def test_no_second_attempt_without_a_fallback(tiny_model_path: Path, tmp_path: Path) -> None:
+    strict = dataclasses.replace(TEST_CONFIG, min_label_agreement=0.9999, fallback_keep_fp32=None)
+    lines: list[str] = []
+    with pytest.raises(QuantizationError, match="model not written"):
+        quantize_file(tiny_model_path, tmp_path / "q.onnx", strict, [], report=lines.append)
+    assert sum("checking INT8" in line for line in lines) == 1
 
 
 def test_builtin_calibration_is_deterministic() -> None:
