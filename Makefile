@@ -66,7 +66,8 @@ install-dev: $(VENV)/.dev
 MSDA_LIB := src/m2fp_service/native/libm2fp_msda.so
 POST_LIB := src/m2fp_service/native/libm2fp_post.so
 $(MSDA_LIB): native/m2fp_msda.cc native/m2fp_winograd.cc native/m2fp_winograd.h native/m2fp_ffn.cc native/m2fp_ffn.h native/m2fp_ffn_product.h \
-        native/m2fp_ffn_kernel.cc native/m2fp_softmax.cc native/m2fp_softmax.h native/m2fp_simd.h \
+        native/m2fp_ffn_kernel.cc native/m2fp_softmax.cc native/m2fp_softmax.h native/m2fp_posembed.cc \
+        native/m2fp_posembed.h native/m2fp_simd.h \
         native/m2fp_checked.h native/build.py | $(VENV)/bin/python
 	@$(PY) native/build.py msda -o $@ || echo "*** the fused kernel was not built (see above): standard ops, same results, slower"
 $(POST_LIB): native/m2fp_post.c native/m2fp_post.h native/m2fp_post_lanes.h native/m2fp_post_avx2.c \

@@ -2,8 +2,9 @@
 results come from standard code, slower).
 
 - ``libm2fp_msda.so`` (``m2fp_msda.cc``, ``m2fp_winograd.cc``, ``m2fp_ffn.cc``, ``m2fp_softmax.cc``,
-  ``m2fp_qffn.cc``): the custom-op library (fused deformable attention, Winograd convolutions, the fused
-  feed-forward block and linear layer, the masked attention's softmax, the INT8 feed-forward block and
+  ``m2fp_posembed.cc``, ``m2fp_qffn.cc``): the custom-op library (fused deformable attention, Winograd
+  convolutions, the fused feed-forward block and linear layer, the masked attention's softmax, the sine
+  position embedding, the INT8 feed-forward block and
   linear layer; on x86-64 the products of the two fused float ops are built twice more, for AVX2 + FMA and
   for AVX-512, and the widest the CPU runs is picked at run time, and the INT8 ops' blocks once more for AMX
   tiles and AVX-512 VNNI). It needs ONNX Runtime's C/C++ API headers, which the
@@ -112,7 +113,7 @@ def build_msda(output: Path) -> Path:
     include = headers()
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     sources = [str(HERE / name) for name in ("m2fp_msda.cc", "m2fp_winograd.cc", "m2fp_ffn.cc", "m2fp_ffn_kernel.cc",
-                                             "m2fp_softmax.cc")]
+                                             "m2fp_softmax.cc", "m2fp_posembed.cc")]
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
         if platform.machine().lower() in ("x86_64", "amd64"):

@@ -25,6 +25,7 @@
 #include "m2fp_qgroupnorm.h"
 #include "m2fp_qffn.h"
 #include "m2fp_simd.h"
+#include "m2fp_posembed.h"
 #include "m2fp_softmax.h"
 #include "m2fp_winograd.h"
 
@@ -217,8 +218,8 @@ static const char* kDomain = "ai.m2fp";
 // Lets the service tell this library from any other custom-op library (ctypes, before registering).
 // 2: the Winograd convolution ops are there too; 3: and the feed-forward op; 4: and the linear op;
 // 5: and the softmax op; 6: and the INT8 feed-forward and linear ops; 7: and the INT8 convolution;
-// 8: and the INT8 group normalisation.
-extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 8; }
+// 8: and the INT8 group normalisation; 9: and the sine position embedding.
+extern "C" __attribute__((visibility("default"))) int m2fp_msda_abi(void) { return 9; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static std::once_flag once;
@@ -237,6 +238,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
       m2fp_add_winograd_ops(*d, ops);
       m2fp_add_feedforward_ops(*d, ops);
       m2fp_add_softmax_op(*d, ops);
+      m2fp_add_posembed_op(*d, ops);
       m2fp_add_qfeedforward_ops(*d, ops);
       m2fp_add_qconv_op(*d, ops);
       m2fp_add_qgroupnorm_op(*d, ops);

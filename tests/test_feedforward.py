@@ -411,7 +411,8 @@ def test_an_mlp_of_three_linears_is_fused_once() -> None:
         rewritten(both, count=0, fuse=fuse)
     applied = copied(model)
     assert rewrite.apply(applied) == {"winograd_convolutions": 0, "feedforward_blocks": 1, "int8_feedforward_blocks": 0,
-                                      "int8_linear_layers": 0, "linear_layers": 1, "softmax_nodes": 0}
+                                      "int8_linear_layers": 0, "linear_layers": 1, "softmax_nodes": 0,
+                                      "position_embeddings": 0}
     assert applied.SerializeToString() == both.SerializeToString()
     assert [n.op_type for n in rewritten(model, count=3, fuse=feedforward.rewrite_linear).graph.node] == [
         "Linear", "Relu", "Linear", "Relu", "Linear"]

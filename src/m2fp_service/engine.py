@@ -175,7 +175,7 @@ BUILT_MSDA_KERNEL = Path(__file__).resolve().parent / "native" / "libm2fp_msda.s
 # ONNX Runtime saved for the cache.
 # Part of the cache key: change it when a rewrite's choices change, or ONNX Runtime's optimisers that the engine
 # turns off (DISABLED_OPTIMIZERS).
-GRAPH_REWRITES = "10"
+GRAPH_REWRITES = "11"
 # ONNX Runtime fusions that make our models slower (every session open_session makes). SkipLayerNormFusion
 # turns a residual Add and the LayerNormalization after it into one SkipLayerNormalization node, whose CPU
 # kernel took 13.6 ms against 5.0 ms for the two nodes (15120 x 256 floats, 2 threads): 6 such nodes in the
@@ -253,7 +253,7 @@ def usable_msda_kernel(setting: str) -> Path | None:
     if kernel is None:
         return None
     try:
-        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 8:
+        if ctypes.CDLL(str(kernel)).m2fp_msda_abi() != 9:
             raise OSError("an incompatible build of libm2fp_msda (ABI version mismatch)")
         ort.SessionOptions().register_custom_ops_library(str(kernel))
     except Exception as exc:  # OSError/AttributeError from ctypes, onnxruntime's own exception types
@@ -437,10 +437,10 @@ class ParsingEngine:
         meta = self.session.get_modelmeta().custom_metadata_map
         counts = [meta.get(key, "0") for key in ("m2fp_winograd", "m2fp_feedforward", "m2fp_qfeedforward",
                                                  "m2fp_linear", "m2fp_qlinear", "m2fp_softmax", "m2fp_qconv",
-                                                 "m2fp_qgroupnorm")]
-        winograd, feedforward, int8_feedforward, linear, int8_linear, softmax, int8_convolutions, int8_norms = (
-            int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
-        self.winograd_convolutions, self.softmax_nodes = winograd, softmax
+                                                 "m2fp_qgroupnorm", "m2fp_posembed")]
+        (winograd, feedforward, int8_feedforward, linear, int8_linear, softmax, int8_convolutions, int8_norms,
+         embeddings) = (int(c) if c.isdigit() and kernel is not None else 0 for c in counts)
+        self.winograd_convolutions, self.softmax_nodes, self.position_embeddings = winograd, softmax, embeddings
         self.int8_convolutions, self.int8_group_norms = int8_convolutions, int8_norms
         self.feedforward_blocks = feedforward + int8_feedforward  # float and INT8 ones alike
         self.linear_layers = linear + int8_linear
@@ -463,9 +463,9 @@ class ParsingEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info("session ready in %.2f s (optimised graph: %s; deformable attention: %s; Winograd convolutions: %d; "
                  "fused feed-forward blocks: %d; fused linear layers: %d; softmaxes: %d; INT8 convolutions on AMX "
-                 "tiles: %d; INT8 group norms: %d)", self.load_seconds, self.cache_status, self.deformable_attention,
-                 self.winograd_convolutions, self.feedforward_blocks, self.linear_layers, self.softmax_nodes,
-                 self.int8_convolutions, self.int8_group_norms)
+                 "tiles: %d; INT8 group norms: %d; position embeddings: %d)", self.load_seconds, self.cache_status,
+                 self.deformable_attention, self.winograd_convolutions, self.feedforward_blocks, self.linear_layers,
+                 self.softmax_nodes, self.int8_convolutions, self.int8_group_norms, self.position_embeddings)
         self.warm = False
         self._arena_lock = threading.Lock()  # guards the two below (see run)
         self._last_shape: tuple[int, ...] | None = None  # the last run's input shape

@@ -5,6 +5,8 @@
   ``ai.m2fp::FeedForward`` node.
 - ``feedforward.rewrite_linear``: the linear layers left (MatMul, Add) as ``ai.m2fp::Linear`` nodes.
 - ``softmax.rewrite``: Softmax nodes after an additive mask (the masked attention) as ``ai.m2fp::Softmax``.
+- ``posembed.rewrite``: the sine position embeddings (each proved on the spot) as
+  ``ai.m2fp::SinePositionEmbedding``.
 - ``qfeedforward.rewrite`` and ``rewrite_linear``: an INT8 model's feed-forward blocks and linear layers
   (their quantize-dequantize chains) as ``ai.m2fp::QFeedForward`` and ``ai.m2fp::QLinear`` nodes, only
   when asked (``--int8-feedforward``: the engine asks where the library runs them on AMX tiles or with
@@ -22,7 +24,7 @@ import sys
 
 import onnx
 
-from m2fp_service import feedforward, qfeedforward, softmax, winograd
+from m2fp_service import feedforward, posembed, qfeedforward, softmax, winograd
 
 
 def apply(model: onnx.ModelProto, int8_feedforward: bool = False) -> dict[str, int]:
@@ -31,7 +33,8 @@ def apply(model: onnx.ModelProto, int8_feedforward: bool = False) -> dict[str, i
     return {"winograd_convolutions": winograd.rewrite(model), "feedforward_blocks": feedforward.rewrite(model),
             "int8_feedforward_blocks": qfeedforward.rewrite(model) if int8_feedforward else 0,
             "int8_linear_layers": qfeedforward.rewrite_linear(model) if int8_feedforward else 0,
-            "linear_layers": feedforward.rewrite_linear(model), "softmax_nodes": softmax.rewrite(model)}
+            "linear_layers": feedforward.rewrite_linear(model), "softmax_nodes": softmax.rewrite(model),
+            "position_embeddings": posembed.rewrite(model)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{counts['feedforward_blocks']} feed-forward block(s) fused, "
           f"{counts['int8_feedforward_blocks']} INT8 feed-forward block(s) fused, "
           f"{counts['int8_linear_layers']} INT8 linear layer(s) fused, "
-          f"{counts['linear_layers']} linear layer(s) fused, {counts['softmax_nodes']} softmax(es) replaced",
+          f"{counts['linear_layers']} linear layer(s) fused, {counts['softmax_nodes']} softmax(es) replaced, "
+          f"{counts['position_embeddings']} position embedding(s) replaced",
           file=sys.stderr)
     return 0
 

@@ -276,8 +276,10 @@ class ModelInfo(BaseModel):
     linear_layers: int = Field(
         0, ge=0, description="How many of the linear layers left (MatMul, Add: the attention's projections, the mask "
                              "MLPs' last layers) run as one fused op (the same library; on M2FP models 88; on INT8 "
-                             "models the encoder's 12 quantized value and output projections only on CPUs with "
-                             "AVX-512 VNNI or AMX-INT8, 76 elsewhere; 0 without the library)")
+                             "models the 42 quantized ones (the encoder's value, sampling, attention-weight and "
+                             "output projections, the decoder's cross-attention keys and values; 12 in a model whose "
+                             "export kept the attention projections in FP32) only on CPUs with AVX-512 VNNI or "
+                             "AMX-INT8, the 46 float ones (76) elsewhere too; 0 without the library)")
     int8_convolutions: int = Field(
         0, ge=0, description="How many of an INT8 model's convolutions run on AMX tiles as the library's own op "
                              "instead of ONNX Runtime's (the same library; on M2FP INT8 models 105 of 112 on CPUs "
@@ -293,6 +295,11 @@ class ModelInfo(BaseModel):
         0, ge=0, description="How many Softmax nodes after an additive mask run as the library's own op, which stays "
                              "fast on rows of -inf (the same library; on M2FP models 9: the decoder's masked "
                              "cross-attentions, FP32 and INT8 alike; 0 without the library)")
+    position_embeddings: int = Field(
+        0, ge=0, description="How many sine position embeddings (each proved equal on the spot) run as the "
+                             "library's own op instead of ~50-100 ONNX Runtime nodes (the same library; on M2FP "
+                             "models 6: the pixel decoder's and the decoder's three levels, FP32 and INT8 alike; 0 "
+                             "without the library)")
 
 
 class LabelSetOut(BaseModel):

@@ -36,6 +36,7 @@ def test_info_is_the_model_card(client: TestClient) -> None:
     assert info["model"]["feedforward_blocks"] == (8 if BUILT_MSDA_KERNEL.is_file() else 0)
     assert info["model"]["linear_layers"] == (26 if BUILT_MSDA_KERNEL.is_file() else 0)
     assert info["model"]["softmax_nodes"] == (3 if BUILT_MSDA_KERNEL.is_file() else 0)  # its 3 masked attentions
+    assert info["model"]["position_embeddings"] == (6 if BUILT_MSDA_KERNEL.is_file() else 0)  # 3 levels, twice
     assert len(info["classes"]) == 20 and info["classes"][0] == "background" and "face" in info["classes"]
     assert len(info["palette"]) == 20 and info["palette"][0] == [0, 0, 0]
     assert len({tuple(c) for c in info["palette"]}) == 20

@@ -75,6 +75,7 @@ async def info(settings: SettingsDep, slot: SlotDep) -> InfoResponse:
             winograd_convolutions=engine.winograd_convolutions, feedforward_blocks=engine.feedforward_blocks,
             linear_layers=engine.linear_layers, softmax_nodes=engine.softmax_nodes,
             int8_convolutions=engine.int8_convolutions, int8_group_norms=engine.int8_group_norms,
+            position_embeddings=engine.position_embeddings,
         )
     return InfoResponse(
         service="m2fp-service",
