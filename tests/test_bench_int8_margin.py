@@ -42,5 +42,5 @@ def test_margins_and_bins_by_hand() -> None:
     bins = int8_margin.by_margin(np.array([0.0, 0.015, 0.5, 1.0]), np.array([False, True, True, False]))
     assert [b["pixels"] for b in bins] == [1, 1, 0, 0, 0, 2]
     assert bins[0]["agreement"] == 0.0 and bins[1]["agreement"] == 1.0 and bins[-1]["agreement"] == 0.5
-    assert np.isnan(bins[2]["agreement"])
+    assert bins[2]["agreement"] is None
     assert sum(b["share"] for b in bins) == 1.0

@@ -257,7 +257,7 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
     images = list(calibration) or builtin_calibration(config.calibration_count, config.calibration_short_edge)
     source = calibration_source or ("given images" if calibration else "built-in set (scikit-image photographs)")
     weights = "trained weights" if trained else "UNTRAINED (confident random) weights, not a quality figure"
-    fp32 = check.onnx_runner(check.session(fp32_path))
+    fp32: check.Runner | None = None  # opened after the first quantization: not alive while calibrating
 
     def attempt(config: QuantizationConfig) -> tuple[dict[str, Any], list[str]]:
         report(f"      calibrating on {len(images)} images ({source}), {config.calibrate_method}, "
@@ -266,6 +266,8 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
         report(f"      {out_path.stat().st_size / 1e6:.1f} MB; {info['kept_fp32_nodes']} sensitive nodes kept in FP32")
         report(f"      checking INT8 against FP32 ({weights}): labels >= {config.min_label_agreement:.0%}, "
                "same people...")
+        nonlocal fp32
+        fp32 = fp32 or check.onnx_runner(check.session(fp32_path))
         result = check.compare(check.onnx_runner(check.session(out_path)), fp32, check_images(), inference, classes,
                                report, label="INT8 vs FP32 ")
         info["check_vs_fp32"] = {"trained_weights": trained, "acceptance": asdict(config.acceptance),
@@ -274,8 +276,8 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
 
     info, failures = attempt(config)
     if failures and config.fallback_keep_fp32 is not None:
-        report(f"      short of the bar ({'; '.join(failures)}): quantizing again with the attention projections "
-               "and the whole decoder in FP32...")
+        report(f"      short of the bar ({'; '.join(failures)}): quantizing again with more nodes in FP32 "
+               f"({', '.join(config.fallback_keep_fp32)})...")
         first = {"keep_fp32": list(config.keep_fp32), "failures": failures,
                  "min_label_agreement": info["check_vs_fp32"]["min_label_agreement"]}
         info, failures = attempt(dataclasses.replace(config, keep_fp32=config.fallback_keep_fp32,
@@ -287,7 +289,9 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
                 "many pixels: this is not a quality figure; --min-agreement accepts a lower bar. " if not trained
                 else "Try --calibration DIR with photos like the ones you serve, or --quant-preset avx2 "
                      "(7-bit weights), or a lower --min-agreement after looking at the outputs. ")
-        raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures)
+        first = (f" (first, with fewer nodes in FP32: {'; '.join(info['first_attempt']['failures'])})"
+                 if "first_attempt" in info else "")
+        raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures) + first
                                 + "; model not written. " + hint)
     return info
 
@@ -334,7 +338,9 @@ def int8_note(info: dict[str, Any], trained: bool) -> str:
     """The card's one-line statement of the INT8 model's measured agreement."""
     c = info["check_vs_fp32"]
     weights = "trained weights" if trained else "untrained confident weights (not a quality figure)"
+    kept = tuple(info["preset"].get("keep_fp32", ()))
     attention = ("attention projections in FP32 (the model with them in INT8 fell short of the bar)"
-                 if "first_attempt" in info else "attention projections in INT8")
+                 if "first_attempt" in info else "attention projections in INT8" if kept == _KEEP_FP32
+                 else f"kept in FP32: {', '.join(kept) or 'nothing'}")
     return (f"INT8 static quantization ({info['preset']['name']}, {attention}): label agreement with FP32 >= "
             f"{c['min_label_agreement']:.2%}, same people: {c['same_people']}, on the check images with {weights}")

@@ -24,7 +24,8 @@ exactly one reader and is not a graph output. The DequantizeLinear nodes of the 
 go too where the chain was their only reader.
 
 ``rewrite_linear`` then does the same for the INT8 linear layers left (``DequantizeLinear(x_q) ->
-MatMul(DequantizeLinear(W_q)) -> Add(b)``, float output: the encoder's value and output projections) as
+MatMul(DequantizeLinear(W_q)) -> Add(b)``, float output: the encoder's value, sampling, attention-weight and
+output projections, the decoder's cross-attention keys and values, those the export quantized) as
 ``ai.m2fp::QLinear(x_q, x_scale, x_zero_point, W_q, w_scale, b)``, on the same products.
 """
 
