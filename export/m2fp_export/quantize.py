@@ -289,9 +289,9 @@ def quantize_checked(fp32_path: Path, out_path: Path, config: QuantizationConfig
                 "many pixels: this is not a quality figure; --min-agreement accepts a lower bar. " if not trained
                 else "Try --calibration DIR with photos like the ones you serve, or --quant-preset avx2 "
                      "(7-bit weights), or a lower --min-agreement after looking at the outputs. ")
-        first = (f" (first, with fewer nodes in FP32: {'; '.join(info['first_attempt']['failures'])})"
-                 if "first_attempt" in info else "")
-        raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures) + first
+        earlier = (f" (first, with fewer nodes in FP32: {'; '.join(info['first_attempt']['failures'])})"
+                   if "first_attempt" in info else "")
+        raise QuantizationError("the INT8 model's results differ from FP32's: " + "; ".join(failures) + earlier
                                 + "; model not written. " + hint)
     return info
 
