@@ -8,7 +8,7 @@
 // ye = y + 1, xe = x + 1 (then, normalised, ye / (H + 1e-6) * scale, xe / (W + 1e-6) * scale, in float);
 // d_k = temperature ^ (2 floor(k / 2) / F); channel k < F of the y half is sin(ye / d_k) for even k and
 // cos(ye / d_k) for odd k, and the x half the same of xe. Each value depends on one coordinate, so the op
-// computes F (H + W) sines and cosines (in double, rounded once) and fills the output row by row, where
+// computes F (H + W) sines and cosines (in double, rounded once) into one table and fills the output, where
 // the exported graph's ~100 nodes compute and move the whole (N, H, W, 2F) tensor several times.
 // The graph rewrite is `m2fp_service/posembed.py`.
 #include <onnxruntime_lite_custom_op.h>
@@ -28,10 +28,9 @@ using m2fp::dims;
 using m2fp::fail;
 
 // Channels first: the output's planes, plane p of image n is channel p % 2F. Channels last: its rows, row r of
-// image n is y = r % H.
+// image n is y = r % H. `table` is (H + W, F): row y's F values of the y half, then column x's of the x half.
 struct Fill {
-  const float* table;  // (2F, H or W): the y half's values per row, the x half's per column
-  const float* last;   // channels last: (H + W, F), the same values coordinate-major
+  const float* table;
   float* out;
   int64_t feats, h, w;
 };
@@ -41,15 +40,14 @@ void fill_planes(void* data, size_t index) {
   const int64_t c = static_cast<int64_t>(index) % (2 * f.feats);
   float* plane = f.out + static_cast<int64_t>(index) * f.h * f.w;
   if (c < f.feats) {  // one value per row
-    const float* rows = f.table + c * f.h;
     for (int64_t y = 0; y < f.h; ++y) {
-      for (int64_t x = 0; x < f.w; ++x) plane[y * f.w + x] = rows[y];
+      const float v = f.table[y * f.feats + c];
+      for (int64_t x = 0; x < f.w; ++x) plane[y * f.w + x] = v;
     }
   } else {  // one value per column: every row the same
-    const float* columns = f.table + f.feats * f.h + (c - f.feats) * f.w;
-    for (int64_t y = 0; y < f.h; ++y) {
-      for (int64_t x = 0; x < f.w; ++x) plane[y * f.w + x] = columns[x];
-    }
+    const float* columns = f.table + f.h * f.feats + (c - f.feats);
+    for (int64_t x = 0; x < f.w; ++x) plane[x] = columns[x * f.feats];
+    for (int64_t y = 1; y < f.h; ++y) std::memcpy(plane + y * f.w, plane, static_cast<size_t>(f.w) * sizeof(float));
   }
 }
 
@@ -59,12 +57,12 @@ void fill_rows(void* data, size_t index) {
   float* row = f.out + static_cast<int64_t>(index) * f.w * 2 * f.feats;
   const size_t half = static_cast<size_t>(f.feats) * sizeof(float);
   for (int64_t x = 0; x < f.w; ++x) {
-    std::memcpy(row + x * 2 * f.feats, f.last + y * f.feats, half);
-    std::memcpy(row + x * 2 * f.feats + f.feats, f.last + (f.h + x) * f.feats, half);
+    std::memcpy(row + x * 2 * f.feats, f.table + y * f.feats, half);
+    std::memcpy(row + x * 2 * f.feats + f.feats, f.table + (f.h + x) * f.feats, half);
   }
 }
 
-// sin or cos (k even or odd) of (i + 1) [/ (n + eps) * scale] / d_k for i < n, as float.
+// sin or cos (k even or odd) of (i + 1) [/ (n + eps) * scale] / d_k for i < n, as float, into out[i * feats].
 void axis_values(int64_t n, int64_t k, int64_t feats, float temperature, float scale, bool normalize, float* out) {
   const float exponent = static_cast<float>(2 * (k / 2)) / static_cast<float>(feats);
   const float d = std::pow(temperature, exponent);
@@ -73,7 +71,7 @@ void axis_values(int64_t n, int64_t k, int64_t feats, float temperature, float s
     float e = static_cast<float>(i + 1);
     if (normalize) e = e / total * scale;
     const double angle = static_cast<double>(e / d);
-    out[i] = static_cast<float>(k % 2 == 0 ? std::sin(angle) : std::cos(angle));
+    out[i * feats] = static_cast<float>(k % 2 == 0 ? std::sin(angle) : std::cos(angle));
   }
 }
 
@@ -99,22 +97,12 @@ Ort::Status SinePositionEmbedding(OrtKernelContext* context, const Ort::Custom::
   float* out = pos.Allocate(channels_last ? std::vector<int64_t>{n, h, w, 2 * feats}
                                           : std::vector<int64_t>{n, 2 * feats, h, w});
   if (n == 0 || h == 0 || w == 0) return Ort::Status{nullptr};
-  std::vector<float> table(static_cast<size_t>(feats * (h + w)));
+  std::vector<float> table(static_cast<size_t>((h + w) * feats));
   for (int64_t k = 0; k < feats; ++k) {
-    axis_values(h, k, feats, temperature, scale, p[3] != 0, table.data() + k * h);
-    axis_values(w, k, feats, temperature, scale, p[3] != 0, table.data() + feats * h + k * w);
+    axis_values(h, k, feats, temperature, scale, p[3] != 0, table.data() + k);
+    axis_values(w, k, feats, temperature, scale, p[3] != 0, table.data() + h * feats + k);
   }
-  std::vector<float> last;
-  if (channels_last) {  // coordinate-major: y's F values, then x's
-    last.resize(table.size());
-    for (int64_t k = 0; k < feats; ++k) {
-      for (int64_t y = 0; y < h; ++y) last[static_cast<size_t>(y * feats + k)] = table[static_cast<size_t>(k * h + y)];
-      for (int64_t x = 0; x < w; ++x) {
-        last[static_cast<size_t>((h + x) * feats + k)] = table[static_cast<size_t>(feats * h + k * w + x)];
-      }
-    }
-  }
-  Fill fill{table.data(), last.data(), out, feats, h, w};
+  Fill fill{table.data(), out, feats, h, w};
   Ort::KernelContext(context).ParallelFor(channels_last ? fill_rows : fill_planes,
                                           static_cast<size_t>(channels_last ? n * h : n * 2 * feats), 0, &fill);
   return Ort::Status{nullptr};

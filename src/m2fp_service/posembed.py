@@ -58,7 +58,7 @@ def sine_embedding(n: int, h: int, w: int, feats: int, temperature: float = 1000
 def _subgraph(graph: onnx.GraphProto, g: feedforward.GraphIndex, out: str) -> tuple[list[onnx.NodeProto], str] | None:
     """The nodes ``out`` depends on, up to constants and the ``Shape`` nodes that read a tensor of the graph, and
     that one tensor; None when it reads more than one tensor's shape, or a graph input's or a tensor's values."""
-    nodes: dict[str, onnx.NodeProto] = {}
+    nodes: dict[int, onnx.NodeProto] = {}
     shapes_of: set[str] = set()
     stack = [out]
     seen: set[str] = set()
@@ -70,7 +70,7 @@ def _subgraph(graph: onnx.GraphProto, g: feedforward.GraphIndex, out: str) -> tu
         node = g.producer.get(name)
         if node is None:  # a graph input's values
             return None
-        nodes[str(id(node))] = node
+        nodes[id(node)] = node
         if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
             shapes_of.add(node.input[0])
             continue
@@ -133,8 +133,12 @@ def _scope_outputs(graph: onnx.GraphProto, g: feedforward.GraphIndex) -> list[tu
         if (m := SCOPE.match(node.name)) is not None:
             scopes.setdefault(m.group(1), []).append(node)
     outputs = {o.name for o in graph.output}
-    return [(scope, o) for scope, nodes in scopes.items() for n in nodes if n.op_type != "Constant" for o in n.output
-            if o in outputs or any(r not in nodes for r in g.readers.get(o, []))]
+    found = []
+    for scope, nodes in scopes.items():
+        inside = {id(n) for n in nodes}
+        found += [(scope, o) for n in nodes if n.op_type != "Constant" for o in n.output
+                  if o in outputs or any(id(r) not in inside for r in g.readers.get(o, []))]
+    return found
 
 
 def rewrite(model: onnx.ModelProto) -> int:
